@@ -1,0 +1,101 @@
+"""BPTT engines and the dispatch that picks one per (cell configuration, device).
+
+Backends:
+    reference  autograd through the cell's plain-torch ``step()``; every cell; the oracle.
+    bptt       explicit BPTT in torch ops with each cell's hand-derived backward; every cell.
+    native     torch's fused kernels (oneDNN / cuDNN) via ``torch._VF``; plain LSTM, GRU, RNN only.
+
+``auto`` picks the fastest correct backend. An unsupported (configuration, backend) pair raises a
+``ValueError`` that lists the backends that would work: there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..cells.base import Cell
+from . import bptt, reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What, beyond the cell, decides which backends can run a layer."""
+
+    recurrent_dropout: float = 0.0
+    zoneout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    # Returns None when the backend can run the configuration, else the reason it cannot.
+    unsupported: Callable[[Cell, LayerConfig, torch.device], str | None]
+    # Per-layer runner (``run(cell, x, state0, w, masks)``), or None for whole-stack backends.
+    run: Callable | None = None
+
+
+def _always(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+    return None
+
+
+def _native_unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+    if cell.native is None:
+        return f"torch has no fused kernel for {cell!r}"
+    if cfg.recurrent_dropout or cfg.zoneout:
+        return "torch's fused kernels have no recurrent dropout or zoneout"
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", "autograd through step() (oracle)", _always, reference.run),
+    "bptt": Backend("bptt", "explicit BPTT in torch ops", _always, bptt.run),
+    "native": Backend("native", "torch fused kernels (oneDNN / cuDNN)", _native_unsupported, None),
+}
+
+# Preference order of ``auto`` per device type; the first backend that supports the configuration wins.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("native", "bptt"),
+    "cuda": ("native", "bptt"),
+}
+
+
+def register(backend: Backend, *, auto_before: dict[str, str] | None = None) -> None:
+    """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend."""
+    BACKENDS[backend.name] = backend
+    for dev, before in (auto_before or {}).items():
+        order = list(AUTO_ORDER.get(dev, ()))
+        if backend.name in order:
+            order.remove(backend.name)
+        order.insert(order.index(before) if before in order else len(order), backend.name)
+        AUTO_ORDER[dev] = tuple(order)
+
+
+def working_backends(cell: Cell, cfg: LayerConfig, device: torch.device) -> list[str]:
+    return [n for n, b in BACKENDS.items() if b.unsupported(cell, cfg, device) is None]
+
+
+def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device) -> str:
+    """Name of the backend that will run ``cell`` on ``device``; raises if ``requested`` cannot."""
+    if requested == "auto":
+        for name in AUTO_ORDER.get(device.type, ("bptt",)):
+            if name in BACKENDS and BACKENDS[name].unsupported(cell, cfg, device) is None:
+                log.debug("backend auto -> %s for %r on %s", name, cell, device)
+                return name
+        return "bptt"
+    if requested not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {requested!r}")
+    reason = BACKENDS[requested].unsupported(cell, cfg, device)
+    if reason is not None:
+        raise ValueError(f"backend={requested!r} cannot run {cell!r} with {cfg} on {device}: {reason}. "
+                         f"Backends that can: {working_backends(cell, cfg, device)} (or 'auto')")
+    return requested
+
+
+__all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
