@@ -1,0 +1,1 @@
+"""Instruments: gradient flow through time, gate statistics, activation capture, plots, HTML report."""

@@ -1,0 +1,1 @@
+"""Data: corpora, vocabularies, TBPTT stream batching, time-series windows, padding/masks."""
