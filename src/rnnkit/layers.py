@@ -306,7 +306,7 @@ class Recurrent(nn.Module):
                 if self.zoneout > 0 and self.training:
                     z = like.new_empty(T, B, H).bernoulli_(self.zoneout)
                 else:
-                    z = like.new_full((1, 1, 1), self.zoneout)
+                    z = like.new_full((1, 1, 1), self.zoneout).expand(T, 1, 1)
                 keep.append(z if active is None else 1 - active * (1 - z))
             keep = tuple(keep)
         return LayerMasks(hmask, keep, active)

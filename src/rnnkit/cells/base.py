@@ -110,6 +110,7 @@ class Cell(abc.ABC):
 
     def init_biases(self, bias_ih: Tensor, bias_hh: Tensor) -> None:
         """Adjust the torch-style U(-k, k) bias init (e.g. the forget-gate bias). Default: keep."""
+        return None
 
     # ---- math --------------------------------------------------------------------------------
     def project_input(self, x: Tensor, w: Weights) -> Tensor:

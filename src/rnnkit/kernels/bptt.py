@@ -105,7 +105,6 @@ class _Recurrence(torch.autograd.Function):
             for name, g in grads.items():
                 dextra[name] = dextra[name] + g if name in dextra else g
             dstate = list(dprev) if carry is None else [p + c for p, c in zip(dprev, carry)]
-        ctx.saved = ctx.rec = None  # free the activations now
         # Weight gradients: one matmul over all steps per recurrent part.
         dR_parts, db_parts = [], []
         for ins, ds in zip(rec.inputs, rec_t.douts):
