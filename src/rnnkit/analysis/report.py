@@ -131,7 +131,9 @@ _VIEWER_JS = r"""
   const label = document.getElementById('unit-label');
   const viewer = document.getElementById('viewer');
   const corr = document.getElementById('correlated');
-  keys.forEach(k => { const o = document.createElement('option'); o.value = k; o.textContent = k; sel.appendChild(o); });
+  keys.forEach(k => {
+    const o = document.createElement('option'); o.value = k; o.textContent = k; sel.appendChild(o);
+  });
   const spans = [];
   for (const ch of data.text) {
     const s = document.createElement('span');
@@ -181,8 +183,12 @@ _VIEWER_JS = r"""
   sel.addEventListener('change', render);
   unit.addEventListener('input', render);
   unit.addEventListener('change', render);
-  document.getElementById('prev-unit').addEventListener('click', () => { unit.value = Math.max(0, parseInt(unit.value, 10) - 1); render(); });
-  document.getElementById('next-unit').addEventListener('click', () => { unit.value = Math.min(parseInt(unit.max, 10), parseInt(unit.value, 10) + 1); render(); });
+  function shift(d) {
+    unit.value = Math.max(0, Math.min(parseInt(unit.max, 10), parseInt(unit.value, 10) + d));
+    render();
+  }
+  document.getElementById('prev-unit').addEventListener('click', () => shift(-1));
+  document.getElementById('next-unit').addEventListener('click', () => shift(1));
   render();
 })();
 """
