@@ -101,3 +101,5 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device) 
 __all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
 
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
+
+from . import triton_backend  # noqa: E402,F401  (registers backend="triton"; imports triton lazily)

@@ -1,0 +1,355 @@
+"""``backend="triton"``: explicit BPTT with fused Triton kernels for the pointwise math of every cell.
+
+Same skeleton as :mod:`rnnkit.kernels.bptt`: the input projections of all steps come from one matmul
+(``cell.project_input``, under autograd). Per time step, forward: one cuBLAS matmul
+``hg = (h * hmask) R^T (+ b_hh)`` into a preallocated buffer, then ONE Triton kernel that does the
+cell's whole pointwise step (gates, layer norms, zoneout / length mixing, output mask, the next
+matmul's input). Backward: one kernel per step (the cell's hand-derived derivatives, recomputing the
+step's activations from ``xg``, ``hg`` and the saved state), then one matmul ``D_t R`` that the next
+kernel adds in; ``dR`` and ``db`` come from one matmul over all steps at the end. The Cho GRU
+(``reset_after=False``) needs the reset gate before its second matmul, so it runs two kernels and two
+matmuls per step in each direction.
+
+States are carried in float32 whatever the input dtype; ``bfloat16`` inputs keep bf16 storage for
+``xg``, the matmul operands and the outputs, with float32 math inside the kernels and float32
+accumulation in cuBLAS. For the persistent variant (R kept on chip across steps) see
+:mod:`rnnkit.kernels.triton_persistent`.
+
+Devices: CUDA only. For tests and debugging the kernels also run on the CPU under Triton's
+interpreter: set ``TRITON_INTERPRET=1`` **and** ``RNNKIT_TRITON_CPU=1`` before the kernels are first
+used (Triton decides at definition time whether a kernel is interpreted). Without both variables a
+CPU tensor is refused with an error; triton is imported only when the backend first runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..cells.base import Cell, State, Weights
+from . import Backend, LayerConfig, register
+from .common import LayerMasks
+
+CPU_ENV = "RNNKIT_TRITON_CPU"
+FAMILIES = ("rnn", "lstm", "gru")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cpu_interpreter_requested() -> bool:
+    """True when both ``TRITON_INTERPRET=1`` and ``RNNKIT_TRITON_CPU=1`` are set (tests, debugging)."""
+    truthy = ("1", "true", "yes", "on")
+    return os.environ.get("TRITON_INTERPRET", "").lower() in truthy and os.environ.get(CPU_ENV) == "1"
+
+
+def unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+    """None if the Triton backend can run ``cell`` on ``device``, else the reason."""
+    if cell.family not in FAMILIES:
+        return f"no Triton kernel for the cell family {cell.family!r} (have {list(FAMILIES)})"
+    if not triton_installed():
+        return "Triton is not installed (pip install 'rnnkit[triton]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and cpu_interpreter_requested():
+        return None
+    return (f"the Triton kernels run on CUDA devices only, got device type {device.type!r} "
+            f"(on the CPU they run only in Triton's interpreter, for tests: set TRITON_INTERPRET=1 and "
+            f"{CPU_ENV}=1 before first use)")
+
+
+def _kernels(device: torch.device) -> ModuleType:
+    """Import the kernel module; check that its mode (compiled / interpreted) can serve ``device``."""
+    from . import triton_kernels as K
+
+    if device.type == "cpu" and not K.INTERPRETED:
+        raise RuntimeError("backend='triton' on the CPU needs Triton's interpreter, but the kernels were "
+                           "already compiled for the GPU in this process: set TRITON_INTERPRET=1 before "
+                           "the first use of the Triton backend")
+    return K
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Tiling of one step: whole rows for layer-norm cells (row reductions), else 256-wide H tiles."""
+
+    grid: tuple[int, int]
+    meta: dict
+
+    @staticmethod
+    def make(B: int, H: int, whole_rows: bool) -> _Launch:
+        bh = _pow2(H) if whole_rows else min(_pow2(H), 256)
+        bb = max(1, min(_pow2(B), 2048 // bh))
+        warps = 4 if bb * bh <= 1024 else 8
+        return _Launch(((B + bb - 1) // bb, (H + bh - 1) // bh), {"BLOCK_B": bb, "BLOCK_H": bh, "num_warps": warps})
+
+
+def _keep_at(keep: Tensor | None, t: int, B: int, H: int) -> tuple[Tensor | None, int, int]:
+    """Step ``t`` of a keep mask (T or 1, B or 1, H or 1) as a (B, H) view and its strides."""
+    if keep is None:
+        return None, 0, 0
+    k = (keep[t] if keep.shape[0] > 1 else keep[0]).expand(B, H)
+    return k, k.stride(0), k.stride(1)
+
+
+class _Run:
+    """Everything one layer/direction needs across forward and backward (kept on ``ctx``)."""
+
+    def __init__(self, cell: Cell, masks: LayerMasks, xg: Tensor, R: Tensor, b_hh: Tensor | None,
+                 extras: dict[str, Tensor]) -> None:
+        self.cell, self.xg, self.R, self.b_hh, self.extras = cell, xg, R, b_hh, extras
+        self.T, self.B = xg.shape[0], xg.shape[1]
+        self.H = H = cell.hidden_size
+        self.dtype, self.device = xg.dtype, xg.device
+        self.K = _kernels(xg.device)
+        self.ln = cell.layer_norm
+        self.ln_bias = cell.layer_norm and b_hh is not None
+        self.launch = _Launch.make(self.B, H, whole_rows=cell.layer_norm)
+        self.hmask = None if masks.hmask is None else masks.hmask.contiguous()
+        self.keep = masks.keep
+        self.omask = None if masks.out_mask is None else masks.out_mask.reshape(self.T, self.B).contiguous()
+        bounds = [0]
+        for g in cell.rec_parts:
+            bounds.append(bounds[-1] + g * H)
+        self.R_parts = [R[a:z] for a, z in zip(bounds, bounds[1:])]
+        rb = b_hh if cell.rec_bias else None
+        self.b_parts = [None if rb is None else rb[a:z] for a, z in zip(bounds, bounds[1:])]
+        self.dummy = xg
+
+    # ---- small helpers -----------------------------------------------------------------------------
+    def p(self, t: Tensor | None) -> Tensor:
+        """A pointer argument; absent tensors are replaced by a dummy the kernel never reads."""
+        return self.dummy if t is None else t
+
+    def mm_rec(self, inp: Tensor, part: int, out: Tensor) -> None:
+        """``out = inp R_part^T (+ b_part)``: the recurrent projection (cuBLAS on GPU)."""
+        b = self.b_parts[part]
+        if b is None:
+            torch.mm(inp, self.R_parts[part].t(), out=out)
+        else:
+            torch.addmm(b, inp, self.R_parts[part].t(), out=out)
+
+    def keep_args(self, t: int, comp: int) -> tuple[Tensor, int, int]:
+        k, sb, sh = _keep_at(None if self.keep is None else self.keep[comp], t, self.B, self.H)
+        return self.p(k), sb, sh
+
+    def flags(self) -> dict:
+        return {"HAS_KEEP": self.keep is not None, "HAS_OMASK": self.omask is not None,
+                "HAS_HMASK": self.hmask is not None}
+
+    def om(self, t: int) -> Tensor:
+        return self.dummy if self.omask is None else self.omask[t]
+
+    def masked(self, h: Tensor) -> Tensor:
+        return h if self.hmask is None else h * self.hmask
+
+    def cell_flags(self) -> dict:
+        c = self.cell
+        if c.family == "lstm":
+            return {"USE_I": c.use_i, "USE_F": c.use_f, "USE_O": c.use_o, "COUPLED": c.coupled,
+                    "PEEP": c.peephole, "ACT": c.output_activation, "LN": self.ln, "LN_BIAS": self.ln_bias}
+        if c.family == "rnn":
+            return {"RELU": c.nonlinearity == "relu", "LN": self.ln, "LN_BIAS": self.ln_bias}
+        return {"LN": self.ln, "LN_BIAS": self.ln_bias}
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, state0: State) -> tuple[Tensor, State]:
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        f32 = torch.float32
+        n_state = len(state0)
+        # S[k][t] is state component k before step t (float32); Hin[t] the matmul input of step t.
+        self.S = [torch.empty(T + 1, B, H, dtype=f32, device=dev) for _ in range(n_state)]
+        for s, s0 in zip(self.S, state0):
+            s[0].copy_(s0)
+        self.Hin = torch.empty(T + 1, B, H, dtype=dt, device=dev)
+        self.Hin[0].copy_(self.masked(state0[0]))
+        y = torch.empty(T, B, H, dtype=dt, device=dev)
+        fam = self.cell.family
+        if fam == "gru" and not self.cell.reset_after:
+            self._forward_cho(y)
+        else:
+            self._forward_one(y, fam)
+        return y, tuple(s[T] for s in self.S)
+
+    def _forward_one(self, y: Tensor, fam: str) -> None:
+        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
+        GH = self.cell.gates * H
+        e, p = self.extras, self.p
+        self.hg = torch.empty(T, B, GH, dtype=self.dtype, device=self.device)
+        S, Hin, hm = self.S, self.Hin, p(self.hmask)
+        flags = {**self.flags(), **self.cell_flags(), "WRITE_HIN": True, **L.meta}
+        for t in range(T):
+            self.mm_rec(Hin[t], 0, self.hg[t])
+            kh, kh_b, kh_h = self.keep_args(t, 0)
+            if fam == "lstm":
+                kc, kc_b, kc_h = self.keep_args(t, 1)
+                K.lstm_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[1][t], S[0][t + 1], S[1][t + 1], y[t],
+                                   Hin[t + 1], hm, kh, kc, self.om(t), p(e.get("weight_ch")),
+                                   p(e.get("ln_weight_hh")), p(self.b_hh), p(e.get("ln_weight_c")),
+                                   p(e.get("ln_bias_c")), B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags)
+            elif fam == "gru":
+                K.gru_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm, kh,
+                                  self.om(t), p(e.get("ln_weight_hh")), p(self.b_hh), B, H, GH, GH, kh_b, kh_h,
+                                  **flags)
+            else:
+                K.rnn_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm, kh,
+                                  self.om(t), p(e.get("ln_weight_hh")), p(self.b_hh), B, H, kh_b, kh_h, **flags)
+
+    def _forward_cho(self, y: Tensor) -> None:
+        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
+        e, p = self.extras, self.p
+        dt, dev = self.dtype, self.device
+        self.hg = torch.empty(T, B, 2 * H, dtype=dt, device=dev)   # raw (r, z) projections
+        self.hn = torch.empty(T, B, H, dtype=dt, device=dev)       # raw n projections
+        self.Q = torch.empty(T, B, H, dtype=dt, device=dev)        # r * h * hmask, input of R_n
+        S, Hin, hm = self.S, self.Hin, p(self.hmask)
+        lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
+        cf = self.cell_flags()
+        for t in range(T):
+            self.mm_rec(Hin[t], 0, self.hg[t])
+            K.cho_fwd_a[L.grid](self.xg[t], self.hg[t], S[0][t], self.Q[t], hm, lnw, bhh, B, H, 3 * H,
+                                HAS_HMASK=self.hmask is not None, **cf, **L.meta)
+            self.mm_rec(self.Q[t], 1, self.hn[t])
+            kh, kh_b, kh_h = self.keep_args(t, 0)
+            K.cho_fwd_b[L.grid](self.xg[t], self.hg[t], self.hn[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm,
+                                kh, self.om(t), lnw, bhh, B, H, 3 * H, kh_b, kh_h,
+                                WRITE_HIN=True, **self.flags(), **cf, **L.meta)
+
+    # ---- backward ----------------------------------------------------------------------------------
+    def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        f32 = torch.float32
+        cell = self.cell
+        GH = cell.gates * H
+        acc_names = ["ln_weight_hh", "bias_hh", "weight_ch", "ln_weight_c", "ln_bias_c"]
+        sizes = {"ln_weight_hh": GH, "bias_hh": GH, "weight_ch": 3 * H, "ln_weight_c": H, "ln_bias_c": H}
+        wanted = {"ln_weight_hh": self.ln, "bias_hh": self.ln_bias, "weight_ch": "weight_ch" in self.extras,
+                  "ln_weight_c": self.ln and cell.family == "lstm", "ln_bias_c": self.ln and cell.family == "lstm"}
+        self.acc = {n: torch.zeros(B, sizes[n], dtype=f32, device=dev) for n in acc_names if wanted[n]}
+        d_acc = [torch.zeros(B, H, dtype=f32, device=dev) if d is None else d.to(f32).contiguous()
+                 for d in dfinal]
+        dout = None if dout is None else dout.contiguous()
+        dxg = torch.empty(T, B, GH, dtype=dt, device=dev)
+        if cell.family == "gru" and not cell.reset_after:
+            dmm, dR, db = self._backward_cho(dout, d_acc, dxg)
+        else:
+            dmm, dR, db = self._backward_one(dout, d_acc, dxg)
+        # Gradient w.r.t. the initial state: the direct part plus the last matmul term.
+        dh0 = d_acc[0] + self.masked(dmm.to(f32))
+        dstate0 = [dh0.to(dt)] + [d.to(dt) for d in d_acc[1:]]
+        if self.ln_bias:
+            db = self.acc["bias_hh"].sum(0).to(dt)
+        grads = {n: a.sum(0).to(dt) for n, a in self.acc.items() if n != "bias_hh"}
+        return dxg, dR, db, dstate0, grads
+
+    def _backward_one(self, dout, d_acc, dxg):
+        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
+        cell, e, p = self.cell, self.extras, self.p
+        fam = cell.family
+        GH = cell.gates * H
+        # D[t]: gradient w.r.t. the raw recurrent projection; dxg itself unless LN or the GRU's r * hn.
+        D = dxg if (not self.ln and fam != "gru") else torch.empty_like(dxg)
+        dmm = torch.empty(B, H, dtype=self.dtype, device=self.device)
+        hm, a = p(self.hmask), self.acc
+        base = {**self.flags(), **self.cell_flags(), "HAS_DY": dout is not None, **L.meta}
+        for t in range(T - 1, -1, -1):
+            dy = p(None if dout is None else dout[t])
+            kh, kh_b, kh_h = self.keep_args(t, 0)
+            flags = {**base, "HAS_DMM": t < T - 1}
+            if fam == "lstm":
+                kc, kc_b, kc_h = self.keep_args(t, 1)
+                K.lstm_bwd[L.grid](self.xg[t], self.hg[t], self.S[1][t], d_acc[0], d_acc[1], dmm, dy, self.om(t),
+                                   hm, kh, kc, dxg[t], D[t], p(a.get("weight_ch")), p(a.get("ln_weight_hh")),
+                                   p(a.get("bias_hh")), p(a.get("ln_weight_c")), p(a.get("ln_bias_c")),
+                                   p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
+                                   p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), B, H, GH, GH,
+                                   kh_b, kh_h, kc_b, kc_h, **flags)
+            elif fam == "gru":
+                K.gru_bwd[L.grid](self.xg[t], self.hg[t], self.S[0][t], d_acc[0], dmm, dy, self.om(t), hm, kh,
+                                  dxg[t], D[t], p(a.get("ln_weight_hh")), p(a.get("bias_hh")),
+                                  p(e.get("ln_weight_hh")), p(self.b_hh), B, H, GH, GH, kh_b, kh_h, **flags)
+            else:
+                K.rnn_bwd[L.grid](self.xg[t], self.hg[t], d_acc[0], dmm, dy, self.om(t), hm, kh, dxg[t], D[t],
+                                  p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")),
+                                  p(self.b_hh), B, H, kh_b, kh_h, **flags)
+            torch.mm(D[t], self.R_parts[0], out=dmm)
+        Df = D.reshape(T * B, GH)
+        dR = Df.t() @ self.Hin[:T].reshape(T * B, H)
+        db = Df.sum(0) if self.b_parts[0] is not None else None
+        return dmm, dR, db
+
+    def _backward_cho(self, dout, d_acc, dxg):
+        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
+        e, p = self.extras, self.p
+        dt, dev = self.dtype, self.device
+        D0 = torch.empty(T, B, 2 * H, dtype=dt, device=dev)
+        D1 = torch.empty(T, B, H, dtype=dt, device=dev)
+        dmm = torch.empty(B, H, dtype=dt, device=dev)
+        dq = torch.empty(B, H, dtype=dt, device=dev)
+        dz = torch.empty(B, H, dtype=torch.float32, device=dev)
+        hm, a = p(self.hmask), self.acc
+        lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
+        acc_ln, acc_b = p(a.get("ln_weight_hh")), p(a.get("bias_hh"))
+        cf = self.cell_flags()
+        for t in range(T - 1, -1, -1):
+            dy = p(None if dout is None else dout[t])
+            kh, kh_b, kh_h = self.keep_args(t, 0)
+            K.cho_bwd_b[L.grid](self.xg[t], self.hg[t], self.hn[t], self.S[0][t], d_acc[0], dz, dmm, dy,
+                                self.om(t), hm, kh, dxg[t], D1[t], acc_ln, acc_b, lnw, bhh, B, H, 3 * H, kh_b, kh_h,
+                                HAS_DMM=t < T - 1, HAS_DY=dout is not None, **self.flags(), **cf, **L.meta)
+            torch.mm(D1[t], self.R_parts[1], out=dq)
+            K.cho_bwd_a[L.grid](self.xg[t], self.hg[t], self.S[0][t], dq, d_acc[0], dz, hm, dxg[t], D0[t],
+                                acc_ln, acc_b, lnw, bhh, B, H, 3 * H, HAS_HMASK=self.hmask is not None,
+                                **cf, **L.meta)
+            torch.mm(D0[t], self.R_parts[0], out=dmm)
+        dR = torch.cat([D0.reshape(T * B, 2 * H).t() @ self.Hin[:T].reshape(T * B, H),
+                        D1.reshape(T * B, H).t() @ self.Q.reshape(T * B, H)], 0)
+        db = None
+        if self.b_parts[0] is not None:
+            db = torch.cat([D0.sum((0, 1)), D1.sum((0, 1))])
+        return dmm, dR, db
+
+
+class _TritonRecurrence(torch.autograd.Function):
+    """The recurrence of one layer/direction given input pre-activations ``xg`` (T, B, G*H)."""
+
+    @staticmethod
+    def forward(ctx, cell: Cell, names: tuple[str, ...], masks: LayerMasks, xg: Tensor, R: Tensor,
+                b_hh: Tensor | None, *rest: Tensor):
+        n_state = cell.state_size
+        extras = {n: v.contiguous() for n, v in zip(names, rest[n_state:]) if v is not None}
+        run = _Run(cell, masks, xg.contiguous(), R, b_hh, extras)
+        y, final = run.forward(rest[:n_state])
+        ctx.run, ctx.names, ctx.n_state = run, names, n_state
+        return (y, *(s.to(xg.dtype, copy=True) for s in final))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
+        run = ctx.run
+        ctx.run = None  # free the activations once used
+        dxg, dR, db, dstate0, grads = run.backward(dout, dfinal)
+        return (None, None, None, dxg, dR, db, *dstate0, *(grads.get(n) for n in ctx.names))
+
+
+def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
+    """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
+    xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
+    names = tuple(cell.extra_shapes())
+    out, *state = _TritonRecurrence.apply(cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
+                                          *(w[n] for n in names))
+    return out, tuple(state)
+
+
+register(Backend("triton", "fused Triton kernels per step (CUDA)", unsupported, run),
+         auto_before={"cuda": "bptt"})

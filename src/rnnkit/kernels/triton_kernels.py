@@ -1,0 +1,650 @@
+"""Triton kernels of the ``triton`` backend: the fused pointwise math of one time step, forward and backward.
+
+Imported lazily by :mod:`rnnkit.kernels.triton_backend` (never at ``import rnnkit``). Each kernel
+handles a (BLOCK_B, BLOCK_H) tile of one step: rows are batch entries, columns hidden units; gate
+``k`` of a (B, G*H) tensor lives in columns ``[k*H, (k+1)*H)``. Layer-norm cells need whole rows in
+one tile (``BLOCK_H >= H``, one program per row block), the others tile the hidden dimension too.
+
+Pointer conventions (all row-major, the row stride is passed where it is not H):
+    xg      (B, G*H)  input pre-activations of the step, ``W x_t + b_ih`` (x dtype)
+    hg      (B, g*H)  raw recurrent projection ``(h * hmask) R^T (+ b_hh)`` from cuBLAS (x dtype)
+    h0, c0  (B, H)    state before the step, float32; h1, c1 the state after it
+    y       (B, H)    the step's output (x dtype); ``hin`` the next recurrent-matmul input h * hmask
+    keep_*  (B, H)    zoneout / length mixing ``new = cell + keep * (prev - cell)``, given by strides
+                      (0 strides broadcast); ``omask`` (B,) output mask
+    dh, dc  (B, H)    float32 running gradients w.r.t. the state, excluding the recurrent-matmul
+                      term ``dmm = D_{t+1} R`` which the next (earlier) step's kernel adds itself
+    D       (B, g*H)  gradient w.r.t. the raw recurrent projection (the input of dR and dmm)
+    acc_*   (B, N)    float32 per-row accumulators of parameter gradients, summed over B at the end
+Everything is computed in float32 whatever the storage dtype. The math mirrors ``forward`` and
+``backward`` of the cells in :mod:`rnnkit.cells` line by line; the backward recomputes the step's
+activations from ``xg``, ``hg`` and the previous state instead of storing them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Triton decides when a kernel is defined whether it will be interpreted (TRITON_INTERPRET=1).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+LN_EPS: tl.constexpr = tl.constexpr(1e-5)  # = rnnkit.cells.base.LN_EPS (asserted by the tests)
+
+
+# ---- scalar helpers ---------------------------------------------------------------------------------
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2 sigmoid(2x) - 1: exact in the limits and free of inf/inf for large |x|.
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _ld(ptr, rows, cols, k, H, stride, m):
+    """Gate ``k`` tile of a (B, stride) row-major tensor, as float32 (0 outside ``m``)."""
+    return tl.load(ptr + rows[:, None] * stride + k * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, val, rows, cols, k, H, stride, m):
+    tl.store(ptr + rows[:, None] * stride + k * H + cols[None, :], val.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _acc(ptr, val, rows, cols, k, H, stride, m):
+    """``acc[rows, k*H + cols] += val`` for a per-row accumulator (each element owned by one program)."""
+    p = ptr + rows[:, None] * stride + k * H + cols[None, :]
+    tl.store(p, tl.load(p, mask=m, other=0.0) + val, mask=m)
+
+
+@triton.jit
+def _vec(ptr, cols, k, H):
+    """Gate ``k`` slice of a parameter vector, as a float32 (1, BLOCK_H) row."""
+    return tl.load(ptr + k * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _ld2(ptr, rows, cols, sb, sh, m):
+    """A (B, H) tensor given by strides (zero strides broadcast), as float32."""
+    return tl.load(ptr + rows[:, None] * sb + cols[None, :] * sh, mask=m, other=0.0).to(tl.float32)
+
+
+# ---- layer norm over 1-4 gate tiles of a row ----------------------------------------------------------
+@triton.jit
+def _ln_rstd(mu_num, a, b, c, d, m, N, NT: tl.constexpr):
+    """Mean and 1/std of the first NT tiles (a, b, c, d) of each row, N elements per row."""
+    mu = mu_num / N
+    ca = tl.where(m, a - mu[:, None], 0.0)
+    var = tl.sum(ca * ca, 1)
+    if NT > 1:
+        cb = tl.where(m, b - mu[:, None], 0.0)
+        var += tl.sum(cb * cb, 1)
+    if NT > 2:
+        cc = tl.where(m, c - mu[:, None], 0.0)
+        var += tl.sum(cc * cc, 1)
+    if NT > 3:
+        cd = tl.where(m, d - mu[:, None], 0.0)
+        var += tl.sum(cd * cd, 1)
+    return mu, 1.0 / tl.sqrt(var / N + LN_EPS)
+
+
+@triton.jit
+def _ln_stats(a, b, c, d, m, N, NT: tl.constexpr):
+    s = tl.sum(a, 1)
+    if NT > 1:
+        s += tl.sum(b, 1)
+    if NT > 2:
+        s += tl.sum(c, 1)
+    if NT > 3:
+        s += tl.sum(d, 1)
+    return _ln_rstd(s, a, b, c, d, m, N, NT)
+
+
+@triton.jit
+def _ln_hat(x, mu, rstd, m):
+    return tl.where(m, (x - mu[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _ln_bwd_means(ga, gb, gc, gd, ua, ub, uc, ud, N, NT: tl.constexpr):
+    """Row means of g and g * u_hat over NT tiles (g = dy * gain)."""
+    s1 = tl.sum(ga, 1)
+    s2 = tl.sum(ga * ua, 1)
+    if NT > 1:
+        s1 += tl.sum(gb, 1)
+        s2 += tl.sum(gb * ub, 1)
+    if NT > 2:
+        s1 += tl.sum(gc, 1)
+        s2 += tl.sum(gc * uc, 1)
+    if NT > 3:
+        s1 += tl.sum(gd, 1)
+        s2 += tl.sum(gd * ud, 1)
+    return s1 / N, s2 / N
+
+
+@triton.jit
+def _ln_du(g, u, rstd, mg, mgu, m):
+    """du = rstd * (g - mean(g) - u_hat * mean(g * u_hat)), 0 outside the mask."""
+    return tl.where(m, rstd[:, None] * (g - mg[:, None] - u * mgu[:, None]), 0.0)
+
+
+@triton.jit
+def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = (rows < B)[:, None] & (cols < H)[None, :]
+    return rows, cols, m
+
+
+@triton.jit
+def _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H,
+             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr):
+    """Total gradient w.r.t. this step's new h: direct part + (D_{t+1} R) * hmask + dout_t * out_mask_t."""
+    dh = _ld(dh_acc, rows, cols, 0, H, H, m)
+    if HAS_DMM:
+        g = _ld(dmm, rows, cols, 0, H, H, m)
+        if HAS_HMASK:
+            g = g * _ld(hmask, rows, cols, 0, H, H, m)
+        dh += g
+    if HAS_DY:
+        d = _ld(dy, rows, cols, 0, H, H, m)
+        if HAS_OMASK:
+            d = d * tl.load(omask + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
+        dh += d
+    return dh
+
+
+@triton.jit
+def _finish_fwd(h_cell, h_prev, c_cell, c_prev, h1, c1, y, hin, hmask, keep_h, keep_c, omask, rows, cols, m, B,
+                H, kh_b, kh_h, kc_b, kc_h, HAS_C: tl.constexpr, HAS_KEEP: tl.constexpr,
+                HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr):
+    """Mix with the previous state (zoneout / lengths), store state, output and next matmul input."""
+    h_new = h_cell
+    c_new = c_cell
+    if HAS_KEEP:
+        h_new = h_cell + _ld2(keep_h, rows, cols, kh_b, kh_h, m) * (h_prev - h_cell)
+        if HAS_C:
+            c_new = c_cell + _ld2(keep_c, rows, cols, kc_b, kc_h, m) * (c_prev - c_cell)
+    _st(h1, h_new, rows, cols, 0, H, H, m)
+    if HAS_C:
+        _st(c1, c_new, rows, cols, 0, H, H, m)
+    out = h_new
+    if HAS_OMASK:
+        out = out * tl.load(omask + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
+    _st(y, out, rows, cols, 0, H, H, m)
+    if WRITE_HIN:
+        hi = h_new
+        if HAS_HMASK:
+            hi = hi * _ld(hmask, rows, cols, 0, H, H, m)
+        _st(hin, hi, rows, cols, 0, H, H, m)
+
+
+# ---- LSTM (every variant: peephole, CIFG, dropped gates, no output activation, layer norm) ------------
+@triton.jit
+def _lstm_math(xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
+               USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+               PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """LSTMCell.forward: gates (i, f, g, o), c_new, a = phi(LN(c_new)), h = o * a (unused gates = 1)."""
+    xi = _ld(xg, rows, cols, 0, H, s_xg, m)
+    xf = _ld(xg, rows, cols, 1, H, s_xg, m)
+    xc = _ld(xg, rows, cols, 2, H, s_xg, m)
+    xo = _ld(xg, rows, cols, 3, H, s_xg, m)
+    hi = _ld(hg, rows, cols, 0, H, s_hg, m)
+    hf = _ld(hg, rows, cols, 1, H, s_hg, m)
+    hc = _ld(hg, rows, cols, 2, H, s_hg, m)
+    ho = _ld(hg, rows, cols, 3, H, s_hg, m)
+    ui = hi
+    uf = hf
+    uc_ = hc
+    uo = ho
+    rstd_h = tl.sum(hi, 1) * 0.0
+    if LN:
+        mu, rstd_h = _ln_stats(hi, hf, hc, ho, m, 4 * H, 4)
+        ui = _ln_hat(hi, mu, rstd_h, m)
+        uf = _ln_hat(hf, mu, rstd_h, m)
+        uc_ = _ln_hat(hc, mu, rstd_h, m)
+        uo = _ln_hat(ho, mu, rstd_h, m)
+        hi = ui * _vec(lnh_w, cols, 0, H)
+        hf = uf * _vec(lnh_w, cols, 1, H)
+        hc = uc_ * _vec(lnh_w, cols, 2, H)
+        ho = uo * _vec(lnh_w, cols, 3, H)
+        if LN_BIAS:
+            hi += _vec(b_hh, cols, 0, H)
+            hf += _vec(b_hh, cols, 1, H)
+            hc += _vec(b_hh, cols, 2, H)
+            ho += _vec(b_hh, cols, 3, H)
+    ai = xi + hi
+    af = xf + hf
+    ag = xc + hc
+    ao = xo + ho
+    one = ai * 0.0 + 1.0
+    i = one
+    if USE_I:
+        if PEEP:
+            i = _sigmoid(ai + _vec(wch, cols, 0, H) * c)
+        else:
+            i = _sigmoid(ai)
+    f = one
+    if COUPLED:
+        f = 1.0 - i
+    elif USE_F:
+        if PEEP:
+            f = _sigmoid(af + _vec(wch, cols, 1, H) * c)
+        else:
+            f = _sigmoid(af)
+    g = _tanh(ag)
+    c_new = f * c + i * g
+    o = one
+    if USE_O:
+        if PEEP:
+            o = _sigmoid(ao + _vec(wch, cols, 2, H) * c_new)
+        else:
+            o = _sigmoid(ao)
+    cc = c_new
+    u_c = c_new
+    rstd_c = rstd_h
+    if LN:
+        cm = tl.where(m, c_new, 0.0)
+        mu_c, rstd_c = _ln_stats(cm, cm, cm, cm, m, H, 1)
+        u_c = _ln_hat(cm, mu_c, rstd_c, m)
+        cc = u_c * _vec(lnc_w, cols, 0, H) + _vec(lnc_b, cols, 0, H)
+    a = cc
+    if ACT:
+        a = _tanh(cc)
+    h_new = o * a
+    return i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c
+
+
+@triton.jit
+def lstm_fwd(xg, hg, h0, c0, h1, c1, y, hin, hmask, keep_h, keep_c, omask, wch, lnh_w, b_hh, lnc_w, lnc_b,
+             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
+             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
+             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    c = _ld(c0, rows, cols, 0, H, H, m)
+    i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_math(
+        xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
+        USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
+    _finish_fwd(h_new, h, c_new, c, h1, c1, y, hin, hmask, keep_h, keep_c, omask, rows, cols, m, B, H,
+                kh_b, kh_h, kc_b, kc_h, True, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
+
+
+@triton.jit
+def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, dxg, D,
+             acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
+             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
+             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
+             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr,
+             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """LSTMCell.backward for one step; updates dh_acc, dc_acc in place to the gradients w.r.t. step t-1."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    c = _ld(c0, rows, cols, 0, H, H, m)
+    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
+    dc = _ld(dc_acc, rows, cols, 0, H, H, m)
+    carry_h = dh * 0.0
+    carry_c = dh * 0.0
+    if HAS_KEEP:
+        carry_h = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
+        carry_c = _ld2(keep_c, rows, cols, kc_b, kc_h, m) * dc
+        dh = dh - carry_h
+        dc = dc - carry_c
+    i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_math(
+        xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
+        USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
+    zero = dh * 0.0
+    # h = o * a,  a = phi(LN(c_new))
+    da = dh * o
+    if ACT:
+        da = da * (1.0 - a * a)
+    if LN:
+        _acc(acc_lnc_b, da, rows, cols, 0, H, H, m)
+        _acc(acc_lnc_w, da * u_c, rows, cols, 0, H, H, m)
+        gc = da * _vec(lnc_w, cols, 0, H)
+        mg, mgu = _ln_bwd_means(gc, gc, gc, gc, u_c, u_c, u_c, u_c, H, 1)
+        da = _ln_du(gc, u_c, rstd_c, mg, mgu, m)
+    dc = dc + da
+    dao = zero
+    if USE_O:
+        dao = dh * a * o * (1.0 - o)
+        if PEEP:
+            dc = dc + dao * _vec(wch, cols, 2, H)
+    # c_new = f * c + i * g
+    dag = dc * i * (1.0 - g * g)
+    dc_prev = dc * f
+    di = dc * g
+    daf = zero
+    if COUPLED:
+        di = di - dc * c
+    elif USE_F:
+        daf = dc * c * f * (1.0 - f)
+    dai = zero
+    if USE_I:
+        dai = di * i * (1.0 - i)
+    if PEEP:
+        if USE_I:
+            _acc(acc_wch, dai * c, rows, cols, 0, H, 3 * H, m)
+            dc_prev += dai * _vec(wch, cols, 0, H)
+        if USE_F:
+            _acc(acc_wch, daf * c, rows, cols, 1, H, 3 * H, m)
+            dc_prev += daf * _vec(wch, cols, 1, H)
+        if USE_O:
+            _acc(acc_wch, dao * c_new, rows, cols, 2, H, 3 * H, m)
+    _st(dxg, dai, rows, cols, 0, H, 4 * H, m)
+    _st(dxg, daf, rows, cols, 1, H, 4 * H, m)
+    _st(dxg, dag, rows, cols, 2, H, 4 * H, m)
+    _st(dxg, dao, rows, cols, 3, H, 4 * H, m)
+    if LN:
+        _acc(acc_lnh, dai * ui, rows, cols, 0, H, 4 * H, m)
+        _acc(acc_lnh, daf * uf, rows, cols, 1, H, 4 * H, m)
+        _acc(acc_lnh, dag * uc_, rows, cols, 2, H, 4 * H, m)
+        _acc(acc_lnh, dao * uo, rows, cols, 3, H, 4 * H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, dai, rows, cols, 0, H, 4 * H, m)
+            _acc(acc_bhh, daf, rows, cols, 1, H, 4 * H, m)
+            _acc(acc_bhh, dag, rows, cols, 2, H, 4 * H, m)
+            _acc(acc_bhh, dao, rows, cols, 3, H, 4 * H, m)
+        gi = dai * _vec(lnh_w, cols, 0, H)
+        gf = daf * _vec(lnh_w, cols, 1, H)
+        gg = dag * _vec(lnh_w, cols, 2, H)
+        go = dao * _vec(lnh_w, cols, 3, H)
+        mg, mgu = _ln_bwd_means(gi, gf, gg, go, ui, uf, uc_, uo, 4 * H, 4)
+        _st(D, _ln_du(gi, ui, rstd_h, mg, mgu, m), rows, cols, 0, H, 4 * H, m)
+        _st(D, _ln_du(gf, uf, rstd_h, mg, mgu, m), rows, cols, 1, H, 4 * H, m)
+        _st(D, _ln_du(gg, uc_, rstd_h, mg, mgu, m), rows, cols, 2, H, 4 * H, m)
+        _st(D, _ln_du(go, uo, rstd_h, mg, mgu, m), rows, cols, 3, H, 4 * H, m)
+    _st(dh_acc, carry_h, rows, cols, 0, H, H, m)
+    _st(dc_acc, dc_prev + carry_c, rows, cols, 0, H, H, m)
+
+
+# ---- GRU, reset after the matmul (torch.nn.GRU form), optionally layer-normalised ----------------------
+@triton.jit
+def _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    xr = _ld(xg, rows, cols, 0, H, s_xg, m)
+    xz = _ld(xg, rows, cols, 1, H, s_xg, m)
+    xn = _ld(xg, rows, cols, 2, H, s_xg, m)
+    hr = _ld(hg, rows, cols, 0, H, s_hg, m)
+    hz = _ld(hg, rows, cols, 1, H, s_hg, m)
+    hn = _ld(hg, rows, cols, 2, H, s_hg, m)
+    ur = hr
+    uz = hz
+    un = hn
+    rstd = tl.sum(hr, 1) * 0.0
+    if LN:
+        mu, rstd = _ln_stats(hr, hz, hn, hn, m, 3 * H, 3)
+        ur = _ln_hat(hr, mu, rstd, m)
+        uz = _ln_hat(hz, mu, rstd, m)
+        un = _ln_hat(hn, mu, rstd, m)
+        hr = ur * _vec(lnh_w, cols, 0, H)
+        hz = uz * _vec(lnh_w, cols, 1, H)
+        hn = un * _vec(lnh_w, cols, 2, H)
+        if LN_BIAS:
+            hr += _vec(b_hh, cols, 0, H)
+            hz += _vec(b_hh, cols, 1, H)
+            hn += _vec(b_hh, cols, 2, H)
+    r = _sigmoid(xr + hr)
+    z = _sigmoid(xz + hz)
+    n = _tanh(xn + r * hn)
+    return r, z, n, hn, ur, uz, un, rstd
+
+
+@triton.jit
+def gru_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh,
+            B, H, s_xg, s_hg, kh_b, kh_h,
+            LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
+            HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    r, z, n, hn, ur, uz, un, rstd = _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN, LN_BIAS)
+    h_cell = n + z * (h - n)
+    _finish_fwd(h_cell, h, h_cell, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
+                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
+
+
+@triton.jit
+def gru_bwd(xg, hg, h0, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
+            B, H, s_xg, s_hg, kh_b, kh_h,
+            LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
+            HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """GRUCell.backward (reset_after=True) for one step."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
+    carry = dh * 0.0
+    if HAS_KEEP:
+        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
+        dh = dh - carry
+    r, z, n, hn, ur, uz, un, rstd = _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN, LN_BIAS)
+    dn = dh * (1.0 - z)
+    daz = dh * (h - n) * z * (1.0 - z)
+    direct = dh * z
+    dan = dn * (1.0 - n * n)
+    dar = dan * hn * r * (1.0 - r)
+    dhn = dan * r
+    _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
+    _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
+    _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
+    if LN:
+        _acc(acc_lnh, dar * ur, rows, cols, 0, H, 3 * H, m)
+        _acc(acc_lnh, daz * uz, rows, cols, 1, H, 3 * H, m)
+        _acc(acc_lnh, dhn * un, rows, cols, 2, H, 3 * H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, dar, rows, cols, 0, H, 3 * H, m)
+            _acc(acc_bhh, daz, rows, cols, 1, H, 3 * H, m)
+            _acc(acc_bhh, dhn, rows, cols, 2, H, 3 * H, m)
+        gr = dar * _vec(lnh_w, cols, 0, H)
+        gz = daz * _vec(lnh_w, cols, 1, H)
+        gn = dhn * _vec(lnh_w, cols, 2, H)
+        mg, mgu = _ln_bwd_means(gr, gz, gn, gn, ur, uz, un, un, 3 * H, 3)
+        _st(D, _ln_du(gr, ur, rstd, mg, mgu, m), rows, cols, 0, H, 3 * H, m)
+        _st(D, _ln_du(gz, uz, rstd, mg, mgu, m), rows, cols, 1, H, 3 * H, m)
+        _st(D, _ln_du(gn, un, rstd, mg, mgu, m), rows, cols, 2, H, 3 * H, m)
+    else:
+        _st(D, dar, rows, cols, 0, H, 3 * H, m)
+        _st(D, daz, rows, cols, 1, H, 3 * H, m)
+        _st(D, dhn, rows, cols, 2, H, 3 * H, m)
+    _st(dh_acc, direct + carry, rows, cols, 0, H, H, m)
+
+
+# ---- GRU, reset before the matmul (Cho et al. 2014): two phases per step around R_n --------------------
+@triton.jit
+def _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """r, z from the (r, z) rows; hg0 is (B, 2H), normalised on its own (gains ln_weight_hh[:2H])."""
+    xr = _ld(xg, rows, cols, 0, H, s_xg, m)
+    xz = _ld(xg, rows, cols, 1, H, s_xg, m)
+    hr = _ld(hg0, rows, cols, 0, H, 2 * H, m)
+    hz = _ld(hg0, rows, cols, 1, H, 2 * H, m)
+    ur = hr
+    uz = hz
+    rstd = tl.sum(hr, 1) * 0.0
+    if LN:
+        mu, rstd = _ln_stats(hr, hz, hz, hz, m, 2 * H, 2)
+        ur = _ln_hat(hr, mu, rstd, m)
+        uz = _ln_hat(hz, mu, rstd, m)
+        hr = ur * _vec(lnh_w, cols, 0, H)
+        hz = uz * _vec(lnh_w, cols, 1, H)
+        if LN_BIAS:
+            hr += _vec(b_hh, cols, 0, H)
+            hz += _vec(b_hh, cols, 1, H)
+    return _sigmoid(xr + hr), _sigmoid(xz + hz), ur, uz, rstd
+
+
+@triton.jit
+def _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """n = tanh(x_n + LN(R_n (r * h * hmask)) + b_hn); hn_raw is (B, H) (b_hn added already if no LN)."""
+    xn = _ld(xg, rows, cols, 2, H, s_xg, m)
+    hn = _ld(hn_raw, rows, cols, 0, H, H, m)
+    un = hn
+    rstd = tl.sum(hn, 1) * 0.0
+    if LN:
+        mu, rstd = _ln_stats(hn, hn, hn, hn, m, H, 1)
+        un = _ln_hat(hn, mu, rstd, m)
+        hn = un * _vec(lnh_w, cols, 2, H)
+        if LN_BIAS:
+            hn += _vec(b_hh, cols, 2, H)
+    return _tanh(xn + hn), un, rstd
+
+
+@triton.jit
+def cho_fwd_a(xg, hg0, h0, q, hmask, lnh_w, b_hh, B, H, s_xg,
+              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_HMASK: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Phase 1: q = r * h * hmask, the input of the R_n matmul."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    v = r * h
+    if HAS_HMASK:
+        v = v * _ld(hmask, rows, cols, 0, H, H, m)
+    _st(q, v, rows, cols, 0, H, H, m)
+
+
+@triton.jit
+def cho_fwd_b(xg, hg0, hn_raw, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh,
+              B, H, s_xg, kh_b, kh_h,
+              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
+              HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Phase 2: n and the new state."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    n, un, rstd_n = _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    h_cell = n + z * (h - n)
+    _finish_fwd(h_cell, h, h_cell, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
+                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
+
+
+@triton.jit
+def cho_bwd_b(xg, hg0, hn_raw, h0, dh_acc, dz, dmm, dy, omask, hmask, keep_h, dxg, D1, acc_lnh, acc_bhh,
+              lnh_w, b_hh, B, H, s_xg, kh_b, kh_h,
+              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
+              HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Backward phase 2: through h = n + z (h - n) and n; D1 = d(raw R_n projection), dz kept for phase 1."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
+    carry = dh * 0.0
+    if HAS_KEEP:
+        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
+        dh = dh - carry
+    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    n, un, rstd_n = _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    dn = dh * (1.0 - z)
+    daz = dh * (h - n) * z * (1.0 - z)
+    dan = dn * (1.0 - n * n)
+    _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
+    _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
+    _st(dz, daz, rows, cols, 0, H, H, m)
+    if LN:
+        _acc(acc_lnh, dan * un, rows, cols, 2, H, 3 * H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, dan, rows, cols, 2, H, 3 * H, m)
+        gn = dan * _vec(lnh_w, cols, 2, H)
+        mg, mgu = _ln_bwd_means(gn, gn, gn, gn, un, un, un, un, H, 1)
+        _st(D1, _ln_du(gn, un, rstd_n, mg, mgu, m), rows, cols, 0, H, H, m)
+    else:
+        _st(D1, dan, rows, cols, 0, H, H, m)
+    _st(dh_acc, dh * z + carry, rows, cols, 0, H, H, m)
+
+
+@triton.jit
+def cho_bwd_a(xg, hg0, h0, dq, dh_acc, dz, hmask, dxg, D0, acc_lnh, acc_bhh, lnh_w, b_hh, B, H, s_xg,
+              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_HMASK: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Backward phase 1: dq = (D1 R_n) through q = r * h * hmask and the (r, z) rows; D0 for R_rz."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
+    g = _ld(dq, rows, cols, 0, H, H, m)
+    if HAS_HMASK:
+        g = g * _ld(hmask, rows, cols, 0, H, H, m)
+    dar = g * h * r * (1.0 - r)
+    daz = _ld(dz, rows, cols, 0, H, H, m)
+    _st(dh_acc, _ld(dh_acc, rows, cols, 0, H, H, m) + g * r, rows, cols, 0, H, H, m)
+    _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
+    if LN:
+        _acc(acc_lnh, dar * ur, rows, cols, 0, H, 3 * H, m)
+        _acc(acc_lnh, daz * uz, rows, cols, 1, H, 3 * H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, dar, rows, cols, 0, H, 3 * H, m)
+            _acc(acc_bhh, daz, rows, cols, 1, H, 3 * H, m)
+        gr = dar * _vec(lnh_w, cols, 0, H)
+        gz = daz * _vec(lnh_w, cols, 1, H)
+        mg, mgu = _ln_bwd_means(gr, gz, gz, gz, ur, uz, uz, uz, 2 * H, 2)
+        _st(D0, _ln_du(gr, ur, rstd, mg, mgu, m), rows, cols, 0, H, 2 * H, m)
+        _st(D0, _ln_du(gz, uz, rstd, mg, mgu, m), rows, cols, 1, H, 2 * H, m)
+    else:
+        _st(D0, dar, rows, cols, 0, H, 2 * H, m)
+        _st(D0, daz, rows, cols, 1, H, 2 * H, m)
+
+
+# ---- Elman RNN (tanh / relu), optionally layer-normalised ----------------------------------------------
+@triton.jit
+def _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr,
+              LN_BIAS: tl.constexpr):
+    x = _ld(xg, rows, cols, 0, H, H, m)
+    hh = _ld(hg, rows, cols, 0, H, H, m)
+    u = hh
+    rstd = tl.sum(hh, 1) * 0.0
+    if LN:
+        mu, rstd = _ln_stats(hh, hh, hh, hh, m, H, 1)
+        u = _ln_hat(hh, mu, rstd, m)
+        hh = u * _vec(lnh_w, cols, 0, H)
+        if LN_BIAS:
+            hh += _vec(b_hh, cols, 0, H)
+    a = x + hh
+    if RELU:
+        hc = tl.maximum(a, 0.0)
+    else:
+        hc = _tanh(a)
+    return hc, u, rstd
+
+
+@triton.jit
+def rnn_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh, B, H, kh_b, kh_h,
+            RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+            HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    h = _ld(h0, rows, cols, 0, H, H, m)
+    hc, u, rstd = _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
+    _finish_fwd(hc, h, hc, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
+                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
+
+
+@triton.jit
+def rnn_bwd(xg, hg, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
+            B, H, kh_b, kh_h,
+            RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+            HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """ElmanCell.backward for one step (D is dxg itself unless layer-normalised)."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
+    carry = dh * 0.0
+    if HAS_KEEP:
+        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
+        dh = dh - carry
+    hc, u, rstd = _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
+    if RELU:
+        da = tl.where(hc > 0.0, dh, 0.0)
+    else:
+        da = dh * (1.0 - hc * hc)
+    _st(dxg, da, rows, cols, 0, H, H, m)
+    if LN:
+        _acc(acc_lnh, da * u, rows, cols, 0, H, H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, da, rows, cols, 0, H, H, m)
+        g = da * _vec(lnh_w, cols, 0, H)
+        mg, mgu = _ln_bwd_means(g, g, g, g, u, u, u, u, H, 1)
+        _st(D, _ln_du(g, u, rstd, mg, mgu, m), rows, cols, 0, H, H, m)
+    _st(dh_acc, carry, rows, cols, 0, H, H, m)
