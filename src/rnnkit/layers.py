@@ -77,7 +77,17 @@ class Recurrent(nn.Module):
             raise TypeError(f"backend: expected a string, got {backend!r}")
         self.backend = backend
         self._resolved: dict[str, str] = {}
-        kernels.resolve(backend, self.cell, self.layer_config, torch.device("cpu"))  # fail early
+        # Fail early on configurations that no device type can run; a backend that runs on one device
+        # type only (triton: CUDA) is checked against the actual device at the first forward.
+        errors = []
+        for dev in ("cpu", "cuda"):
+            try:
+                kernels.resolve(backend, self.cell, self.layer_config, torch.device(dev))
+                break
+            except ValueError as e:
+                errors.append(e)
+        else:
+            raise errors[0]
         factory = {"device": device, "dtype": dtype}
         G, H, D = self.cell.gates, hidden_size, self.num_directions
         self._param_names: list[dict[str, str]] = []
