@@ -30,7 +30,8 @@ Protocols (see ``ANCHORS.md``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import build
+from ..train.config import TrainerConfig
 
 Batch = dict[str, Tensor]
 
@@ -82,11 +84,17 @@ class SyntheticModel(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Predictions: (B, output_size) for ``readout="last"``, (B, T, output_size) for ``"all"``."""
-        out, state = self.rnn(self.encode(x), lengths=lengths)  # out (B, T, H)
+        out, _ = self.rnn(self.encode(x), lengths=lengths)  # (B, T, H)
+        return self.readout_from(out, lengths)
+
+    def readout_from(self, out: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """The head applied to the top layer's outputs ``out`` (B, T, H): at every step or at each last one."""
         if self.readout == "all":
             return self.head(out)
-        h = state[0] if isinstance(state, tuple) else state  # (L, B, H)
-        return self.head(h[-1])
+        if lengths is None:
+            return self.head(out[:, -1])
+        last = (torch.as_tensor(lengths, device=out.device) - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
+        return self.head(out.gather(1, last).squeeze(1))  # (B, H) at each sequence's last valid step
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ class SyntheticTask:
 
     def loss(self, model: SyntheticModel, batch: Batch) -> Tensor:
         """Mean training loss of a batch."""
+        return self.loss_from_predictions(self.predict(model, batch), batch)
+
+    def loss_from_predictions(self, preds: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -181,8 +192,8 @@ class AddingTask(SyntheticTask):
     def baseline(self) -> float:
         return 1.0 / 6.0
 
-    def loss(self, model, batch):
-        return F.mse_loss(self.predict(model, batch).squeeze(-1), batch["y"])
+    def loss_from_predictions(self, preds, batch):
+        return F.mse_loss(preds.squeeze(-1), batch["y"])
 
     def _metrics_sums(self, batch, model):
         err = self.predict(model, batch).squeeze(-1) - batch["y"]
@@ -216,9 +227,8 @@ class CopyTask(SyntheticTask):
     def baseline(self) -> float:
         return self.n_copy * math.log(self.n_symbols) / (self.length + 2 * self.n_copy)
 
-    def loss(self, model, batch):
-        logits = self.predict(model, batch)  # (B, T+20, 9)
-        return F.cross_entropy(logits.flatten(0, 1), batch["y"].long().flatten())
+    def loss_from_predictions(self, preds, batch):
+        return F.cross_entropy(preds.flatten(0, 1), batch["y"].long().flatten())  # preds (B, T+20, 9)
 
     def _metrics_sums(self, batch, model):
         logits = self.predict(model, batch)
@@ -279,8 +289,8 @@ class TemporalOrderTask(SyntheticTask):
     def baseline(self) -> float:
         return 1.0 / self.output_size
 
-    def loss(self, model, batch):
-        return F.cross_entropy(self.predict(model, batch), batch["y"])
+    def loss_from_predictions(self, preds, batch):
+        return F.cross_entropy(preds, batch["y"])
 
     def _metrics_sums(self, batch, model):
         p = self.predict(model, batch).softmax(-1)
@@ -353,8 +363,8 @@ class AgreementTask(SyntheticTask):
     def baseline(self) -> float:
         return 0.5
 
-    def loss(self, model, batch):
-        return F.cross_entropy(self.predict(model, batch), batch["y"])
+    def loss_from_predictions(self, preds, batch):
+        return F.cross_entropy(preds, batch["y"])
 
     def _metrics_sums(self, batch, model):
         logits = self.predict(model, batch)
@@ -374,5 +384,229 @@ def make_task(name: str, length: int, **options: Any) -> SyntheticTask:
     return TASKS[name](length=length, **options)
 
 
+
+
+# ---- experiments: config, data feeding, run ---------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """The recurrent model of an experiment; ``None`` options keep the registry cell's own setting.
+
+    Args:
+        cell: a registry name (``rnnkit cells``), e.g. "lstm", "lstm_nfg", "gru", "rnn".
+        hidden_size, num_layers: of the recurrent stack.
+        backend: kernel ("auto", "native", "bptt", "reference").
+        peephole, coupled, drop_gates, output_activation, forget_bias, layer_norm: LSTM variant options.
+        nonlinearity: Elman RNN "tanh" or "relu"; reset_after: GRU form.
+        zoneout, recurrent_dropout: recurrent regularisers.
+    """
+
+    cell: str = "lstm"
+    hidden_size: int = 128
+    num_layers: int = 1
+    backend: str = "auto"
+    peephole: bool | None = None
+    coupled: bool | None = None
+    drop_gates: tuple[str, ...] | None = None
+    output_activation: bool | None = None
+    forget_bias: float | None = None
+    layer_norm: bool | None = None
+    nonlinearity: str | None = None
+    reset_after: bool | None = None
+    zoneout: float | None = None
+    recurrent_dropout: float | None = None
+
+    def cell_options(self) -> dict[str, Any]:
+        """The variant options that were set (not None), plus the backend."""
+        names = ("peephole", "coupled", "drop_gates", "output_activation", "forget_bias", "layer_norm",
+                 "nonlinearity", "reset_after", "zoneout", "recurrent_dropout")
+        opts = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {**opts, "backend": self.backend}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which task and how much data.
+
+    Args:
+        task: "adding", "copy", "temporal-order" or "agreement".
+        length: T (see each task for what it means).
+        variant: temporal order "a" (4 classes) or "b" (8 classes).
+        train_samples: size of the training sample set (default: steps * batch_size, i.e. fresh
+            sequences at every step; 1,000,000 under a time-only budget).
+        test_samples: fresh test sequences for the metrics.
+    """
+
+    task: str = "adding"
+    length: int = 100
+    variant: str = "a"
+    train_samples: int | None = None
+    test_samples: int = 1000
+
+
+def default_trainer_config() -> TrainerConfig:
+    """The experiments' trainer defaults: Adam 1e-3, batch 50, clip norm 1, evaluate every 200 steps."""
+    return TrainerConfig(batch_size=50, clip_norm=1.0, eval_every=200, log_every=50)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A synthetic experiment: model, data, trainer (Adam 1e-3, batch 50, clip 1 by default), ``stop_at``.
+
+    ``stop_at``: stop as soon as an evaluation reaches this value of the task's metric (below it for
+    losses, above it for accuracies); None trains for the whole budget.
+    """
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = field(default_factory=default_trainer_config)
+    stop_at: float | None = None
+
+
+class SyntheticSamples(torch.utils.data.Dataset):
+    """A map-style data set of ``n`` sequences; sequence i is drawn from its own seeded generator.
+
+    Memory stays constant however long the run, every index is a fresh sequence, and the trainer's
+    seeded permutation and checkpointed position make a resumed run see exactly the same data.
+    """
+
+    def __init__(self, task: SyntheticTask, n: int, seed: int) -> None:
+        self.task, self.n, self.seed = task, int(n), int(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Batch:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} samples")
+        g = torch.Generator().manual_seed(self.seed * 1_000_000_007 + i)
+        return {k: v[0] for k, v in self.task.sample(1, g).items()}
+
+
+def task_from_config(data: DataConfig) -> SyntheticTask:
+    opts = {"variant": data.variant} if data.task == "temporal-order" else {}
+    if data.task != "temporal-order" and data.variant != "a":
+        raise ValueError(f"data.variant: only the temporal-order task has variants, got {data.variant!r} "
+                         f"for task {data.task!r}")
+    return make_task(data.task, data.length, **opts)
+
+
+def build_model(cfg: ExperimentConfig, task: SyntheticTask) -> SyntheticModel:
+    m = cfg.model
+    return task.model(hidden_size=m.hidden_size, cell=m.cell, num_layers=m.num_layers, **m.cell_options())
+
+
+def gradient_flow_of(model: SyntheticModel, task: SyntheticTask, batch: Batch) -> dict[str, list[float]]:
+    r"""Per-step :math:`\lVert\partial L_T/\partial h_t\rVert` (and :math:`c_t`) of ``model`` on ``batch``.
+
+    :math:`L_T` is the task loss summed over the batch's sequences (for ``copy``: over the recall steps).
+    """
+    from ..analysis.gradflow import gradient_flow
+
+    lengths = batch.get("lengths")
+    was = model.training
+    model.eval()
+    try:
+        def loss_fn(out: Tensor) -> Tensor:  # out: (T, B, H) top-layer outputs
+            preds = model.readout_from(out.transpose(0, 1), lengths)
+            return task.loss_from_predictions(preds, batch) * len(batch["x"])
+
+        return gradient_flow(model.rnn, model.encode(batch["x"]), loss_fn, lengths=lengths)
+    finally:
+        model.train(was)
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+                   analyse: bool = True) -> dict[str, Any]:
+    """Train ``cfg``'s model on its task with :class:`rnnkit.train.Trainer` and record the evidence.
+
+    Writes into ``run_dir`` (besides the trainer's ``config.toml``, ``metrics.jsonl``, checkpoints):
+    ``experiment.json`` (task, metric, baseline, result), ``learning_curve.png`` (with the baseline),
+    and with ``analyse``: ``gradient_flow.json`` (untrained and trained model) and
+    ``gate_stats.json`` (gated cells).
+
+    Returns:
+        ``{"task", "cell", "length", <metric>: value, "baseline", "steps", "wall_s", ...}``.
+    """
+    import json
+    import time
+
+    from ..analysis import plots
+    from ..analysis.report import curves, read_metrics
+    from ..train import Trainer, seed_everything
+
+    run_dir = Path(run_dir)
+    tcfg = cfg.trainer
+    task = task_from_config(cfg.data)
+    if tcfg.metric == "loss":  # the trainer's generic default: use the task's metric
+        from dataclasses import replace
+
+        tcfg = replace(tcfg, metric=task.metric, metric_mode="min" if task.lower_is_better else "max")
+    cfg = ExperimentConfig(cfg.model, cfg.data, tcfg, cfg.stop_at)
+    seed_everything(tcfg.seed)
+    model = build_model(cfg, task)
+    test = task.test_set(cfg.data.test_samples, tcfg.seed)
+    probe = {k: v[:32] for k, v in test.items()}
+    n_train = cfg.data.train_samples or (tcfg.steps * tcfg.batch_size * tcfg.grad_accum if tcfg.steps
+                                         else 1_000_000)
+    train = SyntheticSamples(task, n_train, tcfg.seed)
+    flow: dict[str, Any] = {}
+    if analyse and not resume:
+        flow[f"{cfg.model.cell} (untrained)"] = gradient_flow_of(model, task, probe)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return task.metrics(m, test)
+
+    def maybe_stop(trainer, info: dict[str, Any]) -> None:
+        if cfg.stop_at is None:
+            return
+        v = info["metrics"][task.metric]
+        if (v <= cfg.stop_at) if task.lower_is_better else (v >= cfg.stop_at):
+            trainer.request_stop(f"{task.metric} reached {cfg.stop_at}")
+
+    t0 = time.perf_counter()
+    trainer = Trainer(model, task, train, tcfg, run_dir, evaluate=evaluate, callbacks={"eval": maybe_stop},
+                      resume=resume, quiet=quiet, full_config=cfg)
+    fit = trainer.fit()
+    wall = time.perf_counter() - t0
+    final = task.metrics(model, test)
+    result: dict[str, Any] = {"task": task.name, "cell": cfg.model.cell, "length": task.length,
+                              "hidden": cfg.model.hidden_size, task.metric: final[task.metric],
+                              "baseline": task.baseline(), "beats_baseline": _beats(task, final[task.metric]),
+                              "steps": fit["step"], "wall_s": round(fit.get("elapsed_s", wall), 2),
+                              "seed": tcfg.seed, **{k: v for k, v in final.items() if k != task.metric},
+                              "stop_reason": fit.get("stop_reason")}
+    if analyse:
+        flow[f"{cfg.model.cell} (trained, {fit['step']} steps)"] = gradient_flow_of(model, task, probe)
+        if flow:
+            old = {}
+            if resume and (run_dir / "gradient_flow.json").is_file():
+                old = json.loads((run_dir / "gradient_flow.json").read_text()).get("curves", {})
+                old = {k: v for k, v in old.items() if "untrained" in k}
+            (run_dir / "gradient_flow.json").write_text(json.dumps(
+                {"task": task.name, "length": task.length, "curves": {**old, **flow},
+                 "title": f"Gradient flow, {task.name} T={task.length}, {cfg.model.cell}"}))
+        if model.rnn.cell.family != "rnn":
+            from ..analysis.gates import gate_statistics
+
+            sub = {k: v[:200] for k, v in test.items()}
+            stats = gate_statistics(model.rnn, model.encode(sub["x"]), lengths=sub.get("lengths"))
+            (run_dir / "gate_stats.json").write_text(json.dumps(stats))
+    (run_dir / "experiment.json").write_text(json.dumps(
+        {"task": task.name, "metric": task.metric, "baseline": task.baseline(), "result": result}, indent=1))
+    series = curves(read_metrics(run_dir))
+    main = {k: v for k, v in series.items() if k in ("train/loss", f"eval/{task.metric}")}
+    if main:
+        plots.save(plots.learning_curve(main, ylabel=task.metric, baseline=task.baseline(),
+                                        title=f"{task.name} T={task.length}, {cfg.model.cell}"),
+                   run_dir / "learning_curve.png")
+    return result
+
+
+def _beats(task: SyntheticTask, value: float) -> bool:
+    return value < task.baseline() if task.lower_is_better else value > task.baseline()
+
+
 __all__ = ["SyntheticModel", "SyntheticTask", "AddingTask", "CopyTask", "TemporalOrderTask", "AgreementTask",
-           "TASKS", "make_task", "TEST_SEED_OFFSET"]
+           "TASKS", "make_task", "TEST_SEED_OFFSET", "ModelConfig", "DataConfig", "ExperimentConfig",
+           "SyntheticSamples", "default_trainer_config", "task_from_config", "build_model", "gradient_flow_of",
+           "run_experiment"]
