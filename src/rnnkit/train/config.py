@@ -209,6 +209,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message
+            return _coerce(key, value, real[0])
         errors = []
         for a in args:
             if a is type(None):
@@ -379,7 +382,6 @@ def replace_config(cfg: T, **dotted: Any) -> T:
     for key, value in dotted.items():
         _check_paths(type(cfg), key.split("."), value)
         _set_nested(data, key.split("."), value)
-    # keep explicit None values of the overrides (config_to_dict drops None)
     return _from_mapping(type(cfg), data)
 
 

@@ -78,4 +78,56 @@ def random_classification(n: int = 64, T: int = 6, features: int = 3, classes: i
     return {"x": x, "y": y.clamp_max(classes - 1)}
 
 
-__all__ = ["TinyLM", "StreamLMTask", "TinyClassifier", "ClassifyTask", "random_tokens", "random_classification"]
+__all__ = ["TinyLM", "StreamLMTask", "TinyClassifier", "ClassifyTask", "random_tokens", "random_classification",
+           "run", "main"]
+
+
+def run(out: str | None, *, kind: str = "stream", resume: bool = False, threads: int | None = 1,
+        quiet: bool = True, **trainer_kw: Any) -> dict[str, Any]:
+    """Train the toy model with ``TrainerConfig(**trainer_kw)``; the driver of the Trainer's own tests.
+
+    ``kind``: "stream" (TinyLM, TBPTT over random tokens) or "sample" (TinyClassifier). Returns the
+    final metrics plus ``params``, the final state_dict.
+    """
+    from .config import TrainerConfig, load_config
+    from .trainer import StreamData, Trainer, seed_everything
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(TrainerConfig, None, trainer_kw)  # dotted keys allowed: **{"optim.lr": 0.1}
+    seed_everything(cfg.seed)
+    if kind == "stream":
+        ids = random_tokens(4001, seed=1)
+        model: nn.Module = TinyLM(dropout=0.1)
+        task: Any = StreamLMTask()
+        data: Any = StreamData(ids[:-1], ids[1:])
+    else:
+        model, task, data = TinyClassifier(dropout=0.1), ClassifyTask(), random_classification(96, seed=1)
+    trainer = Trainer(model, task, data, cfg, out, resume=resume, quiet=quiet, progress=False)
+    result = trainer.fit()
+    result["params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rnnkit.train.toy --out DIR [--resume] [--kind stream|sample] [--set key=value ...]``."""
+    import argparse
+
+    from .config import parse_override
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--out", default=None)
+    p.add_argument("--kind", default="stream", choices=["stream", "sample"])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[])
+    a = p.parse_args(argv)
+    kw = {}
+    for item in a.set:
+        keys, value = parse_override(item)
+        kw[".".join(keys)] = value
+    run(a.out, kind=a.kind, resume=a.resume, threads=a.threads, **kw)
+
+
+if __name__ == "__main__":
+    main()
