@@ -12,10 +12,15 @@ Supports every cell and variant of :mod:`rnnkit.cells` (incl. recurrent dropout,
 variable lengths through :class:`~rnnkit.kernels.common.LayerMasks`) in float32 and float64 on
 the CPU. Compiled code is cached on disk by numba (``cache=True``): the first call in a fresh
 environment compiles (see :func:`compile_seconds`), later processes load the cache.
+
+Threads: the per-step matmuls run in the BLAS that numba calls (scipy's OpenBLAS). Its thread count
+follows ``torch.get_num_threads()`` (so ``torch.set_num_threads`` governs both), or the environment
+variable ``RNNKIT_CPU_THREADS`` when set. On an oversubscribed machine 1 thread is much faster.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -29,6 +34,32 @@ from .common import LayerMasks
 
 DTYPES = (torch.float32, torch.float64)
 _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
+
+
+class _BlasThreads:
+    """Sets the thread count of the OpenBLAS that numba's ``np.dot`` uses, when it changes."""
+
+    def __init__(self) -> None:
+        self.libs: list | None = None
+        self.current = -1
+
+    def ensure(self) -> None:
+        env = os.environ.get("RNNKIT_CPU_THREADS")
+        want = int(env) if env else torch.get_num_threads()
+        if want == self.current:
+            return
+        if self.libs is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba binds to)
+            from threadpoolctl import ThreadpoolController
+
+            ctl = ThreadpoolController()
+            self.libs = [lc for lc in ctl.lib_controllers if lc.internal_api in ("openblas", "mkl", "blis")]
+        for lc in self.libs:
+            lc.set_num_threads(want)
+        self.current = want
+
+
+blas_threads = _BlasThreads()
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -236,6 +267,7 @@ def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> 
                         f"use another dtype or one of the backends {others}")
     if x.device.type != "cpu":
         raise ValueError(f"backend='cpu': input is on {x.device}; expected the CPU")
+    blas_threads.ensure()
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(n for n in _EXTRAS if w.get(n) is not None)
     out, *state = _CpuRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
