@@ -1,0 +1,139 @@
+"""Compile every Triton kernel specialization the cell registry uses for a CUDA target, without a GPU.
+
+The interpreter (``TRITON_INTERPRET=1``) checks the kernels' numbers on the CPU but is more
+permissive than the compiler; this module checks that the same kernels also compile to a cubin
+(Triton's bundled ``ptxas``) for a given architecture. It runs the backend's time loop on the CPU
+with a recorder in place of the kernels, collects each distinct (kernel, argument types,
+constexprs, num_warps) launch, and compiles it.
+
+    python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32   # 104 kernels, ~2.5 min
+
+Must run in a process where ``TRITON_INTERPRET`` is unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from ..cells import REGISTRY, make_cell
+from .common import LayerMasks
+
+_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+class _Recorder:
+    """Stands in for the kernel module: ``K.name[grid](*args, **kw)`` records the launch."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.launches: dict[tuple, tuple[str, dict, dict, int]] = {}
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.module, name)
+
+        class _Grid:
+            def __getitem__(_, grid):
+                return lambda *args, **kw: self._record(name, fn, args, kw)
+
+        return _Grid()
+
+    def _record(self, name: str, fn: Any, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        warps = kw.pop("num_warps", 4)
+        sig: dict[str, str] = {}
+        for arg_name, value in zip(fn.arg_names, args):
+            sig[arg_name] = _TYPES[value.dtype] if isinstance(value, torch.Tensor) else "i32"
+        for k in kw:
+            sig[k] = "constexpr"
+        key = (name, tuple(sig.items()), tuple(sorted(kw.items())), warps)
+        self.launches.setdefault(key, (name, sig, kw, warps))
+
+
+def collect(shapes: tuple[tuple[int, int], ...] = ((3, 5), (8, 256), (2, 2048)),
+            dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> _Recorder:
+    """Record the launches of forward + backward for every registry cell, shape (B, H), dtype, masks."""
+    from . import triton_backend as tb
+    from . import triton_kernels as K
+
+    if K.INTERPRETED:
+        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
+    rec = _Recorder(K)
+    original = tb._kernels
+    tb._kernels = lambda device: rec  # noqa: ARG005
+    try:
+        T, I = 2, 3
+        for spec in REGISTRY.values():
+            for B, H in shapes:
+                cell = make_cell(spec.family, H, **spec.cell_options)
+                for dt in dtypes:
+                    for with_masks in (False, True):
+                        _run_once(tb, cell, T, B, I, H, dt, with_masks)
+    finally:
+        tb._kernels = original
+    return rec
+
+
+def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_masks: bool) -> None:
+    G = cell.gates
+    w: dict[str, torch.Tensor | None] = {
+        "weight_ih": torch.randn(G * H, I, dtype=dt), "weight_hh": torch.randn(G * H, H, dtype=dt),
+        "bias_ih": torch.randn(G * H, dtype=dt), "bias_hh": torch.randn(G * H, dtype=dt)}
+    for name, shape in cell.extra_shapes().items():
+        w[name] = torch.randn(shape, dtype=dt)
+    for v in w.values():
+        v.requires_grad_(True)
+    masks = LayerMasks()
+    if with_masks:
+        keep = tuple(torch.rand(T, B, H, dtype=dt) for _ in range(cell.state_size))
+        masks = LayerMasks(torch.rand(B, H, dtype=dt), keep, torch.ones(T, B, 1, dtype=dt))
+    x = torch.randn(T, B, I, dtype=dt)
+    state0 = tuple(torch.zeros(B, H, dtype=dt, requires_grad=True) for _ in range(cell.state_size))
+    out, state = tb.run(cell, x, state0, w, masks)
+    (out.float().sum() + sum(s.float().sum() for s in state)).backward()
+
+
+def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
+    """Compile every recorded specialization for ``sm_{arch}``; returns one line per kernel compiled."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import triton_kernels as K
+
+    rec = collect(**collect_kw)
+    target = GPUTarget("cuda", arch, 32)
+    lines = []
+    for name, sig, constexprs, warps in rec.launches.values():
+        t0 = time.perf_counter()
+        src = triton.compiler.ASTSource(fn=getattr(K, name), signature=sig, constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options={"num_warps": warps})
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
+        lines.append(f"{name} warps={warps} {flags}: {len(compiled.asm['cubin'])} B cubin, "
+                     f"{time.perf_counter() - t0:.1f} s")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90 = H100, 80 = A100)")
+    ap.add_argument("--shapes", nargs="+", default=["3x5", "8x256", "2x2048"], metavar="BxH",
+                    help="batch x hidden sizes whose tilings to compile (default: %(default)s)")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    shapes = tuple(tuple(int(v) for v in s.lower().split("x")) for s in args.shapes)
+    dtypes = tuple(getattr(torch, d) for d in args.dtypes)
+    lines = compile_all(args.arch, shapes=shapes, dtypes=dtypes)
+    for line in lines:
+        print(line)
+    print(f"compiled {len(lines)} kernel specializations for sm_{args.arch}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

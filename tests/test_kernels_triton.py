@@ -1,0 +1,198 @@
+"""``backend="triton"`` against the ``reference`` backend: outputs, final states and every gradient.
+
+Without CUDA the kernels run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1`` plus
+``RNNKIT_TRITON_CPU=1``, set by the fixture below before the kernels are first defined); the
+interpreter is slow, so the sizes are tiny. With CUDA the same tests run the compiled kernels.
+
+Tolerance (float32): max |triton - reference| <= 1e-4 * max(1, max |reference|) per tensor. The
+kernels evaluate the same equations in a different order (tanh through the sigmoid, layer norm in
+one pass over the row, the recurrent matmul separate from the bias), so they differ from the
+reference by rounding only; about 1e-6 is observed. bfloat16 is compared with a float32 reference
+on the same (bf16-rounded) numbers by relative norm error <= 3e-2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnkit
+from rnnkit import kernels
+from rnnkit.cells import REGISTRY, make_cell
+from rnnkit.kernels import LayerConfig, triton_backend
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'rnnkit[triton]')")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def device():
+    """The device the kernels run on; on the CPU, Triton's interpreter switched on for this module."""
+    if DEVICE == "cuda":
+        yield torch.device("cuda")
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setenv(triton_backend.CPU_ENV, "1")
+        mod = sys.modules.get("rnnkit.kernels.triton_kernels")
+        if mod is not None and not mod.INTERPRETED:
+            pytest.skip("the Triton kernels were compiled for the GPU earlier in this process")
+        yield torch.device("cpu")
+
+
+def _run(layer, x, state, lengths, seed: int) -> dict[str, torch.Tensor]:
+    """Forward + backward of a fixed random loss; every tensor the comparison looks at, by name."""
+    x = x.detach().clone().requires_grad_(True)
+    states = state if isinstance(state, tuple) else (state,)
+    states = tuple(s.detach().clone().requires_grad_(True) for s in states)
+    torch.manual_seed(seed)  # the same recurrent-dropout / zoneout masks for both backends
+    out, final = layer(x, states if len(states) == 2 else states[0], lengths=lengths)
+    final = final if isinstance(final, tuple) else (final,)
+    g = torch.Generator().manual_seed(seed + 1)
+    loss = (out * torch.randn(out.shape, generator=g).to(out)).sum()
+    loss = loss + sum((f * torch.randn(f.shape, generator=g).to(f)).sum() for f in final)
+    loss.backward()
+    res = {"out": out, **{f"final{k}": f for k, f in enumerate(final)}, "dx": x.grad}
+    res.update({f"dstate{k}": s.grad for k, s in enumerate(states)})
+    res.update({f"d{n}": p.grad for n, p in layer.named_parameters()})
+    return res
+
+
+def _compare(name: str, device, *, T: int, B: int, I: int, H: int, bidirectional: bool, lengths, given_state: bool,
+             training: bool = True, dtype=torch.float32) -> None:
+    torch.manual_seed(0)
+    spec = REGISTRY[name]
+    ref = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="reference").to(device)
+    tri = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="triton").to(device, dtype)
+    with torch.no_grad():  # the same (for bf16: bf16-rounded) numbers in both
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())
+    tri.load_state_dict(ref.state_dict())
+    ref.train(training)
+    tri.train(training)
+    D = 2 if bidirectional else 1
+    x = torch.randn(T, B, I).to(dtype).float().to(device)
+    n_state = 2 if spec.family == "lstm" else 1
+    make = torch.randn if given_state else torch.zeros
+    state = tuple(make(D, B, H).to(dtype).float().to(device) for _ in range(n_state))
+    want = _run(ref, x, state, lengths, seed=11)
+    got = _run(tri, x.to(dtype), tuple(s.to(dtype) for s in state), lengths, seed=11)
+    assert tri.backend_for(torch.device(device)) == "triton"
+    assert want.keys() == got.keys()
+    for key in want:
+        a, b = got[key], want[key]
+        assert a is not None and b is not None, f"{name}: no gradient {key}"
+        assert a.dtype == dtype and a.shape == b.shape, f"{name}: {key} {a.dtype} {tuple(a.shape)}"
+        a = a.float()
+        if dtype == torch.float32:
+            err, scale = (a - b).abs().max().item(), max(1.0, b.abs().max().item())
+            assert err <= RTOL * scale, f"{name}: {key} differs by {err:.3g} (scale {scale:.3g})"
+        else:
+            rel = ((a - b).norm() / b.norm().clamp_min(1e-3)).item()
+            assert rel <= 3e-2, f"{name}: {key} relative error {rel:.3g} in {dtype}"
+
+
+@needs_triton
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_cell_bidirectional_lengths_state(name, device):
+    """Every cell and variant: bidirectional layer, variable lengths, given initial state, odd H."""
+    _compare(name, device, T=3, B=2, I=2, H=3, bidirectional=True, lengths=[3, 2], given_state=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["rnn", "lstm_peephole", "gru_cho_ln"])
+def test_single_step_single_sequence(name, device):
+    """T = 1, B = 1: the first and last step coincide (no recurrent-matmul gradient carried in)."""
+    _compare(name, device, T=1, B=1, I=3, H=5, bidirectional=False, lengths=None, given_state=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["lstm_zoneout", "gru_zoneout"])
+def test_zoneout_eval_uses_expectation(name, device):
+    """At evaluation zoneout mixes with the constant expectation (a broadcast keep mask)."""
+    _compare(name, device, T=3, B=2, I=2, H=3, bidirectional=False, lengths=[1, 3], given_state=True,
+             training=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["lstm_peephole_ln", "gru_cho", "rnn_relu"])
+def test_bfloat16_matches_float32_reference(name, device):
+    _compare(name, device, T=3, B=2, I=2, H=4, bidirectional=False, lengths=None, given_state=True,
+             dtype=torch.bfloat16)
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_registry_cell_larger_grid(name, device):
+    """Slow: wider tiles (H = 37 spans several gate columns), longer sequences, eval mode."""
+    _compare(name, device, T=6, B=3, I=4, H=37, bidirectional=True, lengths=[6, 1, 4], given_state=True)
+    _compare(name, device, T=1, B=1, I=1, H=1, bidirectional=False, lengths=None, given_state=False)
+    _compare(name, device, T=4, B=2, I=2, H=3, bidirectional=False, lengths=None, given_state=False,
+             training=False)
+
+
+@needs_triton
+def test_ln_epsilon_matches_cells():
+    from rnnkit.cells.base import LN_EPS
+    from rnnkit.kernels import triton_kernels
+
+    assert triton_kernels.LN_EPS.value == LN_EPS
+
+
+# ---- dispatch: no GPU or interpreter needed ------------------------------------------------------------
+def test_cpu_is_refused_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv(triton_backend.CPU_ENV, raising=False)
+    cell = make_cell("lstm", 4, peephole=True)
+    with pytest.raises(ValueError, match="backend='triton'.*CUDA devices only"):
+        kernels.resolve("triton", cell, LayerConfig(), torch.device("cpu"))
+    layer = rnnkit.LSTM(2, 4, peephole=True, backend="triton")  # building on the CPU is fine (move to CUDA)
+    with pytest.raises(ValueError, match="CUDA devices only"):
+        layer(torch.randn(3, 1, 2))
+
+
+def test_not_installed_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # find_spec -> None, as without the package
+    cell = make_cell("gru", 4)
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        kernels.resolve("triton", cell, LayerConfig(), torch.device("cuda"))
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        rnnkit.GRU(2, 4, backend="triton")
+
+
+@needs_triton
+def test_auto_on_cuda_prefers_cudnn_for_plain_cells_and_triton_for_variants():
+    cuda = torch.device("cuda")
+    for name, spec in REGISTRY.items():
+        cell = make_cell(spec.family, 8, **spec.cell_options)
+        cfg = LayerConfig(**spec.layer_options)
+        expected = "native" if kernels.BACKENDS["native"].unsupported(cell, cfg, cuda) is None else "triton"
+        assert kernels.resolve("auto", cell, cfg, cuda) == expected, name
+    assert kernels.AUTO_ORDER["cuda"].index("triton") < kernels.AUTO_ORDER["cuda"].index("bptt")
+    assert "triton" not in kernels.AUTO_ORDER["cpu"]
+
+
+def test_importing_rnnkit_does_not_import_triton():
+    code = "import sys, rnnkit; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@needs_triton
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Slow (~3 min): every kernel specialization of the registry compiles to a cubin for an H100."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-m", "rnnkit.kernels.triton_aot", "--arch", "90", "--shapes", "3x5",
+                          "--dtypes", "float32"], capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compiled" in res.stderr and len(res.stdout.splitlines()) >= 40
