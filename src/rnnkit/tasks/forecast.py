@@ -32,8 +32,16 @@ from torch import Tensor, nn
 
 from ..data.series import Scaler, Series, SeriesError, check_length, make_windows
 from ..train import TrainerConfig
-from .timeseries_common import EncoderConfig, final_hidden, fit, forecast_metrics, load_meta, load_weights, pyplot, \
-    save_model
+from .timeseries_common import (
+    EncoderConfig,
+    final_hidden,
+    fit,
+    forecast_metrics,
+    load_meta,
+    load_weights,
+    pyplot,
+    save_model,
+)
 
 TASK = "forecast"
 

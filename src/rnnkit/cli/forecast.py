@@ -1,0 +1,185 @@
+"""``rnnkit forecast train|predict|backtest``: multi-step forecasting of CSV/Parquet/NumPy series."""
+
+
+import csv
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import RunOptions, run_command
+
+NAME = "forecast"
+app = typer.Typer(help="Forecast time series: train, predict the next H steps, backtest against baselines.",
+                  no_args_is_help=True)
+
+# ---- flags shared by the time-series commands ---------------------------------------------------
+CsvOpt = Annotated[Path, typer.Option("--csv", help="Input series: .csv, .tsv, .parquet, .npy or .npz.")]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="Target column(s), comma-separated "
+                                               "(default: every numeric column).")]
+TimeOpt = Annotated[str | None, typer.Option("--time", help="Time column (labels only; rows must be in order).")]
+FillOpt = Annotated[str | None, typer.Option("--fill", help="Missing values: ffill, interpolate or zero "
+                                             "(default: error).")]
+
+
+def ts_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
+    """Config from --config < --set < task flags (only those given) < shared budget/seed/device flags."""
+    from ..train.config import load_config, parse_override
+
+    overrides: dict[str, Any] = {}
+    for item in opts.set:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(opts.flag_overrides("trainer"))
+    if opts.quiet:
+        overrides.setdefault("trainer.log_every", 10_000)
+    return load_config(cls, opts.config, overrides)
+
+
+def split_names(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _model_flags(horizon, lookback, cell, hidden, layers, decoder, head, quantiles, interval, scaler, log,
+                 window_norm, season, fill, ensemble) -> dict[str, Any]:
+    from ..tasks.timeseries_common import parse_floats
+
+    return {"data.horizon": horizon, "data.lookback": lookback, "model.cell": cell, "model.hidden": hidden,
+            "model.layers": layers, "model.decoder": decoder, "model.head": head,
+            "model.quantiles": list(parse_floats(quantiles, "--quantiles")) if quantiles else None,
+            "data.interval": interval, "data.scaler": scaler, "data.log": log, "data.window_norm": window_norm,
+            "data.season": season, "data.fill": fill, "model.ensemble": ensemble}
+
+
+_H = typer.Option(None, "--horizon", help="Steps to forecast (H).")
+_L = typer.Option(None, "--lookback", help="Input window length (L).")
+_CELL = typer.Option(None, "--cell", help="Recurrent cell (see `rnnkit cells`).")
+_HID = typer.Option(None, "--hidden", help="Hidden units.")
+_LAY = typer.Option(None, "--layers", help="Stacked layers.")
+_DEC = typer.Option(None, "--decoder", help="direct or recursive.")
+_HEAD = typer.Option(None, "--head", help="point, gaussian or quantile.")
+_Q = typer.Option(None, "--quantiles", help="Quantile levels, e.g. 0.1,0.5,0.9.")
+_INT = typer.Option(None, "--interval", help="Prediction-interval coverage, e.g. 0.8.")
+_SC = typer.Option(None, "--scaler", help="standard, minmax, robust or none (fit on training rows).")
+_LOG = typer.Option(None, "--log/--no-log", help="Model log(y) (positive series).")
+_WN = typer.Option(None, "--window-norm", help="none or last (subtract each window's last value).")
+_SEA = typer.Option(None, "--season", help="Seasonal period (seasonal naive, MASE, SARIMA).")
+_ENS = typer.Option(None, "--ensemble", help="Average this many models trained with different seeds.")
+_PAST = typer.Option(None, "--past-covariates", help="Covariate columns observed only up to now.")
+_FUT = typer.Option(None, "--future-covariates", help="Covariate columns known in the future.")
+
+
+def _load(csv_path: Path, target, time_col, past, future, fill, trailing: bool = False):
+    from ..data.series import load_series
+
+    return load_series(csv_path, target, time=time_col, past=split_names(past), future=split_names(future),
+                       fill=fill, name="--csv", trailing_future=trailing)
+
+
+@app.command()
+@run_command(NAME)
+def train(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = None, horizon: int | None = _H,
+          lookback: int | None = _L, cell: str | None = _CELL, hidden: int | None = _HID,
+          layers: int | None = _LAY, decoder: str | None = _DEC, head: str | None = _HEAD,
+          quantiles: str | None = _Q, interval: float | None = _INT, scaler: str | None = _SC,
+          log: bool | None = _LOG, window_norm: str | None = _WN, season: int | None = _SEA,
+          fill: FillOpt = None, ensemble: int | None = _ENS, past_covariates: str | None = _PAST,
+          future_covariates: str | None = _FUT, *, opts: RunOptions) -> None:
+    """Train a forecaster on every row of --csv; writes the model, config, and the forecast of the next H steps."""
+    from ..tasks import forecast as F
+
+    cfg = ts_config(opts, F.ForecastConfig, _model_flags(horizon, lookback, cell, hidden, layers, decoder, head,
+                                                         quantiles, interval, scaler, log, window_norm, season,
+                                                         fill, ensemble))
+    series = _load(csv_path, target, time_col, past_covariates, future_covariates, cfg.data.fill)
+    run_dir = opts.run_dir
+    opts.info(f"training on {len(series)} rows of {series.target_names} -> {run_dir}")
+    model = F.train(series, cfg, run_dir, quiet=opts.quiet, resume=opts.resume)
+    result: dict[str, Any] = {"run_dir": str(run_dir), **model.meta["train"]}
+    if not series.future.shape[1]:  # the next H steps need no extra input
+        pred = model.predict(series)
+        header, rows = F.forecast_rows(model, pred, None)
+        result["forecast_csv"] = str(write_csv(run_dir / "forecast.csv", header, rows))
+        result["forecast_png"] = str(F.plot_forecast(series, pred, run_dir / "forecast.png",
+                                                     interval=cfg.data.interval))
+    opts.emit(result)
+
+
+@app.command()
+@run_command(NAME, exclude=("out", "config", "set", "seed", "steps", "epochs", "minutes", "resume",
+                            "checkpoint_every"))
+def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit forecast train`.")],
+            csv_path: CsvOpt, out: Annotated[Path, typer.Option("--out", help="Forecast CSV to write.")],
+            time_col: TimeOpt = None, fill: FillOpt = None,
+            plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG plot.")] = None, *,
+            opts: RunOptions) -> None:
+    """Forecast the H steps after the end of --csv (one row per step: point forecast and interval columns).
+
+    With known-future covariates, --csv must hold H extra rows after the last target value, with the
+    target empty and the covariates filled.
+    """
+    from ..tasks import forecast as F
+
+    model = F.ForecastModel.load(run_dir)
+    meta = model.meta
+    series = F.split_future_rows(_load(csv_path, ",".join(meta["target"]), time_col, ",".join(meta["past"]),
+                                       ",".join(meta["future"]), fill or model.cfg.data.fill, trailing=True))
+    history, future_rows = series
+    pred = model.predict(history, future_rows)
+    future_time = None
+    if future_rows is not None and future_rows.time is not None:
+        future_time = future_rows.time[:model.cfg.data.horizon]
+    header, rows = F.forecast_rows(model, pred, future_time)
+    write_csv(out, header, rows)
+    result: dict[str, Any] = {"forecast_csv": str(out), "horizon": len(rows), "history_rows": len(history)}
+    if plot is not None:
+        result["plot"] = str(F.plot_forecast(history, pred, plot, interval=model.cfg.data.interval))
+    if not opts.json and not opts.quiet:
+        print(",".join(header), file=sys.stderr)
+    opts.emit(result)
+
+
+@app.command()
+@run_command(NAME)
+def backtest(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = None, horizon: int | None = _H,
+             folds: Annotated[int, typer.Option("--folds", help="Expanding-window folds (each H steps).")] = 1,
+             sarima: Annotated[bool, typer.Option("--sarima", help="Also fit a seasonal ARIMA (statsmodels).")]
+             = False, lookback: int | None = _L, cell: str | None = _CELL, hidden: int | None = _HID,
+             layers: int | None = _LAY, decoder: str | None = _DEC, head: str | None = _HEAD,
+             quantiles: str | None = _Q, interval: float | None = _INT, scaler: str | None = _SC,
+             log: bool | None = _LOG, window_norm: str | None = _WN, season: int | None = _SEA,
+             fill: FillOpt = None, ensemble: int | None = _ENS, past_covariates: str | None = _PAST,
+             future_covariates: str | None = _FUT, *, opts: RunOptions) -> None:
+    """Expanding-window backtest: the model against naive, seasonal-naive (and SARIMA) on the last folds*H rows."""
+    from ..tasks import forecast as F
+
+    cfg = ts_config(opts, F.ForecastConfig, _model_flags(horizon, lookback, cell, hidden, layers, decoder, head,
+                                                         quantiles, interval, scaler, log, window_norm, season,
+                                                         fill, ensemble))
+    series = _load(csv_path, target, time_col, past_covariates, future_covariates, cfg.data.fill)
+    run_dir = opts.run_dir
+    res = F.backtest(series, cfg, run_dir, folds=folds, with_sarima=sarima, quiet=opts.quiet)
+    m = res["metrics"]
+    methods = [k for k in m if isinstance(m[k], dict)]
+    if not opts.json:
+        typer.echo(f"{'method':<16}" + "".join(f"{k:>10}" for k in ("smape", "mape", "mase", "rmse")))
+        for name in methods:
+            typer.echo(f"{name:<16}" + "".join(f"{m[name][k]:>10.4f}" for k in ("smape", "mape", "mase", "rmse")))
+    flat = {f"{name}_{k}": v for name in methods for k, v in m[name].items()}
+    flat.update(folds=m["folds"], seconds=m["seconds"], run_dir=str(run_dir),
+                plot=str(Path(run_dir) / "backtest.png"))
+    if opts.json:
+        opts.emit(flat)
+    else:
+        opts.info(f"plot: {flat['plot']}")

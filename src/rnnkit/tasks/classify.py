@@ -1,0 +1,283 @@
+"""Sequence classification: a recurrent encoder, a many-to-one pooling head and cross-entropy.
+
+Unequal lengths are batched with zero padding plus ``lengths``: the encoder stops each sequence's state
+at its last valid step and the pooling (last / mean / attention, see :class:`Pool`) only sees valid
+steps, so padding never changes a prediction. Class weights
+:math:`w_k = N / (K n_k)` ("balanced") counter imbalance in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.sequences import SequenceSet, pad
+from ..data.series import Scaler, SeriesError
+from ..train import OptimConfig, TrainerConfig
+from .timeseries_common import (
+    EncoderConfig,
+    Pool,
+    classification_metrics,
+    fit,
+    load_meta,
+    load_weights,
+    pyplot,
+    save_model,
+)
+
+TASK = "classify"
+
+
+@dataclass(frozen=True)
+class ClassifyModelConfig:
+    """Model settings (``[model]``).
+
+    Args:
+        cell, hidden, layers, dropout, bidirectional: the recurrent encoder (:class:`EncoderConfig`).
+        pool: "last" (final state at the last valid step), "mean" or "attention".
+    """
+
+    cell: str = "lstm"
+    hidden: int = 64
+    layers: int = 1
+    dropout: float = 0.0
+    bidirectional: bool = False
+    pool: Literal["last", "mean", "attention"] = "last"
+
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, self.bidirectional)
+
+
+@dataclass(frozen=True)
+class ClassifyDataConfig:
+    """Data settings (``[data]``).
+
+    Args:
+        scaler: per-channel scaling fit on the training steps ("standard", "minmax", "robust", "none").
+        class_weights: "none" or "balanced" (inverse class frequency in the loss).
+        val_fraction: hold out this stratified fraction of the training set to pick the best epoch
+            (by validation accuracy); 0 keeps the final weights.
+        max_len: truncate longer sequences to this many steps (None = keep all).
+        fill: missing-value policy inside sequences.
+    """
+
+    scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
+    class_weights: Literal["none", "balanced"] = "none"
+    val_fraction: float = 0.0
+    max_len: int | None = None
+    fill: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        epochs=100, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
+        optim=OptimConfig(name="adam", lr=3e-3)))
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + pooling + linear layer: (B, T, C) padded inputs with (B,) lengths -> (B, K) logits."""
+
+    def __init__(self, n_channels: int, n_classes: int, cfg: ClassifyModelConfig) -> None:
+        super().__init__()
+        enc = cfg.encoder()
+        self.encoder = enc.build(n_channels)
+        self.pool = Pool(cfg.pool, enc.out_size, 2 if cfg.bidirectional else 1)
+        self.head = nn.Linear(enc.out_size, n_classes)
+
+    def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """The pooled encoding (B, D*H) that the head classifies."""
+        T = int(lengths.max())
+        out, state = self.encoder(x[:, :T], lengths=lengths)
+        return self.pool(out, state, lengths)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return self.head(self.embed(x, lengths))
+
+
+class ClassifyTask:
+    """Cross-entropy (optionally class-weighted) for the trainer."""
+
+    def __init__(self, weights: Tensor | None = None) -> None:
+        self.weights = weights
+
+    def loss(self, model: SequenceClassifier, batch: dict[str, Tensor]) -> Tensor:
+        logits = model(batch["x"], batch["lengths"])
+        w = None if self.weights is None else self.weights.to(logits.device)
+        return F.cross_entropy(logits, batch["y"], weight=w)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def fit_scaler(data: SequenceSet, kind: str) -> Scaler:
+    return Scaler(kind).fit(np.concatenate(data.sequences, 0))
+
+
+def encode_labels(labels: np.ndarray | None, classes: list[str], arg: str) -> np.ndarray:
+    if labels is None:
+        raise SeriesError(f"{arg}: the input has no labels; expected a label column/field")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in labels} - set(index))
+    if unknown:
+        raise SeriesError(f"{arg}: labels {unknown[:5]} do not occur in the training set (classes {classes})")
+    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+
+
+def tensors(data: SequenceSet, scaler: Scaler, max_len: int | None) -> dict[str, Tensor]:
+    x, lengths = pad([scaler.transform(s).astype(np.float32) for s in data.sequences], max_len)
+    return {"x": torch.from_numpy(x), "lengths": torch.from_numpy(lengths)}
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) holding out ``fraction`` of each class (at least one when > 0)."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for k in np.unique(y):
+        idx = rng.permutation(np.nonzero(y == k)[0])
+        n = int(round(fraction * len(idx)))
+        val.extend(idx[:min(max(n, 1), len(idx) - 1)].tolist())
+    val_idx = np.array(sorted(val), dtype=np.int64)
+    return np.setdiff1d(np.arange(len(y)), val_idx), val_idx
+
+
+# ---- the trained model -------------------------------------------------------------------------
+class Classifier:
+    """A trained classifier with its scaler and class names."""
+
+    def __init__(self, cfg: ClassifyConfig, net: SequenceClassifier, scaler: Scaler, classes: list[str],
+                 meta: dict[str, Any]) -> None:
+        self.cfg, self.net, self.scaler, self.classes, self.meta = cfg, net, scaler, classes, meta
+
+    @torch.no_grad()
+    def predict_proba(self, data: SequenceSet, batch_size: int = 256) -> np.ndarray:
+        """(N, K) class probabilities."""
+        if data.n_channels != self.meta["channels"]:
+            raise SeriesError(f"input: {data.n_channels} channel(s), the model was trained on "
+                              f"{self.meta['channels']}")
+        t = tensors(data, self.scaler, self.cfg.data.max_len)
+        out = []
+        for i in range(0, len(data), batch_size):
+            out.append(torch.softmax(self.net(t["x"][i:i + batch_size], t["lengths"][i:i + batch_size]), -1))
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def embed(self, data: SequenceSet, batch_size: int = 256) -> np.ndarray:
+        """(N, D*H) pooled encodings."""
+        t = tensors(data, self.scaler, self.cfg.data.max_len)
+        return torch.cat([self.net.embed(t["x"][i:i + batch_size], t["lengths"][i:i + batch_size])
+                          for i in range(0, len(data), batch_size)]).numpy()
+
+    def evaluate(self, data: SequenceSet, arg: str = "--test") -> dict[str, Any]:
+        y = encode_labels(data.labels, self.classes, arg)
+        p = self.predict_proba(data).argmax(1)
+        return classification_metrics(y, p, len(self.classes))
+
+    def save(self, run_dir: Path) -> None:
+        from ..train import config_to_dict
+
+        save_model(run_dir, self.net, {**self.meta, "config": config_to_dict(self.cfg), "classes": self.classes,
+                                       "scaler": self.scaler.state()})
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Classifier:
+        from ..train import config_from_dict
+
+        meta = load_meta(run_dir, TASK)
+        cfg = config_from_dict(ClassifyConfig, meta["config"])
+        net = SequenceClassifier(meta["channels"], len(meta["classes"]), cfg.model)
+        return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), meta["classes"], meta)
+
+
+def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | None, *, resume: bool = False,
+          quiet: bool = True) -> Classifier:
+    """Train a classifier; with ``data.val_fraction`` > 0 the weights of the best validation accuracy are kept."""
+    from ..train import replace_config
+
+    d = cfg.data
+    if train_set.labels is None:
+        raise SeriesError("--train: the training set has no labels")
+    classes = sorted({str(v) for v in train_set.labels}, key=_label_key)
+    if len(classes) < 2:
+        raise SeriesError(f"--train: expected at least 2 classes, got {classes}")
+    if not 0 <= d.val_fraction < 1:
+        raise SeriesError(f"data.val_fraction: expected a fraction in [0, 1), got {d.val_fraction}")
+    y = encode_labels(train_set.labels, classes, "--train")
+    scaler = fit_scaler(train_set, d.scaler)
+    data = {**tensors(train_set, scaler, d.max_len), "y": torch.from_numpy(y)}
+    evaluate, tcfg = None, cfg.trainer
+    if d.val_fraction > 0:
+        tr, va = stratified_split(y, d.val_fraction, cfg.trainer.seed)
+        val = {k: v[va] for k, v in data.items()}
+        data = {k: v[tr] for k, v in data.items()}
+
+        def evaluate(model: nn.Module) -> dict[str, float]:
+            dev = next(model.parameters()).device
+            logits = model(val["x"].to(dev), val["lengths"].to(dev))
+            return {"val_accuracy": float((logits.argmax(1).cpu() == val["y"]).float().mean()),
+                    "val_loss": float(F.cross_entropy(logits.cpu(), val["y"]))}
+
+        if tcfg.metric == "loss":
+            tcfg = replace_config(tcfg, metric="val_accuracy", metric_mode="max",
+                                  eval_every=tcfg.eval_every or max(1, len(tr) // tcfg.batch_size))
+    weights = None
+    if d.class_weights == "balanced":
+        counts = np.bincount(data["y"].numpy(), minlength=len(classes)).astype(np.float64)
+        weights = torch.tensor(len(data["y"]) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    torch.manual_seed(cfg.trainer.seed)
+    net = SequenceClassifier(train_set.n_channels, len(classes), cfg.model)
+    result = fit(net, ClassifyTask(weights), data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,
+                 resume=resume, quiet=quiet)
+    meta = {"task": TASK, "channels": train_set.n_channels, "n_train": len(train_set),
+            "max_train_len": int(train_set.lengths.max()),
+            "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
+    model = Classifier(cfg, net, scaler, classes, meta)
+    if run_dir is not None:
+        model.save(Path(run_dir))
+    return model
+
+
+def _label_key(s: str) -> tuple[int, float | str]:
+    """Numeric labels sort numerically ('2' < '10'), others alphabetically after them."""
+    try:
+        return (0, float(s))
+    except ValueError:
+        return (1, s)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "confusion matrix") -> Path:
+    """Confusion matrix (rows true, columns predicted) with counts, as PNG."""
+    plt = pyplot()
+    cm = np.asarray(cm)
+    K = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * K + 2, 1.0 + 0.5 * K + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(K), classes, rotation=45, ha="right")
+    ax.set_yticks(range(K), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(K):
+        for j in range(K):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_confusion(cm: np.ndarray, classes: list[str]) -> str:
+    """The confusion matrix as aligned text (rows true, columns predicted)."""
+    w = max(5, *(len(c) for c in classes), *(len(str(v)) for v in np.asarray(cm).ravel()))
+    lines = ["true\\pred".ljust(w) + " " + " ".join(c.rjust(w) for c in classes)]
+    for c, row in zip(classes, np.asarray(cm)):
+        lines.append(c.ljust(w) + " " + " ".join(str(v).rjust(w) for v in row))
+    return "\n".join(lines)
