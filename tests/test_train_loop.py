@@ -278,3 +278,33 @@ def test_bf16_autocast_runs():
     result = Trainer(model, Task(), random_classification(16), cfg(steps=2, batch_size=8, precision="bf16"), None,
                      quiet=True).fit()
     assert math.isfinite(result["train_loss"])
+
+
+def test_minutes_budget_stops_the_run():
+    torch.manual_seed(14)
+    result = Trainer(TinyClassifier(), ClassifyTask(), random_classification(16),
+                     cfg(minutes=1e-6, batch_size=4), None, quiet=True).fit()
+    assert result["stop_reason"] == "minutes" and result["step"] == 1
+
+
+def test_eval_each_epoch_and_evaluate_stream():
+    from rnnkit.train import evaluate_stream
+
+    torch.manual_seed(15)
+    ids = random_tokens(401, seed=3)
+    data = StreamData(ids[:-1], ids[1:])
+    model, task = TinyLM(), StreamLMTask()
+    seen = []
+
+    def evaluate(m):
+        out = evaluate_stream(m, task, data, batch_size=2, chunk=7)
+        seen.append(out["loss"])
+        return out
+
+    result = Trainer(model, task, data, cfg(epochs=2, batch_size=4, tbptt=25, eval_each_epoch=True,
+                                            **{"optim.lr": 1e-2}), None, evaluate=evaluate, quiet=True).fit()
+    assert len(seen) == 2 and seen[1] < seen[0] and result["steps"] == 400
+    # one chunk covering everything gives the same mean loss: the state is carried across chunks
+    whole = evaluate_stream(model, task, data, batch_size=2, chunk=1000)
+    assert whole["loss"] == pytest.approx(seen[-1], rel=1e-5)
+    assert model.training

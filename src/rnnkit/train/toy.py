@@ -83,7 +83,7 @@ __all__ = ["TinyLM", "StreamLMTask", "TinyClassifier", "ClassifyTask", "random_t
 
 
 def run(out: str | None, *, kind: str = "stream", resume: bool = False, threads: int | None = 1,
-        quiet: bool = True, **trainer_kw: Any) -> dict[str, Any]:
+        quiet: bool = True, dropout: float = 0.1, **trainer_kw: Any) -> dict[str, Any]:
     """Train the toy model with ``TrainerConfig(**trainer_kw)``; the driver of the Trainer's own tests.
 
     ``kind``: "stream" (TinyLM, TBPTT over random tokens) or "sample" (TinyClassifier). Returns the
@@ -98,11 +98,11 @@ def run(out: str | None, *, kind: str = "stream", resume: bool = False, threads:
     seed_everything(cfg.seed)
     if kind == "stream":
         ids = random_tokens(4001, seed=1)
-        model: nn.Module = TinyLM(dropout=0.1)
+        model: nn.Module = TinyLM(dropout=dropout)
         task: Any = StreamLMTask()
         data: Any = StreamData(ids[:-1], ids[1:])
     else:
-        model, task, data = TinyClassifier(dropout=0.1), ClassifyTask(), random_classification(96, seed=1)
+        model, task, data = TinyClassifier(dropout=dropout), ClassifyTask(), random_classification(96, seed=1)
     trainer = Trainer(model, task, data, cfg, out, resume=resume, quiet=quiet, progress=False)
     result = trainer.fit()
     result["params"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kind", default="stream", choices=["stream", "sample"])
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args(argv)
     kw = {}
     for item in a.set:
         keys, value = parse_override(item)
         kw[".".join(keys)] = value
-    run(a.out, kind=a.kind, resume=a.resume, threads=a.threads, **kw)
+    run(a.out, kind=a.kind, resume=a.resume, threads=a.threads, dropout=a.dropout, **kw)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,33 @@ def _finite(tensors: Iterable[Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
+@torch.no_grad()
+def evaluate_stream(model: nn.Module, task: Any, data: StreamData, batch_size: int = 1, chunk: int = 100,
+                    device: torch.device | str | None = None) -> dict[str, float]:
+    """Mean per-step loss of ``task`` over a whole stream, carrying the state across chunks (no gradients).
+
+    The evaluation counterpart of TBPTT training: ``data`` is laid out as ``batch_size`` streams, run
+    ``chunk`` steps at a time, with ``task.forward`` / ``task.loss`` as in training. Returns
+    ``{"loss": mean loss per (weighted) step, "steps": number of steps counted}``; for a language model
+    ``exp(loss)`` is the perplexity and ``loss / ln 2`` the bits per token.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = batchify(data.inputs, batch_size).to(device)
+    y = batchify(data.targets, batch_size).to(device)
+    total, count, state = 0.0, 0.0, None
+    for start, end in chunk_bounds(x.shape[0], chunk):
+        pred, state = task.forward(model, x[start:end], state)
+        out = task.loss(pred, y[start:end])
+        lt, wt = out if isinstance(out, tuple) else (out, None)
+        total += float(lt.double().sum() if wt is None else (lt.double() * wt).sum())
+        count += float(lt.numel() if wt is None else wt.double().sum())
+    model.train(was_training)
+    return {"loss": total / count if count else float("nan"), "steps": count}
+
+
 # ------------------------------------------------------------------------------------ data sources
 
 
@@ -223,6 +250,7 @@ class Trainer:
                 self.add_callback(event, fn)
 
         self.device = self._pick_device(config.device)
+        self._owns_process_group = dist_util.env_world_size() > 1 and not dist_util.active()
         self.rank, self.world_size = dist_util.init_from_env(self.device)
         if self.device.type == "cuda" and self.world_size > 1 and config.device in ("auto", "cuda"):
             import os
@@ -375,6 +403,9 @@ class Trainer:
         result = self._final_metrics()
         self._fire("fit_end", result)
         self.log.close()
+        if self._owns_process_group:
+            torch.distributed.destroy_process_group()
+            self._owns_process_group = False
         return result
 
     def _elapsed(self) -> float:
@@ -704,4 +735,4 @@ class Trainer:
                           RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["Trainer", "StreamData", "EVENTS", "seed_everything", "detach_state", "tree_map"]
+__all__ = ["Trainer", "StreamData", "EVENTS", "seed_everything", "detach_state", "tree_map", "evaluate_stream"]
