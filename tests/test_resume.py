@@ -27,6 +27,7 @@ SAMPLE = {"batch_size": 10, "grad_accum": 2, "optim.name": "sgd", "optim.lr": 0.
 @pytest.fixture(autouse=True)
 def _restore_threads():
     n = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy.run uses 1 thread too (bit-exact comparisons, and a busy machine)
     yield
     torch.set_num_threads(n)
 
@@ -119,3 +120,30 @@ def test_checkpoint_files_need_no_pickle(tmp_path):
     assert any(k.startswith("model.") for k in keys) and any(k.startswith("optim.") for k in keys)
     assert any(k.startswith("ranks.0.carry") for k in keys)  # the carried recurrent state
     assert path.read_text().startswith("{")
+
+
+def test_find_checkpoint_best_latest_and_step(tmp_path):
+    from rnnkit.errors import UserError
+    from rnnkit.train import find_checkpoint, model_state_dict
+
+    import rnnkit.train.toy as toy
+    from rnnkit.train import StreamData, Trainer, TrainerConfig, load_config
+
+    scores = iter([3.0, 1.0, 2.0, 2.5, 2.7])
+    torch.manual_seed(0)
+    ids = toy.random_tokens(801)
+    model = toy.TinyLM()
+    cfg = load_config(TrainerConfig, None, {"steps": 10, "batch_size": 4, "tbptt": 10, "eval_every": 2,
+                                            "checkpoint_every": 2, "keep_checkpoints": 1, "tensorboard": False})
+    Trainer(model, toy.StreamLMTask(), StreamData(ids[:-1], ids[1:]), cfg, tmp_path,
+            evaluate=lambda m: {"loss": next(scores)}, quiet=True).fit()
+    assert find_checkpoint(tmp_path).step == 10
+    best = find_checkpoint(tmp_path, "best")
+    assert best.step == 4 and find_checkpoint(tmp_path / "checkpoints", 4).step == 4
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [4, 10]
+    final = model_state_dict(find_checkpoint(tmp_path))
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+    assert model_state_dict(best).keys() == final.keys()
+    with pytest.raises(UserError, match="one of the steps"):
+        find_checkpoint(tmp_path, 6)
+    assert find_checkpoint(tmp_path / "nothing") is None

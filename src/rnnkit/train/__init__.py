@@ -6,7 +6,7 @@ from pickle-free checkpoints, metrics/TensorBoard logging and data-parallel trai
 See docs/training.md.
 """
 
-from .checkpoint import latest_good_checkpoint, list_checkpoints, load_checkpoint
+from .checkpoint import find_checkpoint, latest_good_checkpoint, list_checkpoints, load_checkpoint, model_state_dict
 from .config import (
     OptimConfig,
     ScheduleConfig,
@@ -23,4 +23,4 @@ from .trainer import EVENTS, StreamData, Trainer, detach_state, evaluate_stream,
 __all__ = ["Trainer", "TrainerConfig", "OptimConfig", "ScheduleConfig", "StreamData", "load_config",
            "save_config", "config_to_dict", "config_from_dict", "replace_config", "EVENTS", "seed_everything",
            "detach_state", "tree_map", "build_optimizer", "Schedule", "load_checkpoint", "list_checkpoints",
-           "latest_good_checkpoint", "evaluate_stream"]
+           "latest_good_checkpoint", "evaluate_stream", "find_checkpoint", "model_state_dict"]

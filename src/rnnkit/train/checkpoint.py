@@ -221,6 +221,9 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int, keep_steps: 
         if step not in keep:
             path.unlink(missing_ok=True)  # JSON first: the checkpoint disappears atomically
             path.with_suffix(".safetensors").unlink(missing_ok=True)
+    for p in directory.glob("step-*.safetensors"):  # left by a run killed between its two files
+        if not p.with_suffix(".json").exists() and int(p.stem.split("-")[1]) < max(keep, default=0):
+            p.unlink(missing_ok=True)
     for p in directory.glob(".*.tmp"):
         try:
             pid = int(p.name.rsplit(".", 2)[-2])
@@ -230,6 +233,41 @@ def prune_checkpoints(directory: str | os.PathLike, keep_last: int, keep_steps: 
             p.unlink(missing_ok=True)
 
 
+def find_checkpoint(run_dir: str | os.PathLike, which: str | int = "latest") -> Checkpoint | None:
+    """A checkpoint of a run directory (or of its ``checkpoints/`` folder), verified.
+
+    Args:
+        which: "latest" (newest good one; damaged newer ones are skipped with a warning), "best" (the
+            best evaluation recorded by the newest good checkpoint; the newest if none was recorded), or
+            a step number.
+    Returns:
+        the checkpoint, or None when the directory holds none.
+    Raises:
+        UserError: unknown ``which`` or a step that has no checkpoint.
+    """
+    from ..errors import UserError
+
+    directory = Path(run_dir)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    steps = dict(list_checkpoints(directory))
+    if which == "latest" or which == "best":
+        good = latest_good_checkpoint(directory)
+        if which == "latest" or good is None:
+            return good
+        best = good.meta.get("best_step")
+        return load_checkpoint(steps[best]) if best in steps and best != good.step else good
+    step = int(which) if isinstance(which, int) or str(which).isdigit() else None
+    if step is None or step not in steps:
+        raise UserError(f"checkpoint: expected 'latest', 'best' or one of the steps {sorted(steps)}, got {which!r}")
+    return load_checkpoint(steps[step])
+
+
+def model_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
+    """The model's ``state_dict`` stored in a checkpoint (for ``model.load_state_dict``)."""
+    return {k[len("model."):]: v for k, v in checkpoint.tensors.items() if k.startswith("model.")}
+
+
 def tensor_is_finite(tensors: Mapping[str, Tensor]) -> bool:
     """True when every floating-point tensor is finite."""
     return all(torch.isfinite(t).all().item() for t in tensors.values() if t.is_floating_point())
@@ -237,4 +275,5 @@ def tensor_is_finite(tensors: Mapping[str, Tensor]) -> bool:
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "list_checkpoints",
            "latest_good_checkpoint", "prune_checkpoints", "Checkpoint", "CheckpointError",
-           "flatten_state", "unflatten_state", "b64", "unb64", "tensor_is_finite"]
+           "flatten_state", "unflatten_state", "b64", "unb64", "tensor_is_finite", "find_checkpoint",
+           "model_state_dict"]

@@ -362,6 +362,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until the budget is spent (or early stopping); return the final metrics.
 
+        The model keeps its final weights; the best evaluation's weights are in the checkpoint of
+        ``best_step`` (``model.load_state_dict(model_state_dict(find_checkpoint(run_dir, "best")))``).
+
         Returns:
             dict with ``step``, ``epoch``, ``train_loss`` (mean over the last log interval),
             ``skipped_steps``, ``elapsed_s``, ``stop_reason``, the last evaluation's metrics and
