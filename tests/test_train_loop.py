@@ -308,3 +308,33 @@ def test_eval_each_epoch_and_evaluate_stream():
     whole = evaluate_stream(model, task, data, batch_size=2, chunk=1000)
     assert whole["loss"] == pytest.approx(seen[-1], rel=1e-5)
     assert model.training
+
+
+def test_deterministic_mode_is_scoped_to_fit():
+    torch.manual_seed(16)
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+
+    class Task(ClassifyTask):
+        def loss(self, model, batch):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return super().loss(model, batch)
+
+    Trainer(TinyClassifier(), Task(), random_classification(8), cfg(steps=1, batch_size=8, deterministic=True), None,
+            quiet=True).fit()
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_all_masked_batch_is_not_a_nonfinite_step():
+    torch.manual_seed(17)
+
+    class Masked(ClassifyTask):
+        def loss(self, model, batch):
+            return super().loss(model, batch) * float("nan"), 0
+
+    model = TinyClassifier()
+    p0 = [p.detach().clone() for p in model.parameters()]
+    result = Trainer(model, Masked(), random_classification(8), cfg(steps=3, batch_size=4, max_nonfinite=2), None,
+                     quiet=True).fit()
+    assert result["skipped_steps"] == 3  # no update, but not counted as divergence (max_nonfinite=2)
+    assert all(torch.equal(a, b) for a, b in zip(p0, model.parameters()))

@@ -371,12 +371,21 @@ class Trainer:
             ``best_<metric>`` / ``best_step`` when an evaluation ran.
         """
         c = self.config
+        previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
         if c.deterministic:
             import os
 
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        try:
+            return self._fit()
+        finally:
+            torch.use_deterministic_algorithms(previous[0])
+            torch.backends.cudnn.benchmark = previous[1]
+
+    def _fit(self) -> dict[str, Any]:
+        c = self.config
         self._setup_run_dir()
         if self.resume and self.run_dir is not None:
             self._load_latest()
@@ -463,6 +472,9 @@ class Trainer:
     def _micro_samples(self) -> tuple[Tensor, Tensor, int]:
         d: _Samples = self.data  # type: ignore[assignment]
         batch, n = d.batch(self.epoch, self.batch_index)
+        zero = torch.zeros((), dtype=torch.float64)
+        if n == 0:  # a last batch smaller than the number of processes leaves this rank without samples
+            return zero, zero, 0
         batch = tree_map(lambda t: t.to(self.device, non_blocking=True), batch)
         with self._autocast():
             out = self.task.loss(self.model, batch)
@@ -473,6 +485,8 @@ class Trainer:
             loss, n_items = out, float(n)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError(f"task.loss: expected a scalar tensor, got {loss!r:.80}")
+        if n_items == 0:  # everything masked: nothing to learn from, and 0 * nan must not poison the step
+            return zero, zero, n
         total = loss.float() * n_items
         total.backward()
         return total.detach().double().cpu(), torch.tensor(n_items, dtype=torch.float64), n
@@ -502,7 +516,10 @@ class Trainer:
         loss = loss_sum / count if count > 0 else float("nan")
         gnorm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         lr = self.schedule.lr(self.step, self.epoch)
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        if count == 0:  # nothing counted (all items masked): no update, not a divergence
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        elif not (math.isfinite(loss) and math.isfinite(gnorm)):
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
