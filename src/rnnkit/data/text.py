@@ -26,13 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 # Bump when the Markdown conversion changes: the cached text is keyed by it.
 SHAKESPEARE_FORMAT = 1
 UNK_CHAR = "\ufffd"  # U+FFFD REPLACEMENT CHARACTER: the unknown-character symbol
 UNK, EOS = "<unk>", "<eos>"
 
 
-class TextError(ValueError):
+class TextError(UserError):
     """Bad text input (missing, empty, undecodable, too short); the message names the source."""
 
 

@@ -16,17 +16,37 @@ stack's stateful ``step()``, so each new symbol costs one step, never a re-run o
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cells import REGISTRY
+from ..data.text import (
+    CharVocab,
+    Coverage,
+    load_corpus,
+    read_text,
+    split_text,
+    vocab_from_dict,
+)
+from ..errors import UserError
 from ..layers import LAYERS, build
+from ..train.checkpoint import atomic_write_bytes, list_checkpoints
+from ..train.config import OptimConfig, TrainerConfig
 
 State = Tensor | tuple[Tensor, Tensor] | None
 LN2 = math.log(2.0)
@@ -307,5 +327,361 @@ def generate(model: RecurrentLM, prime: Sequence[int] | Tensor, length: int, *, 
         model.train(was_training)
 
 
+# ---- the char-LM task: config, training, evaluation and sampling of a run directory -------------
+@dataclass(frozen=True)
+class CharDataConfig:
+    """Corpus settings (the ``[data]`` section).
+
+    Args:
+        text: a text file or a directory of text files; None = the built-in Shakespeare.
+        val: a separate validation file; None = the last ``val_fraction`` of the text.
+        encoding: of the text files.
+        eval_chars: periodic evaluations during training score the first this many validation characters
+            (0 = all); the final evaluation always scores the whole validation text.
+        eval_batch_size: parallel streams of the evaluation.
+    """
+
+    text: str | None = None
+    val: str | None = None
+    val_fraction: float = 0.05
+    encoding: str = "utf-8"
+    eval_chars: int = 50_000
+    eval_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Samples written at each evaluation (the ``[sample]`` section); ``prime`` "" starts after a newline."""
+
+    length: int = 400
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    prime: str = ""
+
+
+DEFAULT_MINUTES = 5.0  # budget when none of steps / epochs / minutes is set
+
+
+def _default_trainer() -> TrainerConfig:
+    return TrainerConfig(batch_size=32, tbptt=100, clip_norm=5.0, eval_every=500, log_every=50,
+                         optim=OptimConfig(name="adam", lr=2e-3))
+
+
+@dataclass(frozen=True)
+class CharLMConfig:
+    """Everything a ``charlm train`` run is made of; saved as the run's ``config.toml``."""
+
+    model: LMConfig = field(default_factory=LMConfig)
+    data: CharDataConfig = field(default_factory=CharDataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    trainer: TrainerConfig = field(default_factory=_default_trainer)
+
+
+def load_task_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Config ``cls`` from its own defaults < a TOML file < dotted ``overrides`` (type-checked).
+
+    Unlike building from the TOML alone, a section given in part keeps the task's defaults for the rest
+    (e.g. the char-LM's Adam 2e-3 when only ``trainer.steps`` is set).
+    """
+    from ..train.config import _check_paths, config_from_dict, config_to_dict
+
+    data = config_to_dict(cls())
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config: file not found: {str(p)!r}")
+        try:
+            _deep_merge(data, tomllib.loads(p.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--config {str(p)!r}: not valid TOML: {e}") from None
+    for key, value in (overrides or {}).items():
+        keys = key.split(".")
+        _check_paths(cls, keys, value)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return config_from_dict(cls, data)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+
+
+VOCAB_FILE = "vocab.json"
+SAMPLES_FILE = "samples.txt"
+
+
+def _err(exc: Exception) -> UserError:
+    return exc if isinstance(exc, UserError) else UserError(str(exc))
+
+
+def build_model(vocab_size: int, cfg: LMConfig) -> RecurrentLM:
+    """:class:`RecurrentLM` with configuration errors raised as :class:`UserError`."""
+    try:
+        return RecurrentLM(vocab_size, cfg)
+    except (ValueError, TypeError) as e:
+        raise _err(e) from None
+
+
+def default_prime(vocab: Any) -> str:
+    """A newline when the vocabulary has one, else its first character."""
+    return "\n" if "\n" in vocab.stoi else vocab.itos[1]
+
+
+def encode_prime(vocab: CharVocab, prime: str) -> Tensor:
+    """Prime text as indices; characters outside the vocabulary are an error (they would mean nothing)."""
+    prime = prime or default_prime(vocab)
+    unseen = vocab.unknown(prime)
+    if unseen:
+        shown = ", ".join(repr(c) for c in unseen[:10])
+        raise UserError(f"--prime: {len(unseen)} character(s) not in the model's vocabulary: {shown} "
+                        f"(the vocabulary has {len(vocab) - 1} characters from the training text)")
+    return vocab.encode(prime)
+
+
+@dataclass
+class CharCorpus:
+    """Training and validation text of a run, encoded with the training vocabulary."""
+
+    name: str
+    vocab: CharVocab
+    train_ids: Tensor
+    val_ids: Tensor
+    coverage: Coverage
+
+
+def prepare_corpus(cfg: CharDataConfig, trainer: TrainerConfig) -> CharCorpus:
+    """Read, split and encode the corpus; check that it fills at least one batch."""
+    text, name = load_corpus(cfg.text, cfg.encoding)
+    if cfg.val is not None:
+        train_text, val_text = text, read_text(cfg.val, cfg.encoding)
+        if len(val_text) < 2:
+            raise UserError(f"--val {cfg.val}: needs at least 2 characters, got {len(val_text)}")
+    else:
+        train_text, val_text = split_text(text, cfg.val_fraction)
+    need = trainer.batch_size * 2 + 1
+    if len(train_text) < need:
+        raise UserError(f"--text {name}: the training text has {len(train_text)} characters, shorter than one "
+                        f"batch (batch_size {trainer.batch_size} streams x 2 steps + 1 = {need}); give a longer "
+                        f"text or a smaller --batch-size")
+    vocab = CharVocab.from_text(train_text)
+    return CharCorpus(name, vocab, vocab.encode(train_text), vocab.encode(val_text), vocab.coverage(val_text))
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"))
+
+
+def _check_run_vocab(run_dir: Path, vocab: CharVocab) -> None:
+    path = run_dir / VOCAB_FILE
+    if not path.is_file():
+        return
+    saved = CharVocab.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    if saved != vocab:
+        added = [c for c in vocab.itos if c not in saved.stoi]
+        lost = [c for c in saved.itos if c not in vocab.stoi]
+        raise UserError(f"--resume {str(run_dir)!r}: vocabulary mismatch: the run has {len(saved)} symbols, this "
+                        f"training text gives {len(vocab)} (new: {added[:10]!r}, missing: {lost[:10]!r}); "
+                        f"resume with the same --text")
+
+
+def train(cfg: CharLMConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+          progress: bool | None = None) -> dict[str, Any]:
+    """Train a character LM into ``run_dir``; print samples at each evaluation; return final metrics.
+
+    Nothing in an existing run directory is touched unless the inputs check out (``--resume`` with the
+    same vocabulary, or a directory without checkpoints).
+    """
+    from ..train import StreamData, Trainer, seed_everything
+    from ..train.config import replace_config
+
+    t = cfg.trainer
+    if t.steps is None and t.epochs is None and t.minutes is None:
+        cfg = replace_config(cfg, **{"trainer.minutes": DEFAULT_MINUTES})
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {str(run_dir)!r}: exists and is not a directory")
+    if list_checkpoints(run_dir / "checkpoints") and not resume:
+        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
+                        f"continue it or choose another directory")
+    corpus = prepare_corpus(cfg.data, cfg.trainer)
+    if resume:
+        _check_run_vocab(run_dir, corpus.vocab)
+    check_sampling(cfg.sample.temperature, cfg.sample.top_k, cfg.sample.top_p)
+    prime = encode_prime(corpus.vocab, cfg.sample.prime)
+    seed_everything(cfg.trainer.seed)
+    model = build_model(len(corpus.vocab), cfg.model)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"corpus {corpus.name}: {corpus.train_ids.numel():,} training / {corpus.val_ids.numel():,} validation "
+        f"characters; vocabulary {len(corpus.vocab)} symbols (with unknown); validation coverage "
+        f"{corpus.coverage.describe()}")
+    say(f"model: {cfg.model.cell} {cfg.model.num_layers}x{cfg.model.hidden_size}, {n_params:,} parameters, "
+        f"backend {model.rnn.backend_for(torch.device('cpu'))} on cpu")
+
+    val_all = corpus.val_ids
+    val_part = val_all[:cfg.data.eval_chars + 1] if cfg.data.eval_chars else val_all
+    timing = {"eval_s": 0.0}
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        total, n = stream_loss(m, val_part, cfg.data.eval_batch_size)
+        timing["eval_s"] += time.perf_counter() - t0
+        out = lm_metrics(total, n)
+        return {"loss": out["loss_nats"], "bits_per_char": out["bits_per_char"]}
+
+    samples_path = run_dir / SAMPLES_FILE
+
+    def on_eval(trainer: Any, info: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.trainer.seed * 7919 + trainer.step)
+        s = cfg.sample
+        ids = generate(trainer.model, prime, s.length, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                       generator=g, forbid=[CharVocab.unk_index])
+        text = corpus.vocab.decode(prime) + corpus.vocab.decode(ids)
+        loss = info["metrics"].get("loss", float("nan"))
+        header = f"--- sample at step {trainer.step} (validation {loss:.4f} nats/char) ---"
+        with samples_path.open("a", encoding="utf-8") as f:
+            f.write(f"{header}\n{text}\n\n")
+        say(f"{header}\n{text.strip()}\n---")
+        timing["eval_s"] += time.perf_counter() - t0
+
+    trainer = Trainer(model, LMTask(), StreamData(corpus.train_ids[:-1], corpus.train_ids[1:]), cfg.trainer,
+                      run_dir, evaluate=evaluate, callbacks={"eval": on_eval}, resume=resume, quiet=quiet,
+                      progress=progress, full_config=cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_json(run_dir / VOCAB_FILE, corpus.vocab.to_dict())
+    result = trainer.fit()
+    # the whole validation text, once, with the final weights
+    t0 = time.perf_counter()
+    total, n = stream_loss(model, val_all, cfg.data.eval_batch_size)
+    final_eval_s = time.perf_counter() - t0
+    val = lm_metrics(total, n)
+    train_s = max(1e-9, float(result["elapsed_s"]) - timing["eval_s"])
+    chars = _trained_chars(result, trainer)
+    out = {"val_loss_nats": val["loss_nats"], "val_bits_per_char": val["bits_per_char"], "val_chars": n,
+           "train_loss_nats": result.get("train_loss"), "steps": result["step"],
+           "epochs_done": result["epochs_done"], "train_chars": chars, "chars_per_s": chars / train_s,
+           "elapsed_s": result["elapsed_s"], "final_eval_s": round(final_eval_s, 3),
+           "stop_reason": result["stop_reason"], "vocab_size": len(corpus.vocab),
+           "val_coverage": corpus.coverage.fraction, "parameters": n_params, "run_dir": str(run_dir)}
+    if "best_loss" in result:
+        out["best_eval_loss_nats"] = result["best_loss"]
+        out["best_step"] = result["best_step"]
+    _atomic_json(run_dir / "final_metrics.json", out)
+    return out
+
+
+def _trained_chars(result: dict[str, Any], trainer: Any) -> int:
+    """Characters read by training so far (all epochs), from the step count and the stream layout."""
+    d = trainer.data
+    per_epoch = d.length * d.x.shape[1]
+    steps_per_epoch = trainer.steps_per_epoch
+    full, rest = divmod(int(result["step"]), steps_per_epoch)
+    k = trainer.config.tbptt * trainer.config.grad_accum * d.x.shape[1]
+    return full * per_epoch + min(rest * k, per_epoch)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its config, vocabulary, model (eval mode) and the checkpoint step it came from."""
+
+    run_dir: Path
+    config: Any
+    vocab: Any
+    model: RecurrentLM
+    step: int
+
+
+def load_run(run_dir: str | Path, config_cls: type = CharLMConfig, checkpoint: str = "latest",
+             device: str = "cpu") -> LoadedRun:
+    """Rebuild the model of a run directory from its ``config.toml``, ``vocab.json`` and a checkpoint.
+
+    ``checkpoint``: "latest" (newest good one), "best" (the best evaluation) or a step number.
+    """
+    from ..train import config_from_dict, latest_good_checkpoint, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
+    cfg_path, vocab_path = run_dir / "config.toml", run_dir / VOCAB_FILE
+    for p in (cfg_path, vocab_path):
+        if not p.is_file():
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
+                            f"directory of a finished or checkpointed training")
+    with cfg_path.open("rb") as f:
+        cfg = config_from_dict(config_cls, tomllib.load(f))
+    vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    ckdir = run_dir / "checkpoints"
+    found = None
+    if checkpoint == "latest":
+        found = latest_good_checkpoint(ckdir)
+    else:
+        steps = dict(list_checkpoints(ckdir))
+        if checkpoint == "best":
+            good = latest_good_checkpoint(ckdir)
+            best = good.meta.get("best_step") if good is not None else None
+            found = load_checkpoint(steps[best]) if best in steps else good
+        elif checkpoint.isdigit() and int(checkpoint) in steps:
+            found = load_checkpoint(steps[int(checkpoint)])
+        else:
+            raise UserError(f"--checkpoint: expected 'latest', 'best' or one of the steps {sorted(steps)}, "
+                            f"got {checkpoint!r}")
+    if found is None:
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first, or wait for its first "
+                        f"checkpoint)")
+    model = build_model(len(vocab), cfg.model)
+    sd = {k[len("model."):]: v for k, v in found.tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
+                        f"its config.toml ({str(e).splitlines()[0]})") from None
+    model.to(device).eval()
+    return LoadedRun(run_dir, cfg, vocab, model, found.step)
+
+
+def evaluate_text(run: LoadedRun, text_path: str | Path | None, encoding: str = "utf-8",
+                  batch_size: int = 16) -> dict[str, Any]:
+    """Loss of a trained model on a text (file, directory, or None = the run's own validation text)."""
+    if text_path is None:
+        corpus = prepare_corpus(run.config.data, run.config.trainer)
+        text_ids, cov, name = corpus.val_ids, corpus.coverage, f"{corpus.name} (validation split)"
+    else:
+        text, name = load_corpus(text_path, encoding)
+        if len(text) < 2:
+            raise UserError(f"--text {name}: needs at least 2 characters, got {len(text)}")
+        text_ids, cov = run.vocab.encode(text), run.vocab.coverage(text)
+    total, n = stream_loss(run.model, text_ids, batch_size)
+    m = lm_metrics(total, n)
+    return {"loss_nats": m["loss_nats"], "bits_per_char": m["bits_per_char"], "chars": n,
+            "coverage": cov.fraction, "unknown_chars": cov.unknown, "text": name, "checkpoint_step": run.step}
+
+
+def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, write: Callable[[str], None] | None = None) -> str:
+    """Generate ``length`` characters after ``prime`` and stream each to ``write`` as it is drawn."""
+    check_sampling(temperature, top_k, top_p)
+    if length < 0:
+        raise UserError(f"--length: expected >= 0, got {length}")
+    ids = encode_prime(run.vocab, prime)
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    if write is not None:
+        write(run.vocab.decode(ids))
+    on_token = (lambda i: write(run.vocab.itos[i])) if write is not None else None
+    out = generate(run.model, ids, length, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+                   forbid=[run.vocab.unk_index], on_token=on_token)
+    return run.vocab.decode(ids) + run.vocab.decode(out)
+
+
 __all__ = ["LMConfig", "RecurrentLM", "LMTask", "stream_loss", "lm_metrics", "filter_logits", "sample_next",
-           "check_sampling", "generate"]
+           "check_sampling", "generate", "CharDataConfig", "SampleConfig", "CharLMConfig", "CharCorpus",
+           "prepare_corpus", "build_model", "train", "load_run", "LoadedRun", "evaluate_text", "sample_run",
+           "encode_prime", "default_prime", "load_task_config"]

