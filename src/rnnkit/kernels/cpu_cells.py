@@ -26,7 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from ..cells.base import LN_EPS
 
@@ -35,9 +36,48 @@ _JIT = {"fastmath": True, "cache": True, "nogil": True}
 
 # ---- shared helpers -------------------------------------------------------------------------------
 
-@njit(**_JIT)
-def _sigmoid(x):
+@njit(fastmath=True, cache=True, inline="always")
+def _tanh_f32(x):
+    """tanh to float32 accuracy (|error| < 3e-7): Eigen's rational approximation, clamped at +-7.9.
+
+    Pure arithmetic, so LLVM can vectorize the loops around it (scalar libm tanh/exp cannot be).
+    """
+    x = min(max(x, -7.90531110763549805), 7.90531110763549805)
+    x2 = x * x
+    p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
+    p = x2 * p + -8.60467152213735e-11
+    p = x2 * p + 5.12229709037114e-08
+    p = x2 * p + 1.48572235717979e-05
+    p = x2 * p + 6.37261928875436e-04
+    p = x2 * p + 4.89352455891786e-03
+    q = x2 * 1.19825839466702e-06 + 1.18534705686654e-04
+    q = x2 * q + 2.26843463243900e-03
+    q = x2 * q + 4.89352518554385e-03
+    return x * p / q
+
+
+def _tanh(x, like):
+    """tanh(x) at the precision of ``like``'s dtype (compiled per dtype, see the overload)."""
+    return math.tanh(x)
+
+
+def _sigmoid(x, like):
+    """1 / (1 + exp(-x)) at the precision of ``like``'s dtype."""
     return 1.0 / (1.0 + math.exp(-x))
+
+
+@overload(_tanh, inline="always")
+def _tanh_impl(x, like):
+    if like.dtype == types.float32:
+        return lambda x, like: _tanh_f32(x)
+    return lambda x, like: math.tanh(x)
+
+
+@overload(_sigmoid, inline="always")
+def _sigmoid_impl(x, like):
+    if like.dtype == types.float32:
+        return lambda x, like: 0.5 + 0.5 * _tanh_f32(0.5 * x)
+    return lambda x, like: 1.0 / (1.0 + math.exp(-x))
 
 
 @njit(**_JIT)
@@ -122,7 +162,7 @@ def rnn_forward(xg, Rt, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep,
         for b in range(B):
             for j in range(H):
                 a = xg[t, b, j] + hg[b, j] + bhh[j]
-                hn = (a if a > 0.0 else 0.0) if relu else math.tanh(a)
+                hn = (a if a > 0.0 else 0.0) if relu else _tanh(a, out)
                 HC[t, b, j] = hn
                 if has_keep:
                     k = keep_h[t, b, j]
@@ -172,12 +212,13 @@ def lstm_forward(xg, Rt, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_
 
     CS (T+1, B, H): c states (CS[0] = c0, set by the caller); CN (T, B, H): the cell's c_t before
     keep-mixing (may alias CS[1:]); GATES (T, B, 4H): i, f, g, o after their activations (1 for a
-    dropped gate); UC/RSC: layer norm of c_t. h_t = o * phi(LN(c_t)).
+    dropped gate, 1 - i for f when coupled); UC/RSC: layer norm of c_t. h_t = o * phi(LN(c_t)).
+    Each (t, b) row is processed in short unit-stride passes so that LLVM vectorizes them.
     """
     T, B, H = out.shape
     G4 = 4 * H
     hg = np.empty((B, G4), out.dtype)
-    row = np.empty(H, out.dtype)
+    cc = np.empty(H, out.dtype)
     for t in range(T):
         src = _rec_input(t, h0, out, hmask, has_hmask, HIN)
         np.dot(src, Rt, hg)
@@ -185,56 +226,68 @@ def lstm_forward(xg, Rt, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_
             _ln_rows(hg, G4, ln_g, 0, UH[t], RSH[t], 0)
         hprev = h0 if t == 0 else out[t - 1]
         for b in range(B):
+            z = GATES[t, b]
+            x = xg[t, b]
+            r = hg[b]
+            cp = CS[t, b]
+            cn = CN[t, b]
+            hn = out[t, b]
+            for k in range(G4):
+                z[k] = x[k] + r[k] + bhh[k]
+            if peephole:
+                for j in range(H):
+                    z[j] += peep[j] * cp[j]
+                    z[H + j] += peep[H + j] * cp[j]
+            for k in range(2 * H):
+                z[k] = _sigmoid(z[k], out)
+            for k in range(2 * H, 3 * H):
+                z[k] = _tanh(z[k], out)
+            if not use_i:
+                z[:H] = 1.0
+            if coupled:
+                for j in range(H):
+                    z[H + j] = 1.0 - z[j]
+            elif not use_f:
+                z[H:2 * H] = 1.0
             for j in range(H):
-                cp = CS[t, b, j]
-                ai = xg[t, b, j] + hg[b, j] + bhh[j]
-                af = xg[t, b, H + j] + hg[b, H + j] + bhh[H + j]
-                ag = xg[t, b, 2 * H + j] + hg[b, 2 * H + j] + bhh[2 * H + j]
-                if peephole:
-                    ai += peep[j] * cp
-                    af += peep[H + j] * cp
-                i = _sigmoid(ai) if use_i else 1.0
-                if coupled:
-                    f = 1.0 - i
-                else:
-                    f = _sigmoid(af) if use_f else 1.0
-                g = math.tanh(ag)
-                cn = f * cp + i * g
-                GATES[t, b, j] = i
-                GATES[t, b, H + j] = f
-                GATES[t, b, 2 * H + j] = g
-                CN[t, b, j] = cn
-                row[j] = cn
+                cn[j] = z[H + j] * cp[j] + z[j] * z[2 * H + j]
+            if peephole:
+                for j in range(H):
+                    z[3 * H + j] += peep[2 * H + j] * cn[j]
+            if use_o:
+                for j in range(H):
+                    z[3 * H + j] = _sigmoid(z[3 * H + j], out)
+            else:
+                z[3 * H:] = 1.0
             if layer_norm:
                 mu = 0.0
                 for j in range(H):
-                    mu += row[j]
+                    mu += cn[j]
                 mu /= H
                 var = 0.0
                 for j in range(H):
-                    var += (row[j] - mu) * (row[j] - mu)
-                r = 1.0 / math.sqrt(var / H + LN_EPS)
-                RSC[t, b, 0] = r
+                    var += (cn[j] - mu) * (cn[j] - mu)
+                rs = 1.0 / math.sqrt(var / H + LN_EPS)
+                RSC[t, b, 0] = rs
+                uc = UC[t, b]
                 for j in range(H):
-                    u = (row[j] - mu) * r
-                    UC[t, b, j] = u
-                    row[j] = u * ln_cg[j] + ln_cb[j]
-            for j in range(H):
-                cn = CN[t, b, j]
-                ao = xg[t, b, 3 * H + j] + hg[b, 3 * H + j] + bhh[3 * H + j]
-                if peephole:
-                    ao += peep[2 * H + j] * cn
-                o = _sigmoid(ao) if use_o else 1.0
-                GATES[t, b, 3 * H + j] = o
-                a = math.tanh(row[j]) if act_out else row[j]
-                hn = o * a
-                if has_keep:
+                    uc[j] = (cn[j] - mu) * rs
+                    cc[j] = uc[j] * ln_cg[j] + ln_cb[j]
+            else:
+                cc[:] = cn
+            if act_out:
+                for j in range(H):
+                    hn[j] = z[3 * H + j] * _tanh(cc[j], out)
+            else:
+                for j in range(H):
+                    hn[j] = z[3 * H + j] * cc[j]
+            if has_keep:  # otherwise CN aliases CS[1:] and c_t is already in place
+                cs = CS[t + 1, b]
+                for j in range(H):
                     kh = keep_h[t, b, j]
-                    hn = kh * hprev[b, j] + (1.0 - kh) * hn
+                    hn[j] = kh * hprev[b, j] + (1.0 - kh) * hn[j]
                     kc = keep_c[t, b, j]
-                    cn = kc * CS[t, b, j] + (1.0 - kc) * cn
-                out[t, b, j] = hn
-                CS[t + 1, b, j] = cn
+                    cs[j] = kc * cp[j] + (1.0 - kc) * cn[j]
 
 
 @njit(**_JIT)
@@ -249,92 +302,110 @@ def lstm_backward(R, use_i, use_f, use_o, coupled, peephole, peep, act_out, laye
     carry = np.zeros((B, H), CN.dtype)
     carry_c = np.zeros((B, H), CN.dtype)
     tmp = np.empty((B, H), CN.dtype)
+    a = np.empty(H, CN.dtype)
     dy = np.empty(H, CN.dtype)
+    dct = np.empty(H, CN.dtype)
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            # pass 1: gradient reaching phi's argument (dy), and the layer norm of c_t if any
-            for j in range(H):
-                d = dh[b, j]
-                if has_dout:
-                    d += dout[t, b, j]
-                if has_keep:
-                    ch = keep_h[t, b, j] * d
+            d = dh[b]
+            dcb = dc[b]
+            z = GATES[t, b]
+            dz = DG[t, b]
+            cp = CS[t, b]
+            cn = CN[t, b]
+            if has_dout:
+                do = dout[t, b]
+                for j in range(H):
+                    d[j] += do[j]
+            if has_keep:
+                for j in range(H):
+                    ch = keep_h[t, b, j] * d[j]
                     carry[b, j] = ch
-                    d -= ch
-                    cc_ = keep_c[t, b, j] * dc[b, j]
+                    d[j] -= ch
+                    cc_ = keep_c[t, b, j] * dcb[j]
                     carry_c[b, j] = cc_
-                    dc[b, j] -= cc_
-                dh[b, j] = d  # d h_t of the cell (carried part removed)
-                o = GATES[t, b, 3 * H + j]
-                if layer_norm:
-                    cc = UC[t, b, j] * ln_cg[j] + ln_cb[j]
-                else:
-                    cc = CN[t, b, j]
-                da = d * o
-                if act_out:
-                    a = math.tanh(cc)
-                    da *= 1.0 - a * a
-                dy[j] = da
+                    dcb[j] -= cc_
+            # a = phi(LN(c_t)), recomputed; dy = d(h)/d(phi argument)
             if layer_norm:
-                r = RSC[t, b, 0]
+                uc = UC[t, b]
+                for j in range(H):
+                    a[j] = uc[j] * ln_cg[j] + ln_cb[j]
+            else:
+                a[:] = cn
+            if act_out:
+                for j in range(H):
+                    a[j] = _tanh(a[j], CN)
+                    dy[j] = d[j] * z[3 * H + j] * (1.0 - a[j] * a[j])
+            else:
+                for j in range(H):
+                    dy[j] = d[j] * z[3 * H + j]
+            if layer_norm:
+                uc = UC[t, b]
+                rs = RSC[t, b, 0]
                 mg = 0.0
                 mgu = 0.0
                 for j in range(H):
-                    u = UC[t, b, j]
                     dln_cb[j] += dy[j]
-                    dln_cg[j] += dy[j] * u
+                    dln_cg[j] += dy[j] * uc[j]
                     g = dy[j] * ln_cg[j]
                     mg += g
-                    mgu += g * u
+                    mgu += g * uc[j]
                 mg /= H
                 mgu /= H
                 for j in range(H):
-                    dy[j] = r * (dy[j] * ln_cg[j] - mg - UC[t, b, j] * mgu)
-            # pass 2: the gates
+                    dy[j] = rs * (dy[j] * ln_cg[j] - mg - uc[j] * mgu)
+            # output gate, then c_t = f * c_{t-1} + i * g
+            if use_o:
+                for j in range(H):
+                    o = z[3 * H + j]
+                    dz[3 * H + j] = d[j] * a[j] * o * (1.0 - o)
+            else:
+                dz[3 * H:] = 0.0
             for j in range(H):
-                d = dh[b, j]
-                cp = CS[t, b, j]
-                cn = CN[t, b, j]
-                i = GATES[t, b, j]
-                f = GATES[t, b, H + j]
-                g = GATES[t, b, 2 * H + j]
-                o = GATES[t, b, 3 * H + j]
-                if layer_norm:
-                    cc = UC[t, b, j] * ln_cg[j] + ln_cb[j]
-                else:
-                    cc = cn
-                a = math.tanh(cc) if act_out else cc
-                dct = dc[b, j] + dy[j]
-                dao = 0.0
-                if use_o:
-                    dao = d * a * o * (1.0 - o)
-                    if peephole:
-                        dct += dao * peep[2 * H + j]
-                        dpeep[2 * H + j] += dao * cn
-                dag = dct * i * (1.0 - g * g)
-                dcp = dct * f
-                di = dct * g
-                daf = 0.0
+                dct[j] = dcb[j] + dy[j]
+            if peephole:
+                for j in range(H):
+                    dct[j] += dz[3 * H + j] * peep[2 * H + j]
+                    dpeep[2 * H + j] += dz[3 * H + j] * cn[j]
+            for j in range(H):
+                i = z[j]
+                g = z[2 * H + j]
+                dz[2 * H + j] = dct[j] * i * (1.0 - g * g)
+                dcb[j] = dct[j] * z[H + j]
+            if use_i:
                 if coupled:
-                    di -= dct * cp
-                elif use_f:
-                    daf = dct * cp * f * (1.0 - f)
-                dai = di * i * (1.0 - i) if use_i else 0.0
-                if peephole:
-                    dpeep[j] += dai * cp
-                    dpeep[H + j] += daf * cp
-                    dcp += dai * peep[j] + daf * peep[H + j]
-                DG[t, b, j] = dai
-                DG[t, b, H + j] = daf
-                DG[t, b, 2 * H + j] = dag
-                DG[t, b, 3 * H + j] = dao
-                dc[b, j] = dcp + carry_c[b, j] if has_keep else dcp
+                    for j in range(H):
+                        i = z[j]
+                        dz[j] = dct[j] * (z[2 * H + j] - cp[j]) * i * (1.0 - i)
+                else:
+                    for j in range(H):
+                        i = z[j]
+                        dz[j] = dct[j] * z[2 * H + j] * i * (1.0 - i)
+            else:
+                dz[:H] = 0.0
+            if use_f:
+                for j in range(H):
+                    f = z[H + j]
+                    dz[H + j] = dct[j] * cp[j] * f * (1.0 - f)
+            else:
+                dz[H:2 * H] = 0.0
+            if peephole:
+                for j in range(H):
+                    dpeep[j] += dz[j] * cp[j]
+                    dpeep[H + j] += dz[H + j] * cp[j]
+                    dcb[j] += dz[j] * peep[j] + dz[H + j] * peep[H + j]
+            if has_keep:
+                for j in range(H):
+                    dcb[j] += carry_c[b, j]
         if layer_norm:
             _ln_rows_backward(DG[t], 4 * H, ln_g, 0, UH[t], RSH[t], 0, DRAW[t], dln_g)
         _rec_grad(DRAW[t], R, tmp, hmask, has_hmask)
-        for b in range(B):
-            for j in range(H):
-                dh[b, j] = tmp[b, j] + carry[b, j] if has_keep else tmp[b, j]
+        if has_keep:
+            for b in range(B):
+                for j in range(H):
+                    dh[b, j] = tmp[b, j] + carry[b, j]
+        else:
+            dh[:, :] = tmp
     dh0[:, :] = dh
     dc0[:, :] = dc
 
@@ -358,10 +429,10 @@ def gru_forward(xg, Rt, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_
         hprev = h0 if t == 0 else out[t - 1]
         for b in range(B):
             for j in range(H):
-                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j])
-                z = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j])
+                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j], out)
+                z = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j], out)
                 hn = hg[b, 2 * H + j] + bhh[2 * H + j]
-                n = math.tanh(xg[t, b, 2 * H + j] + r * hn)
+                n = _tanh(xg[t, b, 2 * H + j] + r * hn, out)
                 hp = hprev[b, j]
                 h = n + z * (hp - n)
                 GATES[t, b, j] = r
@@ -440,9 +511,9 @@ def gru_cho_forward(xg, Rt0, Rt1, bhh, layer_norm, ln_g, has_hmask, hmask, has_k
         q = Q[t]
         for b in range(B):
             for j in range(H):
-                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j])
+                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j], out)
                 GATES[t, b, j] = r
-                GATES[t, b, H + j] = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j])
+                GATES[t, b, H + j] = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j], out)
                 q[b, j] = r * hprev[b, j] * hmask[b, j] if has_hmask else r * hprev[b, j]
         np.dot(q, Rt1, hq)
         if layer_norm:
@@ -450,7 +521,7 @@ def gru_cho_forward(xg, Rt0, Rt1, bhh, layer_norm, ln_g, has_hmask, hmask, has_k
         for b in range(B):
             for j in range(H):
                 z = GATES[t, b, H + j]
-                n = math.tanh(xg[t, b, 2 * H + j] + hq[b, j] + bhh[2 * H + j])
+                n = _tanh(xg[t, b, 2 * H + j] + hq[b, j] + bhh[2 * H + j], out)
                 GATES[t, b, 2 * H + j] = n
                 hp = hprev[b, j]
                 h = n + z * (hp - n)
