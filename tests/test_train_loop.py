@@ -338,3 +338,30 @@ def test_all_masked_batch_is_not_a_nonfinite_step():
                      quiet=True).fit()
     assert result["skipped_steps"] == 3  # no update, but not counted as divergence (max_nonfinite=2)
     assert all(torch.equal(a, b) for a, b in zip(p0, model.parameters()))
+
+
+def test_plain_progress_lines_and_quiet(capfd):
+    torch.manual_seed(18)
+    kw = {"steps": 4, "batch_size": 4, "log_every": 2}
+    Trainer(TinyClassifier(), ClassifyTask(), random_classification(16), cfg(**kw), None, progress=False).fit()
+    out, err = capfd.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 2
+    assert lines[0].startswith("step 2/4 | epoch 1 | loss ") and "samples/s" in lines[0] and "ETA" in lines[0]
+    Trainer(TinyClassifier(), ClassifyTask(), random_classification(16), cfg(**kw), None, quiet=True).fit()
+    assert capfd.readouterr() == ("", "")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_training_and_exact_resume(tmp_path):
+    from rnnkit.train.toy import run
+
+    kw = {"device": "cuda", "precision": "bf16", "batch_size": 4, "tbptt": 8, "tbptt_backward": 12,
+          "tensorboard": False, "deterministic": True}
+    ref = run(str(tmp_path / "ref"), steps=8, **kw)
+    run(str(tmp_path / "cut"), steps=4, checkpoint_every=2, **kw)
+    resumed = run(str(tmp_path / "cut"), steps=8, resume=True, checkpoint_every=2, **kw)
+    assert all(v.is_cuda for v in ref["params"].values())
+    for k, v in ref["params"].items():
+        assert torch.equal(v, resumed["params"][k]), k
