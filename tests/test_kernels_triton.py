@@ -66,11 +66,11 @@ def _run(layer, x, state, lengths, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _compare(name: str, device, *, T: int, B: int, I: int, H: int, bidirectional: bool, lengths, given_state: bool,
-             training: bool = True, dtype=torch.float32) -> None:
+             training: bool = True, dtype=torch.float32, backend: str = "triton") -> None:
     torch.manual_seed(0)
     spec = REGISTRY[name]
     ref = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="reference").to(device)
-    tri = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="triton").to(device, dtype)
+    tri = rnnkit.build(name, I, H, bidirectional=bidirectional, backend=backend).to(device, dtype)
     with torch.no_grad():  # the same (for bf16: bf16-rounded) numbers in both
         for p in ref.parameters():
             p.copy_(p.to(dtype).float())
@@ -84,7 +84,7 @@ def _compare(name: str, device, *, T: int, B: int, I: int, H: int, bidirectional
     state = tuple(make(D, B, H).to(dtype).float().to(device) for _ in range(n_state))
     want = _run(ref, x, state, lengths, seed=11)
     got = _run(tri, x.to(dtype), tuple(s.to(dtype) for s in state), lengths, seed=11)
-    assert tri.backend_for(torch.device(device)) == "triton"
+    assert tri.backend_for(torch.device(device)) == backend
     assert want.keys() == got.keys()
     for key in want:
         a, b = got[key], want[key]
@@ -137,6 +137,47 @@ def test_registry_cell_larger_grid(name, device):
     _compare(name, device, T=1, B=1, I=1, H=1, bidirectional=False, lengths=None, given_state=False)
     _compare(name, device, T=4, B=2, I=2, H=3, bidirectional=False, lengths=None, given_state=False,
              training=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["rnn_relu", "lstm_zoneout", "lstm_peephole_ln", "gru_cho_ln", "gru_rdrop"])
+def test_persistent_forward_then_per_step_backward(name, device):
+    """backend='triton_persistent': the whole forward in one launch, then the per-step backward."""
+    _compare(name, device, T=3, B=2, I=2, H=3, bidirectional=True, lengths=[3, 2], given_state=True,
+             backend="triton_persistent")
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_persistent_registry(name, device):
+    _compare(name, device, T=5, B=17, I=3, H=33, bidirectional=True, lengths=list(range(1, 6)) * 3 + [5, 5],
+             given_state=True, backend="triton_persistent")
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "triton_persistent"])
+def test_inference_without_grad(backend, device):
+    """Under no_grad nothing is saved for backward (the persistent kernel skips those writes)."""
+    torch.manual_seed(3)
+    ref = rnnkit.build("lstm_ln", 3, 5, backend="reference").to(device).eval()
+    ours = rnnkit.build("lstm_ln", 3, 5, backend=backend).to(device).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2, 3, device=device)
+    with torch.no_grad():
+        (y0, (h0, c0)), (y1, (h1, c1)) = ref(x, lengths=[4, 2]), ours(x, lengths=[4, 2])
+    for a, b in ((y1, y0), (h1, h0), (c1, c0)):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)
+
+
+@needs_triton
+def test_persistent_size_limit_is_explained():
+    cuda = torch.device("cuda")
+    assert kernels.resolve("triton_persistent", make_cell("lstm", 64), LayerConfig(), cuda) == "triton_persistent"
+    assert kernels.resolve("triton_persistent", make_cell("rnn", 128), LayerConfig(), cuda) == "triton_persistent"
+    with pytest.raises(ValueError, match=r"hidden_size <= 64 for this cell \(got 65\)"):
+        kernels.resolve("triton_persistent", make_cell("gru", 65), LayerConfig(), cuda)
+    assert "triton_persistent" not in kernels.AUTO_ORDER["cuda"]
 
 
 @needs_triton

@@ -94,8 +94,14 @@ def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_ma
         masks = LayerMasks(torch.rand(B, H, dtype=dt), keep, torch.ones(T, B, 1, dtype=dt))
     x = torch.randn(T, B, I, dtype=dt)
     state0 = tuple(torch.zeros(B, H, dtype=dt, requires_grad=True) for _ in range(cell.state_size))
-    out, state = tb.run(cell, x, state0, w, masks)
-    (out.float().sum() + sum(s.float().sum() for s in state)).backward()
+    runners = [tb.run]
+    if tb.unsupported_persistent(cell, tb.LayerConfig(), torch.device("cuda")) is None:
+        runners.append(tb.run_persistent)
+    for run in runners:
+        out, state = run(cell, x, state0, w, masks)
+        (out.float().sum() + sum(s.float().sum() for s in state)).backward()
+        with torch.no_grad():  # inference specializations (nothing saved for backward)
+            run(cell, x, state0, w, masks)
 
 
 def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:

@@ -320,15 +320,78 @@ class _Run:
         return dmm, dR, db
 
 
+# Persistent variant: the G recurrent weight tiles of one program must fit on chip (registers / shared
+# memory): G * BLOCK_H^2 <= MAX_R_ELEMS with BLOCK_H = next power of two >= H (and >= 16, tl.dot's minimum),
+# i.e. H <= 64 for LSTM and GRU, H <= 128 for the Elman RNN.
+MAX_R_ELEMS = 16384
+PERSISTENT_BLOCK_B = 16
+
+
+def _persistent_block_h(H: int) -> int:
+    return max(16, _pow2(H))
+
+
+class _PersistentRun(_Run):
+    """Forward in ONE launch (the time loop inside the kernel, R on chip); backward as :class:`_Run`."""
+
+    def forward(self, state0: State) -> tuple[Tensor, State]:
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        cell, e, p = self.cell, self.extras, self.p
+        f32 = torch.float32
+        cho = cell.family == "gru" and not cell.reset_after
+        G = cell.gates
+        self.S = [torch.empty(T + 1, B, H, dtype=f32, device=dev) for _ in state0]
+        for s, s0 in zip(self.S, state0):
+            s[0].copy_(s0)
+        y = torch.empty(T, B, H, dtype=dt, device=dev)
+        save = self.save
+        self.Hin = torch.empty(T + 1 if save else 1, B, H, dtype=dt, device=dev)
+        self.Hin[0].copy_(self.masked(state0[0]))
+        s_hg = (2 if cho else G) * H
+        self.hg = torch.empty(T if save else 1, B, s_hg, dtype=dt, device=dev)
+        if cho:
+            self.Q = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
+            self.hn = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
+        keep = [None, None] if self.keep is None else list(self.keep) + [None]
+        kargs = []
+        for k in keep[:2]:
+            if k is None:
+                kargs += [self.dummy, 0, 0, 0]
+            else:
+                ke = k.expand(k.shape[0], B, H)
+                kargs += [ke, ke.stride(0) if k.shape[0] > 1 else 0, ke.stride(1), ke.stride(2)]
+        fam = {"rnn": 0, "lstm": 1, "gru": 3 if cho else 2}[cell.family]
+        lstm = cell.family == "lstm"
+        flags = {"USE_I": lstm and cell.use_i, "USE_F": lstm and cell.use_f, "USE_O": lstm and cell.use_o,
+                 "COUPLED": lstm and cell.coupled, "PEEP": lstm and cell.peephole,
+                 "ACT": lstm and cell.output_activation, "RELU": cell.family == "rnn" and cell.nonlinearity == "relu",
+                 "LN": self.ln, "LN_BIAS": self.ln_bias, "REC_BIAS": cell.rec_bias}
+        bh = _persistent_block_h(H)
+        rb = self.b_hh if cell.rec_bias else None
+        self.K.persistent_fwd[(triton_cdiv(B, PERSISTENT_BLOCK_B),)](
+            self.xg, self.R.contiguous(), p(rb), self.S[0], self.S[-1], y, self.Hin, self.hg,
+            p(getattr(self, "Q", None)), p(getattr(self, "hn", None)), p(self.hmask), kargs[0], kargs[4],
+            p(None if self.omask is None else self.omask), p(e.get("weight_ch")), p(e.get("ln_weight_hh")),
+            p(self.b_hh), p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), T, B, H, s_hg, *kargs[1:4], *kargs[5:8],
+            FAMILY=fam, G=G, **flags, **self.flags(), SAVE=save, BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh,
+            num_warps=4 if G * bh * bh <= 4096 else 8)
+        return y, tuple(s[T] for s in self.S)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 class _TritonRecurrence(torch.autograd.Function):
     """The recurrence of one layer/direction given input pre-activations ``xg`` (T, B, G*H)."""
 
     @staticmethod
-    def forward(ctx, cell: Cell, names: tuple[str, ...], masks: LayerMasks, xg: Tensor, R: Tensor,
+    def forward(ctx, run_cls: type, cell: Cell, names: tuple[str, ...], masks: LayerMasks, xg: Tensor, R: Tensor,
                 b_hh: Tensor | None, *rest: Tensor):
         n_state = cell.state_size
         extras = {n: v.contiguous() for n, v in zip(names, rest[n_state:]) if v is not None}
-        run = _Run(cell, masks, xg.contiguous(), R, b_hh, extras)
+        run = run_cls(cell, masks, xg.contiguous(), R, b_hh, extras)
+        run.save = any(ctx.needs_input_grad)
         y, final = run.forward(rest[:n_state])
         ctx.run, ctx.names, ctx.n_state = run, names, n_state
         return (y, *(s.to(xg.dtype, copy=True) for s in final))
@@ -339,17 +402,40 @@ class _TritonRecurrence(torch.autograd.Function):
         run = ctx.run
         ctx.run = None  # free the activations once used
         dxg, dR, db, dstate0, grads = run.backward(dout, dfinal)
-        return (None, None, None, dxg, dR, db, *dstate0, *(grads.get(n) for n in ctx.names))
+        return (None, None, None, None, dxg, dR, db, *dstate0, *(grads.get(n) for n in ctx.names))
 
 
-def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
-    """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
+def _apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks):
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(cell.extra_shapes())
-    out, *state = _TritonRecurrence.apply(cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
+    out, *state = _TritonRecurrence.apply(run_cls, cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
                                           *(w[n] for n in names))
     return out, tuple(state)
 
 
+def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
+    """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
+    return _apply(_Run, cell, x, state0, w, masks)
+
+
+def run_persistent(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
+    """As :func:`run`, with the forward time loop in one persistent kernel (small H only)."""
+    return _apply(_PersistentRun, cell, x, state0, w, masks)
+
+
+def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+    reason = unsupported(cell, cfg, device)
+    if reason is not None:
+        return reason
+    bh = _persistent_block_h(cell.hidden_size)
+    if cell.gates * bh * bh > MAX_R_ELEMS:
+        limit = max(h for h in (16, 32, 64, 128, 256) if cell.gates * h * h <= MAX_R_ELEMS)
+        return (f"the persistent kernel keeps R on chip, which needs hidden_size <= {limit} for this cell "
+                f"(got {cell.hidden_size}); use backend='triton'")
+    return None
+
+
 register(Backend("triton", "fused Triton kernels per step (CUDA)", unsupported, run),
          auto_before={"cuda": "bptt"})
+register(Backend("triton_persistent", "Triton, forward in one persistent kernel, R on chip (CUDA, small H)",
+                 unsupported_persistent, run_persistent))

@@ -188,15 +188,23 @@ def _finish_fwd(h_cell, h_prev, c_cell, c_prev, h1, c1, y, hin, hmask, keep_h, k
 def _lstm_math(xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
                USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
                PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    """LSTMCell.forward: gates (i, f, g, o), c_new, a = phi(LN(c_new)), h = o * a (unused gates = 1)."""
-    xi = _ld(xg, rows, cols, 0, H, s_xg, m)
-    xf = _ld(xg, rows, cols, 1, H, s_xg, m)
-    xc = _ld(xg, rows, cols, 2, H, s_xg, m)
-    xo = _ld(xg, rows, cols, 3, H, s_xg, m)
-    hi = _ld(hg, rows, cols, 0, H, s_hg, m)
-    hf = _ld(hg, rows, cols, 1, H, s_hg, m)
-    hc = _ld(hg, rows, cols, 2, H, s_hg, m)
-    ho = _ld(hg, rows, cols, 3, H, s_hg, m)
+    """:func:`_lstm_cell` on the gate tiles of ``xg`` and ``hg`` loaded from memory."""
+    return _lstm_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+                      _ld(xg, rows, cols, 2, H, s_xg, m), _ld(xg, rows, cols, 3, H, s_xg, m),
+                      _ld(hg, rows, cols, 0, H, s_hg, m), _ld(hg, rows, cols, 1, H, s_hg, m),
+                      _ld(hg, rows, cols, 2, H, s_hg, m), _ld(hg, rows, cols, 3, H, s_hg, m),
+                      c, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN,
+                      LN_BIAS)
+
+
+@triton.jit
+def _lstm_cell(xi, xf, xc, xo, hi, hf, hc, ho, c, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b,
+               USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+               PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """LSTMCell.forward: gates (i, f, g, o), c_new, a = phi(LN(c_new)), h = o * a (unused gates = 1).
+
+    ``x*`` are the input pre-activation tiles, ``h*`` the raw recurrent projection tiles.
+    """
     ui = hi
     uf = hf
     uc_ = hc
@@ -367,12 +375,15 @@ def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, 
 # ---- GRU, reset after the matmul (torch.nn.GRU form), optionally layer-normalised ----------------------
 @triton.jit
 def _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    xr = _ld(xg, rows, cols, 0, H, s_xg, m)
-    xz = _ld(xg, rows, cols, 1, H, s_xg, m)
-    xn = _ld(xg, rows, cols, 2, H, s_xg, m)
-    hr = _ld(hg, rows, cols, 0, H, s_hg, m)
-    hz = _ld(hg, rows, cols, 1, H, s_hg, m)
-    hn = _ld(hg, rows, cols, 2, H, s_hg, m)
+    return _gru_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+                     _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg, rows, cols, 0, H, s_hg, m),
+                     _ld(hg, rows, cols, 1, H, s_hg, m), _ld(hg, rows, cols, 2, H, s_hg, m),
+                     cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+
+
+@triton.jit
+def _gru_cell(xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """GRUCell.forward (reset_after): r, z, n and the normalised n projection ``hn``."""
     ur = hr
     uz = hz
     un = hn
@@ -458,10 +469,13 @@ def gru_bwd(xg, hg, h0, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, 
 @triton.jit
 def _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     """r, z from the (r, z) rows; hg0 is (B, 2H), normalised on its own (gains ln_weight_hh[:2H])."""
-    xr = _ld(xg, rows, cols, 0, H, s_xg, m)
-    xz = _ld(xg, rows, cols, 1, H, s_xg, m)
-    hr = _ld(hg0, rows, cols, 0, H, 2 * H, m)
-    hz = _ld(hg0, rows, cols, 1, H, 2 * H, m)
+    return _cho_gates_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+                           _ld(hg0, rows, cols, 0, H, 2 * H, m), _ld(hg0, rows, cols, 1, H, 2 * H, m),
+                           cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+
+
+@triton.jit
+def _cho_gates_cell(xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     ur = hr
     uz = hz
     rstd = tl.sum(hr, 1) * 0.0
@@ -480,8 +494,12 @@ def _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, L
 @triton.jit
 def _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     """n = tanh(x_n + LN(R_n (r * h * hmask)) + b_hn); hn_raw is (B, H) (b_hn added already if no LN)."""
-    xn = _ld(xg, rows, cols, 2, H, s_xg, m)
-    hn = _ld(hn_raw, rows, cols, 0, H, H, m)
+    return _cho_n_cell(_ld(xg, rows, cols, 2, H, s_xg, m), _ld(hn_raw, rows, cols, 0, H, H, m), cols, m, H,
+                       lnh_w, b_hh, LN, LN_BIAS)
+
+
+@triton.jit
+def _cho_n_cell(xn, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     un = hn
     rstd = tl.sum(hn, 1) * 0.0
     if LN:
@@ -591,8 +609,13 @@ def cho_bwd_a(xg, hg0, h0, dq, dh_acc, dz, hmask, dxg, D0, acc_lnh, acc_bhh, lnh
 @triton.jit
 def _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr,
               LN_BIAS: tl.constexpr):
-    x = _ld(xg, rows, cols, 0, H, H, m)
-    hh = _ld(hg, rows, cols, 0, H, H, m)
+    return _rnn_cell(_ld(xg, rows, cols, 0, H, H, m), _ld(hg, rows, cols, 0, H, H, m), cols, m, H, lnh_w, b_hh,
+                     RELU, LN, LN_BIAS)
+
+
+@triton.jit
+def _rnn_cell(x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """ElmanCell.forward: h = phi(x + LN(hh)); also the LN's u_hat and 1/std."""
     u = hh
     rstd = tl.sum(hh, 1) * 0.0
     if LN:
@@ -648,3 +671,131 @@ def rnn_bwd(xg, hg, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_
         mg, mgu = _ln_bwd_means(g, g, g, g, u, u, u, u, H, 1)
         _st(D, _ln_du(g, u, rstd, mg, mgu, m), rows, cols, 0, H, H, m)
     _st(dh_acc, carry, rows, cols, 0, H, H, m)
+
+
+# ---- persistent forward: the whole time loop in one launch, R kept on chip -------------------------------
+@triton.jit
+def _rT(R, k, H, kk, cols):
+    """Gate ``k`` of R transposed, as a (BLOCK_H, BLOCK_H) tile: ``[j, n] = R[k*H + n, j]`` (0 padded)."""
+    msk = (kk < H)[:, None] & (cols < H)[None, :]
+    return tl.load(R + (k * H + cols[None, :]) * H + kk[:, None], mask=msk, other=0.0)
+
+
+@triton.jit
+def _mm(h, rT, b):
+    """(BLOCK_B, BLOCK_H) @ (BLOCK_H, BLOCK_H) + bias row, float32 accumulation (no TF32)."""
+    return tl.dot(h, rT, input_precision="ieee") + b
+
+
+@triton.jit
+def persistent_fwd(xg, R, b_rec, S_h, S_c, y, Hin, hg_out, Q, hn_out, hmask, keep_h, keep_c, omask,
+                   wch, lnh_w, b_hh, lnc_w, lnc_b, T, B, H, s_hg, kh_t, kh_b, kh_h, kc_t, kc_b, kc_h,
+                   FAMILY: tl.constexpr, G: tl.constexpr, USE_I: tl.constexpr, USE_F: tl.constexpr,
+                   USE_O: tl.constexpr, COUPLED: tl.constexpr, PEEP: tl.constexpr, ACT: tl.constexpr,
+                   RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, REC_BIAS: tl.constexpr,
+                   HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, SAVE: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """All T steps of one layer/direction for a block of BLOCK_B sequences (FAMILY 0 rnn, 1 lstm, 2 gru,
+    3 Cho gru). The G recurrent weight tiles (BLOCK_H x BLOCK_H each) are loaded once and stay in
+    registers / shared memory; h and c stay in registers. Per step: G ``tl.dot`` (two phases for the Cho
+    GRU) and the same pointwise math as the per-step kernels. With SAVE it also writes what the per-step
+    backward kernels read: raw projections ``hg_out`` (and ``Q``, ``hn_out`` for Cho), states, ``Hin``.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    kk = tl.arange(0, BLOCK_H)
+    m = (rows < B)[:, None] & (cols < H)[None, :]
+    GH = G * H
+    r0 = _rT(R, 0, H, kk, cols)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if G > 1:
+        r1 = _rT(R, 1, H, kk, cols)
+    if G > 2:
+        r2 = _rT(R, 2, H, kk, cols)
+    if G > 3:
+        r3 = _rT(R, 3, H, kk, cols)
+    zero_row = tl.zeros([1, BLOCK_H], dtype=tl.float32)
+    b0 = zero_row
+    b1 = zero_row
+    b2 = zero_row
+    b3 = zero_row
+    if REC_BIAS:
+        b0 = _vec(b_rec, cols, 0, H)
+        if G > 1:
+            b1 = _vec(b_rec, cols, 1, H)
+        if G > 2:
+            b2 = _vec(b_rec, cols, 2, H)
+        if G > 3:
+            b3 = _vec(b_rec, cols, 3, H)
+    h = _ld(S_h, rows, cols, 0, H, H, m)
+    c = h
+    if FAMILY == 1:
+        c = _ld(S_c, rows, cols, 0, H, H, m)
+    hm = h * 0.0 + 1.0
+    if HAS_HMASK:
+        hm = _ld(hmask, rows, cols, 0, H, H, m)
+    for t in range(T):
+        xt = xg + t * B * GH
+        hin = (h * hm).to(R.dtype.element_ty)
+        a0 = _mm(hin, r0, b0)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        if G > 1:
+            a1 = _mm(hin, r1, b1)
+        if G > 2 and FAMILY != 3:
+            a2 = _mm(hin, r2, b2)
+        if G > 3:
+            a3 = _mm(hin, r3, b3)
+        c_cell = c
+        if FAMILY == 1:
+            i, f, g, o, c_cell, a, h_cell, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_cell(
+                _ld(xt, rows, cols, 0, H, GH, m), _ld(xt, rows, cols, 1, H, GH, m),
+                _ld(xt, rows, cols, 2, H, GH, m), _ld(xt, rows, cols, 3, H, GH, m), a0, a1, a2, a3, c,
+                cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
+        elif FAMILY == 2:
+            r, z, n, hn, ur, uz, un, rstd = _gru_cell(
+                _ld(xt, rows, cols, 0, H, GH, m), _ld(xt, rows, cols, 1, H, GH, m),
+                _ld(xt, rows, cols, 2, H, GH, m), a0, a1, a2, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+            h_cell = n + z * (h - n)
+        elif FAMILY == 3:
+            r, z, ur, uz, rstd = _cho_gates_cell(_ld(xt, rows, cols, 0, H, GH, m), _ld(xt, rows, cols, 1, H, GH, m),
+                                                 a0, a1, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+            q = (r * h * hm).to(R.dtype.element_ty)
+            a2 = _mm(q, r2, b2)
+            n, un, rstd_n = _cho_n_cell(_ld(xt, rows, cols, 2, H, GH, m), a2, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+            h_cell = n + z * (h - n)
+            if SAVE:
+                _st(Q + t * B * H, q, rows, cols, 0, H, H, m)
+                _st(hn_out + t * B * H, a2, rows, cols, 0, H, H, m)
+        else:
+            h_cell, u, rstd = _rnn_cell(_ld(xt, rows, cols, 0, H, GH, m), a0, cols, m, H, lnh_w, b_hh,
+                                        RELU, LN, LN_BIAS)
+        if SAVE:
+            hgt = hg_out + t * B * s_hg
+            _st(hgt, a0, rows, cols, 0, H, s_hg, m)
+            if G > 1:
+                _st(hgt, a1, rows, cols, 1, H, s_hg, m)
+            if G > 2 and FAMILY != 3:
+                _st(hgt, a2, rows, cols, 2, H, s_hg, m)
+            if G > 3:
+                _st(hgt, a3, rows, cols, 3, H, s_hg, m)
+        h_new = h_cell
+        c_new = c_cell
+        if HAS_KEEP:
+            h_new = h_cell + _ld2(keep_h + t * kh_t, rows, cols, kh_b, kh_h, m) * (h - h_cell)
+            if FAMILY == 1:
+                c_new = c_cell + _ld2(keep_c + t * kc_t, rows, cols, kc_b, kc_h, m) * (c - c_cell)
+        _st(S_h + (t + 1) * B * H, h_new, rows, cols, 0, H, H, m)
+        if FAMILY == 1:
+            _st(S_c + (t + 1) * B * H, c_new, rows, cols, 0, H, H, m)
+        out = h_new
+        if HAS_OMASK:
+            out = out * tl.load(omask + t * B + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
+        _st(y + t * B * H, out, rows, cols, 0, H, H, m)
+        if SAVE:
+            _st(Hin + (t + 1) * B * H, h_new * hm, rows, cols, 0, H, H, m)
+        h = tl.where(m, h_new, 0.0)
+        c = tl.where(m, c_new, 0.0)
