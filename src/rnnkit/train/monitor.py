@@ -34,13 +34,15 @@ def _fmt_time(seconds: float) -> str:
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per line) plus TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path | None, tensorboard: bool, purge_after: int | None = None) -> None:
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self._tb = None
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # on resume, TensorBoard hides the killed run's events after the restored step
+            purge = purge_after + 1 if purge_after is not None else None
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after ``step`` (written by a run that was killed after its last checkpoint)."""

@@ -390,7 +390,8 @@ class Trainer:
         if self.resume and self.run_dir is not None:
             self._load_latest()
         dist_util.broadcast_module(self.model)
-        self.log = MetricsLog(self.run_dir if self.is_main else None, c.tensorboard)
+        self.log = MetricsLog(self.run_dir if self.is_main else None, c.tensorboard,
+                              purge_after=self.step if self.resume else None)
         if self.resume:
             self.log.truncate_after(self.step)
         self.progress = Progress(self.total_steps, quiet=self.quiet or not self.is_main, log_every=c.log_every,
