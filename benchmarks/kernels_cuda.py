@@ -92,7 +92,7 @@ def build(kind: str, cell: str, H: int, device: torch.device, dtype: torch.dtype
     if kind == "cudnn":
         m = TORCH_NN[spec.family](H, H)
     else:
-        backend = {"ours": ours, "auto": "auto", "loop": "reference"}[kind]
+        backend = {"ours": ours, "auto": "auto", "loop": "reference"}.get(kind, kind)
         m = rnnkit.build(cell, H, H, backend=backend)
     return m.to(device, dtype).train()
 
@@ -112,6 +112,12 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
                         rec = {"cell": cell, "family": family, "dtype": str(dtype).removeprefix("torch."),
                                "T": args.steps, "B": B, "H": H, "I": H, "mode": mode}
                         kinds = ["ours", "auto", "cudnn"]
+                        for extra in args.also:
+                            spec = REGISTRY[cell]
+                            probe = rnnkit.build(cell, 1, H)
+                            cfg = rnnkit.kernels.LayerConfig(**spec.layer_options)
+                            if rnnkit.kernels.BACKENDS[extra].unsupported(probe.cell, cfg, device) is None:
+                                kinds.append(extra)
                         if B <= args.loop_max_b:
                             kinds.append("loop")
                         for kind in kinds:
@@ -183,17 +189,19 @@ def machine(device: torch.device) -> dict:
 
 def markdown(records: list[dict], meta: dict) -> str:
     m = meta["machine"]
+    also = sorted({k[:-3] for r in records for k in r if k.endswith("_ms")} - {"ours", "auto", "cudnn", "loop"})
     lines = [f"GPU: {m.get('gpu') or 'none (' + meta['device'] + ')'}; torch {m['torch']}, triton {m['triton']}, "
              f"CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}; {meta['date']}.",
              f"Command: `{meta['command']}`. T = {records[0]['T'] if records else '?'}, I = H; median of "
              f"{meta['repeat']} runs; ours = backend {meta['ours']!r}, loop = backend 'reference'.", "",
              "| cell | dtype | B | H | mode | ours ms | auto ms (backend) | cuDNN ms | loop ms | ours/cuDNN | "
-             "loop/ours |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "loop/ours |" + "".join(f" {a} ms |" for a in also), "|---|---|---|---|---|---|---|---|---|---|---|"
+             + "---|" * len(also)]
     for r in records:
         lines.append(f"| {r['cell']} | {r['dtype']} | {r['B']} | {r['H']} | {r['mode']} | {_fmt(r.get('ours_ms'))} | "
                      f"{_fmt(r.get('auto_ms'))} ({r.get('auto_backend', '-')}) | {_fmt(r.get('cudnn_ms'))} | "
                      f"{_fmt(r.get('loop_ms'))} | {_fmt(r.get('ours_over_cudnn'), 'x')} | "
-                     f"{_fmt(r.get('loop_over_ours'), 'x')} |")
+                     f"{_fmt(r.get('loop_over_ours'), 'x')} |" + "".join(f" {_fmt(r.get(a + '_ms'))} |" for a in also))
     worst = [r["ours_over_cudnn"] for r in records if r.get("ours_over_cudnn")]
     auto = [r["auto_over_cudnn"] for r in records if r.get("auto_over_cudnn") and r.get("auto_backend") == "native"]
     loop = [r["loop_over_ours"] for r in records if r.get("loop_over_ours")]
@@ -215,10 +223,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ours", default="triton", help="backend timed as 'ours' (default triton)")
     ap.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, choices=sorted(REGISTRY))
     ap.add_argument("--batch", nargs="+", type=int, default=[16, 64, 128, 256])
-    ap.add_argument("--hidden", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    ap.add_argument("--hidden", nargs="+", type=int, default=[64, 256, 512, 1024, 2048])
     ap.add_argument("--steps", type=int, default=100, help="T")
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--also", nargs="*", default=["triton_persistent"],
+                    help="more backends to time where they support the shape (default: %(default)s)")
     ap.add_argument("--loop-max-b", type=int, default=64, help="time the Python loop only up to this batch")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=10)
