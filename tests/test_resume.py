@@ -123,11 +123,9 @@ def test_checkpoint_files_need_no_pickle(tmp_path):
 
 
 def test_find_checkpoint_best_latest_and_step(tmp_path):
-    from rnnkit.errors import UserError
-    from rnnkit.train import find_checkpoint, model_state_dict
-
     import rnnkit.train.toy as toy
-    from rnnkit.train import StreamData, Trainer, TrainerConfig, load_config
+    from rnnkit.errors import UserError
+    from rnnkit.train import StreamData, Trainer, TrainerConfig, find_checkpoint, load_config, model_state_dict
 
     scores = iter([3.0, 1.0, 2.0, 2.5, 2.7])
     torch.manual_seed(0)
@@ -147,3 +145,12 @@ def test_find_checkpoint_best_latest_and_step(tmp_path):
     with pytest.raises(UserError, match="one of the steps"):
         find_checkpoint(tmp_path, 6)
     assert find_checkpoint(tmp_path / "nothing") is None
+
+
+def test_resume_without_checkpoint_starts_fresh_and_notes_changes(tmp_path, capfd):
+    a = run(str(tmp_path / "a"), steps=3, resume=True, quiet=False, checkpoint_every=3, **STREAM)
+    assert "no checkpoint" in capfd.readouterr().err
+    ref = run(str(tmp_path / "b"), steps=3, **STREAM)
+    _assert_same(ref["params"], a["params"])
+    run(str(tmp_path / "a"), steps=4, resume=True, quiet=False, **{**STREAM, "clip_norm": 2.0})
+    assert "settings differ from the checkpoint's: clip_norm" in capfd.readouterr().err

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -706,9 +707,7 @@ class Trainer:
             if ckpt.list_checkpoints(self.checkpoint_dir):
                 raise TrainingError(f"--resume: no usable checkpoint in {str(self.checkpoint_dir)!r} "
                                     f"(all are damaged)")
-            if self.is_main and not self.quiet:
-                warnings.warn(f"--resume: no checkpoint in {str(self.run_dir)!r}; starting from scratch",
-                              RuntimeWarning, stacklevel=3)
+            self._note(f"--resume: no checkpoint in {str(self.run_dir)!r} yet; starting from scratch")
             return
         self.load_checkpoint(found)
 
@@ -751,9 +750,13 @@ class Trainer:
         new = config_to_dict(self.config)
         budget = {"steps", "epochs", "minutes", "checkpoint_every", "log_every", "device", "tensorboard"}
         changed = sorted(k for k in set(old) | set(new) if k not in budget and old.get(k) != new.get(k))
-        if changed and self.is_main:
-            warnings.warn(f"--resume: trainer settings differ from the checkpoint's: {', '.join(changed)}",
-                          RuntimeWarning, stacklevel=3)
+        if changed:
+            self._note(f"--resume: trainer settings differ from the checkpoint's: {', '.join(changed)}")
+
+    def _note(self, text: str) -> None:
+        """A one-line notice on stderr (rank 0, not when quiet)."""
+        if self.is_main and not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
 
 __all__ = ["Trainer", "StreamData", "EVENTS", "seed_everything", "detach_state", "tree_map", "evaluate_stream"]
