@@ -154,3 +154,26 @@ def test_resume_without_checkpoint_starts_fresh_and_notes_changes(tmp_path, capf
     _assert_same(ref["params"], a["params"])
     run(str(tmp_path / "a"), steps=4, resume=True, quiet=False, **{**STREAM, "clip_norm": 2.0})
     assert "settings differ from the checkpoint's: clip_norm" in capfd.readouterr().err
+
+
+def test_loading_never_unpickles(tmp_path):
+    import json as _json
+
+    import rnnkit.train as train_pkg
+    from rnnkit.train.checkpoint import save_checkpoint
+
+    src = Path(train_pkg.__file__).parent
+    for f in src.glob("*.py"):
+        text = f.read_text()
+        assert "torch.load" not in text and "import pickle" not in text, f.name
+    # a checkpoint whose metadata points outside its directory is refused, even with valid checksums
+    path = save_checkpoint(tmp_path, 1, {"model.w": torch.zeros(2)}, {"x": 1})
+    outer = _json.loads(path.read_text())
+    body = _json.loads(outer["body"])
+    body["tensors_file"] = "../evil.safetensors"
+    text = _json.dumps(body, sort_keys=True)
+    import hashlib
+
+    path.write_text(_json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": text}))
+    with pytest.raises(CheckpointError, match="outside"):
+        load_checkpoint(path)
