@@ -21,6 +21,7 @@ class ModelCfg:
     hidden_size: int = 64
     layers: tuple[int, ...] = (1,)
     data_path: Path | None = None
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ def test_toml_then_overrides(tmp_path):
     cfg = load_config(TaskCfg, p, ["trainer.optim.lr=0.5", "model.cell=gru", "trainer.optim.betas=[0.8, 0.9]",
                                    "--model.layers=[2, 3]"])
     assert cfg.model == ModelCfg("gru", 200, (2, 3), Path("x/y.txt"))
+    assert load_config(TaskCfg, None, ["model.weights={a = 1, b = 0.5}"]).model.weights == {"a": 1.0, "b": 0.5}
+    with pytest.raises(UserError, match=r"model\.weights\.a: expected a number, got 'x'"):
+        load_config(TaskCfg, None, ['model.weights={a = "x"}'])
     assert cfg.trainer.steps == 10 and cfg.trainer.clip_norm == 5.0 and isinstance(cfg.trainer.clip_norm, float)
     assert cfg.trainer.optim.name == "sgd" and cfg.trainer.optim.lr == 0.5 and cfg.trainer.optim.betas == (0.8, 0.9)
     assert cfg.trainer.schedule.start_epoch == 5

@@ -232,6 +232,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, Mapping):
             raise UserError(f"{key}: expected a table of {tp.__name__} settings, got {value!r}")
         return _from_mapping(tp, value, prefix=key + ".")
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"{key}: expected a table, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(f"{key}", k, kt): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
     if origin in (tuple, list) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}")
