@@ -1,0 +1,39 @@
+"""``rnnkit report RUN_DIR``: a self-contained HTML page of a run (figures embedded, no network needed).
+
+    rnnkit report runs/adding-lstm                    # writes runs/adding-lstm/report.html
+    rnnkit report runs/adding-lstm --png plots/       # also exports every figure as PNG
+    rnnkit report runs/charlm --capture "some text"   # text model: add the cell-activation viewer
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import emit, user_errors
+
+NAME = "report"
+app = typer.Typer(help="Build the HTML report of a run directory.", no_args_is_help=True,
+                  invoke_without_command=True)
+
+
+@app.callback(invoke_without_command=True)
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (from any rnnkit training command).")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN_DIR/report.html).")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Also write every figure as PNG into this folder.")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    """Write the report page (learning curves, gradient flow, gate statistics, activations, samples, config)."""
+    with user_errors(debug):
+        from ..analysis.report import export_pngs, write_report
+
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"RUN_DIR: {str(run_dir)!r} is not a directory")
+        path = write_report(run_dir, out)
+        result = {"report": str(path), "bytes": path.stat().st_size}
+        if png is not None:
+            result["png"] = [str(p) for p in export_pngs(run_dir, png)]
+        emit(result, as_json)
