@@ -232,8 +232,8 @@ def test_importing_rnnkit_does_not_import_triton():
 def test_kernels_compile_for_sm90():
     """Slow (~3 min): every kernel specialization of the registry compiles to a cubin for an H100."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-m", "rnnkit.kernels.triton_aot", "--arch", "90", "--shapes", "3x5",
-                          "--dtypes", "float32"], capture_output=True, text=True, env=env, timeout=1200)
+    cmd = [sys.executable, "-W", "error", "-m", "rnnkit.kernels.triton_aot", "--arch", "90", "--shapes", "3x5",
+           "--dtypes", "float32"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled" in res.stderr and len(res.stdout.splitlines()) >= 40

@@ -14,7 +14,6 @@ Must run in a process where ``TRITON_INTERPRET`` is unset.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
@@ -46,6 +45,7 @@ class _Recorder:
     def _record(self, name: str, fn: Any, args: tuple, kw: dict) -> None:
         kw = dict(kw)
         warps = kw.pop("num_warps", 4)
+        kw.pop("enable_fp_fusion", None)
         sig: dict[str, str] = {}
         for arg_name, value in zip(fn.arg_names, args):
             sig[arg_name] = _TYPES[value.dtype] if isinstance(value, torch.Tensor) else "i32"
@@ -106,7 +106,6 @@ def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_ma
 
 def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
     """Compile every recorded specialization for ``sm_{arch}``; returns one line per kernel compiled."""
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -118,7 +117,7 @@ def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
     for name, sig, constexprs, warps in rec.launches.values():
         t0 = time.perf_counter()
         src = triton.compiler.ASTSource(fn=getattr(K, name), signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=target, options={"num_warps": warps})
+        compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
         lines.append(f"{name} warps={warps} {flags}: {len(compiled.asm['cubin'])} B cubin, "
                      f"{time.perf_counter() - t0:.1f} s")
