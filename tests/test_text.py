@@ -105,7 +105,7 @@ def test_missing_path_and_empty_dir(tmp_path):
 def test_split_text():
     train, val = split_text("abcdefghij", 0.2)
     assert (train, val) == ("abcdefgh", "ij")
-    with pytest.raises(TextError, match="too short"):
+    with pytest.raises(TextError, match="too few"):
         split_text("abc", 0.1)
     with pytest.raises(TextError, match="--val-fraction"):
         split_text("abcdef", 1.5)

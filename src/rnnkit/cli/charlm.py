@@ -24,7 +24,7 @@ CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, best o
 EncodingOpt = Annotated[str, typer.Option("--encoding", help="Encoding of the text files.")]
 
 
-def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
+def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
     """Config: the run's own config.toml when resuming (else --config) < --set < task flags < shared flags.
 
     Only flags that were given override, so a resumed run keeps its model and data settings.
@@ -47,7 +47,7 @@ def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
         overrides[".".join(keys)] = value
     overrides.update({k: v for k, v in flags.items() if v is not None})
     overrides.update(opts.flag_overrides("trainer"))
-    return load_task_config(cls, path, overrides)
+    return load_task_config(cls, path, overrides, base=None if path == opts.run_dir / "config.toml" else base)
 
 
 def stream_writer(text: str) -> None:

@@ -188,13 +188,13 @@ def load_corpus(text: str | Path | None, encoding: str = "utf-8") -> tuple[str, 
     return read_text(text, encoding), str(text)
 
 
-def split_text(text: Sequence, val_fraction: float) -> tuple[Sequence, Sequence]:
+def split_text(text: Sequence, val_fraction: float, name: str = "text") -> tuple[Sequence, Sequence]:
     """Split off the last ``val_fraction`` of ``text`` (a string or token list) as validation."""
     if not 0.0 < val_fraction < 1.0:
         raise TextError(f"--val-fraction: expected a fraction in (0, 1), got {val_fraction}")
     n_val = int(round(len(text) * val_fraction))
     if n_val < 2 or len(text) - n_val < 2:
-        raise TextError(f"text of {len(text)} symbols is too short to split off {val_fraction:g} for "
+        raise TextError(f"{name}: {len(text)} symbols are too few to split off {val_fraction:g} for "
                         f"validation (each part needs at least 2 symbols); give a longer text or --val FILE")
     return text[:-n_val], text[-n_val:]
 

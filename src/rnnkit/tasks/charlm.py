@@ -378,15 +378,17 @@ class CharLMConfig:
     trainer: TrainerConfig = field(default_factory=_default_trainer)
 
 
-def load_task_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Config ``cls`` from its own defaults < a TOML file < dotted ``overrides`` (type-checked).
+def load_task_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                     base: dict[str, Any] | None = None) -> Any:
+    """Config ``cls`` from its own defaults < ``base`` (a preset) < a TOML file < dotted ``overrides``.
 
     Unlike building from the TOML alone, a section given in part keeps the task's defaults for the rest
     (e.g. the char-LM's Adam 2e-3 when only ``trainer.steps`` is set).
     """
-    from ..train.config import _check_paths, config_from_dict, config_to_dict
+    from ..train.config import config_from_dict, config_to_dict
 
     data = config_to_dict(cls())
+    _apply(cls, data, base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -395,14 +397,20 @@ def load_task_config(cls: type, path: str | Path | None = None, overrides: dict[
             _deep_merge(data, tomllib.loads(p.read_text(encoding="utf-8")))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"--config {str(p)!r}: not valid TOML: {e}") from None
-    for key, value in (overrides or {}).items():
+    _apply(cls, data, overrides or {})
+    return config_from_dict(cls, data)
+
+
+def _apply(cls: type, data: dict[str, Any], dotted: dict[str, Any]) -> None:
+    from ..train.config import _check_paths
+
+    for key, value in dotted.items():
         keys = key.split(".")
         _check_paths(cls, keys, value)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
-    return config_from_dict(cls, data)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -463,9 +471,11 @@ def prepare_corpus(cfg: CharDataConfig, trainer: TrainerConfig) -> CharCorpus:
         train_text, val_text = text, read_text(cfg.val, cfg.encoding)
         if len(val_text) < 2:
             raise UserError(f"--val {cfg.val}: needs at least 2 characters, got {len(val_text)}")
-    else:
-        train_text, val_text = split_text(text, cfg.val_fraction)
     need = trainer.batch_size * 2 + 1
+    if len(text) < need:
+        train_text = text
+    elif cfg.val is None:
+        train_text, val_text = split_text(text, cfg.val_fraction, f"--text {name}")
     if len(train_text) < need:
         raise UserError(f"--text {name}: the training text has {len(train_text)} characters, shorter than one "
                         f"batch (batch_size {trainer.batch_size} streams x 2 steps + 1 = {need}); give a longer "
