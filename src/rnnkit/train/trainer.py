@@ -407,6 +407,8 @@ class Trainer:
                     break
             if self.stop_reason is None:
                 self.stop_reason = "budget"
+            if self._log_acc[2]:  # steps since the last record (a stop between log intervals)
+                self._log_train()
             if self.evaluate_fn is not None and self.last_eval_step != self.step:
                 self._run_eval()
             if self.checkpoint_dir is not None and self.last_checkpoint_step != self.step:
