@@ -96,7 +96,8 @@ class SequenceClassifier(nn.Module):
     def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The pooled encoding (B, D*H) that the head classifies."""
         T = int(lengths.max())
-        out, state = self.encoder(x[:, :T], lengths=lengths)
+        # equal lengths need no masking (same numbers, and the fused kernels run without it)
+        out, state = self.encoder(x[:, :T], lengths=None if int(lengths.min()) == T else lengths)
         return self.pool(out, state, lengths)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:

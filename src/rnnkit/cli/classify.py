@@ -1,0 +1,132 @@
+"""``rnnkit classify train|eval|predict``: whole-sequence classification (UCR/UEA, CSV, NumPy, bundled sets)."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import RunOptions, run_command
+from .forecast import FillOpt, ts_config, write_csv
+
+NAME = "classify"
+app = typer.Typer(help="Classify whole sequences: train, evaluate, predict.", no_args_is_help=True)
+
+LabelOpt = Annotated[str | None, typer.Option("--label", help="CSV label column ('none' = unlabelled; default: "
+                                              "the first column if named label/class/y or non-numeric).")]
+IdOpt = Annotated[str | None, typer.Option("--id-column", help="CSV long format: the sequence id column.")]
+TimeOpt = Annotated[str | None, typer.Option("--time", help="CSV long format: the column ordering the steps.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="A bundled set (GunPoint, ItalyPowerDemand, "
+                                                "ArrowHead, BasicMotions, JapaneseVowels, MNIST1D, ...).")]
+
+
+def read_set(path: Path | None, dataset: str | None, split: str, arg: str, label: str | None, id_col: str | None,
+             time_col: str | None, fill: str | None):
+    """A SequenceSet from a file (any supported format) or a bundled set."""
+    from ..data.sequences import load_bundled, read_sequences
+    from ..errors import UserError
+
+    if (path is None) == (dataset is None):
+        raise UserError(f"{arg}: give either {arg} FILE or --dataset NAME (got "
+                        f"{'both' if path is not None else 'neither'})")
+    if dataset is not None:
+        return load_bundled(dataset, split)
+    return read_sequences(path, label=label, id_col=id_col, time_col=time_col, fill=fill, name=arg)
+
+
+def _report(opts: RunOptions, model: Any, metrics: dict[str, Any], run_dir: Path, name: str) -> dict[str, Any]:
+    from ..tasks.classify import format_confusion, plot_confusion
+
+    png = plot_confusion(metrics["confusion_matrix"], model.classes, run_dir / f"confusion_{name}.png",
+                         title=f"confusion matrix ({name})")
+    if not opts.json:
+        typer.echo(format_confusion(metrics["confusion_matrix"], model.classes))
+    out = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+    out["confusion_matrix"] = metrics["confusion_matrix"] if opts.json else json.dumps(metrics["confusion_matrix"])
+    out["confusion_png"] = str(png)
+    return out
+
+
+@app.command()
+@run_command(NAME)
+def train(train_path: Annotated[Path | None, typer.Option("--train", help="Training set file.")] = None,
+          test_path: Annotated[Path | None, typer.Option("--test", help="Test set file (evaluated at the end).")]
+          = None, dataset: DatasetOpt = None,
+          cell: Annotated[str | None, typer.Option("--cell", help="Recurrent cell (see `rnnkit cells`).")] = None,
+          hidden: Annotated[int | None, typer.Option("--hidden", help="Hidden units.")] = None,
+          layers: Annotated[int | None, typer.Option("--layers", help="Stacked layers.")] = None,
+          bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--unidirectional",
+                                                             help="Read sequences both ways.")] = None,
+          pool: Annotated[str | None, typer.Option("--pool", help="last, mean or attention.")] = None,
+          class_weights: Annotated[str | None, typer.Option("--class-weights", help="none or balanced.")] = None,
+          val_fraction: Annotated[float | None, typer.Option(
+              "--val-fraction", help="Hold out this fraction to keep the best epoch.")] = None,
+          scaler: Annotated[str | None, typer.Option("--scaler", help="standard, minmax, robust or none.")] = None,
+          lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+          label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
+          opts: RunOptions) -> None:
+    """Train a sequence classifier; with --test (or --dataset) report accuracy, balanced accuracy, macro F1
+    and the confusion matrix (printed and PNG)."""
+    from ..tasks import classify as C
+
+    cfg = ts_config(opts, C.ClassifyConfig, {
+        "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
+        "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
+        "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr})
+    tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill)
+    te = None
+    if test_path is not None or dataset is not None:
+        te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, cfg.data.fill)
+    run_dir = opts.run_dir
+    opts.info(f"training on {len(tr)} sequences ({tr.n_channels} channel(s), lengths {tr.lengths.min()}-"
+              f"{tr.lengths.max()}) -> {run_dir}")
+    model = C.train(tr, cfg, run_dir, resume=opts.resume, quiet=opts.quiet)
+    result: dict[str, Any] = {"run_dir": str(run_dir), **model.meta["train"]}
+    if te is not None:
+        metrics = model.evaluate(te)
+        (Path(run_dir) / "test_metrics.json").write_text(json.dumps(metrics))
+        result.update({f"test_{k}" if k in ("accuracy", "balanced_accuracy", "macro_f1") else k: v
+                       for k, v in _report(opts, model, metrics, Path(run_dir), "test").items()})
+    opts.emit(result)
+
+
+@app.command("eval")
+@run_command(NAME, exclude=("out", "config", "set", "seed", "steps", "epochs", "minutes", "resume",
+                            "checkpoint_every", "device"))
+def evaluate(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit classify train`.")],
+             test_path: Annotated[Path | None, typer.Option("--test", help="Labelled test file.")] = None,
+             dataset: DatasetOpt = None, label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None,
+             fill: FillOpt = None, *, opts: RunOptions) -> None:
+    """Evaluate a trained classifier on a labelled set: accuracy, balanced accuracy, macro F1, confusion matrix."""
+    from ..tasks.classify import Classifier
+
+    model = Classifier.load(run_dir)
+    te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, fill or model.cfg.data.fill)
+    metrics = model.evaluate(te)
+    opts.emit({"n": len(te), **_report(opts, model, metrics, Path(run_dir), "eval")})
+
+
+@app.command()
+@run_command(NAME, exclude=("out", "config", "set", "seed", "steps", "epochs", "minutes", "resume",
+                            "checkpoint_every", "device"))
+def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit classify train`.")],
+            input_path: Annotated[Path, typer.Option("--input", help="Sequences to classify (any format).")],
+            out: Annotated[Path, typer.Option("--out", help="Predictions CSV: id, predicted class, probabilities.")],
+            label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
+            opts: RunOptions) -> None:
+    """Predict the class of every sequence in --input; one CSV row per sequence with class probabilities."""
+    from ..data.sequences import read_sequences
+    from ..tasks.classify import Classifier
+
+    model = Classifier.load(run_dir)
+    data = read_sequences(input_path, label=label, id_col=id_column, time_col=time_col,
+                          fill=fill or model.cfg.data.fill, name="--input")
+    proba = model.predict_proba(data)
+    pred = proba.argmax(1)
+    header = ["id", "predicted"] + [f"p_{c}" for c in model.classes]
+    rows = [[sid, model.classes[k]] + [round(float(v), 6) for v in p] for sid, k, p in zip(data.ids, pred, proba)]
+    write_csv(out, header, rows)
+    result: dict[str, Any] = {"predictions_csv": str(out), "n": len(rows)}
+    if data.labels is not None and set(map(str, data.labels)) <= set(model.classes):
+        result["accuracy"] = float(sum(model.classes[k] == str(y) for k, y in zip(pred, data.labels)) / len(rows))
+    opts.emit(result)
