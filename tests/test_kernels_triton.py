@@ -66,18 +66,18 @@ def _run(layer, x, state, lengths, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _compare(name: str, device, *, T: int, B: int, I: int, H: int, bidirectional: bool, lengths, given_state: bool,
-             training: bool = True, dtype=torch.float32, backend: str = "triton") -> None:
+             training: bool = True, dtype=torch.float32, backend: str = "triton", **layer_kw) -> None:
     torch.manual_seed(0)
     spec = REGISTRY[name]
-    ref = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="reference").to(device)
-    tri = rnnkit.build(name, I, H, bidirectional=bidirectional, backend=backend).to(device, dtype)
+    ref = rnnkit.build(name, I, H, bidirectional=bidirectional, backend="reference", **layer_kw).to(device)
+    tri = rnnkit.build(name, I, H, bidirectional=bidirectional, backend=backend, **layer_kw).to(device, dtype)
     with torch.no_grad():  # the same (for bf16: bf16-rounded) numbers in both
         for p in ref.parameters():
             p.copy_(p.to(dtype).float())
     tri.load_state_dict(ref.state_dict())
     ref.train(training)
     tri.train(training)
-    D = 2 if bidirectional else 1
+    D = (2 if bidirectional else 1) * layer_kw.get("num_layers", 1)
     x = torch.randn(T, B, I).to(dtype).float().to(device)
     n_state = 2 if spec.family == "lstm" else 1
     make = torch.randn if given_state else torch.zeros
@@ -111,6 +111,19 @@ def test_registry_cell_bidirectional_lengths_state(name, device):
 def test_single_step_single_sequence(name, device):
     """T = 1, B = 1: the first and last step coincide (no recurrent-matmul gradient carried in)."""
     _compare(name, device, T=1, B=1, I=3, H=5, bidirectional=False, lengths=None, given_state=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["lstm_ln", "gru_cho_ln", "rnn_ln", "gru"])
+def test_without_biases(name, device):
+    """bias=False: no b_hh inside the layer norm or the recurrent matmul."""
+    _compare(name, device, T=2, B=2, I=2, H=3, bidirectional=False, lengths=None, given_state=True, bias=False)
+
+
+@needs_triton
+def test_stacked_layers_with_dropout(device):
+    _compare("lstm_peephole", device, T=3, B=2, I=2, H=3, bidirectional=False, lengths=[2, 3], given_state=True,
+             num_layers=2, dropout=0.3)
 
 
 @needs_triton
