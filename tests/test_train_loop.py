@@ -253,6 +253,14 @@ def test_bad_inputs():
         Trainer(TinyClassifier(), ClassifyTask(), random_classification(8), cfg(), None)
     with pytest.raises(TypeError, match="task.forward"):
         Trainer(TinyLM(), ClassifyTask(), StreamData(torch.arange(50), torch.arange(50)), cfg(steps=1), None)
+    class MeanLM(StreamLMTask):
+        def loss(self, pred, y):
+            return super().loss(pred, y).mean()
+
+    ids = random_tokens(201)
+    with pytest.raises(TypeError, match=r"unreduced loss of shape \(T, B\) = \(10, 4\), got \(\)"):
+        Trainer(TinyLM(), MeanLM(), StreamData(ids[:-1], ids[1:]), cfg(steps=1, batch_size=4, tbptt=10), None,
+                quiet=True).fit()
     with pytest.raises(UserError, match="same length"):
         StreamData(torch.arange(5), torch.arange(4))
     with pytest.raises(UserError, match="trainer.metric"):

@@ -456,6 +456,11 @@ class Trainer:
                     out = self.task.loss(pred, d.y[seg.start:seg.end])
             if seg.loss:
                 lt, wt = out if isinstance(out, tuple) else (out, None)
+                want = (seg.end - seg.start, d.x.shape[1])
+                if not isinstance(lt, Tensor) or tuple(lt.shape) != want:
+                    got = tuple(lt.shape) if isinstance(lt, Tensor) else type(lt).__name__
+                    raise TypeError(f"task.loss(pred, y): expected the unreduced loss of shape (T, B) = {want}, "
+                                    f"got {got}")
                 losses.append(lt.float())
                 weights.append(wt)
             if seg.end == plan.next_window:
