@@ -1,0 +1,142 @@
+"""The fused CPU backend (``backend="cpu"``) against the ``reference`` oracle, for every registered cell.
+
+Outputs, final states and every gradient (input, initial states, all parameters) must agree within:
+
+| dtype   | rtol  | atol  | why                                                                 |
+|---------|-------|-------|---------------------------------------------------------------------|
+| float64 | 1e-9  | 1e-10 | same math, different summation order (observed <= 1e-12)            |
+| float32 | 2e-4  | 1e-4  | float32 tanh/sigmoid by a rational approximation (|err| < 3e-7) and |
+|         |       |       | different summation order; layer-norm cells observed <= 2e-5        |
+
+Masks (recurrent dropout, zoneout) are drawn by the layer: seeding before each run gives both
+backends the same numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit import kernels
+from rnnkit.cells import REGISTRY, make_cell
+from rnnkit.layers import build
+
+TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 1e-4)}
+
+
+def _run(name: str, backend: str, dtype: torch.dtype, *, T: int, B: int, I: int, H: int, layers: int = 1,
+         bidirectional: bool = False, batch_first: bool = False, lengths: list[int] | None = None,
+         init_state: bool = False, train: bool = True, loss_on: str = "both"):
+    torch.manual_seed(0)
+    layer = build(name, I, H, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                  backend=backend, dtype=dtype)
+    layer.train(train)
+    # perturb the parameters so that layer-norm gains, peepholes and biases all matter
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gen = torch.Generator().manual_seed(1)
+    shape = (B, T, I) if batch_first else (T, B, I)
+    x = torch.randn(shape, dtype=dtype, generator=gen).requires_grad_()
+    LD = layers * (2 if bidirectional else 1)
+    state = None
+    leaves = [x]
+    if init_state:
+        n = REGISTRY[name].family == "lstm"
+        parts = [torch.randn(LD, B, H, dtype=dtype, generator=gen).requires_grad_() for _ in range(1 + n)]
+        leaves += parts
+        state = tuple(parts) if n else parts[0]
+    torch.manual_seed(2)  # the masks
+    out, final = layer(x, state, lengths=lengths)
+    finals = final if isinstance(final, tuple) else (final,)
+    w = torch.randn(out.shape, dtype=dtype, generator=gen)
+    loss = torch.zeros((), dtype=dtype)
+    if loss_on in ("both", "out"):
+        loss = loss + (out * w).sum()
+    if loss_on in ("both", "state"):
+        loss = loss + sum((f * f).sum() for f in finals)
+    loss.backward()
+    grads = {f"input{i}": leaf.grad for i, leaf in enumerate(leaves)}
+    grads.update({n: p.grad for n, p in layer.named_parameters()})
+    return out.detach(), [f.detach() for f in finals], grads
+
+
+def _assert_same(ref, got, dtype):
+    rtol, atol = TOL[dtype]
+    (o1, f1, g1), (o2, f2, g2) = ref, got
+    torch.testing.assert_close(o2, o1, rtol=rtol, atol=atol, msg=lambda m: f"output: {m}")
+    for k, (a, b) in enumerate(zip(f1, f2)):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, k=k: f"final state {k}: {m}")
+    assert g1.keys() == g2.keys()
+    for name, a in g1.items():
+        b = g2[name]
+        assert a is not None and b is not None, f"missing gradient for {name}"
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_matches_reference_full_config(name, dtype):
+    """2 layers, bidirectional, odd sizes, variable lengths, given initial states, train mode."""
+    kw = dict(T=5, B=3, I=5, H=7, layers=2, bidirectional=True, lengths=[5, 2, 4], init_state=True, train=True)
+    _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+
+
+EDGE_CELLS = ["rnn_ln", "lstm_peephole_ln", "lstm_cifg", "lstm_zoneout", "gru_cho_ln", "gru_rdrop"]
+EDGE_CASES = {
+    "T1_B1": dict(T=1, B=1, I=3, H=5),
+    "batch_first_eval": dict(T=4, B=2, I=3, H=9, batch_first=True, train=False, init_state=True),
+    "loss_on_output_only": dict(T=3, B=2, I=4, H=3, loss_on="out"),
+    "loss_on_state_only": dict(T=3, B=2, I=4, H=3, loss_on="state", lengths=[1, 3]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("name", EDGE_CELLS)
+def test_matches_reference_edge_cases(name, case, dtype):
+    kw = EDGE_CASES[case]
+    _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_cho", "rnn_relu"])
+def test_step_matches_reference(name):
+    dtype = torch.float64
+    outs = []
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        layer = build(name, 4, 6, num_layers=2, backend=backend, dtype=dtype).eval()
+        x = torch.randn(3, 2, 4, dtype=dtype)
+        state, ys = None, []
+        for t in range(3):
+            y, state = layer.step(x[t], state)
+            ys.append(y)
+        outs.append(torch.stack(ys))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_auto_picks_cpu_when_native_does_not_apply():
+    cpu = torch.device("cpu")
+    for name, spec in REGISTRY.items():
+        cell = make_cell(spec.family, 8, **spec.cell_options)
+        cfg = kernels.LayerConfig(**spec.layer_options)
+        expected = "native" if kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None else "cpu"
+        assert kernels.resolve("auto", cell, cfg, cpu) == expected, name
+
+
+def test_rejects_other_dtypes_and_devices():
+    layer = build("lstm_peephole", 3, 4, backend="cpu", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"float32 and float64 only.*bfloat16.*'bptt'"):
+        layer(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+    cell = make_cell("lstm", 4, peephole=True)
+    with pytest.raises(ValueError, match="CPU only"):
+        kernels.resolve("cpu", cell, kernels.LayerConfig(), torch.device("cuda"))
+
+
+def test_modifying_the_output_in_place_is_detected():
+    layer = build("lstm_peephole", 3, 4, backend="cpu", dtype=torch.float64)
+    out, _ = layer(torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True))
+    loss = out.sum()
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
