@@ -285,36 +285,27 @@ def lstm_fwd(xg, hg, h0, c0, h1, c1, y, hin, hmask, keep_h, keep_c, omask, wch, 
 
 
 @triton.jit
-def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, dxg, D,
-             acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
-             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
-             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
-             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
-             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr,
-             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """LSTMCell.backward for one step; updates dh_acc, dc_acc in place to the gradients w.r.t. step t-1."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    c = _ld(c0, rows, cols, 0, H, H, m)
-    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
-    dc = _ld(dc_acc, rows, cols, 0, H, H, m)
-    carry_h = dh * 0.0
-    carry_c = dh * 0.0
-    if HAS_KEEP:
-        carry_h = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
-        carry_c = _ld2(keep_c, rows, cols, kc_b, kc_h, m) * dc
-        dh = dh - carry_h
-        dc = dc - carry_c
-    i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_math(
-        xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
+def _lstm_bwd_cell(dh, dc, c, xi, xf, xc, xo, hi, hf, hc, ho, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b,
+                   USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+                   PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """LSTMCell.backward of one step given d(new h), d(new c) of the cell (keep carry already removed).
+
+    Returns d xg (4 tiles), D = d(raw recurrent projection) (4 tiles), d c_prev, and the per-row
+    parameter-gradient contributions: peepholes (3), ln_weight_hh (4), bias_hh (4), ln_weight_c, ln_bias_c.
+    """
+    i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_cell(
+        xi, xf, xc, xo, hi, hf, hc, ho, c, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b,
         USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
     zero = dh * 0.0
     # h = o * a,  a = phi(LN(c_new))
     da = dh * o
     if ACT:
         da = da * (1.0 - a * a)
+    g_lnc_b = zero
+    g_lnc_w = zero
     if LN:
-        _acc(acc_lnc_b, da, rows, cols, 0, H, H, m)
-        _acc(acc_lnc_w, da * u_c, rows, cols, 0, H, H, m)
+        g_lnc_b = da
+        g_lnc_w = da * u_c
         gc = da * _vec(lnc_w, cols, 0, H)
         mg, mgu = _ln_bwd_means(gc, gc, gc, gc, u_c, u_c, u_c, u_c, H, 1)
         da = _ln_du(gc, u_c, rstd_c, mg, mgu, m)
@@ -336,38 +327,96 @@ def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, 
     dai = zero
     if USE_I:
         dai = di * i * (1.0 - i)
+    g_pi = zero
+    g_pf = zero
+    g_po = zero
     if PEEP:
         if USE_I:
-            _acc(acc_wch, dai * c, rows, cols, 0, H, 3 * H, m)
+            g_pi = dai * c
             dc_prev += dai * _vec(wch, cols, 0, H)
         if USE_F:
-            _acc(acc_wch, daf * c, rows, cols, 1, H, 3 * H, m)
+            g_pf = daf * c
             dc_prev += daf * _vec(wch, cols, 1, H)
         if USE_O:
-            _acc(acc_wch, dao * c_new, rows, cols, 2, H, 3 * H, m)
-    _st(dxg, dai, rows, cols, 0, H, 4 * H, m)
-    _st(dxg, daf, rows, cols, 1, H, 4 * H, m)
-    _st(dxg, dag, rows, cols, 2, H, 4 * H, m)
-    _st(dxg, dao, rows, cols, 3, H, 4 * H, m)
+            g_po = dao * c_new
+    Di = dai
+    Df = daf
+    Dg = dag
+    Do = dao
+    g_li = zero
+    g_lf = zero
+    g_lg = zero
+    g_lo = zero
     if LN:
-        _acc(acc_lnh, dai * ui, rows, cols, 0, H, 4 * H, m)
-        _acc(acc_lnh, daf * uf, rows, cols, 1, H, 4 * H, m)
-        _acc(acc_lnh, dag * uc_, rows, cols, 2, H, 4 * H, m)
-        _acc(acc_lnh, dao * uo, rows, cols, 3, H, 4 * H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, dai, rows, cols, 0, H, 4 * H, m)
-            _acc(acc_bhh, daf, rows, cols, 1, H, 4 * H, m)
-            _acc(acc_bhh, dag, rows, cols, 2, H, 4 * H, m)
-            _acc(acc_bhh, dao, rows, cols, 3, H, 4 * H, m)
+        g_li = dai * ui
+        g_lf = daf * uf
+        g_lg = dag * uc_
+        g_lo = dao * uo
         gi = dai * _vec(lnh_w, cols, 0, H)
         gf = daf * _vec(lnh_w, cols, 1, H)
         gg = dag * _vec(lnh_w, cols, 2, H)
         go = dao * _vec(lnh_w, cols, 3, H)
         mg, mgu = _ln_bwd_means(gi, gf, gg, go, ui, uf, uc_, uo, 4 * H, 4)
-        _st(D, _ln_du(gi, ui, rstd_h, mg, mgu, m), rows, cols, 0, H, 4 * H, m)
-        _st(D, _ln_du(gf, uf, rstd_h, mg, mgu, m), rows, cols, 1, H, 4 * H, m)
-        _st(D, _ln_du(gg, uc_, rstd_h, mg, mgu, m), rows, cols, 2, H, 4 * H, m)
-        _st(D, _ln_du(go, uo, rstd_h, mg, mgu, m), rows, cols, 3, H, 4 * H, m)
+        Di = _ln_du(gi, ui, rstd_h, mg, mgu, m)
+        Df = _ln_du(gf, uf, rstd_h, mg, mgu, m)
+        Dg = _ln_du(gg, uc_, rstd_h, mg, mgu, m)
+        Do = _ln_du(go, uo, rstd_h, mg, mgu, m)
+    # with layer norm, bias_hh is added after it: its gradient is d(pre-activation) = d xg
+    return (dai, daf, dag, dao, Di, Df, Dg, Do, dc_prev, g_pi, g_pf, g_po, g_li, g_lf, g_lg, g_lo,
+            g_lnc_w, g_lnc_b)
+
+
+@triton.jit
+def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, dxg, D,
+             acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
+             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
+             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
+             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
+             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr,
+             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """LSTMCell.backward for one step; updates dh_acc, dc_acc in place to the gradients w.r.t. step t-1."""
+    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
+    c = _ld(c0, rows, cols, 0, H, H, m)
+    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
+    dc = _ld(dc_acc, rows, cols, 0, H, H, m)
+    carry_h = dh * 0.0
+    carry_c = dh * 0.0
+    if HAS_KEEP:
+        carry_h = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
+        carry_c = _ld2(keep_c, rows, cols, kc_b, kc_h, m) * dc
+        dh = dh - carry_h
+        dc = dc - carry_c
+    (dai, daf, dag, dao, Di, Df, Dg, Do, dc_prev, g_pi, g_pf, g_po, g_li, g_lf, g_lg, g_lo, g_lnc_w,
+     g_lnc_b) = _lstm_bwd_cell(
+        dh, dc, c, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(xg, rows, cols, 3, H, s_xg, m),
+        _ld(hg, rows, cols, 0, H, s_hg, m), _ld(hg, rows, cols, 1, H, s_hg, m),
+        _ld(hg, rows, cols, 2, H, s_hg, m), _ld(hg, rows, cols, 3, H, s_hg, m),
+        cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
+    _st(dxg, dai, rows, cols, 0, H, 4 * H, m)
+    _st(dxg, daf, rows, cols, 1, H, 4 * H, m)
+    _st(dxg, dag, rows, cols, 2, H, 4 * H, m)
+    _st(dxg, dao, rows, cols, 3, H, 4 * H, m)
+    if PEEP:
+        _acc(acc_wch, g_pi, rows, cols, 0, H, 3 * H, m)
+        _acc(acc_wch, g_pf, rows, cols, 1, H, 3 * H, m)
+        _acc(acc_wch, g_po, rows, cols, 2, H, 3 * H, m)
+    if LN:
+        _acc(acc_lnc_b, g_lnc_b, rows, cols, 0, H, H, m)
+        _acc(acc_lnc_w, g_lnc_w, rows, cols, 0, H, H, m)
+        _acc(acc_lnh, g_li, rows, cols, 0, H, 4 * H, m)
+        _acc(acc_lnh, g_lf, rows, cols, 1, H, 4 * H, m)
+        _acc(acc_lnh, g_lg, rows, cols, 2, H, 4 * H, m)
+        _acc(acc_lnh, g_lo, rows, cols, 3, H, 4 * H, m)
+        if LN_BIAS:
+            _acc(acc_bhh, dai, rows, cols, 0, H, 4 * H, m)
+            _acc(acc_bhh, daf, rows, cols, 1, H, 4 * H, m)
+            _acc(acc_bhh, dag, rows, cols, 2, H, 4 * H, m)
+            _acc(acc_bhh, dao, rows, cols, 3, H, 4 * H, m)
+        _st(D, Di, rows, cols, 0, H, 4 * H, m)
+        _st(D, Df, rows, cols, 1, H, 4 * H, m)
+        _st(D, Dg, rows, cols, 2, H, 4 * H, m)
+        _st(D, Do, rows, cols, 3, H, 4 * H, m)
     _st(dh_acc, carry_h, rows, cols, 0, H, H, m)
     _st(dc_acc, dc_prev + carry_c, rows, cols, 0, H, H, m)
 
@@ -420,6 +469,41 @@ def gru_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh,
 
 
 @triton.jit
+def _gru_bwd_cell(dh, h, xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """GRUCell.backward (reset_after=True) of one step given d(new h) of the cell.
+
+    Returns d xg (3 tiles), D (3 tiles), the direct part of d h_prev (dh * z), and the per-row
+    contributions to ln_weight_hh (3) and bias_hh (3; with layer norm, where bias_hh follows the norm).
+    """
+    r, z, n, hn_, ur, uz, un, rstd = _gru_cell(xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+    dn = dh * (1.0 - z)
+    daz = dh * (h - n) * z * (1.0 - z)
+    direct = dh * z
+    dan = dn * (1.0 - n * n)
+    dar = dan * hn_ * r * (1.0 - r)
+    dhn = dan * r
+    Dr = dar
+    Dz = daz
+    Dn = dhn
+    zero = dh * 0.0
+    g_lr = zero
+    g_lz = zero
+    g_ln = zero
+    if LN:
+        g_lr = dar * ur
+        g_lz = daz * uz
+        g_ln = dhn * un
+        gr = dar * _vec(lnh_w, cols, 0, H)
+        gz = daz * _vec(lnh_w, cols, 1, H)
+        gn = dhn * _vec(lnh_w, cols, 2, H)
+        mg, mgu = _ln_bwd_means(gr, gz, gn, gn, ur, uz, un, un, 3 * H, 3)
+        Dr = _ln_du(gr, ur, rstd, mg, mgu, m)
+        Dz = _ln_du(gz, uz, rstd, mg, mgu, m)
+        Dn = _ln_du(gn, un, rstd, mg, mgu, m)
+    return dar, daz, dan, Dr, Dz, Dn, direct, g_lr, g_lz, g_ln, dar, daz, dhn
+
+
+@triton.jit
 def gru_bwd(xg, hg, h0, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
             B, H, s_xg, s_hg, kh_b, kh_h,
             LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
@@ -433,35 +517,25 @@ def gru_bwd(xg, hg, h0, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, 
     if HAS_KEEP:
         carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
         dh = dh - carry
-    r, z, n, hn, ur, uz, un, rstd = _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN, LN_BIAS)
-    dn = dh * (1.0 - z)
-    daz = dh * (h - n) * z * (1.0 - z)
-    direct = dh * z
-    dan = dn * (1.0 - n * n)
-    dar = dan * hn * r * (1.0 - r)
-    dhn = dan * r
+    dar, daz, dan, Dr, Dz, Dn, direct, g_lr, g_lz, g_ln, g_br, g_bz, g_bn = _gru_bwd_cell(
+        dh, h, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg, rows, cols, 0, H, s_hg, m),
+        _ld(hg, rows, cols, 1, H, s_hg, m), _ld(hg, rows, cols, 2, H, s_hg, m), cols, m, H, lnh_w, b_hh,
+        LN, LN_BIAS)
     _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
     _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
     _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
     if LN:
-        _acc(acc_lnh, dar * ur, rows, cols, 0, H, 3 * H, m)
-        _acc(acc_lnh, daz * uz, rows, cols, 1, H, 3 * H, m)
-        _acc(acc_lnh, dhn * un, rows, cols, 2, H, 3 * H, m)
+        _acc(acc_lnh, g_lr, rows, cols, 0, H, 3 * H, m)
+        _acc(acc_lnh, g_lz, rows, cols, 1, H, 3 * H, m)
+        _acc(acc_lnh, g_ln, rows, cols, 2, H, 3 * H, m)
         if LN_BIAS:
-            _acc(acc_bhh, dar, rows, cols, 0, H, 3 * H, m)
-            _acc(acc_bhh, daz, rows, cols, 1, H, 3 * H, m)
-            _acc(acc_bhh, dhn, rows, cols, 2, H, 3 * H, m)
-        gr = dar * _vec(lnh_w, cols, 0, H)
-        gz = daz * _vec(lnh_w, cols, 1, H)
-        gn = dhn * _vec(lnh_w, cols, 2, H)
-        mg, mgu = _ln_bwd_means(gr, gz, gn, gn, ur, uz, un, un, 3 * H, 3)
-        _st(D, _ln_du(gr, ur, rstd, mg, mgu, m), rows, cols, 0, H, 3 * H, m)
-        _st(D, _ln_du(gz, uz, rstd, mg, mgu, m), rows, cols, 1, H, 3 * H, m)
-        _st(D, _ln_du(gn, un, rstd, mg, mgu, m), rows, cols, 2, H, 3 * H, m)
-    else:
-        _st(D, dar, rows, cols, 0, H, 3 * H, m)
-        _st(D, daz, rows, cols, 1, H, 3 * H, m)
-        _st(D, dhn, rows, cols, 2, H, 3 * H, m)
+            _acc(acc_bhh, g_br, rows, cols, 0, H, 3 * H, m)
+            _acc(acc_bhh, g_bz, rows, cols, 1, H, 3 * H, m)
+            _acc(acc_bhh, g_bn, rows, cols, 2, H, 3 * H, m)
+    _st(D, Dr, rows, cols, 0, H, 3 * H, m)
+    _st(D, Dz, rows, cols, 1, H, 3 * H, m)
+    _st(D, Dn, rows, cols, 2, H, 3 * H, m)
     _st(dh_acc, direct + carry, rows, cols, 0, H, H, m)
 
 
@@ -541,12 +615,32 @@ def cho_fwd_b(xg, hg0, hn_raw, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh
 
 
 @triton.jit
+def _cho_bwd_b_cell(dh, h, xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr,
+                    LN_BIAS: tl.constexpr):
+    """Cho GRU backward, phase 2: through h = n + z (h - n) and n. Returns d a_z, d a_n (= d xg_n),
+    D1 = d(raw R_n projection), the direct part dh * z of d h_prev, and ln_weight_hh / bias_hh (n rows)."""
+    r, z, ur, uz, rstd = _cho_gates_cell(xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+    n, un, rstd_n = _cho_n_cell(xn, hn, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+    dn = dh * (1.0 - z)
+    daz = dh * (h - n) * z * (1.0 - z)
+    dan = dn * (1.0 - n * n)
+    D1 = dan
+    g_ln = dh * 0.0
+    if LN:
+        g_ln = dan * un
+        gn = dan * _vec(lnh_w, cols, 2, H)
+        mg, mgu = _ln_bwd_means(gn, gn, gn, gn, un, un, un, un, H, 1)
+        D1 = _ln_du(gn, un, rstd_n, mg, mgu, m)
+    return daz, dan, D1, dh * z, g_ln, dan
+
+
+@triton.jit
 def cho_bwd_b(xg, hg0, hn_raw, h0, dh_acc, dz, dmm, dy, omask, hmask, keep_h, dxg, D1, acc_lnh, acc_bhh,
               lnh_w, b_hh, B, H, s_xg, kh_b, kh_h,
               LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
               HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Backward phase 2: through h = n + z (h - n) and n; D1 = d(raw R_n projection), dz kept for phase 1."""
+    """Backward phase 2 of one step; writes D1 (input of the R_n matmul) and keeps d a_z in ``dz``."""
     rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
     h = _ld(h0, rows, cols, 0, H, H, m)
     dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
@@ -554,55 +648,69 @@ def cho_bwd_b(xg, hg0, hn_raw, h0, dh_acc, dz, dmm, dy, omask, hmask, keep_h, dx
     if HAS_KEEP:
         carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
         dh = dh - carry
-    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
-    n, un, rstd_n = _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
-    dn = dh * (1.0 - z)
-    daz = dh * (h - n) * z * (1.0 - z)
-    dan = dn * (1.0 - n * n)
+    daz, dan, d1, direct, g_ln, g_bn = _cho_bwd_b_cell(
+        dh, h, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg0, rows, cols, 0, H, 2 * H, m),
+        _ld(hg0, rows, cols, 1, H, 2 * H, m), _ld(hn_raw, rows, cols, 0, H, H, m), cols, m, H, lnh_w, b_hh,
+        LN, LN_BIAS)
     _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
     _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
     _st(dz, daz, rows, cols, 0, H, H, m)
     if LN:
-        _acc(acc_lnh, dan * un, rows, cols, 2, H, 3 * H, m)
+        _acc(acc_lnh, g_ln, rows, cols, 2, H, 3 * H, m)
         if LN_BIAS:
-            _acc(acc_bhh, dan, rows, cols, 2, H, 3 * H, m)
-        gn = dan * _vec(lnh_w, cols, 2, H)
-        mg, mgu = _ln_bwd_means(gn, gn, gn, gn, un, un, un, un, H, 1)
-        _st(D1, _ln_du(gn, un, rstd_n, mg, mgu, m), rows, cols, 0, H, H, m)
-    else:
-        _st(D1, dan, rows, cols, 0, H, H, m)
-    _st(dh_acc, dh * z + carry, rows, cols, 0, H, H, m)
+            _acc(acc_bhh, g_bn, rows, cols, 2, H, 3 * H, m)
+    _st(D1, d1, rows, cols, 0, H, H, m)
+    _st(dh_acc, direct + carry, rows, cols, 0, H, H, m)
+
+
+@triton.jit
+def _cho_bwd_a_cell(g, h, daz, xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """Cho GRU backward, phase 1: ``g`` = d(r * h) = (D1 R_n) * hmask. Returns d a_r, D0 (r, z tiles),
+    the d h_prev term g * r, and ln_weight_hh / bias_hh contributions of the (r, z) rows."""
+    r, z, ur, uz, rstd = _cho_gates_cell(xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+    dar = g * h * r * (1.0 - r)
+    Dr = dar
+    Dz = daz
+    zero = g * 0.0
+    g_lr = zero
+    g_lz = zero
+    if LN:
+        g_lr = dar * ur
+        g_lz = daz * uz
+        gr = dar * _vec(lnh_w, cols, 0, H)
+        gz = daz * _vec(lnh_w, cols, 1, H)
+        mg, mgu = _ln_bwd_means(gr, gz, gz, gz, ur, uz, uz, uz, 2 * H, 2)
+        Dr = _ln_du(gr, ur, rstd, mg, mgu, m)
+        Dz = _ln_du(gz, uz, rstd, mg, mgu, m)
+    return dar, Dr, Dz, g * r, g_lr, g_lz
 
 
 @triton.jit
 def cho_bwd_a(xg, hg0, h0, dq, dh_acc, dz, hmask, dxg, D0, acc_lnh, acc_bhh, lnh_w, b_hh, B, H, s_xg,
               LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_HMASK: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Backward phase 1: dq = (D1 R_n) through q = r * h * hmask and the (r, z) rows; D0 for R_rz."""
+    """Backward phase 1 of one step: dq = D1 R_n through q = r * h * hmask and the (r, z) rows; D0 for R_rz."""
     rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
     h = _ld(h0, rows, cols, 0, H, H, m)
-    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
     g = _ld(dq, rows, cols, 0, H, H, m)
     if HAS_HMASK:
         g = g * _ld(hmask, rows, cols, 0, H, H, m)
-    dar = g * h * r * (1.0 - r)
     daz = _ld(dz, rows, cols, 0, H, H, m)
-    _st(dh_acc, _ld(dh_acc, rows, cols, 0, H, H, m) + g * r, rows, cols, 0, H, H, m)
+    dar, Dr, Dz, dh_r, g_lr, g_lz = _cho_bwd_a_cell(
+        g, h, daz, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
+        _ld(hg0, rows, cols, 0, H, 2 * H, m), _ld(hg0, rows, cols, 1, H, 2 * H, m), cols, m, H, lnh_w, b_hh,
+        LN, LN_BIAS)
+    _st(dh_acc, _ld(dh_acc, rows, cols, 0, H, H, m) + dh_r, rows, cols, 0, H, H, m)
     _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
     if LN:
-        _acc(acc_lnh, dar * ur, rows, cols, 0, H, 3 * H, m)
-        _acc(acc_lnh, daz * uz, rows, cols, 1, H, 3 * H, m)
+        _acc(acc_lnh, g_lr, rows, cols, 0, H, 3 * H, m)
+        _acc(acc_lnh, g_lz, rows, cols, 1, H, 3 * H, m)
         if LN_BIAS:
             _acc(acc_bhh, dar, rows, cols, 0, H, 3 * H, m)
             _acc(acc_bhh, daz, rows, cols, 1, H, 3 * H, m)
-        gr = dar * _vec(lnh_w, cols, 0, H)
-        gz = daz * _vec(lnh_w, cols, 1, H)
-        mg, mgu = _ln_bwd_means(gr, gz, gz, gz, ur, uz, uz, uz, 2 * H, 2)
-        _st(D0, _ln_du(gr, ur, rstd, mg, mgu, m), rows, cols, 0, H, 2 * H, m)
-        _st(D0, _ln_du(gz, uz, rstd, mg, mgu, m), rows, cols, 1, H, 2 * H, m)
-    else:
-        _st(D0, dar, rows, cols, 0, H, 2 * H, m)
-        _st(D0, daz, rows, cols, 1, H, 2 * H, m)
+    _st(D0, Dr, rows, cols, 0, H, 2 * H, m)
+    _st(D0, Dz, rows, cols, 1, H, 2 * H, m)
 
 
 # ---- Elman RNN (tanh / relu), optionally layer-normalised ----------------------------------------------
@@ -645,6 +753,24 @@ def rnn_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh, B, H, kh_
 
 
 @triton.jit
+def _rnn_bwd_cell(dh, x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
+    """ElmanCell.backward of one step: returns d xg, D and the ln_weight_hh contribution."""
+    hc, u, rstd = _rnn_cell(x, hh, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
+    if RELU:
+        da = tl.where(hc > 0.0, dh, 0.0)
+    else:
+        da = dh * (1.0 - hc * hc)
+    D = da
+    g_l = dh * 0.0
+    if LN:
+        g_l = da * u
+        g = da * _vec(lnh_w, cols, 0, H)
+        mg, mgu = _ln_bwd_means(g, g, g, g, u, u, u, u, H, 1)
+        D = _ln_du(g, u, rstd, mg, mgu, m)
+    return da, D, g_l
+
+
+@triton.jit
 def rnn_bwd(xg, hg, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
             B, H, kh_b, kh_h,
             RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
@@ -657,19 +783,14 @@ def rnn_bwd(xg, hg, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_
     if HAS_KEEP:
         carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
         dh = dh - carry
-    hc, u, rstd = _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
-    if RELU:
-        da = tl.where(hc > 0.0, dh, 0.0)
-    else:
-        da = dh * (1.0 - hc * hc)
+    da, d, g_l = _rnn_bwd_cell(dh, _ld(xg, rows, cols, 0, H, H, m), _ld(hg, rows, cols, 0, H, H, m), cols, m, H,
+                               lnh_w, b_hh, RELU, LN, LN_BIAS)
     _st(dxg, da, rows, cols, 0, H, H, m)
     if LN:
-        _acc(acc_lnh, da * u, rows, cols, 0, H, H, m)
+        _acc(acc_lnh, g_l, rows, cols, 0, H, H, m)
         if LN_BIAS:
             _acc(acc_bhh, da, rows, cols, 0, H, H, m)
-        g = da * _vec(lnh_w, cols, 0, H)
-        mg, mgu = _ln_bwd_means(g, g, g, g, u, u, u, u, H, 1)
-        _st(D, _ln_du(g, u, rstd, mg, mgu, m), rows, cols, 0, H, H, m)
+        _st(D, d, rows, cols, 0, H, H, m)
     _st(dh_acc, carry, rows, cols, 0, H, H, m)
 
 
