@@ -12,7 +12,7 @@ A task command gets all of them with one decorator and receives them as a :class
     @run_command("charlm")
     def train(corpus: Path = typer.Argument(...), *, opts: RunOptions) -> None:
         cfg = opts.load_config(CharLMConfig)           # TOML < --set < --seed/--steps/... flags
-        result = Trainer(..., cfg.trainer, opts.out, resume=opts.resume, quiet=opts.quiet,
+        result = Trainer(..., cfg.trainer, opts.run_dir, resume=opts.resume, quiet=opts.quiet,
                          full_config=cfg).fit()
         opts.emit(result)                              # --json: one JSON object on stdout
 
