@@ -54,17 +54,17 @@ def test_stop_and_resume_is_bit_exact(tmp_path, kind, settings):
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated records
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    """Kill a training subprocess at a random moment (often inside a checkpoint write), resume, compare."""
-    out = tmp_path / "killed"
+def _start_and_kill(out: Path, resume: bool) -> None:
+    """Start the toy training in a subprocess, wait for a new checkpoint, SIGKILL it at a random moment."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     args = [sys.executable, "-m", "rnnkit.train.toy", "--out", str(out), "--set", "steps=100000",
-            "--set", "checkpoint_every=1", "--set", "keep_checkpoints=2"]
+            "--set", "checkpoint_every=1", "--set", "keep_checkpoints=2"] + (["--resume"] if resume else [])
     args += [a for k, v in STREAM.items() for a in ("--set", f"{k}={_toml(v)}")]
+    before = list_checkpoints(out / "checkpoints")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not list_checkpoints(out / "checkpoints"):
+        while list_checkpoints(out / "checkpoints")[-1:] == before[-1:]:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
@@ -77,6 +77,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
             proc.wait()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    """Kill a training subprocess at a random moment (often inside a checkpoint write), resume, compare."""
+    out = tmp_path / "killed"
+    _start_and_kill(out, resume=False)
     last = list_checkpoints(out / "checkpoints")[-1][0]
     total = last + 4
     resumed = run(str(out), steps=total, resume=True, checkpoint_every=1, keep_checkpoints=2, **STREAM)
@@ -177,3 +183,13 @@ def test_loading_never_unpickles(tmp_path):
     path.write_text(_json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "body": text}))
     with pytest.raises(CheckpointError, match="outside"):
         load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_three_kills_in_a_row(tmp_path):
+    out = tmp_path / "killed"
+    for i in range(3):
+        _start_and_kill(out, resume=i > 0)
+    total = list_checkpoints(out / "checkpoints")[-1][0] + 3
+    resumed = run(str(out), steps=total, resume=True, checkpoint_every=1, keep_checkpoints=2, **STREAM)
+    _assert_same(run(str(tmp_path / "ref"), steps=total, **STREAM)["params"], resumed["params"])
