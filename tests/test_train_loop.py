@@ -373,3 +373,23 @@ def test_cuda_bf16_training_and_exact_resume(tmp_path):
     assert all(v.is_cuda for v in ref["params"].values())
     for k, v in ref["params"].items():
         assert torch.equal(v, resumed["params"][k]), k
+
+
+def test_map_style_dataset_of_tuples():
+    from torch.utils.data import TensorDataset
+
+    data = random_classification(24, seed=4)
+    ds = TensorDataset(data["x"], data["y"])
+
+    class TupleTask:
+        def loss(self, model, batch):
+            x, y = batch
+            return F.cross_entropy(model(x), y)
+
+    torch.manual_seed(19)
+    m1, m2 = TinyClassifier(), TinyClassifier()
+    m2.load_state_dict(m1.state_dict())
+    Trainer(m1, TupleTask(), ds, cfg(steps=3, batch_size=8), None, quiet=True).fit()
+    Trainer(m2, ClassifyTask(), data, cfg(steps=3, batch_size=8), None, quiet=True).fit()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

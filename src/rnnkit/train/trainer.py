@@ -568,6 +568,8 @@ class Trainer:
                                     "grad_norm": self._log_gnorm, "loss": self._last_loss})
         if self.step % c.log_every == 0 or epoch_done or not self._budget_left():
             self._log_train()
+        elif self.is_main:
+            self.progress.update(self.step, None)  # moves the rich bar; plain lines wait for the next record
         if epoch_done:
             self._fire("epoch_end", {"epoch": self.epoch, "step": self.step})
             finished_epoch = self.epoch
