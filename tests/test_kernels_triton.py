@@ -154,8 +154,8 @@ def test_registry_cell_larger_grid(name, device):
 
 @needs_triton
 @pytest.mark.parametrize("name", ["rnn_relu", "lstm_zoneout", "lstm_peephole_ln", "gru_cho_ln", "gru_rdrop"])
-def test_persistent_forward_then_per_step_backward(name, device):
-    """backend='triton_persistent': the whole forward in one launch, then the per-step backward."""
+def test_persistent_forward_and_backward(name, device):
+    """backend='triton_persistent': the whole forward in one launch, the whole backward in another."""
     _compare(name, device, T=3, B=2, I=2, H=3, bidirectional=True, lengths=[3, 2], given_state=True,
              backend="triton_persistent")
 
@@ -166,6 +166,21 @@ def test_persistent_forward_then_per_step_backward(name, device):
 def test_persistent_registry(name, device):
     _compare(name, device, T=5, B=17, I=3, H=33, bidirectional=True, lengths=list(range(1, 6)) * 3 + [5, 5],
              given_state=True, backend="triton_persistent")
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["triton", "triton_persistent"])
+def test_incoming_gradients_are_not_modified(backend, device):
+    """The kernels update the running state gradients in place; they must work on copies."""
+    torch.manual_seed(4)
+    layer = rnnkit.build("lstm_peephole", 2, 3, backend=backend, bidirectional=True).to(device)
+    x = torch.randn(3, 2, 2, device=device, requires_grad=True)
+    out, (h, c) = layer(x)
+    grads = [torch.randn_like(t) for t in (out, h, c)]
+    before = [g.clone() for g in grads]
+    torch.autograd.grad((out, h, c), x, grads)
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b)
 
 
 @needs_triton

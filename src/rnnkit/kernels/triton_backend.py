@@ -239,16 +239,18 @@ class _Run:
         wanted = {"ln_weight_hh": self.ln, "bias_hh": self.ln_bias, "weight_ch": "weight_ch" in self.extras,
                   "ln_weight_c": self.ln and cell.family == "lstm", "ln_bias_c": self.ln and cell.family == "lstm"}
         self.acc = {n: torch.zeros(B, sizes[n], dtype=f32, device=dev) for n in acc_names if wanted[n]}
-        d_acc = [torch.zeros(B, H, dtype=f32, device=dev) if d is None else d.to(f32).contiguous()
-                 for d in dfinal]
+        # Fresh float32 copies: the kernels update these in place, and autograd may hand the same gradient
+        # tensor to several consumers.
+        d_acc = [torch.zeros(B, H, dtype=f32, device=dev) if d is None
+                 else d.to(dtype=f32, memory_format=torch.contiguous_format, copy=True) for d in dfinal]
         dout = None if dout is None else dout.contiguous()
         dxg = torch.empty(T, B, GH, dtype=dt, device=dev)
         if cell.family == "gru" and not cell.reset_after:
             dmm, dR, db = self._backward_cho(dout, d_acc, dxg)
         else:
             dmm, dR, db = self._backward_one(dout, d_acc, dxg)
-        # Gradient w.r.t. the initial state: the direct part plus the last matmul term.
-        dh0 = d_acc[0] + self.masked(dmm.to(f32))
+        # Gradient w.r.t. the initial state: the direct part plus the last matmul term (None: already added).
+        dh0 = d_acc[0] if dmm is None else d_acc[0] + self.masked(dmm.to(f32))
         dstate0 = [dh0.to(dt)] + [d.to(dt) for d in d_acc[1:]]
         if self.ln_bias:
             db = self.acc["bias_hh"].sum(0).to(dt)
@@ -335,7 +337,7 @@ def _persistent_block_h(H: int) -> int:
 
 
 class _PersistentRun(_Run):
-    """Forward in ONE launch (the time loop inside the kernel, R on chip); backward as :class:`_Run`."""
+    """Forward and backward each in ONE launch: the time loops run inside the kernels, R stays on chip."""
 
     def forward(self, state0: State) -> tuple[Tensor, State]:
         T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
@@ -355,20 +357,8 @@ class _PersistentRun(_Run):
         if cho:
             self.Q = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
             self.hn = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
-        keep = [None, None] if self.keep is None else list(self.keep) + [None]
-        kargs = []
-        for k in keep[:2]:
-            if k is None:
-                kargs += [self.dummy, 0, 0, 0]
-            else:
-                ke = k.expand(k.shape[0], B, H)
-                kargs += [ke, ke.stride(0) if k.shape[0] > 1 else 0, ke.stride(1), ke.stride(2)]
-        fam = {"rnn": 0, "lstm": 1, "gru": 3 if cho else 2}[cell.family]
-        lstm = cell.family == "lstm"
-        flags = {"USE_I": lstm and cell.use_i, "USE_F": lstm and cell.use_f, "USE_O": lstm and cell.use_o,
-                 "COUPLED": lstm and cell.coupled, "PEEP": lstm and cell.peephole,
-                 "ACT": lstm and cell.output_activation, "RELU": cell.family == "rnn" and cell.nonlinearity == "relu",
-                 "LN": self.ln, "LN_BIAS": self.ln_bias, "REC_BIAS": cell.rec_bias}
+        kargs = self._keep_seq_args()
+        flags = {**self._persistent_flags(), "REC_BIAS": cell.rec_bias}
         bh = _persistent_block_h(H)
         rb = self.b_hh if cell.rec_bias else None
         self.K.persistent_fwd[(triton_cdiv(B, PERSISTENT_BLOCK_B),)](
@@ -376,9 +366,68 @@ class _PersistentRun(_Run):
             p(getattr(self, "Q", None)), p(getattr(self, "hn", None)), p(self.hmask), kargs[0], kargs[4],
             p(None if self.omask is None else self.omask), p(e.get("weight_ch")), p(e.get("ln_weight_hh")),
             p(self.b_hh), p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), T, B, H, s_hg, *kargs[1:4], *kargs[5:8],
-            FAMILY=fam, G=G, **flags, **self.flags(), SAVE=save, BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh,
+            G=G, **flags, **self.flags(), SAVE=save, BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh,
             num_warps=4 if G * bh * bh <= 4096 else 8, enable_fp_fusion=True)
         return y, tuple(s[T] for s in self.S)
+
+    def _keep_seq_args(self) -> list:
+        """(keep, t stride, b stride, h stride) for h and c; stride 0 where the mask broadcasts."""
+        keep = [None, None] if self.keep is None else list(self.keep) + [None]
+        kargs = []
+        for k in keep[:2]:
+            if k is None:
+                kargs += [self.dummy, 0, 0, 0]
+            else:
+                ke = k.expand(k.shape[0], self.B, self.H)
+                kargs += [ke, ke.stride(0) if k.shape[0] > 1 else 0, ke.stride(1), ke.stride(2)]
+        return kargs
+
+    def _persistent_flags(self) -> dict:
+        cell = self.cell
+        lstm = cell.family == "lstm"
+        cho = cell.family == "gru" and not cell.reset_after
+        return {"FAMILY": {"rnn": 0, "lstm": 1, "gru": 3 if cho else 2}[cell.family],
+                "USE_I": lstm and cell.use_i, "USE_F": lstm and cell.use_f, "USE_O": lstm and cell.use_o,
+                "COUPLED": lstm and cell.coupled, "PEEP": lstm and cell.peephole,
+                "ACT": lstm and cell.output_activation, "RELU": cell.family == "rnn" and cell.nonlinearity == "relu",
+                "LN": self.ln, "LN_BIAS": self.ln_bias}
+
+    def _backward_one(self, dout, d_acc, dxg):
+        return self._backward_persistent(dout, d_acc, dxg)
+
+    def _backward_cho(self, dout, d_acc, dxg):
+        return self._backward_persistent(dout, d_acc, dxg)
+
+    def _backward_persistent(self, dout, d_acc, dxg):
+        """The whole reverse time loop in one launch; updates ``d_acc`` to the initial-state gradients."""
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        cell, e, p, a = self.cell, self.extras, self.p, self.acc
+        cho = cell.family == "gru" and not cell.reset_after
+        G = cell.gates
+        s_hg = (2 if cho else G) * H
+        store_d = self.ln or cell.family == "gru"  # else D (d of the raw projection) is d xg itself
+        D = torch.empty(T, B, s_hg, dtype=dt, device=dev) if store_d else dxg
+        D1 = torch.empty(T, B, H, dtype=dt, device=dev) if cho else None
+        kargs = self._keep_seq_args()
+        bh = _persistent_block_h(H)
+        self.K.persistent_bwd[(triton_cdiv(B, PERSISTENT_BLOCK_B),)](
+            self.xg, self.hg, p(getattr(self, "hn", None)), self.S[0], self.S[-1], p(dout), p(self.omask),
+            p(self.hmask), kargs[0], kargs[4], self.R.contiguous(), dxg, D, p(D1), d_acc[0], d_acc[-1],
+            p(a.get("weight_ch")), p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(a.get("ln_weight_c")),
+            p(a.get("ln_bias_c")), p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
+            p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), T, B, H, s_hg, *kargs[1:4], *kargs[5:8],
+            G=G, **self._persistent_flags(), **self.flags(), STORE_D=store_d, HAS_DY=dout is not None,
+            BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh, num_warps=4 if G * bh * bh <= 4096 else 8,
+            enable_fp_fusion=True)
+        Hin = self.Hin[:T].reshape(T * B, H)
+        if cho:
+            dR = torch.cat([D.reshape(T * B, 2 * H).t() @ Hin, D1.reshape(T * B, H).t() @ self.Q.reshape(T * B, H)])
+            db = torch.cat([D.sum((0, 1)), D1.sum((0, 1))]) if self.b_parts[0] is not None else None
+        else:
+            Df = D.reshape(T * B, G * H)
+            dR = Df.t() @ Hin
+            db = Df.sum(0) if self.b_parts[0] is not None else None
+        return None, dR, db
 
 
 def triton_cdiv(a: int, b: int) -> int:

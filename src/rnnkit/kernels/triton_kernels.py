@@ -920,3 +920,222 @@ def persistent_fwd(xg, R, b_rec, S_h, S_c, y, Hin, hg_out, Q, hn_out, hmask, kee
             _st(Hin + (t + 1) * B * H, h_new * hm, rows, cols, 0, H, H, m)
         h = tl.where(m, h_new, 0.0)
         c = tl.where(m, c_new, 0.0)
+
+
+@triton.jit
+def _rN(R, k, H, jj, cols):
+    """Gate ``k`` of R as a (BLOCK_H, BLOCK_H) tile: ``[j, n] = R[k*H + j, n]`` (0 padded)."""
+    msk = (jj < H)[:, None] & (cols < H)[None, :]
+    return tl.load(R + (k * H + jj[:, None]) * H + cols[None, :], mask=msk, other=0.0)
+
+
+@triton.jit
+def _row_acc(ptr, val, rows, cols, k, H, stride, m):
+    """Store a per-row accumulator tile kept in registers (each element written once, at the end)."""
+    _st(ptr, val, rows, cols, k, H, stride, m)
+
+
+@triton.jit
+def persistent_bwd(xg, hg, hn_raw, S_h, S_c, dy, omask, hmask, keep_h, keep_c, R, dxg, D, D1, dh_io, dc_io,
+                   acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
+                   T, B, H, s_hg, kh_t, kh_b, kh_h, kc_t, kc_b, kc_h,
+                   FAMILY: tl.constexpr, G: tl.constexpr, USE_I: tl.constexpr, USE_F: tl.constexpr,
+                   USE_O: tl.constexpr, COUPLED: tl.constexpr, PEEP: tl.constexpr, ACT: tl.constexpr,
+                   RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, STORE_D: tl.constexpr,
+                   HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DY: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The whole backward time loop of one layer/direction for BLOCK_B sequences in one launch.
+
+    Mirrors the per-step backward kernels: R's gate tiles stay on chip for ``dmm = D_t R``; the
+    running state gradients and the parameter-gradient accumulators stay in registers. ``dh_io``,
+    ``dc_io`` hold the gradients w.r.t. the final state on entry and w.r.t. the initial state on exit.
+    Writes d xg and D (and D1 for the Cho GRU) of every step for the dW / dR / db matmuls.
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_H)
+    jj = tl.arange(0, BLOCK_H)
+    m = (rows < B)[:, None] & (cols < H)[None, :]
+    GH = G * H
+    dt = R.dtype.element_ty
+    r0 = _rN(R, 0, H, jj, cols)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if G > 1:
+        r1 = _rN(R, 1, H, jj, cols)
+    if G > 2:
+        r2 = _rN(R, 2, H, jj, cols)
+    if G > 3:
+        r3 = _rN(R, 3, H, jj, cols)
+    dh_acc = _ld(dh_io, rows, cols, 0, H, H, m)
+    dc_acc = dh_acc * 0.0
+    if FAMILY == 1:
+        dc_acc = _ld(dc_io, rows, cols, 0, H, H, m)
+    hm = dh_acc * 0.0 + 1.0
+    if HAS_HMASK:
+        hm = _ld(hmask, rows, cols, 0, H, H, m)
+    zero = dh_acc * 0.0
+    dmm = zero
+    a_p0 = zero
+    a_p1 = zero
+    a_p2 = zero
+    a_l0 = zero
+    a_l1 = zero
+    a_l2 = zero
+    a_l3 = zero
+    a_b0 = zero
+    a_b1 = zero
+    a_b2 = zero
+    a_b3 = zero
+    a_cw = zero
+    a_cb = zero
+    for tt in range(T):
+        t = T - 1 - tt
+        dh = dh_acc + dmm * hm
+        if HAS_DY:
+            d = _ld(dy + t * B * H, rows, cols, 0, H, H, m)
+            if HAS_OMASK:
+                d = d * tl.load(omask + t * B + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
+            dh += d
+        dc = dc_acc
+        carry_h = zero
+        carry_c = zero
+        if HAS_KEEP:
+            carry_h = _ld2(keep_h + t * kh_t, rows, cols, kh_b, kh_h, m) * dh
+            dh = dh - carry_h
+            if FAMILY == 1:
+                carry_c = _ld2(keep_c + t * kc_t, rows, cols, kc_b, kc_h, m) * dc
+                dc = dc - carry_c
+        xt = xg + t * B * GH
+        ht = hg + t * B * s_hg
+        dxt = dxg + t * B * GH
+        Dt = D + t * B * s_hg
+        if FAMILY == 1:
+            (dai, daf, dag, dao, Di, Df, Dg, Do, dc_prev, g_pi, g_pf, g_po, g_li, g_lf, g_lg, g_lo, g_lnc_w,
+             g_lnc_b) = _lstm_bwd_cell(
+                dh, dc, _ld(S_c + t * B * H, rows, cols, 0, H, H, m),
+                _ld(xt, rows, cols, 0, H, GH, m), _ld(xt, rows, cols, 1, H, GH, m),
+                _ld(xt, rows, cols, 2, H, GH, m), _ld(xt, rows, cols, 3, H, GH, m),
+                _ld(ht, rows, cols, 0, H, GH, m), _ld(ht, rows, cols, 1, H, GH, m),
+                _ld(ht, rows, cols, 2, H, GH, m), _ld(ht, rows, cols, 3, H, GH, m),
+                cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
+            _st(dxt, dai, rows, cols, 0, H, GH, m)
+            _st(dxt, daf, rows, cols, 1, H, GH, m)
+            _st(dxt, dag, rows, cols, 2, H, GH, m)
+            _st(dxt, dao, rows, cols, 3, H, GH, m)
+            Di = Di.to(dt)
+            Df = Df.to(dt)
+            Dg = Dg.to(dt)
+            Do = Do.to(dt)
+            if STORE_D:
+                _st(Dt, Di, rows, cols, 0, H, GH, m)
+                _st(Dt, Df, rows, cols, 1, H, GH, m)
+                _st(Dt, Dg, rows, cols, 2, H, GH, m)
+                _st(Dt, Do, rows, cols, 3, H, GH, m)
+            dmm = _mm(Di, r0, zero) + _mm(Df, r1, zero) + _mm(Dg, r2, zero) + _mm(Do, r3, zero)
+            a_p0 += g_pi
+            a_p1 += g_pf
+            a_p2 += g_po
+            a_l0 += g_li
+            a_l1 += g_lf
+            a_l2 += g_lg
+            a_l3 += g_lo
+            a_b0 += dai
+            a_b1 += daf
+            a_b2 += dag
+            a_b3 += dao
+            a_cw += g_lnc_w
+            a_cb += g_lnc_b
+            dh_acc = carry_h
+            dc_acc = dc_prev + carry_c
+        elif FAMILY == 2:
+            h = _ld(S_h + t * B * H, rows, cols, 0, H, H, m)
+            dar, daz, dan, Dr, Dz, Dn, direct, g_lr, g_lz, g_ln, g_br, g_bz, g_bn = _gru_bwd_cell(
+                dh, h, _ld(xt, rows, cols, 0, H, GH, m), _ld(xt, rows, cols, 1, H, GH, m),
+                _ld(xt, rows, cols, 2, H, GH, m), _ld(ht, rows, cols, 0, H, GH, m),
+                _ld(ht, rows, cols, 1, H, GH, m), _ld(ht, rows, cols, 2, H, GH, m), cols, m, H, lnh_w, b_hh,
+                LN, LN_BIAS)
+            _st(dxt, dar, rows, cols, 0, H, GH, m)
+            _st(dxt, daz, rows, cols, 1, H, GH, m)
+            _st(dxt, dan, rows, cols, 2, H, GH, m)
+            Dr = Dr.to(dt)
+            Dz = Dz.to(dt)
+            Dn = Dn.to(dt)
+            _st(Dt, Dr, rows, cols, 0, H, GH, m)
+            _st(Dt, Dz, rows, cols, 1, H, GH, m)
+            _st(Dt, Dn, rows, cols, 2, H, GH, m)
+            dmm = _mm(Dr, r0, zero) + _mm(Dz, r1, zero) + _mm(Dn, r2, zero)
+            a_l0 += g_lr
+            a_l1 += g_lz
+            a_l2 += g_ln
+            a_b0 += g_br
+            a_b1 += g_bz
+            a_b2 += g_bn
+            dh_acc = direct + carry_h
+        elif FAMILY == 3:
+            h = _ld(S_h + t * B * H, rows, cols, 0, H, H, m)
+            xr = _ld(xt, rows, cols, 0, H, GH, m)
+            xz = _ld(xt, rows, cols, 1, H, GH, m)
+            hr = _ld(ht, rows, cols, 0, H, 2 * H, m)
+            hz = _ld(ht, rows, cols, 1, H, 2 * H, m)
+            daz, dan, d1, direct, g_ln, g_bn = _cho_bwd_b_cell(
+                dh, h, xr, xz, _ld(xt, rows, cols, 2, H, GH, m), hr, hz,
+                _ld(hn_raw + t * B * H, rows, cols, 0, H, H, m), cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
+            d1 = d1.to(dt)
+            _st(D1 + t * B * H, d1, rows, cols, 0, H, H, m)
+            g = _mm(d1, r2, zero) * hm
+            dar, Dr, Dz, dh_r, g_lr, g_lz = _cho_bwd_a_cell(g, h, daz, xr, xz, hr, hz, cols, m, H, lnh_w, b_hh,
+                                                            LN, LN_BIAS)
+            _st(dxt, dar, rows, cols, 0, H, GH, m)
+            _st(dxt, daz, rows, cols, 1, H, GH, m)
+            _st(dxt, dan, rows, cols, 2, H, GH, m)
+            Dr = Dr.to(dt)
+            Dz = Dz.to(dt)
+            _st(Dt, Dr, rows, cols, 0, H, 2 * H, m)
+            _st(Dt, Dz, rows, cols, 1, H, 2 * H, m)
+            dmm = _mm(Dr, r0, zero) + _mm(Dz, r1, zero)
+            a_l0 += g_lr
+            a_l1 += g_lz
+            a_l2 += g_ln
+            a_b0 += dar
+            a_b1 += daz
+            a_b2 += g_bn
+            dh_acc = direct + dh_r + carry_h
+        else:
+            da, d, g_l = _rnn_bwd_cell(dh, _ld(xt, rows, cols, 0, H, GH, m), _ld(ht, rows, cols, 0, H, GH, m),
+                                       cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
+            _st(dxt, da, rows, cols, 0, H, GH, m)
+            d = d.to(dt)
+            if STORE_D:
+                _st(Dt, d, rows, cols, 0, H, GH, m)
+            dmm = _mm(d, r0, zero)
+            a_l0 += g_l
+            a_b0 += da
+            dh_acc = carry_h
+        dh_acc = tl.where(m, dh_acc, 0.0)
+        dc_acc = tl.where(m, dc_acc, 0.0)
+        dmm = tl.where(m, dmm, 0.0)
+    _st(dh_io, dh_acc + dmm * hm, rows, cols, 0, H, H, m)
+    if FAMILY == 1:
+        _st(dc_io, dc_acc, rows, cols, 0, H, H, m)
+        if PEEP:
+            _row_acc(acc_wch, a_p0, rows, cols, 0, H, 3 * H, m)
+            _row_acc(acc_wch, a_p1, rows, cols, 1, H, 3 * H, m)
+            _row_acc(acc_wch, a_p2, rows, cols, 2, H, 3 * H, m)
+        if LN:
+            _row_acc(acc_lnc_w, a_cw, rows, cols, 0, H, H, m)
+            _row_acc(acc_lnc_b, a_cb, rows, cols, 0, H, H, m)
+    if LN:
+        _row_acc(acc_lnh, a_l0, rows, cols, 0, H, GH, m)
+        if LN_BIAS:
+            _row_acc(acc_bhh, a_b0, rows, cols, 0, H, GH, m)
+        if G > 1:
+            _row_acc(acc_lnh, a_l1, rows, cols, 1, H, GH, m)
+            _row_acc(acc_lnh, a_l2, rows, cols, 2, H, GH, m)
+            if LN_BIAS:
+                _row_acc(acc_bhh, a_b1, rows, cols, 1, H, GH, m)
+                _row_acc(acc_bhh, a_b2, rows, cols, 2, H, GH, m)
+        if G > 3:
+            _row_acc(acc_lnh, a_l3, rows, cols, 3, H, GH, m)
+            if LN_BIAS:
+                _row_acc(acc_bhh, a_b3, rows, cols, 3, H, GH, m)
