@@ -13,8 +13,9 @@ import typer
 from .common import emit, user_errors
 
 NAME = "report"
+# A group whose callback is the command; interspersed args let RUN_DIR come before the options.
 app = typer.Typer(help="Build the HTML report of a run directory.", no_args_is_help=True,
-                  invoke_without_command=True)
+                  invoke_without_command=True, context_settings={"allow_interspersed_args": True})
 
 
 @app.callback(invoke_without_command=True)
