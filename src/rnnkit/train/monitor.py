@@ -90,7 +90,7 @@ class Progress:
         self.log_every = log_every
         self.unit = unit
         if rich is None:
-            rich = sys.stderr.isatty() and not os.environ.get("CI")
+            rich = sys.stderr.isatty() and os.environ.get("CI", "").lower() in ("", "0", "false")
         self.rich = rich and not self.quiet
         self._bar = None
         self._task = None
