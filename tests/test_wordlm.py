@@ -74,6 +74,8 @@ def test_train_eval_sample_on_files(files):
     assert len(generated) <= 12 and set(generated) <= set("the cat sat on mat and dog ran to park".split())
     res = invoke("wordlm", "sample", out_dir, "--prime", "the zebra")
     assert res.exit_code == 2 and "'zebra'" in res.stderr
+    res = invoke("charlm", "sample", out_dir)
+    assert res.exit_code == 2 and "use `rnnkit wordlm`" in res.stderr
 
 
 def test_ptb_preset_on_a_tiny_slice(tmp_path):

@@ -659,9 +659,13 @@ def load_run(run_dir: str | Path, config_cls: type = CharLMConfig, checkpoint: s
         if not p.is_file():
             raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
                             f"directory of a finished or checkpointed training")
+    vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    kind = "char" if isinstance(vocab, CharVocab) else "word"
+    wanted = "char" if issubclass(config_cls, CharLMConfig) else "word"
+    if kind != wanted:
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
     with cfg_path.open("rb") as f:
         cfg = config_from_dict(config_cls, tomllib.load(f))
-    vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
     ckdir = run_dir / "checkpoints"
     found = None
     if checkpoint == "latest":

@@ -237,11 +237,8 @@ def train(cfg: WordLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
 
 
 def load_word_run(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu") -> LoadedRun:
-    run = load_run(run_dir, WordLMConfig, checkpoint, device)
-    if not isinstance(run.vocab, WordVocab):
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: not a word-level run (its vocabulary is of characters; "
-                        f"use `rnnkit charlm`)")
-    return run
+    """:func:`rnnkit.tasks.charlm.load_run` for a word-level run."""
+    return load_run(run_dir, WordLMConfig, checkpoint, device)
 
 
 def evaluate_run(run: LoadedRun, text: str | Path | None = None, encoding: str = "utf-8") -> dict[str, Any]:
