@@ -23,11 +23,16 @@ activations from ``xg``, ``hg`` and the previous state instead of storing them.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 # Triton decides when a kernel is defined whether it will be interpreted (TRITON_INTERPRET=1).
-INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+if hasattr(triton, "knobs"):  # Triton >= 3.4
+    INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+else:
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 LN_EPS: tl.constexpr = tl.constexpr(1e-5)  # = rnnkit.cells.base.LN_EPS (asserted by the tests)
 
 
