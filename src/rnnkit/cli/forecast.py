@@ -24,8 +24,9 @@ FillOpt = Annotated[str | None, typer.Option("--fill", help="Missing values: ffi
 
 
 def ts_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
-    """Config from --config < --set < task flags (only those given) < shared budget/seed/device flags."""
-    from ..train.config import load_config, parse_override
+    """Config: task defaults < --config < --set < task flags (only those given) < shared budget/seed/device flags."""
+    from ..tasks.timeseries_common import task_config
+    from ..train.config import parse_override
 
     overrides: dict[str, Any] = {}
     for item in opts.set:
@@ -35,7 +36,7 @@ def ts_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
     overrides.update(opts.flag_overrides("trainer"))
     if opts.quiet:
         overrides.setdefault("trainer.log_every", 10_000)
-    return load_config(cls, opts.config, overrides)
+    return task_config(cls, opts.config, overrides)
 
 
 def split_names(text: str | None) -> list[str]:

@@ -280,7 +280,7 @@ def windows(series: Series, tf: Transform) -> dict[str, np.ndarray]:
     y, p, f = _arrays(series, tf)
     w = make_windows(y, d.lookback, d.horizon, p, f, d.stride)
     Ct = y.shape[1]
-    off = w["x"][:, -1:, :Ct] if d.window_norm == "last" else np.zeros((len(w["x"]), 1, Ct))
+    off = w["x"][:, -1:, :Ct].copy() if d.window_norm == "last" else np.zeros((len(w["x"]), 1, Ct))
     w["x"][..., :Ct] -= off
     w["y"] -= off
     return {"x": w["x"].astype(np.float32), "y": w["y"].astype(np.float32), "xf": w["xf"].astype(np.float32)}
