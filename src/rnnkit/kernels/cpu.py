@@ -103,7 +103,8 @@ class _CpuRecurrence(torch.autograd.Function):
         A = _Arrays(masks, T, B, H, n_state, dt)
         ln = cell.layer_norm
         xg_n = _np(xg)
-        Rd = R.detach()
+        Rd = R.detach().contiguous()
+        Rt = Rd.numpy().T  # (H, G*H) F-ordered view: BLAS reads it transposed, no copy
         bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
         ln_g = ex.get("ln_weight_hh", A.dummy1)
         h0 = _np(state0[0])
@@ -116,7 +117,7 @@ class _CpuRecurrence(torch.autograd.Function):
         family = cell.family
         if family == "rnn":
             HC = _empty(T, B, H, dtype=dt) if A.has_keep else out
-            K.rnn_forward(xg_n, Rd.t().contiguous().numpy(), bhh, cell.nonlinearity == "relu", ln, ln_g,
+            K.rnn_forward(xg_n, Rt, bhh, cell.nonlinearity == "relu", ln, ln_g,
                           A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HC.numpy(),
                           HIN.numpy(), UH.numpy(), RSH.numpy())
             buf["HC"] = HC
@@ -127,7 +128,7 @@ class _CpuRecurrence(torch.autograd.Function):
             GATES = _empty(T, B, GH, dtype=dt)
             UC = _empty(T, B, H, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
             RSC = _empty(T, B, 1, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-            K.lstm_forward(xg_n, Rd.t().contiguous().numpy(), bhh, cell.use_i, cell.use_f, cell.use_o,
+            K.lstm_forward(xg_n, Rt, bhh, cell.use_i, cell.use_f, cell.use_o,
                            cell.coupled, cell.peephole, ex.get("weight_ch", A.dummy1), cell.output_activation,
                            ln, ln_g, ex.get("ln_weight_c", A.dummy1), ex.get("ln_bias_c", A.dummy1),
                            A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0, out.numpy(),
@@ -137,14 +138,14 @@ class _CpuRecurrence(torch.autograd.Function):
         elif cell.reset_after:
             GATES = _empty(T, B, GH, dtype=dt)
             HN = _empty(T, B, H, dtype=dt)
-            K.gru_forward(xg_n, Rd.t().contiguous().numpy(), bhh, ln, ln_g, A.has_hmask, A.hmask,
+            K.gru_forward(xg_n, Rt, bhh, ln, ln_g, A.has_hmask, A.hmask,
                           A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(), GATES.numpy(), HN.numpy(),
                           UH.numpy(), RSH.numpy())
             buf.update(GATES=GATES, HN=HN)
         else:
             GATES = _empty(T, B, GH, dtype=dt)
             Q = _empty(T, B, H, dtype=dt)
-            K.gru_cho_forward(xg_n, Rd[:2 * H].t().contiguous().numpy(), Rd[2 * H:].t().contiguous().numpy(),
+            K.gru_cho_forward(xg_n, Rt[:, :2 * H], Rt[:, 2 * H:],
                               bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
                               HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy())
             buf.update(GATES=GATES, Q=Q)
@@ -187,7 +188,7 @@ class _CpuRecurrence(torch.autograd.Function):
         family = cell.family
         if family == "rnn":
             DRAW = _empty(T, B, GH, dtype=dt) if ln else DG
-            K.rnn_backward(Rd.contiguous().numpy(), cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask,
+            K.rnn_backward(Rd.numpy(), cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask,
                            A.has_keep, A.keep[0], has_dout, dout_n, dT[0], buf["HC"].numpy(),
                            buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(), DRAW.numpy(), dh0.numpy(), dln_g)
             dstate = [dh0]
@@ -200,7 +201,7 @@ class _CpuRecurrence(torch.autograd.Function):
             dpeep = np.zeros(3 * H if cell.peephole else 1)
             dln_cg = np.zeros(H if ln else 1)
             dln_cb = np.zeros(H if ln else 1)
-            K.lstm_backward(Rd.contiguous().numpy(), cell.use_i, cell.use_f, cell.use_o, cell.coupled,
+            K.lstm_backward(Rd.numpy(), cell.use_i, cell.use_f, cell.use_o, cell.coupled,
                             cell.peephole, ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g,
                             ex.get("ln_weight_c", A.dummy1), ex.get("ln_bias_c", A.dummy1), A.has_hmask,
                             A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout, dout_n, dT[0], dT[1],
@@ -216,7 +217,7 @@ class _CpuRecurrence(torch.autograd.Function):
             DPOST = _empty(T, B, GH, dtype=dt)
             DRAW = _empty(T, B, GH, dtype=dt) if ln else DPOST
             dbhh = np.zeros(GH)
-            K.gru_backward(Rd.contiguous().numpy(), ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+            K.gru_backward(Rd.numpy(), ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                            has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(),
                            buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(), DPOST.numpy(), DRAW.numpy(),
                            dh0.numpy(), dbhh, dln_g)
@@ -228,7 +229,7 @@ class _CpuRecurrence(torch.autograd.Function):
         else:
             DRAW0 = _empty(T, B, 2 * H, dtype=dt)
             DRAW1 = _empty(T, B, H, dtype=dt)
-            K.gru_cho_backward(Rd[:2 * H].contiguous().numpy(), Rd[2 * H:].contiguous().numpy(), ln, ln_g,
+            K.gru_cho_backward(Rd[:2 * H].numpy(), Rd[2 * H:].numpy(), ln, ln_g,
                                A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
                                out.numpy(), buf["GATES"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
                                DG.numpy(), DRAW0.numpy(), DRAW1.numpy(), dh0.numpy(), dln_g)
