@@ -393,3 +393,17 @@ def test_map_style_dataset_of_tuples():
     Trainer(m2, ClassifyTask(), data, cfg(steps=3, batch_size=8), None, quiet=True).fit()
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_over_a_minutes_budget():
+    clock = [0.0]
+    s = Schedule(ScheduleConfig(name="cosine", min_factor=0.0), 1.0, None, budget_s=100.0, clock=lambda: clock[0])
+    assert s.lr(0, 1) == pytest.approx(1.0)
+    clock[0] = 50.0
+    assert s.lr(7, 1) == pytest.approx(0.5)
+    clock[0] = 200.0
+    assert s.lr(9, 1) == pytest.approx(0.0)
+    torch.manual_seed(20)
+    tr = Trainer(TinyClassifier(), ClassifyTask(), random_classification(16),
+                 cfg(minutes=10.0, steps=None, batch_size=8, **{"schedule.name": "cosine"}), None, quiet=True)
+    assert tr.schedule.budget_s == 600.0 and tr.elapsed_s == 0.0

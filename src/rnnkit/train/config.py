@@ -74,7 +74,8 @@ class ScheduleConfig:
             1-based epoch ``start_epoch`` on (Zaremba et al.: decay 0.5, start_epoch 5, every 1);
             "cosine": linear warm-up over ``warmup_steps`` then
             ``factor = min_factor + (1 - min_factor) (1 + cos(pi p)) / 2`` with p the fraction of the
-            remaining steps done (needs a step or epoch budget, or ``total_steps``);
+            remaining steps done (``total_steps``, else the step/epoch budget; with only a minutes
+            budget, p is the fraction of the wall-clock budget used, which makes the run time-dependent);
             "plateau": multiply by ``decay`` when the validation metric has not improved by
             ``threshold`` (relative) for ``patience`` evaluations, not below ``min_factor``.
         warmup_steps: linear warm-up length for any schedule (0 = none).

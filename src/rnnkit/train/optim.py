@@ -7,7 +7,7 @@ few numbers that go into the checkpoint's JSON.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,12 +41,16 @@ class Schedule:
     ``min(1, (step + 1) / warmup_steps)``.
     """
 
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, total_steps: int | None, mode: str = "min") -> None:
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, total_steps: int | None, mode: str = "min", *,
+                 budget_s: float | None = None, clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.base_lr = base_lr
         self.total_steps = cfg.total_steps or total_steps
-        if cfg.name == "cosine" and not self.total_steps:
-            raise UserError("trainer.schedule.name='cosine': needs a step or epoch budget or "
+        # cosine over wall-clock time when only a minutes budget is known: p = clock() / budget_s
+        self.budget_s = budget_s if (not self.total_steps and clock is not None) else None
+        self.clock = clock
+        if cfg.name == "cosine" and not self.total_steps and not self.budget_s:
+            raise UserError("trainer.schedule.name='cosine': needs a step, epoch or minutes budget or "
                             "trainer.schedule.total_steps, got none")
         self.mode = mode
         self.plateau_scale = 1.0
@@ -61,7 +65,10 @@ class Schedule:
             f = c.decay ** max(0, n)
         elif c.name == "cosine":
             w = c.warmup_steps
-            p = min(1.0, max(0.0, (step - w) / max(1, self.total_steps - w)))
+            if self.total_steps:
+                p = min(1.0, max(0.0, (step - w) / max(1, self.total_steps - w)))
+            else:  # time-based (minutes budget only): not reproducible bit for bit
+                p = min(1.0, max(0.0, self.clock() / self.budget_s))
             f = c.min_factor + (1.0 - c.min_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
         elif c.name == "plateau":
             f = self.plateau_scale

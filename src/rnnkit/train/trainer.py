@@ -280,7 +280,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, config.optim)
         self.steps_per_epoch = math.ceil(self.data.n_batches / config.grad_accum)
         self.total_steps = self._total_steps()
-        self.schedule = Schedule(config.schedule, config.optim.lr, self.total_steps, config.metric_mode)
+        self.schedule = Schedule(config.schedule, config.optim.lr, self.total_steps, config.metric_mode,
+                                 budget_s=config.minutes * 60 if config.minutes else None, clock=self._elapsed)
 
         # progress of the run (all of it is in the checkpoint)
         self.step = 0
@@ -425,7 +426,13 @@ class Trainer:
         return result
 
     def _elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._t_start)
+        start = getattr(self, "_t_start", None)
+        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training wall-clock seconds so far, summed over resumes (what the minutes budget counts)."""
+        return self._elapsed()
 
     def _budget_left(self) -> bool:
         c = self.config
