@@ -227,10 +227,7 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
         if tcfg.metric == "loss":
             tcfg = replace_config(tcfg, metric="val_accuracy", metric_mode="max",
                                   eval_every=tcfg.eval_every or max(1, len(tr) // tcfg.batch_size))
-    weights = None
-    if d.class_weights == "balanced":
-        counts = np.bincount(data["y"].numpy(), minlength=len(classes)).astype(np.float64)
-        weights = torch.tensor(len(data["y"]) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    weights = balanced_weights(data["y"].numpy(), len(classes)) if d.class_weights == "balanced" else None
     torch.manual_seed(cfg.trainer.seed)
     net = SequenceClassifier(train_set.n_channels, len(classes), cfg.model)
     result = fit(net, ClassifyTask(weights), data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,
@@ -242,6 +239,12 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
     if run_dir is not None:
         model.save(Path(run_dir))
     return model
+
+
+def balanced_weights(y: np.ndarray, n_classes: int) -> Tensor:
+    """Class weights :math:`w_k = N / (K n_k)` (classes absent from ``y`` get weight N / K)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
 def _label_key(s: str) -> tuple[int, float | str]:

@@ -3,8 +3,8 @@ probabilistic heads, backtesting against naive, seasonal-naive and seasonal ARIM
 
 Pipeline for the target (each step inverted on output, in reverse order):
 ``log`` (optional, positive series) -> scaler fit on the training rows only -> per-window offset
-(``window_norm="last"`` subtracts the last observed value of each lookback window, so the network
-models changes and a trend outside the training range does not saturate it).
+(``window_norm="last"`` / ``"mean"`` subtracts the last observed value / the mean of each lookback
+window, so the network models changes and a trend outside the training range does not saturate it).
 
 Decoders:
 - ``direct``: the encoder reads the lookback window; a linear head maps its final state (and the
@@ -83,7 +83,8 @@ class ForecastDataConfig:
         stride: step between training windows.
         scaler: "standard", "minmax", "robust" or "none" (fit on training rows only).
         log: model log(y) (every target value must be > 0).
-        window_norm: "none" or "last" (subtract each window's last observed target value).
+        window_norm: "none", "last" or "mean" (subtract each window's last observed target value or
+            its mean over the lookback).
         season: seasonal period for the seasonal-naive baseline, MASE and SARIMA (1 = none).
         interval: central coverage of the prediction interval (probabilistic heads).
         fill: missing-value policy (None = error, "ffill", "interpolate", "zero").
@@ -94,7 +95,7 @@ class ForecastDataConfig:
     stride: int = 1
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
     log: bool = False
-    window_norm: Literal["none", "last"] = "none"
+    window_norm: Literal["none", "last", "mean"] = "none"
     season: int = 1
     interval: float = 0.8
     fill: str | None = None
@@ -274,13 +275,22 @@ def _arrays(series: Series, tf: Transform) -> tuple[np.ndarray, np.ndarray, np.n
     return tf.target(series.target), cov[:, :Cp], cov[:, Cp:]
 
 
+def _offset(x: np.ndarray, norm: str) -> np.ndarray:
+    """Per-window offset (N, 1, Ct) of lookback targets (N, L, Ct): last value, mean, or zero."""
+    if norm == "last":
+        return x[:, -1:].copy()
+    if norm == "mean":
+        return x.mean(1, keepdims=True)
+    return np.zeros((x.shape[0], 1, x.shape[2]))
+
+
 def windows(series: Series, tf: Transform) -> dict[str, np.ndarray]:
     """Training windows in model space (float32), with the per-window offset already subtracted."""
     d = tf.cfg
     y, p, f = _arrays(series, tf)
     w = make_windows(y, d.lookback, d.horizon, p, f, d.stride)
     Ct = y.shape[1]
-    off = w["x"][:, -1:, :Ct].copy() if d.window_norm == "last" else np.zeros((len(w["x"]), 1, Ct))
+    off = _offset(w["x"][..., :Ct], d.window_norm)
     w["x"][..., :Ct] -= off
     w["y"] -= off
     return {"x": w["x"].astype(np.float32), "y": w["y"].astype(np.float32), "xf": w["xf"].astype(np.float32)}
@@ -291,7 +301,7 @@ def _last_window(series: Series, tf: Transform, future_rows: Series | None) -> t
     y, p, f = _arrays(series, tf)
     Ct = y.shape[1]
     x = np.concatenate([y, p, f], 1)[-d.lookback:].copy()
-    off = x[-1:, :Ct].copy() if d.window_norm == "last" else np.zeros((1, Ct))
+    off = _offset(x[None, :, :Ct], d.window_norm)[0]
     x[:, :Ct] -= off
     if future_rows is not None and future_rows.future.shape[1]:
         xf = tf.covariates(np.concatenate([future_rows.past, future_rows.future], 1))[:, future_rows.past.shape[1]:]

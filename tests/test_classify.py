@@ -1,0 +1,136 @@
+"""Sequence classification: metrics, pooling that ignores padding, class weights, CLI end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rnnkit.cli.main import app
+from rnnkit.data.sequences import SequenceSet
+from rnnkit.tasks import classify as C
+from rnnkit.tasks.timeseries_common import classification_metrics, confusion_matrix
+from rnnkit.tasks.timeseries_common import task_config as load_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_metrics_by_hand():
+    y, p = np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])
+    m = classification_metrics(y, p, 2)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert m["confusion_matrix"] == [[2, 1], [0, 1]]
+    assert confusion_matrix([2, 2], [0, 2], 3).tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 1]]
+
+
+def test_metrics_agree_with_sklearn():
+    skm = pytest.importorskip("sklearn.metrics", reason="scikit-learn (rnnkit[datasets]) not installed")
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    m = classification_metrics(y, p, 4)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, p, average="macro"))
+
+
+@pytest.mark.parametrize("pool", ["last", "mean", "attention"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_never_leaks(pool, bidirectional):
+    torch.manual_seed(0)
+    net = C.SequenceClassifier(2, 3, C.ClassifyModelConfig(cell="lstm", hidden=6, pool=pool,
+                                                           bidirectional=bidirectional)).eval()
+    lengths = torch.tensor([5, 2, 7])
+    x = torch.randn(3, 7, 2)
+    garbage = x.clone()
+    for b, n in enumerate(lengths):
+        garbage[b, n:] = 1e3 * torch.randn(7 - n, 2)
+    with torch.no_grad():
+        out = net(garbage, lengths)
+        alone = torch.cat([net(x[b:b + 1, :n], lengths[b:b + 1]) for b, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_balanced_class_weights():
+    w = C.balanced_weights(np.array([0, 0, 0, 1]), 3)
+    torch.testing.assert_close(w, torch.tensor([4 / 9, 4 / 3, 4 / 3]))
+
+
+def _toy(n=60, seed=0, long=False):
+    rng = np.random.default_rng(seed)
+    seqs, labels = [], []
+    for i in range(n):
+        k = i % 2
+        T = int(rng.integers(12, 25))
+        t = np.arange(T)
+        seqs.append(np.stack([np.sin(t * (0.3 + 0.9 * k)), np.cos(t * 0.2)], 1) + rng.normal(0, 0.1, (T, 2)))
+        labels.append("fast" if k else "slow")
+    return SequenceSet(seqs, np.array(labels))
+
+
+def _write_long(path, data):
+    with path.open("w") as f:
+        f.write("id,step,a,b,label\n")
+        for i, (s, y) in enumerate(zip(data.sequences, data.labels)):
+            for t in range(len(s)):
+                f.write(f"s{i},{t},{s[t, 0]:.4f},{s[t, 1]:.4f},{y}\n")
+    return path
+
+
+def test_train_learns_toy_problem_with_validation_split():
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 12, "model.cell": "gru", "trainer.steps": 60,
+                                               "trainer.epochs": None, "trainer.optim.lr": 0.02,
+                                               "data.val_fraction": 0.2, "data.class_weights": "balanced"})
+    model = C.train(_toy(), cfg, None)
+    assert model.classes == ["fast", "slow"]
+    assert model.evaluate(_toy(40, seed=1))["accuracy"] >= 0.9
+
+
+def test_cli_train_eval_predict_long_format(tmp_path):
+    runner = CliRunner()
+    tr, te = _write_long(tmp_path / "tr.csv", _toy()), _write_long(tmp_path / "te.csv", _toy(20, seed=2))
+    run = tmp_path / "run"
+    common = ["--id-column", "id", "--time", "step", "--label", "label"]
+    r = runner.invoke(app, ["classify", "train", "--train", str(tr), "--test", str(te), *common, "--hidden", "12",
+                            "--cell", "gru", "--pool", "mean", "--lr", "0.02", "--steps", "60", "--out", str(run),
+                            "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["test_accuracy"] >= 0.9 and (run / "confusion_test.png").is_file()
+    assert np.array(out["confusion_matrix"]).sum() == 20
+    r = runner.invoke(app, ["classify", "eval", str(run), "--test", str(te), *common, "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["accuracy"] == out["test_accuracy"]
+    r = runner.invoke(app, ["classify", "predict", str(run), "--input", str(te), *common, "--out",
+                            str(tmp_path / "p.csv"), "--json"])
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0] == "id,predicted,p_fast,p_slow" and len(lines) == 21 and lines[1].startswith("s0,")
+    probs = np.array([[float(v) for v in line.split(",")[2:]] for line in lines[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_cli_errors(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["classify", "train", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "give either --train FILE or --dataset NAME" in r.stderr
+    p = tmp_path / "one.csv"
+    p.write_text("label,t0,t1\na,1,2\na,2,3\n")
+    r = runner.invoke(app, ["classify", "train", "--train", str(p), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "at least 2 classes" in r.stderr
+
+
+@pytest.mark.slow
+def test_italy_power_demand_beats_chance_quickly():
+    pytest.importorskip("aeon", reason="aeon (rnnkit[datasets]) not installed")
+    from rnnkit.data.sequences import load_bundled
+
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 32, "trainer.epochs": 60, "trainer.batch_size": 16})
+    model = C.train(load_bundled("ItalyPowerDemand", "train"), cfg, None)
+    assert model.evaluate(load_bundled("ItalyPowerDemand", "test"))["accuracy"] > 0.85
