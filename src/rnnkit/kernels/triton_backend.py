@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -97,14 +98,6 @@ class _Launch:
         return _Launch(((B + bb - 1) // bb, (H + bh - 1) // bh), meta)
 
 
-def _keep_at(keep: Tensor | None, t: int, B: int, H: int) -> tuple[Tensor | None, int, int]:
-    """Step ``t`` of a keep mask (T or 1, B or 1, H or 1) as a (B, H) view and its strides."""
-    if keep is None:
-        return None, 0, 0
-    k = (keep[t] if keep.shape[0] > 1 else keep[0]).expand(B, H)
-    return k, k.stride(0), k.stride(1)
-
-
 class _Run:
     """Everything one layer/direction needs across forward and backward (kept on ``ctx``)."""
 
@@ -125,6 +118,7 @@ class _Run:
         for g in cell.rec_parts:
             bounds.append(bounds[-1] + g * H)
         self.R_parts = [R[a:z] for a, z in zip(bounds, bounds[1:])]
+        self.Rt_parts = [r.t() for r in self.R_parts]
         rb = b_hh if cell.rec_bias else None
         self.b_parts = [None if rb is None else rb[a:z] for a, z in zip(bounds, bounds[1:])]
         self.dummy = xg
@@ -138,20 +132,28 @@ class _Run:
         """``out = inp R_part^T (+ b_part)``: the recurrent projection (cuBLAS on GPU)."""
         b = self.b_parts[part]
         if b is None:
-            torch.mm(inp, self.R_parts[part].t(), out=out)
+            torch.mm(inp, self.Rt_parts[part], out=out)
         else:
-            torch.addmm(b, inp, self.R_parts[part].t(), out=out)
+            torch.addmm(b, inp, self.Rt_parts[part], out=out)
 
-    def keep_args(self, t: int, comp: int) -> tuple[Tensor, int, int]:
-        k, sb, sh = _keep_at(None if self.keep is None else self.keep[comp], t, self.B, self.H)
-        return self.p(k), sb, sh
+    def steps(self, x: Tensor | None) -> Sequence[Tensor]:
+        """Per-step views of a (T or T+1, ...) tensor made in one call; the dummy pointer for None."""
+        return [self.dummy] * (self.T + 1) if x is None else x.unbind(0)
+
+    def keep_steps(self, comp: int) -> tuple[Sequence[Tensor], int, int]:
+        """Per-step (B, H) views of keep mask ``comp`` and their (batch, hidden) strides (0 broadcasts)."""
+        if self.keep is None:
+            return [self.dummy] * self.T, 0, 0
+        k = self.keep[comp]
+        ke = k.expand(k.shape[0], self.B, self.H)
+        return (ke.unbind(0) if k.shape[0] > 1 else [ke[0]] * self.T), ke.stride(1), ke.stride(2)
+
+    def om_steps(self) -> Sequence[Tensor]:
+        return self.steps(self.omask)
 
     def flags(self) -> dict:
         return {"HAS_KEEP": self.keep is not None, "HAS_OMASK": self.omask is not None,
                 "HAS_HMASK": self.hmask is not None}
-
-    def om(self, t: int) -> Tensor:
-        return self.dummy if self.omask is None else self.omask[t]
 
     def masked(self, h: Tensor) -> Tensor:
         return h if self.hmask is None else h * self.hmask
@@ -189,24 +191,35 @@ class _Run:
         GH = self.cell.gates * H
         e, p = self.extras, self.p
         self.hg = torch.empty(T, B, GH, dtype=self.dtype, device=self.device)
-        S, Hin, hm = self.S, self.Hin, p(self.hmask)
+        hm = p(self.hmask)
         flags = {**self.flags(), **self.cell_flags(), "WRITE_HIN": True, **L.meta}
-        for t in range(T):
-            self.mm_rec(Hin[t], 0, self.hg[t])
-            kh, kh_b, kh_h = self.keep_args(t, 0)
-            if fam == "lstm":
-                kc, kc_b, kc_h = self.keep_args(t, 1)
-                K.lstm_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[1][t], S[0][t + 1], S[1][t + 1], y[t],
-                                   Hin[t + 1], hm, kh, kc, self.om(t), p(e.get("weight_ch")),
-                                   p(e.get("ln_weight_hh")), p(self.b_hh), p(e.get("ln_weight_c")),
-                                   p(e.get("ln_bias_c")), B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags)
-            elif fam == "gru":
-                K.gru_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm, kh,
-                                  self.om(t), p(e.get("ln_weight_hh")), p(self.b_hh), B, H, GH, GH, kh_b, kh_h,
-                                  **flags)
-            else:
-                K.rnn_fwd[L.grid](self.xg[t], self.hg[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm, kh,
-                                  self.om(t), p(e.get("ln_weight_hh")), p(self.b_hh), B, H, kh_b, kh_h, **flags)
+        # Per-step views made up front (one unbind each): indexing in the loop costs more than the launch.
+        xs, hgs, ys, hins, oms = self.xg.unbind(0), self.hg.unbind(0), y.unbind(0), self.Hin.unbind(0), self.om_steps()
+        hs, cs = self.S[0].unbind(0), self.S[-1].unbind(0)
+        khs, kh_b, kh_h = self.keep_steps(0)
+        if fam == "lstm":
+            kcs, kc_b, kc_h = self.keep_steps(1)
+            launch = K.lstm_fwd[L.grid]
+            w = (p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh), p(e.get("ln_weight_c")),
+                 p(e.get("ln_bias_c")))
+            for t in range(T):
+                self.mm_rec(hins[t], 0, hgs[t])
+                launch(xs[t], hgs[t], hs[t], cs[t], hs[t + 1], cs[t + 1], ys[t], hins[t + 1], hm, khs[t], kcs[t],
+                       oms[t], *w, B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags)
+        elif fam == "gru":
+            launch = K.gru_fwd[L.grid]
+            w = (p(e.get("ln_weight_hh")), p(self.b_hh))
+            for t in range(T):
+                self.mm_rec(hins[t], 0, hgs[t])
+                launch(xs[t], hgs[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], *w, B, H, GH, GH,
+                       kh_b, kh_h, **flags)
+        else:
+            launch = K.rnn_fwd[L.grid]
+            w = (p(e.get("ln_weight_hh")), p(self.b_hh))
+            for t in range(T):
+                self.mm_rec(hins[t], 0, hgs[t])
+                launch(xs[t], hgs[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], *w, B, H,
+                       kh_b, kh_h, **flags)
 
     def _forward_cho(self, y: Tensor) -> None:
         T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
@@ -215,18 +228,22 @@ class _Run:
         self.hg = torch.empty(T, B, 2 * H, dtype=dt, device=dev)   # raw (r, z) projections
         self.hn = torch.empty(T, B, H, dtype=dt, device=dev)       # raw n projections
         self.Q = torch.empty(T, B, H, dtype=dt, device=dev)        # r * h * hmask, input of R_n
-        S, Hin, hm = self.S, self.Hin, p(self.hmask)
+        hm = p(self.hmask)
         lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
         cf = self.cell_flags()
+        flags_a = {"HAS_HMASK": self.hmask is not None, **cf, **L.meta}
+        flags_b = {"WRITE_HIN": True, **self.flags(), **cf, **L.meta}
+        xs, hgs, hns, qs = self.xg.unbind(0), self.hg.unbind(0), self.hn.unbind(0), self.Q.unbind(0)
+        ys, hins, hs, oms = y.unbind(0), self.Hin.unbind(0), self.S[0].unbind(0), self.om_steps()
+        khs, kh_b, kh_h = self.keep_steps(0)
+        launch_a, launch_b = K.cho_fwd_a[L.grid], K.cho_fwd_b[L.grid]
         for t in range(T):
-            self.mm_rec(Hin[t], 0, self.hg[t])
-            K.cho_fwd_a[L.grid](self.xg[t], self.hg[t], S[0][t], self.Q[t], hm, lnw, bhh, B, H, 3 * H,
-                                HAS_HMASK=self.hmask is not None, **cf, **L.meta)
-            self.mm_rec(self.Q[t], 1, self.hn[t])
-            kh, kh_b, kh_h = self.keep_args(t, 0)
-            K.cho_fwd_b[L.grid](self.xg[t], self.hg[t], self.hn[t], S[0][t], S[0][t + 1], y[t], Hin[t + 1], hm,
-                                kh, self.om(t), lnw, bhh, B, H, 3 * H, kh_b, kh_h,
-                                WRITE_HIN=True, **self.flags(), **cf, **L.meta)
+            self.mm_rec(hins[t], 0, hgs[t])
+            launch_a(xs[t], hgs[t], hs[t], qs[t], hm, lnw, bhh, B, H, 3 * H, **flags_a)
+            self.mm_rec(qs[t], 1, hns[t])
+            launch_b(xs[t], hgs[t], hns[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], lnw, bhh,
+                     B, H, 3 * H, kh_b, kh_h, **flags_b)
+
 
     # ---- backward ----------------------------------------------------------------------------------
     def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
@@ -267,27 +284,36 @@ class _Run:
         dmm = torch.empty(B, H, dtype=self.dtype, device=self.device)
         hm, a = p(self.hmask), self.acc
         base = {**self.flags(), **self.cell_flags(), "HAS_DY": dout is not None, **L.meta}
-        for t in range(T - 1, -1, -1):
-            dy = p(None if dout is None else dout[t])
-            kh, kh_b, kh_h = self.keep_args(t, 0)
-            flags = {**base, "HAS_DMM": t < T - 1}
-            if fam == "lstm":
-                kc, kc_b, kc_h = self.keep_args(t, 1)
-                K.lstm_bwd[L.grid](self.xg[t], self.hg[t], self.S[1][t], d_acc[0], d_acc[1], dmm, dy, self.om(t),
-                                   hm, kh, kc, dxg[t], D[t], p(a.get("weight_ch")), p(a.get("ln_weight_hh")),
-                                   p(a.get("bias_hh")), p(a.get("ln_weight_c")), p(a.get("ln_bias_c")),
-                                   p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
-                                   p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), B, H, GH, GH,
-                                   kh_b, kh_h, kc_b, kc_h, **flags)
-            elif fam == "gru":
-                K.gru_bwd[L.grid](self.xg[t], self.hg[t], self.S[0][t], d_acc[0], dmm, dy, self.om(t), hm, kh,
-                                  dxg[t], D[t], p(a.get("ln_weight_hh")), p(a.get("bias_hh")),
-                                  p(e.get("ln_weight_hh")), p(self.b_hh), B, H, GH, GH, kh_b, kh_h, **flags)
-            else:
-                K.rnn_bwd[L.grid](self.xg[t], self.hg[t], d_acc[0], dmm, dy, self.om(t), hm, kh, dxg[t], D[t],
-                                  p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")),
-                                  p(self.b_hh), B, H, kh_b, kh_h, **flags)
-            torch.mm(D[t], self.R_parts[0], out=dmm)
+        flags = {False: {**base, "HAS_DMM": False}, True: {**base, "HAS_DMM": True}}
+        xs, hgs, dxs, Ds, oms = self.xg.unbind(0), self.hg.unbind(0), dxg.unbind(0), D.unbind(0), self.om_steps()
+        dys = self.steps(dout)
+        hs, cs = self.S[0].unbind(0), self.S[-1].unbind(0)
+        khs, kh_b, kh_h = self.keep_steps(0)
+        R0 = self.R_parts[0]
+        if fam == "lstm":
+            kcs, kc_b, kc_h = self.keep_steps(1)
+            launch = K.lstm_bwd[L.grid]
+            w = (p(a.get("weight_ch")), p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(a.get("ln_weight_c")),
+                 p(a.get("ln_bias_c")), p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
+                 p(e.get("ln_weight_c")), p(e.get("ln_bias_c")))
+            for t in range(T - 1, -1, -1):
+                launch(xs[t], hgs[t], cs[t], d_acc[0], d_acc[1], dmm, dys[t], oms[t], hm, khs[t], kcs[t], dxs[t],
+                       Ds[t], *w, B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags[t < T - 1])
+                torch.mm(Ds[t], R0, out=dmm)
+        elif fam == "gru":
+            launch = K.gru_bwd[L.grid]
+            w = (p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")), p(self.b_hh))
+            for t in range(T - 1, -1, -1):
+                launch(xs[t], hgs[t], hs[t], d_acc[0], dmm, dys[t], oms[t], hm, khs[t], dxs[t], Ds[t], *w,
+                       B, H, GH, GH, kh_b, kh_h, **flags[t < T - 1])
+                torch.mm(Ds[t], R0, out=dmm)
+        else:
+            launch = K.rnn_bwd[L.grid]
+            w = (p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")), p(self.b_hh))
+            for t in range(T - 1, -1, -1):
+                launch(xs[t], hgs[t], d_acc[0], dmm, dys[t], oms[t], hm, khs[t], dxs[t], Ds[t], *w,
+                       B, H, kh_b, kh_h, **flags[t < T - 1])
+                torch.mm(Ds[t], R0, out=dmm)
         Df = D.reshape(T * B, GH)
         dR = Df.t() @ self.Hin[:T].reshape(T * B, H)
         db = Df.sum(0) if self.b_parts[0] is not None else None
@@ -306,17 +332,21 @@ class _Run:
         lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
         acc_ln, acc_b = p(a.get("ln_weight_hh")), p(a.get("bias_hh"))
         cf = self.cell_flags()
+        base_b = {"HAS_DY": dout is not None, **self.flags(), **cf, **L.meta}
+        flags_b = {False: {**base_b, "HAS_DMM": False}, True: {**base_b, "HAS_DMM": True}}
+        flags_a = {"HAS_HMASK": self.hmask is not None, **cf, **L.meta}
+        xs, hgs, hns, hs = self.xg.unbind(0), self.hg.unbind(0), self.hn.unbind(0), self.S[0].unbind(0)
+        dxs, D0s, D1s, dys, oms = dxg.unbind(0), D0.unbind(0), D1.unbind(0), self.steps(dout), self.om_steps()
+        khs, kh_b, kh_h = self.keep_steps(0)
+        launch_a, launch_b = K.cho_bwd_a[L.grid], K.cho_bwd_b[L.grid]
+        R_rz, R_n = self.R_parts
         for t in range(T - 1, -1, -1):
-            dy = p(None if dout is None else dout[t])
-            kh, kh_b, kh_h = self.keep_args(t, 0)
-            K.cho_bwd_b[L.grid](self.xg[t], self.hg[t], self.hn[t], self.S[0][t], d_acc[0], dz, dmm, dy,
-                                self.om(t), hm, kh, dxg[t], D1[t], acc_ln, acc_b, lnw, bhh, B, H, 3 * H, kh_b, kh_h,
-                                HAS_DMM=t < T - 1, HAS_DY=dout is not None, **self.flags(), **cf, **L.meta)
-            torch.mm(D1[t], self.R_parts[1], out=dq)
-            K.cho_bwd_a[L.grid](self.xg[t], self.hg[t], self.S[0][t], dq, d_acc[0], dz, hm, dxg[t], D0[t],
-                                acc_ln, acc_b, lnw, bhh, B, H, 3 * H, HAS_HMASK=self.hmask is not None,
-                                **cf, **L.meta)
-            torch.mm(D0[t], self.R_parts[0], out=dmm)
+            launch_b(xs[t], hgs[t], hns[t], hs[t], d_acc[0], dz, dmm, dys[t], oms[t], hm, khs[t], dxs[t], D1s[t],
+                     acc_ln, acc_b, lnw, bhh, B, H, 3 * H, kh_b, kh_h, **flags_b[t < T - 1])
+            torch.mm(D1s[t], R_n, out=dq)
+            launch_a(xs[t], hgs[t], hs[t], dq, d_acc[0], dz, hm, dxs[t], D0s[t], acc_ln, acc_b, lnw, bhh,
+                     B, H, 3 * H, **flags_a)
+            torch.mm(D0s[t], R_rz, out=dmm)
         dR = torch.cat([D0.reshape(T * B, 2 * H).t() @ self.Hin[:T].reshape(T * B, H),
                         D1.reshape(T * B, H).t() @ self.Q.reshape(T * B, H)], 0)
         db = None
