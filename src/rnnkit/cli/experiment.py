@@ -77,6 +77,7 @@ def load_experiment_config(opts: RunOptions, task: str, flags: dict[str, Any]):
     from ..train.config import config_from_dict, config_to_dict, parse_override
 
     data = config_to_dict(ExperimentConfig())
+    data["data"]["task"] = task
     if opts.config is not None:
         if not opts.config.is_file():
             raise UserError(f"--config: file not found: {str(opts.config)!r}")
@@ -201,7 +202,8 @@ def gradient_flow_cmd(
         for label, g in curves.items():
             for k, v in g.items():
                 first, last = max(v[0], 1e-30), max(v[-1], 1e-30)
-                summary[f"{label} {k}: log10(g_0/g_T-1)"] = round(_log10(first / last), 2)
+                # orders of magnitude the gradient loses from the last step back to the first
+                summary[f"{label} {k}: orders lost"] = round(_log10(last / first), 2)
                 summary[f"{label} {k}: decay/step"] = round(decay_per_step(v), 4)
         emit(summary, as_json)
 

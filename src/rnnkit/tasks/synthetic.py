@@ -4,10 +4,11 @@ Each task draws sequences from a seeded ``torch.Generator`` (so a seed gives the
 machine), owns its model head and metrics, and states its memoryless baseline. Training goes through
 :mod:`rnnkit.train`; these tasks never loop over steps themselves.
 
-Feeding the trainer: a task draws a *training sample set* of ``steps * batch`` sequences from the
-run's seed (every step sees fresh sequences, as in the papers, yet the run is a plain sample set
-that the trainer can shuffle, checkpoint and resume); token tasks store their sequences as
-``uint8`` and one-hot them inside the model, so a 4,000-step run at T = 100 holds a few tens of MB.
+Feeding the trainer: :class:`SyntheticSamples` is a map-style data set of (by default) a million
+sequences that are generated on demand, sequence i from its own generator seeded by (seed, i):
+every step sees fresh sequences, as in the papers, memory stays constant, and the trainer can
+shuffle, checkpoint and resume it like any sample set. Token tasks store tokens as ``uint8`` and
+the model one-hot encodes them.
 Test metrics are computed on fresh sequences drawn from a different stream (``seed + 1_000_003``).
 
 Protocols (see ``ANCHORS.md``):
@@ -431,15 +432,16 @@ class DataConfig:
         task: "adding", "copy", "temporal-order" or "agreement".
         length: T (see each task for what it means).
         variant: temporal order "a" (4 classes) or "b" (8 classes).
-        train_samples: size of the training sample set (default: steps * batch_size, i.e. fresh
-            sequences at every step; 1,000,000 under a time-only budget).
+        train_samples: size of the (virtual, generated on demand) training sample set; the default
+            1,000,000 gives fresh sequences at every step for 20,000 steps of batch 50. It does not
+            depend on the budget, so a run resumed with a larger budget sees the same data.
         test_samples: fresh test sequences for the metrics.
     """
 
     task: str = "adding"
     length: int = 100
     variant: str = "a"
-    train_samples: int | None = None
+    train_samples: int = 1_000_000
     test_samples: int = 1000
 
 
@@ -546,9 +548,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
     model = build_model(cfg, task)
     test = task.test_set(cfg.data.test_samples, tcfg.seed)
     probe = {k: v[:32] for k, v in test.items()}
-    n_train = cfg.data.train_samples or (tcfg.steps * tcfg.batch_size * tcfg.grad_accum if tcfg.steps
-                                         else 1_000_000)
-    train = SyntheticSamples(task, n_train, tcfg.seed)
+    if cfg.data.train_samples < 1 or cfg.data.test_samples < 1:
+        raise ValueError(f"data.train_samples / data.test_samples: expected positive integers, got "
+                         f"{cfg.data.train_samples} / {cfg.data.test_samples}")
+    train = SyntheticSamples(task, cfg.data.train_samples, tcfg.seed)
     flow: dict[str, Any] = {}
     if analyse and not resume:
         flow[f"{cfg.model.cell} (untrained)"] = gradient_flow_of(model, task, probe)
