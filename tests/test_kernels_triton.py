@@ -217,6 +217,7 @@ def test_ln_epsilon_matches_cells():
 
 
 # ---- dispatch: no GPU or interpreter needed ------------------------------------------------------------
+@needs_triton
 def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     monkeypatch.delenv(triton_backend.CPU_ENV, raising=False)
     cell = make_cell("lstm", 4, peephole=True)
