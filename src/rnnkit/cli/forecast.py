@@ -74,7 +74,8 @@ _Q = typer.Option(None, "--quantiles", help="Quantile levels, e.g. 0.1,0.5,0.9."
 _INT = typer.Option(None, "--interval", help="Prediction-interval coverage, e.g. 0.8.")
 _SC = typer.Option(None, "--scaler", help="standard, minmax, robust or none (fit on training rows).")
 _LOG = typer.Option(None, "--log/--no-log", help="Model log(y) (positive series).")
-_WN = typer.Option(None, "--window-norm", help="none, last or mean (subtract each window's last value or mean).")
+_WN = typer.Option(None, "--window-norm", help="none, last, mean or seasonal (per-window offset; seasonal: "
+                   "learn the correction to the seasonal-naive forecast).")
 _SEA = typer.Option(None, "--season", help="Seasonal period (seasonal naive, MASE, SARIMA).")
 _ENS = typer.Option(None, "--ensemble", help="Average this many models trained with different seeds.")
 _PAST = typer.Option(None, "--past-covariates", help="Covariate columns observed only up to now.")

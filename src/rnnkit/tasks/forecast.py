@@ -4,7 +4,8 @@ probabilistic heads, backtesting against naive, seasonal-naive and seasonal ARIM
 Pipeline for the target (each step inverted on output, in reverse order):
 ``log`` (optional, positive series) -> scaler fit on the training rows only -> per-window offset
 (``window_norm="last"`` / ``"mean"`` subtracts the last observed value / the mean of each lookback
-window, so the network models changes and a trend outside the training range does not saturate it).
+window, so the network models changes and a trend outside the training range does not saturate it;
+``"seasonal"`` makes the network predict the correction to the seasonal-naive forecast).
 
 Decoders:
 - ``direct``: the encoder reads the lookback window; a linear head maps its final state (and the
@@ -83,8 +84,9 @@ class ForecastDataConfig:
         stride: step between training windows.
         scaler: "standard", "minmax", "robust" or "none" (fit on training rows only).
         log: model log(y) (every target value must be > 0).
-        window_norm: "none", "last" or "mean" (subtract each window's last observed target value or
-            its mean over the lookback).
+        window_norm: "none", "last", "mean" or "seasonal" (subtract each window's last observed target
+            value, its mean over the lookback, or, for the horizon, the seasonal-naive forecast; direct
+            decoder only).
         season: seasonal period for the seasonal-naive baseline, MASE and SARIMA (1 = none).
         interval: central coverage of the prediction interval (probabilistic heads).
         fill: missing-value policy (None = error, "ffill", "interpolate", "zero").
@@ -95,7 +97,7 @@ class ForecastDataConfig:
     stride: int = 1
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
     log: bool = False
-    window_norm: Literal["none", "last", "mean"] = "none"
+    window_norm: Literal["none", "last", "mean", "seasonal"] = "none"
     season: int = 1
     interval: float = 0.8
     fill: str | None = None
@@ -124,6 +126,13 @@ def check_config(cfg: ForecastConfig, series: Series | None = None) -> None:
         raise SeriesError(f"model.ensemble: expected an int >= 1, got {m.ensemble}")
     if d.season < 1:
         raise SeriesError(f"data.season: expected an int >= 1, got {d.season}")
+    if d.window_norm == "seasonal":
+        if m.decoder != "direct":
+            raise SeriesError("--window-norm seasonal: needs --decoder direct (the recursive decoder feeds its "
+                              "outputs back with one offset for all steps)")
+        if d.season < 2 or d.lookback < d.season:
+            raise SeriesError(f"--window-norm seasonal: needs --season >= 2 and --lookback >= --season, got season "
+                              f"{d.season}, lookback {d.lookback}")
     if series is not None:
         if m.decoder == "recursive" and series.past.shape[1]:
             raise SeriesError(f"--past-covariates {series.past_names}: a recursive decoder feeds its inputs back "
@@ -275,13 +284,23 @@ def _arrays(series: Series, tf: Transform) -> tuple[np.ndarray, np.ndarray, np.n
     return tf.target(series.target), cov[:, :Cp], cov[:, Cp:]
 
 
-def _offset(x: np.ndarray, norm: str) -> np.ndarray:
-    """Per-window offset (N, 1, Ct) of lookback targets (N, L, Ct): last value, mean, or zero."""
+def _offsets(x: np.ndarray, norm: str, horizon: int, season: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window offsets of lookback targets (N, L, Ct): for the inputs (N, 1, Ct) and the horizon (N, H, Ct).
+
+    ``last``: the last value for both; ``mean``: the lookback mean for both; ``seasonal``: the mean for
+    the inputs and the seasonal-naive forecast :math:`x_{L-m+(h \bmod m)}` for the horizon, so the
+    network learns a correction to the seasonal-naive forecast; ``none``: zeros.
+    """
+    N, L, Ct = x.shape
     if norm == "last":
-        return x[:, -1:].copy()
-    if norm == "mean":
-        return x.mean(1, keepdims=True)
-    return np.zeros((x.shape[0], 1, x.shape[2]))
+        off = x[:, -1:].copy()
+    elif norm in ("mean", "seasonal"):
+        off = x.mean(1, keepdims=True)
+    else:
+        off = np.zeros((N, 1, Ct))
+    if norm == "seasonal":
+        return off, x[:, L - season + (np.arange(horizon) % season)]
+    return off, np.repeat(off, horizon, axis=1)
 
 
 def windows(series: Series, tf: Transform) -> dict[str, np.ndarray]:
@@ -290,9 +309,9 @@ def windows(series: Series, tf: Transform) -> dict[str, np.ndarray]:
     y, p, f = _arrays(series, tf)
     w = make_windows(y, d.lookback, d.horizon, p, f, d.stride)
     Ct = y.shape[1]
-    off = _offset(w["x"][..., :Ct], d.window_norm)
-    w["x"][..., :Ct] -= off
-    w["y"] -= off
+    x_off, y_off = _offsets(w["x"][..., :Ct], d.window_norm, d.horizon, d.season)
+    w["x"][..., :Ct] -= x_off
+    w["y"] -= y_off
     return {"x": w["x"].astype(np.float32), "y": w["y"].astype(np.float32), "xf": w["xf"].astype(np.float32)}
 
 
@@ -301,13 +320,13 @@ def _last_window(series: Series, tf: Transform, future_rows: Series | None) -> t
     y, p, f = _arrays(series, tf)
     Ct = y.shape[1]
     x = np.concatenate([y, p, f], 1)[-d.lookback:].copy()
-    off = _offset(x[None, :, :Ct], d.window_norm)[0]
-    x[:, :Ct] -= off
+    x_off, y_off = _offsets(x[None, :, :Ct], d.window_norm, d.horizon, d.season)
+    x[:, :Ct] -= x_off[0]
     if future_rows is not None and future_rows.future.shape[1]:
         xf = tf.covariates(np.concatenate([future_rows.past, future_rows.future], 1))[:, future_rows.past.shape[1]:]
     else:
         xf = np.zeros((d.horizon, f.shape[1]))
-    return (torch.tensor(x[None], dtype=torch.float32), torch.tensor(xf[None], dtype=torch.float32), off)
+    return (torch.tensor(x[None], dtype=torch.float32), torch.tensor(xf[None], dtype=torch.float32), y_off[0])
 
 
 # ---- training and prediction -------------------------------------------------------------------
