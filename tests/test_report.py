@@ -88,3 +88,25 @@ def test_report_command(tmp_path: Path) -> None:
     res = runner.invoke(app, ["report", str(tmp_path / "nope")])
     assert res.exit_code == 2
     assert "RUN_DIR" in res.stderr and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_report_capture_from_a_charlm_run(tmp_path: Path) -> None:
+    """A real text model (``rnnkit charlm train`` on a small file) feeds the activation viewer."""
+    text = tmp_path / "t.txt"
+    text.write_text('She said "the cat [and the dog] sat."\nHe said "no."\n' * 40)
+    run = tmp_path / "lm"
+    res = CliRunner().invoke(app, ["charlm", "train", "--text", str(text), "--steps", "5", "--hidden", "16",
+                                   "--layers", "2", "--eval-every", "5", "--out", str(run), "--quiet", "--json",
+                                   "--set", "trainer.tensorboard=false"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["report", str(run), "--capture", 'He said "the dog."', "--json"])
+    assert res.exit_code == 0, res.output
+    act = json.loads((run / "activations.json").read_text())
+    assert act["text"] == 'He said "the dog."'
+    assert set(act["series"]) == {"layer0/c", "layer0/h", "layer1/c", "layer1/h"}
+    assert len(act["series"]["layer1/h"]) == len(act["text"]) and len(act["series"]["layer1/h"][0]) == 16
+    assert "inside quotes" in act["correlated"]["layer0/c"]
+    assert 'id="activations"' in (run / "report.html").read_text()
+    res = CliRunner().invoke(app, ["report", str(run), "--capture", "{unknown}"])
+    assert res.exit_code == 2 and "not in the model's vocabulary" in res.stderr

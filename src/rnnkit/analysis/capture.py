@@ -223,4 +223,31 @@ def text_activations(text: str, trace_: Trace, names: Sequence[str] = ("c", "h")
     return {"text": text, "series": series, "correlated": correlated}
 
 
-__all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "SIGMOID_GATES"]
+@torch.no_grad()
+def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> dict:
+    """Run a character-LM run's model (``rnnkit charlm train``) over ``text``; the viewer's record.
+
+    Loads the newest checkpoint of ``run_dir`` (see :func:`rnnkit.tasks.charlm.load_run`), feeds
+    ``text`` one character per step from a zero state and returns :func:`text_activations` of every
+    layer's ``c`` and ``h``. Characters outside the model's vocabulary are an error.
+    """
+    from ..tasks.charlm import load_run
+
+    if not text:
+        raise ValueError("text: expected at least one character to run the model over, got ''")
+    if len(text) > max_chars:
+        raise ValueError(f"text: {len(text)} characters; at most {max_chars} fit in the viewer")
+    run = load_run(run_dir)
+    unknown = run.vocab.unknown(text)
+    if unknown:
+        raise ValueError(f"text: characters {unknown[:10]} are not in the model's vocabulary")
+    ids = run.vocab.encode(text).unsqueeze(1)  # (T, 1)
+    layer = run.model.rnn
+    x = run.model.embed(ids)  # (T, 1, E)
+    if layer.batch_first:
+        x = x.transpose(0, 1)
+    return text_activations(text, trace(layer, x))
+
+
+__all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "capture_text_run",
+           "SIGMOID_GATES"]

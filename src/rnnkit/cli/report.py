@@ -2,7 +2,7 @@
 
     rnnkit report runs/adding-lstm                    # writes runs/adding-lstm/report.html
     rnnkit report runs/adding-lstm --png plots/       # also exports every figure as PNG
-    rnnkit report runs/charlm --capture "some text"   # text model: add the cell-activation viewer
+    rnnkit report runs/charlm --capture-file page.txt # text model: add the cell-activation viewer
 """
 
 from pathlib import Path
@@ -24,6 +24,11 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN_DIR/report.html).")] = None,
     png: Annotated[Path | None, typer.Option("--png", help="Also write every figure as PNG into this folder.")]
     = None,
+    capture: Annotated[str | None, typer.Option(
+        "--capture", help="Text model runs (charlm): run the model over this text and add the cell-activation "
+                          "viewer (writes RUN_DIR/activations.json).")] = None,
+    capture_file: Annotated[Path | None, typer.Option(
+        "--capture-file", help="As --capture, with the text read from a file (UTF-8).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
@@ -33,6 +38,17 @@ def report(
 
         if not run_dir.is_dir():
             raise FileNotFoundError(f"RUN_DIR: {str(run_dir)!r} is not a directory")
+        if capture is not None and capture_file is not None:
+            raise ValueError("--capture / --capture-file: give one of them, not both")
+        if capture_file is not None:
+            capture = capture_file.read_text(encoding="utf-8")
+        if capture is not None:
+            import json
+
+            from ..analysis.capture import capture_text_run
+
+            act = capture_text_run(run_dir, capture)
+            (run_dir / "activations.json").write_text(json.dumps(act, separators=(",", ":")))
         path = write_report(run_dir, out)
         result = {"report": str(path), "bytes": path.stat().st_size}
         if png is not None:
