@@ -187,7 +187,7 @@ class _CpuRecurrence(torch.autograd.Function):
         db_hh = None
         family = cell.family
         if family == "rnn":
-            DRAW = _empty(T, B, GH, dtype=dt) if ln else DG
+            DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
             K.rnn_backward(Rd.numpy(), cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask,
                            A.has_keep, A.keep[0], has_dout, dout_n, dT[0], buf["HC"].numpy(),
                            buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(), DRAW.numpy(), dh0.numpy(), dln_g)
@@ -196,7 +196,7 @@ class _CpuRecurrence(torch.autograd.Function):
             if has_bias:
                 db_hh = DG.sum((0, 1))
         elif family == "lstm":
-            DRAW = _empty(T, B, GH, dtype=dt) if ln else DG
+            DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
             dc0 = _empty(B, H, dtype=dt)
             dpeep = np.zeros(3 * H if cell.peephole else 1)
             dln_cg = np.zeros(H if ln else 1)
@@ -215,7 +215,7 @@ class _CpuRecurrence(torch.autograd.Function):
             grads.update(weight_ch=dpeep, ln_weight_c=dln_cg, ln_bias_c=dln_cb)
         elif cell.reset_after:
             DPOST = _empty(T, B, GH, dtype=dt)
-            DRAW = _empty(T, B, GH, dtype=dt) if ln else DPOST
+            DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
             dbhh = np.zeros(GH)
             K.gru_backward(Rd.numpy(), ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                            has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(),
