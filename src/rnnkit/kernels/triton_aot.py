@@ -14,6 +14,10 @@ Must run in a process where ``TRITON_INTERPRET`` is unset.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+import re
 import sys
 import time
 from typing import Any
@@ -104,8 +108,16 @@ def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_ma
             run(cell, x, state0, w, masks)
 
 
+def _ptxas_summary(log: str) -> str:
+    """Registers and spill bytes from ptxas's ``-v`` log (spills = data that did not fit on chip)."""
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return f"regs={regs[-1] if regs else '?'} spill={spills[-1] if spills else '?'}B"
+
+
 def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
     """Compile every recorded specialization for ``sm_{arch}``; returns one line per kernel compiled."""
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output: registers and spills per kernel
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -117,9 +129,12 @@ def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
     for name, sig, constexprs, warps in rec.launches.values():
         t0 = time.perf_counter()
         src = triton.compiler.ASTSource(fn=getattr(K, name), signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
         lines.append(f"{name} warps={warps} {flags}: {len(compiled.asm['cubin'])} B cubin, "
+                     f"{_ptxas_summary(log.getvalue())}, shared={compiled.metadata.shared}B, "
                      f"{time.perf_counter() - t0:.1f} s")
     return lines
 

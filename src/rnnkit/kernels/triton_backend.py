@@ -391,7 +391,7 @@ class _PersistentRun(_Run):
         flags = {**self._persistent_flags(), "REC_BIAS": cell.rec_bias}
         bh = _persistent_block_h(H)
         rb = self.b_hh if cell.rec_bias else None
-        self.K.persistent_fwd[(triton_cdiv(B, PERSISTENT_BLOCK_B),)](
+        self._launch_persistent(self.K.persistent_fwd,
             self.xg, self.R.contiguous(), p(rb), self.S[0], self.S[-1], y, self.Hin, self.hg,
             p(getattr(self, "Q", None)), p(getattr(self, "hn", None)), p(self.hmask), kargs[0], kargs[4],
             p(None if self.omask is None else self.omask), p(e.get("weight_ch")), p(e.get("ln_weight_hh")),
@@ -399,6 +399,18 @@ class _PersistentRun(_Run):
             G=G, **flags, **self.flags(), SAVE=save, BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh,
             num_warps=4 if G * bh * bh <= 4096 else 8, enable_fp_fusion=True)
         return y, tuple(s[T] for s in self.S)
+
+    def _launch_persistent(self, kernel, *args, **kw) -> None:
+        """Launch on one program per 16 sequences; a GPU without the shared memory it needs is an error."""
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            kernel[(triton_cdiv(self.B, PERSISTENT_BLOCK_B),)](*args, **kw)
+        except OutOfResources as e:
+            raise RuntimeError(
+                f"backend='triton_persistent': this GPU cannot hold the recurrent weights on chip for "
+                f"hidden_size={self.H}, dtype={self.dtype} ({e}); use bfloat16, a smaller hidden size or "
+                f"backend='triton'") from e
 
     def _keep_seq_args(self) -> list:
         """(keep, t stride, b stride, h stride) for h and c; stride 0 where the mask broadcasts."""
@@ -440,7 +452,7 @@ class _PersistentRun(_Run):
         D1 = torch.empty(T, B, H, dtype=dt, device=dev) if cho else None
         kargs = self._keep_seq_args()
         bh = _persistent_block_h(H)
-        self.K.persistent_bwd[(triton_cdiv(B, PERSISTENT_BLOCK_B),)](
+        self._launch_persistent(self.K.persistent_bwd,
             self.xg, self.hg, p(getattr(self, "hn", None)), self.S[0], self.S[-1], p(dout), p(self.omask),
             p(self.hmask), kargs[0], kargs[4], self.R.contiguous(), dxg, D, p(D1), d_acc[0], d_acc[-1],
             p(a.get("weight_ch")), p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(a.get("ln_weight_c")),
