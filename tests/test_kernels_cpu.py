@@ -140,3 +140,46 @@ def test_modifying_the_output_in_place_is_detected():
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_bench_command_writes_json_markdown_and_plot(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rnnkit.cli.bench import app
+
+    res = CliRunner().invoke(app, ["--cells", "lstm_peephole,gru", "--T", "3", "--B", "2", "--H", "8",
+                                   "--repeats", "1", "--warmup", "0", "--no-step", "--quiet",
+                                   "--out", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert json.loads((tmp_path / "kernels.json").read_text())["rows"] == result["rows"]
+    labels = {(r["label"], r["mode"]) for r in result["rows"]}
+    for label in ("torch.nn.LSTM", "loop:lstm", "loop:gru", "lstm_peephole/cpu", "lstm_peephole/bptt",
+                  "gru/native", "gru/cpu"):
+        assert {(label, "fwd"), (label, "fwdbwd")} <= labels
+    assert all(r["ms"] > 0 and r["x_lstm"] > 0 for r in result["rows"])
+    lstm = next(r for r in result["rows"] if r["label"] == "torch.nn.LSTM" and r["mode"] == "fwd")
+    assert lstm["x_lstm"] == pytest.approx(1.0)
+    assert "| lstm_peephole/cpu |" in (tmp_path / "kernels.md").read_text()
+    assert (tmp_path / "kernels.png").read_bytes()[:4] == b"\x89PNG"
+    # H=8 is below the variant targets' H >= 128; the plain-cell target applies to every shape
+    targets = {t["target"].split(" ")[0]: t for t in result["targets"]}
+    assert "variants" not in targets and targets["plain"]["n"] == 2  # gru via native, fwd + fwdbwd
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cells", "nope"], "--cells: unknown cell"),
+    (["--B", "0"], "--B: expected comma-separated positive integers"),
+    (["--backends", "gpu9"], "--backends: unknown backend"),
+])
+def test_bench_command_rejects_bad_arguments(args, message):
+    from typer.testing import CliRunner
+
+    from rnnkit.cli.bench import app
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
