@@ -6,7 +6,7 @@ permissive than the compiler; this module checks that the same kernels also comp
 with a recorder in place of the kernels, collects each distinct (kernel, argument types,
 constexprs, num_warps) launch, and compiles it.
 
-    python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32   # 104 kernels, ~2.5 min
+    python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32   # 168 kernels, minutes
 
 Must run in a process where ``TRITON_INTERPRET`` is unset.
 """
