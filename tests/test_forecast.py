@@ -170,3 +170,19 @@ def test_load_series_matches_windows_in_model_space():
     z = tf.target(s.target)
     np.testing.assert_allclose(w["y"][0, :, 0], (z[5:8, 0] - z[4, 0]).astype(np.float32), rtol=1e-6)
     np.testing.assert_allclose(tf.inverse_target(z), s.target)
+
+
+def test_seasonal_offset_is_the_seasonal_naive_forecast():
+    s = load_series({"y": _sine(60, period=6) + 10})
+    cfg = F.ForecastDataConfig(lookback=12, horizon=8, window_norm="seasonal", season=6, scaler="none")
+    w = F.windows(s, F.Transform.fit(s, cfg))
+    y = s.target[:, 0]
+    k = 3  # window starting at row 3: lookback rows 3..14, horizon rows 15..22
+    naive = y[3 + 12 - 6 + np.arange(8) % 6]
+    np.testing.assert_allclose(w["y"][k, :, 0], (y[15:23] - naive).astype(np.float32), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w["x"][k, :, 0], (y[3:15] - y[3:15].mean()).astype(np.float32), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(SeriesError, match="needs --decoder direct"):
+        F.check_config(F.ForecastConfig(model=F.ForecastModelConfig(decoder="recursive"), data=cfg))
+    with pytest.raises(SeriesError, match="lookback >= --season"):
+        F.check_config(F.ForecastConfig(data=F.ForecastDataConfig(lookback=4, season=6, window_norm="seasonal")))
