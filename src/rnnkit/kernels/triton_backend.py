@@ -12,8 +12,10 @@ matmuls per step in each direction.
 
 States are carried in float32 whatever the input dtype; ``bfloat16`` inputs keep bf16 storage for
 ``xg``, the matmul operands and the outputs, with float32 math inside the kernels and float32
-accumulation in cuBLAS. For the persistent variant (R kept on chip across steps) see
-:mod:`rnnkit.kernels.triton_persistent`.
+accumulation in cuBLAS.
+
+``backend="triton_persistent"`` (:class:`_PersistentRun`, small H only) runs the whole forward and the
+whole backward time loop each in one kernel launch, with R kept on chip; see ``docs/triton.md``.
 
 Devices: CUDA only. For tests and debugging the kernels also run on the CPU under Triton's
 interpreter: set ``TRITON_INTERPRET=1`` **and** ``RNNKIT_TRITON_CPU=1`` before the kernels are first
@@ -80,6 +82,10 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 @dataclass(frozen=True)
 class _Launch:
     """Tiling of one step: whole rows for layer-norm cells (row reductions), else 256-wide H tiles."""
@@ -95,7 +101,7 @@ class _Launch:
         # enable_fp_fusion given explicitly (FMA contraction on, Triton's default): Triton >= 3.9 warns when
         # it has to fall back on its default, and the test suite turns warnings into errors.
         meta = {"BLOCK_B": bb, "BLOCK_H": bh, "num_warps": warps, "enable_fp_fusion": True}
-        return _Launch(((B + bb - 1) // bb, (H + bh - 1) // bh), meta)
+        return _Launch((_cdiv(B, bb), _cdiv(H, bh)), meta)
 
 
 class _Run:
@@ -405,7 +411,7 @@ class _PersistentRun(_Run):
         from triton.runtime.errors import OutOfResources
 
         try:
-            kernel[(triton_cdiv(self.B, PERSISTENT_BLOCK_B),)](*args, **kw)
+            kernel[(_cdiv(self.B, PERSISTENT_BLOCK_B),)](*args, **kw)
         except OutOfResources as e:
             raise RuntimeError(
                 f"backend='triton_persistent': this GPU cannot hold the recurrent weights on chip for "
@@ -470,10 +476,6 @@ class _PersistentRun(_Run):
             dR = Df.t() @ Hin
             db = Df.sum(0) if self.b_parts[0] is not None else None
         return None, dR, db
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 class _TritonRecurrence(torch.autograd.Function):
