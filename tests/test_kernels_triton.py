@@ -114,6 +114,13 @@ def test_single_step_single_sequence(name, device):
 
 
 @needs_triton
+@pytest.mark.parametrize("name", ["lstm_zoneout", "gru_cho_ln"])
+def test_several_programs_per_step(name, device):
+    """H = 300, B = 10: several (batch, hidden) tiles per step, partial tiles at both edges."""
+    _compare(name, device, T=2, B=10, I=3, H=300, bidirectional=False, lengths=[2, 1] * 5, given_state=True)
+
+
+@needs_triton
 @pytest.mark.parametrize("name", ["lstm_ln", "gru_cho_ln", "rnn_ln", "gru"])
 def test_without_biases(name, device):
     """bias=False: no b_hh inside the layer norm or the recurrent matmul."""
@@ -206,6 +213,17 @@ def test_persistent_size_limit_is_explained():
     with pytest.raises(ValueError, match=r"hidden_size <= 64 for this cell \(got 65\)"):
         kernels.resolve("triton_persistent", make_cell("gru", 65), LayerConfig(), cuda)
     assert "triton_persistent" not in kernels.AUTO_ORDER["cuda"]
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["lstm_peephole_ln", "lstm_zoneout", "gru_cho", "gru_ln", "rnn_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_realistic_shapes(name, dtype, device):
+    """On a GPU: compiled kernels at B = 64, H = 512 (LN: whole 512-wide rows), bidirectional, lengths."""
+    _compare(name, device, T=16, B=64, I=32, H=512, bidirectional=True, lengths=list(range(1, 17)) * 4,
+             given_state=True, dtype=dtype)
 
 
 @needs_triton
