@@ -1,4 +1,10 @@
-"""Triton kernels of the ``triton`` backend: the fused pointwise math of one time step, forward and backward.
+"""Triton kernels of the ``triton`` backends: the fused pointwise math of one time step, forward and
+backward, and the persistent kernels that run a whole time loop in one launch.
+
+Layout: tile-level math functions per family (``_lstm_cell`` / ``_lstm_bwd_cell``, ``_gru_cell``, ...)
+that take and return (BLOCK_B, BLOCK_H) float32 tiles; per-step kernels (``lstm_fwd``, ``lstm_bwd``, ...)
+that load one step's tiles from memory and call them; ``persistent_fwd`` / ``persistent_bwd`` that call
+the same functions inside a loop over time with the recurrent matmul done by ``tl.dot``.
 
 Imported lazily by :mod:`rnnkit.kernels.triton_backend` (never at ``import rnnkit``). Each kernel
 handles a (BLOCK_B, BLOCK_H) tile of one step: rows are batch entries, columns hidden units; gate
@@ -935,12 +941,6 @@ def _rN(R, k, H, jj, cols):
 
 
 @triton.jit
-def _row_acc(ptr, val, rows, cols, k, H, stride, m):
-    """Store a per-row accumulator tile kept in registers (each element written once, at the end)."""
-    _st(ptr, val, rows, cols, k, H, stride, m)
-
-
-@triton.jit
 def persistent_bwd(xg, hg, hn_raw, S_h, S_c, dy, omask, hmask, keep_h, keep_c, R, dxg, D, D1, dh_io, dc_io,
                    acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
                    T, B, H, s_hg, kh_t, kh_b, kh_h, kc_t, kc_b, kc_h,
@@ -1124,23 +1124,23 @@ def persistent_bwd(xg, hg, hn_raw, S_h, S_c, dy, omask, hmask, keep_h, keep_c, R
     if FAMILY == 1:
         _st(dc_io, dc_acc, rows, cols, 0, H, H, m)
         if PEEP:
-            _row_acc(acc_wch, a_p0, rows, cols, 0, H, 3 * H, m)
-            _row_acc(acc_wch, a_p1, rows, cols, 1, H, 3 * H, m)
-            _row_acc(acc_wch, a_p2, rows, cols, 2, H, 3 * H, m)
+            _st(acc_wch, a_p0, rows, cols, 0, H, 3 * H, m)
+            _st(acc_wch, a_p1, rows, cols, 1, H, 3 * H, m)
+            _st(acc_wch, a_p2, rows, cols, 2, H, 3 * H, m)
         if LN:
-            _row_acc(acc_lnc_w, a_cw, rows, cols, 0, H, H, m)
-            _row_acc(acc_lnc_b, a_cb, rows, cols, 0, H, H, m)
+            _st(acc_lnc_w, a_cw, rows, cols, 0, H, H, m)
+            _st(acc_lnc_b, a_cb, rows, cols, 0, H, H, m)
     if LN:
-        _row_acc(acc_lnh, a_l0, rows, cols, 0, H, GH, m)
+        _st(acc_lnh, a_l0, rows, cols, 0, H, GH, m)
         if LN_BIAS:
-            _row_acc(acc_bhh, a_b0, rows, cols, 0, H, GH, m)
+            _st(acc_bhh, a_b0, rows, cols, 0, H, GH, m)
         if G > 1:
-            _row_acc(acc_lnh, a_l1, rows, cols, 1, H, GH, m)
-            _row_acc(acc_lnh, a_l2, rows, cols, 2, H, GH, m)
+            _st(acc_lnh, a_l1, rows, cols, 1, H, GH, m)
+            _st(acc_lnh, a_l2, rows, cols, 2, H, GH, m)
             if LN_BIAS:
-                _row_acc(acc_bhh, a_b1, rows, cols, 1, H, GH, m)
-                _row_acc(acc_bhh, a_b2, rows, cols, 2, H, GH, m)
+                _st(acc_bhh, a_b1, rows, cols, 1, H, GH, m)
+                _st(acc_bhh, a_b2, rows, cols, 2, H, GH, m)
         if G > 3:
-            _row_acc(acc_lnh, a_l3, rows, cols, 3, H, GH, m)
+            _st(acc_lnh, a_l3, rows, cols, 3, H, GH, m)
             if LN_BIAS:
-                _row_acc(acc_bhh, a_b3, rows, cols, 3, H, GH, m)
+                _st(acc_bhh, a_b3, rows, cols, 3, H, GH, m)
