@@ -282,10 +282,10 @@ def test_importing_rnnkit_does_not_import_triton():
 @needs_triton
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """Slow (~3 min): every kernel specialization of the registry compiles to a cubin for an H100."""
+    """Slow (~5 min on an idle 2 cores): every kernel specialization of the registry compiles for an H100."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-W", "error", "-m", "rnnkit.kernels.triton_aot", "--arch", "90", "--shapes", "3x5",
            "--dtypes", "float32"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled" in res.stderr and len(res.stdout.splitlines()) >= 40
