@@ -219,8 +219,11 @@ def train(cfg: WordLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
     _atomic_json(vocab_path, corpus.vocab.to_dict())
     t0 = time.perf_counter()
     result = trainer.fit()
+    train_loss = result.get("train_loss")
+    if train_loss is not None and cfg.trainer.loss_reduction == "sum_time":
+        train_loss = train_loss / cfg.trainer.tbptt  # summed over the unrolled steps -> per word
     out: dict[str, Any] = {"steps": result["step"], "epochs_done": result["epochs_done"],
-                           "train_loss": result.get("train_loss"), "elapsed_s": result["elapsed_s"],
+                           "train_loss_nats": train_loss, "elapsed_s": result["elapsed_s"],
                            "stop_reason": result["stop_reason"], "vocab_size": len(corpus.vocab),
                            "parameters": n_params}
     for split, ids in corpus.splits.items():
