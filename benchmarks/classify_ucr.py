@@ -29,8 +29,7 @@ GRU_MNIST1D = 0.91
 
 # per-set settings (the rest are ClassifyConfig defaults: LSTM, Adam, clip 1)
 CONFIGS = {
-    "GunPoint": {"model.cell": "gru", "model.hidden": 32, "model.bidirectional": True, "model.pool": "mean",
-                 "trainer.epochs": 300, "trainer.batch_size": 25, "trainer.optim.lr": 0.01},
+    "GunPoint": {"model.hidden": 64, "trainer.epochs": 400, "trainer.batch_size": 25},
     "ItalyPowerDemand": {"model.hidden": 32, "trainer.epochs": 100, "trainer.batch_size": 16},
     "ArrowHead": {"model.cell": "gru", "model.hidden": 32, "model.bidirectional": True, "model.pool": "mean",
                   "trainer.epochs": 300, "trainer.batch_size": 12, "trainer.optim.lr": 0.01},

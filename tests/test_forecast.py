@@ -186,3 +186,11 @@ def test_seasonal_offset_is_the_seasonal_naive_forecast():
         F.check_config(F.ForecastConfig(model=F.ForecastModelConfig(decoder="recursive"), data=cfg))
     with pytest.raises(SeriesError, match="lookback >= --season"):
         F.check_config(F.ForecastConfig(data=F.ForecastDataConfig(lookback=4, season=6, window_norm="seasonal")))
+
+
+def test_sarima_airline_model():
+    pytest.importorskip("statsmodels", reason="statsmodels (rnnkit[datasets]) not installed")
+    aeon = pytest.importorskip("aeon.datasets", reason="aeon (rnnkit[datasets]) not installed")
+    y = aeon.load_airline()
+    f = F.sarima(y[:108, None], 36, 12, log=True)[:, 0]
+    assert smape(y[108:], f) == pytest.approx(0.0774, abs=5e-4)
