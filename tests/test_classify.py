@@ -134,3 +134,10 @@ def test_italy_power_demand_beats_chance_quickly():
     cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 32, "trainer.epochs": 60, "trainer.batch_size": 16})
     model = C.train(load_bundled("ItalyPowerDemand", "train"), cfg, None)
     assert model.evaluate(load_bundled("ItalyPowerDemand", "test"))["accuracy"] > 0.85
+
+
+def test_downsample_block_means():
+    np.testing.assert_allclose(C.block_mean(np.arange(7.0)[:, None], 3)[:, 0], [1.0, 4.0, 6.0])
+    t = C.tensors(SequenceSet([np.arange(8.0)[:, None], np.arange(5.0)[:, None]]), C.Scaler("none").fit(
+        np.zeros((2, 1))), None, downsample=2)
+    assert t["lengths"].tolist() == [4, 3] and t["x"][1, :3, 0].tolist() == [0.5, 2.5, 4.0]

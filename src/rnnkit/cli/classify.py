@@ -63,6 +63,8 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
               "--val-fraction", help="Hold out this fraction to keep the best epoch.")] = None,
           scaler: Annotated[str | None, typer.Option("--scaler", help="standard, minmax, robust or none.")] = None,
           lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+          downsample: Annotated[int | None, typer.Option(
+              "--downsample", help="Average blocks of this many steps (shortens long series).")] = None,
           label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
           opts: RunOptions) -> None:
     """Train a sequence classifier; with --test (or --dataset) report accuracy, balanced accuracy, macro F1
@@ -72,7 +74,7 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
     cfg = ts_config(opts, C.ClassifyConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
-        "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr})
+        "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample})
     tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill)
     te = None
     if test_path is not None or dataset is not None:

@@ -64,6 +64,8 @@ class ClassifyDataConfig:
         val_fraction: hold out this stratified fraction of the training set to pick the best epoch
             (by validation accuracy); 0 keeps the final weights.
         max_len: truncate longer sequences to this many steps (None = keep all).
+        downsample: average non-overlapping blocks of this many steps (1 = off); shortens long series
+            (e.g. 251 -> 63 steps with 4) so gradients travel fewer steps.
         fill: missing-value policy inside sequences.
     """
 
@@ -71,6 +73,7 @@ class ClassifyDataConfig:
     class_weights: Literal["none", "balanced"] = "none"
     val_fraction: float = 0.0
     max_len: int | None = None
+    downsample: int = 1
     fill: str | None = None
 
 
@@ -131,8 +134,21 @@ def encode_labels(labels: np.ndarray | None, classes: list[str], arg: str) -> np
     return np.array([index[str(v)] for v in labels], dtype=np.int64)
 
 
-def tensors(data: SequenceSet, scaler: Scaler, max_len: int | None) -> dict[str, Tensor]:
-    x, lengths = pad([scaler.transform(s).astype(np.float32) for s in data.sequences], max_len)
+def block_mean(x: np.ndarray, k: int) -> np.ndarray:
+    """Average non-overlapping blocks of ``k`` steps of a (T, C) sequence (the last block may be shorter)."""
+    if k <= 1:
+        return x
+    n = -(-len(x) // k)
+    out = np.add.reduceat(x, np.arange(0, len(x), k), axis=0)
+    counts = np.minimum(k, len(x) - np.arange(n) * k)[:, None]
+    return out / counts
+
+
+def tensors(data: SequenceSet, scaler: Scaler, max_len: int | None, downsample: int = 1) -> dict[str, Tensor]:
+    if downsample < 1:
+        raise SeriesError(f"data.downsample: expected an int >= 1, got {downsample}")
+    seqs = [block_mean(scaler.transform(s), downsample).astype(np.float32) for s in data.sequences]
+    x, lengths = pad(seqs, max_len)
     return {"x": torch.from_numpy(x), "lengths": torch.from_numpy(lengths)}
 
 
@@ -162,7 +178,7 @@ class Classifier:
         if data.n_channels != self.meta["channels"]:
             raise SeriesError(f"input: {data.n_channels} channel(s), the model was trained on "
                               f"{self.meta['channels']}")
-        t = tensors(data, self.scaler, self.cfg.data.max_len)
+        t = tensors(data, self.scaler, self.cfg.data.max_len, self.cfg.data.downsample)
         out = []
         for i in range(0, len(data), batch_size):
             out.append(torch.softmax(self.net(t["x"][i:i + batch_size], t["lengths"][i:i + batch_size]), -1))
@@ -171,7 +187,7 @@ class Classifier:
     @torch.no_grad()
     def embed(self, data: SequenceSet, batch_size: int = 256) -> np.ndarray:
         """(N, D*H) pooled encodings."""
-        t = tensors(data, self.scaler, self.cfg.data.max_len)
+        t = tensors(data, self.scaler, self.cfg.data.max_len, self.cfg.data.downsample)
         return torch.cat([self.net.embed(t["x"][i:i + batch_size], t["lengths"][i:i + batch_size])
                           for i in range(0, len(data), batch_size)]).numpy()
 
@@ -211,7 +227,7 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
         raise SeriesError(f"data.val_fraction: expected a fraction in [0, 1), got {d.val_fraction}")
     y = encode_labels(train_set.labels, classes, "--train")
     scaler = fit_scaler(train_set, d.scaler)
-    data = {**tensors(train_set, scaler, d.max_len), "y": torch.from_numpy(y)}
+    data = {**tensors(train_set, scaler, d.max_len, d.downsample), "y": torch.from_numpy(y)}
     evaluate, tcfg = None, cfg.trainer
     if d.val_fraction > 0:
         tr, va = stratified_split(y, d.val_fraction, cfg.trainer.seed)
