@@ -97,11 +97,13 @@ def build(kind: str, cell: str, H: int, device: torch.device, dtype: torch.dtype
     return m.to(device, dtype).train()
 
 
-def run_grid(args: argparse.Namespace) -> list[dict]:
+def run_grid(args: argparse.Namespace) -> tuple[list[dict], bool]:
+    """Time the grid; returns the records and whether ``--max-minutes`` cut it short."""
     device = torch.device(args.device)
     dtypes = [getattr(torch, d) for d in args.dtypes]
     records = []
     cudnn_cache: dict[tuple, float] = {}
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     for dtype in dtypes:
         for B in args.batch:
             for H in args.hidden:
@@ -109,6 +111,10 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
                 for cell in args.cells:
                     family = REGISTRY[cell].family
                     for mode in args.modes:
+                        if deadline is not None and time.monotonic() > deadline:
+                            print(f"--max-minutes {args.max_minutes} reached: stopping after {len(records)} "
+                                  "records", file=sys.stderr)
+                            return records, True
                         rec = {"cell": cell, "family": family, "dtype": str(dtype).removeprefix("torch."),
                                "T": args.steps, "B": B, "H": H, "I": H, "mode": mode}
                         kinds = ["ours", "auto", "cudnn"]
@@ -147,7 +153,7 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
                         _ratios(rec)
                         records.append(rec)
                         print(_line(rec), file=sys.stderr, flush=True)
-    return records
+    return records, False
 
 
 def _ratios(rec: dict) -> None:
@@ -193,7 +199,9 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines = [f"GPU: {m.get('gpu') or 'none (' + meta['device'] + ')'}; torch {m['torch']}, triton {m['triton']}, "
              f"CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}; {meta['date']}.",
              f"Command: `{meta['command']}`. T = {records[0]['T'] if records else '?'}, I = H; median of "
-             f"{meta['repeat']} runs; ours = backend {meta['ours']!r}, loop = backend 'reference'.", "",
+             f"{meta['repeat']} runs; ours = backend {meta['ours']!r}, loop = backend 'reference'."
+             + (" Stopped early by --max-minutes: the grid is incomplete." if meta.get("stopped_early") else ""),
+             "",
              "| cell | dtype | B | H | mode | ours ms | auto ms (backend) | cuDNN ms | loop ms | ours/cuDNN | "
              "loop/ours |" + "".join(f" {a} ms |" for a in also), "|---|---|---|---|---|---|---|---|---|---|---|"
              + "---|" * len(also)]
@@ -234,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--quick", action="store_true",
                     help="B in {16, 64, 256}, H in {256, 1024}, float32; lstm, lstm_peephole, lstm_ln, gru, gru_cho")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop starting new measurements after this long and write what was measured")
     ap.add_argument("--out", default="benchmarks/out/kernels_cuda", help="path stem for .json and .md")
     args = ap.parse_args(argv)
     if args.quick:
@@ -249,9 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but CUDA is not available (use --device cpu --ours bptt for a smoke test)",
               file=sys.stderr)
         return 2
-    records = run_grid(args)
+    records, cut = run_grid(args)
     argv = sys.argv[1:] if argv is None else argv
     meta = {"device": args.device, "ours": args.ours, "repeat": args.repeat, "machine": machine(device),
+            "stopped_early": cut,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join(["python", "benchmarks/kernels_cuda.py", *argv])}
     stem = Path(args.out)
