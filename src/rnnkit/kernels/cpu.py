@@ -13,14 +13,15 @@ variable lengths through :class:`~rnnkit.kernels.common.LayerMasks`) in float32 
 the CPU. Compiled code is cached on disk by numba (``cache=True``): the first call in a fresh
 environment compiles (see :func:`compile_seconds`), later processes load the cache.
 
-Threads: the per-step matmuls run in the BLAS that numba calls (scipy's OpenBLAS). Its thread count
-follows ``torch.get_num_threads()`` (so ``torch.set_num_threads`` governs both), or the environment
-variable ``RNNKIT_CPU_THREADS`` when set. On an oversubscribed machine 1 thread is much faster.
+Threads: the per-step matmuls run in the BLAS that numba calls (scipy's OpenBLAS), with
+``RNNKIT_CPU_THREADS`` threads (default 1: the per-step matmuls are small, and a multi-threaded
+OpenBLAS stalled badly on the shared machine this was measured on; see :func:`_load_blas`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -36,26 +37,52 @@ DTYPES = (torch.float32, torch.float64)
 _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
+def _blas_threads_wanted() -> int:
+    env = os.environ.get("RNNKIT_CPU_THREADS")
+    return int(env) if env else 1
+
+
+def _load_blas() -> None:
+    """Load the BLAS numba's ``np.dot`` binds to (scipy's OpenBLAS) with its thread count set at start-up.
+
+    OpenBLAS creates its thread pool when the library loads, and lowering the count later at run time
+    did not stop it stalling here (some shapes fell from ~60 to ~0.1 GFLOP/s on the shared 2-core
+    machine), so the count is fixed before loading, without changing the environment of anything else.
+    """
+    if "scipy.linalg.cython_blas" in sys.modules:
+        return
+    old = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ["OPENBLAS_NUM_THREADS"] = str(_blas_threads_wanted())
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = old
+
+
 class _BlasThreads:
-    """Sets the thread count of the OpenBLAS that numba's ``np.dot`` uses, when it changes."""
+    """Keeps the thread count of the BLAS that numba calls at ``RNNKIT_CPU_THREADS`` (default 1)."""
 
     def __init__(self) -> None:
         self.libs: list | None = None
         self.current = -1
 
     def ensure(self) -> None:
-        env = os.environ.get("RNNKIT_CPU_THREADS")
-        want = int(env) if env else torch.get_num_threads()
+        want = _blas_threads_wanted()
         if want == self.current:
             return
         if self.libs is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba binds to)
+            _load_blas()
             from threadpoolctl import ThreadpoolController
 
             ctl = ThreadpoolController()
-            self.libs = [lc for lc in ctl.lib_controllers if lc.internal_api in ("openblas", "mkl", "blis")]
+            self.libs = [lc for lc in ctl.lib_controllers
+                         if lc.internal_api == "openblas" and "scipy.libs" in lc.filepath]
         for lc in self.libs:
-            lc.set_num_threads(want)
+            if lc.num_threads != want:
+                lc.set_num_threads(want)
         self.current = want
 
 
@@ -64,6 +91,11 @@ blas_threads = _BlasThreads()
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
+
+
+def _rt(R: Tensor, T: int) -> np.ndarray:
+    """R transposed, (H, rows): a C-ordered copy is faster per step; for one step the F view saves the copy."""
+    return R.t().contiguous().numpy() if T > 1 else R.numpy().T
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
@@ -104,7 +136,7 @@ class _CpuRecurrence(torch.autograd.Function):
         ln = cell.layer_norm
         xg_n = _np(xg)
         Rd = R.detach().contiguous()
-        Rt = Rd.numpy().T  # (H, G*H) F-ordered view: BLAS reads it transposed, no copy
+        Rt = _rt(Rd, T)
         bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
         ln_g = ex.get("ln_weight_hh", A.dummy1)
         h0 = _np(state0[0])
@@ -145,7 +177,7 @@ class _CpuRecurrence(torch.autograd.Function):
         else:
             GATES = _empty(T, B, GH, dtype=dt)
             Q = _empty(T, B, H, dtype=dt)
-            K.gru_cho_forward(xg_n, Rt[:, :2 * H], Rt[:, 2 * H:],
+            K.gru_cho_forward(xg_n, _rt(Rd[:2 * H], T), _rt(Rd[2 * H:], T),
                               bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
                               HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy())
             buf.update(GATES=GATES, Q=Q)
@@ -301,4 +333,5 @@ def compile_seconds() -> dict[str, float]:
     return times
 
 
+_load_blas()
 register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run), auto_before={"cpu": "bptt"})
