@@ -87,7 +87,10 @@ def figures(run_dir: Path) -> dict[str, Any]:
     series = curves(read_metrics(run_dir))
     if series:
         metric = exp.get("metric")
-        main = {k: v for k, v in series.items() if "loss" in k or (metric and metric.split("_", 1)[-1] in k)}
+        if metric and exp.get("lower_is_better") is False:  # an accuracy: keep it off the loss's scale
+            main = {k: v for k, v in series.items() if k.endswith("/" + metric)}
+        else:
+            main = {k: v for k, v in series.items() if k.endswith("loss") or (metric and k.endswith("/" + metric))}
         figs["learning_curve"] = plots.learning_curve(main or series, ylabel=exp.get("metric", "value"),
                                                       baseline=exp.get("baseline"),
                                                       title=f"{exp.get('task', run_dir.name)}: learning curve")

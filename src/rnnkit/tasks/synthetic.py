@@ -595,9 +595,12 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool =
             stats = gate_statistics(model.rnn, model.encode(sub["x"]), lengths=sub.get("lengths"))
             (run_dir / "gate_stats.json").write_text(json.dumps(stats))
     (run_dir / "experiment.json").write_text(json.dumps(
-        {"task": task.name, "metric": task.metric, "baseline": task.baseline(), "result": result}, indent=1))
+        {"task": task.name, "metric": task.metric, "lower_is_better": task.lower_is_better,
+         "baseline": task.baseline(), "result": result}, indent=1))
     series = curves(read_metrics(run_dir))
-    main = {k: v for k, v in series.items() if k in ("train/loss", f"eval/{task.metric}")}
+    # the training loss shares the metric's scale only when the metric is a loss
+    keep = (("train/loss",) if task.lower_is_better else ()) + (f"eval/{task.metric}",)
+    main = {k: v for k, v in series.items() if k in keep}
     if main:
         plots.save(plots.learning_curve(main, ylabel=task.metric, baseline=task.baseline(),
                                         title=f"{task.name} T={task.length}, {cfg.model.cell}"),
