@@ -142,6 +142,7 @@ def test_modifying_the_output_in_place_is_detected():
         loss.backward()
 
 
+@pytest.mark.slow  # ~10-25 s here (matplotlib, every runner twice)
 def test_bench_command_writes_json_markdown_and_plot(tmp_path):
     import json
 
