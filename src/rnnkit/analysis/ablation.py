@@ -1,8 +1,9 @@
 r"""The ablation grid: every (task, cell variant, seed) trained in its own process, then aggregated.
 
-Each run is ``rnnkit experiment <task> --cell <variant> --seed <s> ...`` in a subprocess (one torch
-thread each, ``jobs`` at a time) writing ``out_dir/<task>/<variant>/seed<s>``; a run directory that
-already holds ``experiment.json`` is reused, so an interrupted grid continues where it stopped.
+Each run is ``rnnkit experiment <task> --cell <variant> --seed <s> ...`` (or, for the task
+``charlm``, a short ``rnnkit charlm train``) in a subprocess (one torch thread each, ``jobs`` at a
+time) writing ``out_dir/<task>/<variant>/seed<s>``; a finished run directory is reused, so an
+interrupted grid continues where it stopped.
 
 Aggregation: mean and standard deviation over seeds of each task's metric; the *harm* of a variant
 on a task is the fraction of the LSTM's margin over the memoryless baseline that the variant loses,
@@ -32,7 +33,19 @@ DEFAULT_VARIANTS = ("lstm", "lstm_nfg", "lstm_nig", "lstm_nog", "lstm_noact", "l
 GATE_ABLATIONS = {"lstm_nfg": "forget gate", "lstm_nig": "input gate", "lstm_nog": "output gate",
                   "lstm_noact": "output activation"}
 SYNTHETIC = ("adding", "copy", "temporal-order", "agreement")
-DEFAULT_LENGTHS = {"adding": 100, "copy": 50, "temporal-order": 100, "agreement": 30}
+#: tasks the grid can run: the synthetic ones and a short character-level LM (`rnnkit charlm train` on
+#: the built-in Shakespeare; metric validation bits per character, baseline log2(vocabulary size))
+TASK_NAMES = (*SYNTHETIC, "charlm")
+DEFAULT_LENGTHS = {"adding": 100, "copy": 50, "temporal-order": 100, "agreement": 30, "charlm": 100}
+
+
+def task_metric(task: str) -> tuple[str, bool]:
+    """(metric name, lower is better) of a grid task."""
+    if task == "charlm":
+        return "val_bits_per_char", True
+    from ..tasks.synthetic import TASKS
+
+    return TASKS[task].metric, TASKS[task].lower_is_better
 
 
 def parse_lengths(spec: str | None, tasks: list[str]) -> dict[str, int]:
@@ -56,6 +69,11 @@ def parse_lengths(spec: str | None, tasks: list[str]) -> dict[str, int]:
 
 
 def _command(task: str, variant: str, seed: int, steps: int, length: int, hidden: int, run_dir: Path) -> list[str]:
+    if task == "charlm":  # length = the truncated-BPTT chunk
+        return [sys.executable, "-m", "rnnkit.cli.main", "charlm", "train", "--cell", variant, "--seed", str(seed),
+                "--steps", str(steps), "--tbptt", str(length), "--hidden", str(hidden), "--layers", "1",
+                "--out", str(run_dir), "--json", "--quiet", "--set", "trainer.tensorboard=false",
+                "--set", "data.eval_chars=20000"]
     return [sys.executable, "-m", "rnnkit.cli.main", "experiment", task, "--cell", variant, "--seed", str(seed),
             "--steps", str(steps), "--length", str(length), "--hidden", str(hidden), "--out", str(run_dir),
             "--json", "--quiet", "--no-analysis", "--set", "trainer.tensorboard=false",
@@ -65,11 +83,11 @@ def _command(task: str, variant: str, seed: int, steps: int, length: int, hidden
 def run_one(task: str, variant: str, seed: int, steps: int, length: int, hidden: int, run_dir: Path,
             timeout: float | None = None) -> dict[str, Any]:
     """Run (or reuse) one cell of the grid; returns its result dict (with ``"error"`` if it failed)."""
-    done = run_dir / "experiment.json"
+    done = run_dir / ("ablation_result.json" if task == "charlm" else "experiment.json")
     if done.is_file():
         return json.loads(done.read_text())["result"]
-    if task not in SYNTHETIC:
-        raise ValueError(f"tasks: expected names from {list(SYNTHETIC)}, got {task!r}")
+    if task not in TASK_NAMES:
+        raise ValueError(f"tasks: expected names from {list(TASK_NAMES)}, got {task!r}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(_command(task, variant, seed, steps, length, hidden, run_dir), capture_output=True,
@@ -78,6 +96,11 @@ def run_one(task: str, variant: str, seed: int, steps: int, length: int, hidden:
         return {"task": task, "cell": variant, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_wall_s"] = round(time.perf_counter() - t0, 1)
+    if task == "charlm":
+        import math
+
+        result.update(task="charlm", cell=variant, seed=seed, baseline=math.log2(result["vocab_size"]))
+        done.write_text(json.dumps({"result": result}))
     return result
 
 
@@ -92,19 +115,17 @@ def harm(value: float, lstm: float, baseline: float, lower_is_better: bool) -> f
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean/std per (task, variant), harm relative to the LSTM, and the gate-importance ranking."""
-    from ..tasks.synthetic import TASKS
-
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for r in results:
         if "error" in r:
             continue
         task = r["task"]
-        metric = TASKS[task].metric
+        metric = task_metric(task)[0]
         cell = table.setdefault(task, {}).setdefault(r["cell"], {"values": [], "metric": metric,
                                                                  "baseline": r["baseline"]})
         cell["values"].append(float(r[metric]))
     for task, rows in table.items():
-        lower = TASKS[task].lower_is_better
+        lower = task_metric(task)[1]
         ref = rows.get("lstm")
         for cell in rows.values():
             vals = cell["values"]
@@ -157,8 +178,8 @@ def run_grid(tasks: list[str], variants: list[str], *, seeds: int, steps: int, l
     from ..cells import REGISTRY
 
     for t in tasks:
-        if t not in SYNTHETIC:
-            raise ValueError(f"--tasks: expected names from {list(SYNTHETIC)}, got {t!r}")
+        if t not in TASK_NAMES:
+            raise ValueError(f"--tasks: expected names from {list(TASK_NAMES)}, got {t!r}")
     for v in variants:
         if v not in REGISTRY:
             raise ValueError(f"--variants: {v!r} is not a registry cell; expected names from {sorted(REGISTRY)}")
@@ -198,5 +219,5 @@ def run_grid(tasks: list[str], variants: list[str], *, seeds: int, steps: int, l
     return summary
 
 
-__all__ = ["DEFAULT_VARIANTS", "GATE_ABLATIONS", "run_grid", "run_one", "aggregate", "markdown", "harm",
-           "parse_lengths"]
+__all__ = ["DEFAULT_VARIANTS", "TASK_NAMES", "task_metric", "GATE_ABLATIONS", "run_grid", "run_one", "aggregate",
+           "markdown", "harm", "parse_lengths"]

@@ -216,7 +216,8 @@ def _log10(x: float) -> float:
 
 @app.command("ablation")
 def ablation_cmd(
-    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks (and 'charlm').")] =
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help="Comma-separated: adding, copy, temporal-order, agreement, charlm.")] =
     "adding,copy,temporal-order,agreement",
     variants: Annotated[str, typer.Option("--variants", help="Comma-separated registry cells.")] = "",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per (task, variant).")] = 3,
