@@ -193,16 +193,19 @@ def test_incoming_gradients_are_not_modified(backend, device):
 
 @needs_triton
 @pytest.mark.parametrize("backend", ["triton", "triton_persistent"])
-def test_inference_without_grad(backend, device):
-    """Under no_grad nothing is saved for backward (the persistent kernel skips those writes)."""
+@pytest.mark.parametrize("name", ["lstm_ln", "gru_cho_ln", "rnn_relu"])
+def test_inference_without_grad(name, backend, device):
+    """Under no_grad nothing is saved for backward: the per-step path reuses two state slots and one
+    projection slot across steps, the persistent kernel skips those writes."""
     torch.manual_seed(3)
-    ref = rnnkit.build("lstm_ln", 3, 5, backend="reference").to(device).eval()
-    ours = rnnkit.build("lstm_ln", 3, 5, backend=backend).to(device).eval()
+    ref = rnnkit.build(name, 3, 5, backend="reference").to(device).eval()
+    ours = rnnkit.build(name, 3, 5, backend=backend).to(device).eval()
     ours.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 2, 3, device=device)
+    x = torch.randn(5, 2, 3, device=device)
     with torch.no_grad():
-        (y0, (h0, c0)), (y1, (h1, c1)) = ref(x, lengths=[4, 2]), ours(x, lengths=[4, 2])
-    for a, b in ((y1, y0), (h1, h0), (c1, c0)):
+        (y0, s0), (y1, s1) = ref(x, lengths=[5, 2]), ours(x, lengths=[5, 2])
+    s0, s1 = (s0, s1) if isinstance(s0, tuple) else ((s0,), (s1,))
+    for a, b in zip((y1, *s1), (y0, *s0)):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)
 
 

@@ -174,34 +174,43 @@ class _Run:
         return {"LN": self.ln, "LN_BIAS": self.ln_bias}
 
     # ---- forward -----------------------------------------------------------------------------------
+    def buffers(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, ring: int) -> tuple[Tensor, list[Tensor]]:
+        """A (n, *shape) buffer and its n per-step views; without a backward to save for (inference), only
+        ``ring`` slots, reused in turn (2 for a state read at t and written at t + 1, 1 for scratch)."""
+        slots = n if self.save else min(n, ring)
+        buf = torch.empty(slots, *shape, dtype=dtype, device=self.device)
+        views = buf.unbind(0)
+        return buf, (list(views) if slots == n else [views[t % slots] for t in range(n)])
+
     def forward(self, state0: State) -> tuple[Tensor, State]:
         T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
-        f32 = torch.float32
-        n_state = len(state0)
         # S[k][t] is state component k before step t (float32); Hin[t] the matmul input of step t.
-        self.S = [torch.empty(T + 1, B, H, dtype=f32, device=dev) for _ in range(n_state)]
-        for s, s0 in zip(self.S, state0):
-            s[0].copy_(s0)
-        self.Hin = torch.empty(T + 1, B, H, dtype=dt, device=dev)
-        self.Hin[0].copy_(self.masked(state0[0]))
+        self.S, self.S_steps = [], []
+        for s0 in state0:
+            buf, views = self.buffers(T + 1, (B, H), torch.float32, 2)
+            views[0].copy_(s0)
+            self.S.append(buf)
+            self.S_steps.append(views)
+        self.Hin, self.Hin_steps = self.buffers(T + 1, (B, H), dt, 2)
+        self.Hin_steps[0].copy_(self.masked(state0[0]))
         y = torch.empty(T, B, H, dtype=dt, device=dev)
         fam = self.cell.family
         if fam == "gru" and not self.cell.reset_after:
             self._forward_cho(y)
         else:
             self._forward_one(y, fam)
-        return y, tuple(s[T] for s in self.S)
+        return y, tuple(v[T] for v in self.S_steps)
 
     def _forward_one(self, y: Tensor, fam: str) -> None:
         T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
         GH = self.cell.gates * H
         e, p = self.extras, self.p
-        self.hg = torch.empty(T, B, GH, dtype=self.dtype, device=self.device)
+        self.hg, hgs = self.buffers(T, (B, GH), self.dtype, 1)
         hm = p(self.hmask)
         flags = {**self.flags(), **self.cell_flags(), "WRITE_HIN": True, **L.meta}
         # Per-step views made up front (one unbind each): indexing in the loop costs more than the launch.
-        xs, hgs, ys, hins, oms = self.xg.unbind(0), self.hg.unbind(0), y.unbind(0), self.Hin.unbind(0), self.om_steps()
-        hs, cs = self.S[0].unbind(0), self.S[-1].unbind(0)
+        xs, ys, hins, oms = self.xg.unbind(0), y.unbind(0), self.Hin_steps, self.om_steps()
+        hs, cs = self.S_steps[0], self.S_steps[-1]
         khs, kh_b, kh_h = self.keep_steps(0)
         if fam == "lstm":
             kcs, kc_b, kc_h = self.keep_steps(1)
@@ -230,17 +239,16 @@ class _Run:
     def _forward_cho(self, y: Tensor) -> None:
         T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
         e, p = self.extras, self.p
-        dt, dev = self.dtype, self.device
-        self.hg = torch.empty(T, B, 2 * H, dtype=dt, device=dev)   # raw (r, z) projections
-        self.hn = torch.empty(T, B, H, dtype=dt, device=dev)       # raw n projections
-        self.Q = torch.empty(T, B, H, dtype=dt, device=dev)        # r * h * hmask, input of R_n
+        dt = self.dtype
+        self.hg, hgs = self.buffers(T, (B, 2 * H), dt, 1)   # raw (r, z) projections
+        self.hn, hns = self.buffers(T, (B, H), dt, 1)       # raw n projections
+        self.Q, qs = self.buffers(T, (B, H), dt, 1)         # r * h * hmask, input of R_n
         hm = p(self.hmask)
         lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
         cf = self.cell_flags()
         flags_a = {"HAS_HMASK": self.hmask is not None, **cf, **L.meta}
         flags_b = {"WRITE_HIN": True, **self.flags(), **cf, **L.meta}
-        xs, hgs, hns, qs = self.xg.unbind(0), self.hg.unbind(0), self.hn.unbind(0), self.Q.unbind(0)
-        ys, hins, hs, oms = y.unbind(0), self.Hin.unbind(0), self.S[0].unbind(0), self.om_steps()
+        xs, ys, hins, hs, oms = self.xg.unbind(0), y.unbind(0), self.Hin_steps, self.S_steps[0], self.om_steps()
         khs, kh_b, kh_h = self.keep_steps(0)
         launch_a, launch_b = K.cho_fwd_a[L.grid], K.cho_fwd_b[L.grid]
         for t in range(T):
