@@ -31,8 +31,7 @@ GRU_MNIST1D = 0.91
 CONFIGS = {
     "GunPoint": {"model.hidden": 64, "trainer.epochs": 400, "trainer.batch_size": 25},
     "ItalyPowerDemand": {"model.hidden": 32, "trainer.epochs": 100, "trainer.batch_size": 16},
-    "ArrowHead": {"model.cell": "gru", "model.hidden": 32, "model.bidirectional": True, "model.pool": "mean",
-                  "trainer.epochs": 300, "trainer.batch_size": 12, "trainer.optim.lr": 0.01},
+    "ArrowHead": {"model.hidden": 64, "data.downsample": 4, "trainer.epochs": 1000, "trainer.batch_size": 12},
     "BasicMotions": {"model.hidden": 32, "trainer.epochs": 100, "trainer.batch_size": 8},
     "JapaneseVowels": {"model.hidden": 64, "trainer.epochs": 40, "trainer.batch_size": 16},
     "MNIST1D": {"model.cell": "gru", "model.hidden": 128, "trainer.epochs": 30, "trainer.batch_size": 64,
