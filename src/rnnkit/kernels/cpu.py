@@ -30,7 +30,6 @@ from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
 from . import BACKENDS, Backend, LayerConfig, register
-from . import cpu_cells as K
 from .common import LayerMasks
 
 DTYPES = (torch.float32, torch.float64)
@@ -89,6 +88,14 @@ class _BlasThreads:
 blas_threads = _BlasThreads()
 
 
+def _kernels():
+    """The numba loops, imported on first use (keeps ``import rnnkit`` light), after the BLAS is set up."""
+    blas_threads.ensure()
+    from . import cpu_cells
+
+    return cpu_cells
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -127,6 +134,7 @@ class _CpuRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
                 b_hh: Tensor | None, *rest: Tensor):
+        K = _kernels()
         n_state = cell.state_size
         state0 = rest[:n_state]
         ex = {n: _np(t) for n, t in zip(names, rest[n_state:])}
@@ -198,6 +206,7 @@ class _CpuRecurrence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
+        K = _kernels()
         cell, masks, A, buf = ctx.cell, ctx.masks, ctx.arrays, ctx.buf
         Rd, has_bias, bhh, ex, h0t = ctx.inputs
         out = buf["out"] if "out" in buf else ctx.saved_tensors[0]
@@ -333,5 +342,4 @@ def compile_seconds() -> dict[str, float]:
     return times
 
 
-_load_blas()
 register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run), auto_before={"cpu": "bptt"})
