@@ -337,3 +337,12 @@ def test_bad_inputs_have_clear_errors():
         rnnkit.GRU(3, 4, bidirectional=True).step(torch.randn(2, 3))
     with pytest.raises(ValueError, match="cell: expected one of"):
         rnnkit.build("lstmm", 3, 4)
+
+
+def test_auto_avoids_native_for_varying_lengths_on_cpu():
+    m = rnnkit.LSTM(3, 4)
+    assert m.backend_for(torch.device("cpu")) == "native"
+    assert m.backend_for(torch.device("cpu"), variable_lengths=True) == "cpu"
+    x = torch.randn(5, 2, 3)
+    # full lengths are the same as no lengths (and take the fused native path)
+    torch.testing.assert_close(m(x, lengths=[5, 5])[0], m(x)[0])

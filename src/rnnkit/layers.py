@@ -76,7 +76,7 @@ class Recurrent(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {backend!r}")
         self.backend = backend
-        self._resolved: dict[str, str] = {}
+        self._resolved: dict[tuple[str, bool], str] = {}
         # Fail early on configurations that no device type can run; a backend that runs on one device
         # type only (triton: CUDA) is checked against the actual device at the first forward.
         errors = []
@@ -133,11 +133,12 @@ class Recurrent(nn.Module):
         w.update({base: getattr(self, full) for base, full in names.items()})
         return w
 
-    def backend_for(self, device: torch.device) -> str:
-        """The backend this layer runs on ``device`` (``auto`` resolved)."""
-        key = device.type
+    def backend_for(self, device: torch.device, variable_lengths: bool = False) -> str:
+        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths."""
+        key = (device.type, variable_lengths)
         if key not in self._resolved:
-            self._resolved[key] = kernels.resolve(self.backend, self.cell, self.layer_config, device)
+            self._resolved[key] = kernels.resolve(self.backend, self.cell, self.layer_config, device,
+                                                  variable_lengths=variable_lengths)
         return self._resolved[key]
 
     def extra_repr(self) -> str:
@@ -182,15 +183,17 @@ class Recurrent(nn.Module):
             x, unbatched = self._check_input(input)
         T, B = x.shape[0], x.shape[1]
         lens = None if lengths is None else self._check_lengths(lengths, B, T, x.device)
+        pack_lens = lens if packed else None
+        if lens is not None and bool((lens == T).all()):
+            lens = None  # every sequence is full length: nothing to mask
         h0, c0 = self._check_state(state, x, B, unbatched)
-        device = x.device
-        name = self.backend_for(device)
+        name = self.backend_for(x.device, variable_lengths=lens is not None)
         if name == "native":
             out, final = self._run_native(x, h0, c0, lens)
         else:
             out, final = self._run_layers(kernels.BACKENDS[name].run, x, h0, c0, lens)
         if packed:
-            out = pack_padded_sequence(out, lens, enforce_sorted=False)
+            out = pack_padded_sequence(out, pack_lens, enforce_sorted=False)
         elif self.batch_first:
             out = out.transpose(0, 1)
         if unbatched:
