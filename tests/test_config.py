@@ -158,3 +158,18 @@ def test_cli_debug_shows_traceback():
 def test_run_command_needs_opts():
     with pytest.raises(TypeError, match="opts"):
         run_command("x")(lambda a: None)
+
+
+def test_partial_section_override_keeps_the_owner_defaults():
+    """Overriding one trainer key keeps a task's own trainer defaults for the other keys."""
+    import dataclasses
+
+    from rnnkit.train import TrainerConfig, load_config
+
+    @dataclasses.dataclass(frozen=True)
+    class TaskCfg:
+        trainer: TrainerConfig = dataclasses.field(
+            default_factory=lambda: TrainerConfig(clip_norm=1.0, batch_size=7))
+
+    cfg = load_config(TaskCfg, overrides=["trainer.seed=3"])
+    assert (cfg.trainer.seed, cfg.trainer.clip_norm, cfg.trainer.batch_size) == (3, 1.0, 7)

@@ -282,11 +282,40 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         k = unknown[0]
         raise UserError(f"unknown config key {prefix}{k!s} (= {data[k]!r}); expected one of: "
                         f"{', '.join(sorted(names))}")
-    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        default = _field_default(fields[k])
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            # A section given partly: its other keys keep this class's default for the section
+            # (e.g. a task's own trainer defaults), not the section class's bare defaults.
+            v = _deep_merge(_fields_mapping(default), v)
+        kwargs[k] = _coerce(prefix + k, v, hints[k])
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field missing
         raise UserError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _fields_mapping(cfg: Any) -> dict[str, Any]:
+    """Nested dict of a dataclass instance's init fields, keeping None (unlike ``config_to_dict``)."""
+    return {f.name: (_fields_mapping(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                     else getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
