@@ -288,63 +288,14 @@ def fit(model: nn.Module, task: Any, data: dict[str, Tensor], trainer_cfg: Any, 
     return result
 
 
-def flatten_config(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten_config(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def task_config(cls: type, path: str | Path | None = None, overrides: Any = ()) -> Any:
     """Load a task config: the task's own defaults < TOML file < overrides (dotted keys or ``KEY=VALUE``).
 
-    Unlike loading the file directly, a partial ``[trainer]`` section keeps the task's trainer defaults
-    (budget, batch size, clipping) for the keys it does not set.
+    A partial ``[trainer]`` section keeps the task's trainer defaults for the keys it does not set
+    (see :func:`rnnkit.train.load_config`).
     """
-    from ..train.config import config_to_dict, load_config, parse_override
+    from ..train.config import load_config
 
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-
-    merged = flatten_config(config_to_dict(cls()))
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SeriesError(f"--config: file not found: {str(p)!r}")
-        try:
-            merged.update(flatten_config(tomllib.loads(p.read_text(encoding="utf-8"))))
-        except tomllib.TOMLDecodeError as e:
-            raise SeriesError(f"--config {str(p)!r}: not valid TOML: {e}") from None
-    if isinstance(overrides, dict):
-        merged.update(overrides)
-    else:
-        for item in overrides:
-            keys, value = parse_override(item)
-            merged[".".join(keys)] = value
-    # explicit None (e.g. "trainer.epochs": None to use a step budget instead) removes the key
-    return load_config(cls, None, {k: v for k, v in merged.items() if v is not None} | {
-        k: None for k, v in merged.items() if v is None and k in _nullable(cls, k)})
+    return load_config(cls, path, overrides)
 
 
-def _nullable(cls: type, key: str) -> set[str]:
-    """``{key}`` if the dotted ``key`` of config class ``cls`` accepts None, else an empty set."""
-    import dataclasses
-    import types
-    import typing
-
-    tp: Any = cls
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(tp):
-            return set()
-        hints = typing.get_type_hints(tp)
-        if part not in hints:
-            return set()
-        tp = hints[part]
-    args = typing.get_args(tp)
-    return {key} if (typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args) else set()
