@@ -147,20 +147,3 @@ def test_filter_logits_top_k_top_p():
     g = torch.Generator().manual_seed(0)
     draws = {sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)}
     assert draws == {0, 1}
-
-
-def test_time_cosine_schedule_follows_the_clock():
-    from rnnkit.tasks.charlm import TimeCosine, _schedule_over_time
-    from rnnkit.train import ScheduleConfig, TrainerConfig
-
-    now = [0.0]
-    s = TimeCosine(ScheduleConfig(name="cosine", min_factor=0.1), 2e-3, 100.0, clock=lambda: now[0])
-    lrs = []
-    for t in (0.0, 50.0, 100.0, 150.0):
-        now[0] = t
-        lrs.append(s.lr(7, 1))
-    assert lrs == pytest.approx([2e-3, 2e-3 * 0.55, 2e-4, 2e-4])
-    cfg = TrainerConfig(minutes=1.0, schedule=ScheduleConfig(name="cosine"))
-    inner, over_time = _schedule_over_time(cfg)
-    assert over_time and inner.schedule.name == "constant"
-    assert _schedule_over_time(TrainerConfig(steps=5, schedule=ScheduleConfig(name="cosine")))[1] is False

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,7 @@ from ..data.text import (
 from ..errors import UserError
 from ..layers import LAYERS, build
 from ..train.checkpoint import atomic_write_bytes, list_checkpoints
-from ..train.config import OptimConfig, ScheduleConfig, TrainerConfig
-from ..train.optim import Schedule
+from ..train.config import OptimConfig, TrainerConfig
 
 State = Tensor | tuple[Tensor, Tensor] | None
 LN2 = math.log(2.0)
@@ -565,13 +564,10 @@ def train(cfg: CharLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
         say(f"{header}\n{text.strip()}\n---")
         timing["eval_s"] += time.perf_counter() - t0
 
-    tcfg, time_cosine = _schedule_over_time(cfg.trainer)
-    trainer = Trainer(model, LMTask(), StreamData(corpus.train_ids[:-1], corpus.train_ids[1:]), tcfg,
+    # (a cosine schedule with only a --minutes budget decays over training time: see rnnkit.train.Schedule)
+    trainer = Trainer(model, LMTask(), StreamData(corpus.train_ids[:-1], corpus.train_ids[1:]), cfg.trainer,
                       run_dir, evaluate=evaluate, callbacks={"eval": on_eval}, resume=resume, quiet=quiet,
                       progress=progress, full_config=cfg)
-    if time_cosine:
-        trainer.schedule = TimeCosine(cfg.trainer.schedule, tcfg.optim.lr, cfg.trainer.minutes * 60,
-                                      clock=lambda: trainer._elapsed())  # training time, summed over resumes
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(run_dir / VOCAB_FILE, corpus.vocab.to_dict())
     result = trainer.fit()
@@ -593,35 +589,6 @@ def train(cfg: CharLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
         out["best_step"] = result["best_step"]
     _atomic_json(run_dir / "final_metrics.json", out)
     return out
-
-
-class TimeCosine(Schedule):
-    """Cosine decay over a wall-clock budget, for runs limited by ``--minutes`` only.
-
-    ``factor = min_factor + (1 - min_factor) (1 + cos(pi p)) / 2`` with ``p = elapsed / budget``
-    (elapsed training time, restored on resume), times the linear warm-up over ``warmup_steps``.
-    """
-
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, budget_s: float, clock: Callable[[], float]) -> None:
-        super().__init__(replace(cfg, name="constant"), base_lr, None)
-        self.cosine = cfg
-        self.budget_s = budget_s
-        self.clock = clock
-
-    def factor(self, step: int, epoch: int) -> float:
-        c = self.cosine
-        p = min(1.0, max(0.0, self.clock() / self.budget_s))
-        f = c.min_factor + (1.0 - c.min_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
-        if c.warmup_steps:
-            f *= min(1.0, (step + 1) / c.warmup_steps)
-        return f
-
-
-def _schedule_over_time(t: TrainerConfig) -> tuple[TrainerConfig, bool]:
-    """A cosine schedule with only a minutes budget runs over time (the Trainer's cosine needs steps)."""
-    if t.schedule.name == "cosine" and t.schedule.total_steps is None and t.steps is None and t.epochs is None:
-        return replace(t, schedule=replace(t.schedule, name="constant")), True
-    return t, False
 
 
 def _trained_chars(result: dict[str, Any], trainer: Any) -> int:
