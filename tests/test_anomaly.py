@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
@@ -13,13 +12,7 @@ from rnnkit.tasks import anomaly as A
 from rnnkit.tasks.timeseries_common import point_adjusted_prf, pointwise_prf, segments, ucr_hit
 from rnnkit.tasks.timeseries_common import task_config as load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def test_segments_and_prf_by_hand():

@@ -13,13 +13,7 @@ from rnnkit.tasks import classify as C
 from rnnkit.tasks.timeseries_common import classification_metrics, confusion_matrix
 from rnnkit.tasks.timeseries_common import task_config as load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def test_metrics_by_hand():

@@ -11,13 +11,7 @@ from rnnkit.cli.main import app
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import embed as E
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def _blobs(seed=0):

@@ -13,14 +13,7 @@ from rnnkit.tasks import forecast as F
 from rnnkit.tasks.timeseries_common import mape, mase, rmse, smape
 from rnnkit.tasks.timeseries_common import task_config as load_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: extra intra-op threads only add contention on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def _sine(T=160, period=8, noise=0.0, seed=0):

@@ -14,13 +14,7 @@ from rnnkit.errors import TrainingError, UserError
 from rnnkit.train import Schedule, ScheduleConfig, StreamData, Trainer, TrainerConfig, load_config
 from rnnkit.train.toy import ClassifyTask, StreamLMTask, TinyClassifier, TinyLM, random_classification, random_tokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def cfg(**kw) -> TrainerConfig:

@@ -11,13 +11,7 @@ from rnnkit.data.streams import batchify, chunk_bounds, tbptt_plan
 from rnnkit.errors import UserError
 from rnnkit.train import StreamData, Trainer, TrainerConfig, load_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
 
 def test_batchify_layout_and_sharding():
