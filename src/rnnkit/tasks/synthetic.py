@@ -30,6 +30,7 @@ Protocols (see ``ANCHORS.md``):
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,7 @@ class SyntheticModel(nn.Module):
 
 
 @dataclass(frozen=True)
-class SyntheticTask:
+class SyntheticTask(abc.ABC):
     """Base of the synthetic tasks: data, model, loss and metrics for one sequence length."""
 
     length: int = 100
@@ -118,9 +119,9 @@ class SyntheticTask:
     min_length = 2
 
     # ---- data --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """``n`` sequences as a dict of tensors with a leading sample dim."""
-        raise NotImplementedError
 
     def sample_seeded(self, n: int, seed: int) -> Batch:
         return self.sample(n, torch.Generator().manual_seed(int(seed)))
@@ -129,9 +130,9 @@ class SyntheticTask:
         """Fresh test sequences from a stream disjoint from training (``seed + TEST_SEED_OFFSET``)."""
         return self.sample_seeded(n, seed + TEST_SEED_OFFSET)
 
+    @abc.abstractmethod
     def baseline(self) -> float:
         """Value of :attr:`metric` for the best memoryless predictor."""
-        raise NotImplementedError
 
     # ---- model -------------------------------------------------------------------------------
     def model(self, hidden_size: int = 128, cell: str = "lstm", num_layers: int = 1,
@@ -146,8 +147,9 @@ class SyntheticTask:
         """Mean training loss of a batch."""
         return self.loss_from_predictions(self.predict(model, batch), batch)
 
+    @abc.abstractmethod
     def loss_from_predictions(self, preds: Tensor, batch: Batch) -> Tensor:
-        raise NotImplementedError
+        """Mean loss of ``preds`` against the batch's targets."""
 
     @torch.no_grad()
     def metrics(self, model: SyntheticModel, batch: Batch, chunk: int = 1000) -> dict[str, float]:
@@ -162,8 +164,9 @@ class SyntheticTask:
             model.train(was_training)
         return {k: sum(p[k] for p in parts) / n for k in parts[0]}
 
+    @abc.abstractmethod
     def _metrics_sums(self, batch: Batch, model: SyntheticModel) -> dict[str, float]:
-        raise NotImplementedError
+        """Sums over the batch of each test metric (divided by the count in :meth:`metrics`)."""
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "length": self.length, "metric": self.metric, "baseline": self.baseline()}
