@@ -10,7 +10,7 @@ from rnnkit.cli.main import app
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import anomaly as A
 from rnnkit.tasks.timeseries_common import point_adjusted_prf, pointwise_prf, segments, ucr_hit
-from rnnkit.tasks.timeseries_common import task_config as load_config
+from rnnkit.train import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 

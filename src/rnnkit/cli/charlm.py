@@ -31,7 +31,6 @@ def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dic
     """
     from ..errors import UserError
     from ..tasks.charlm import load_task_config
-    from ..train.config import parse_override
 
     path = opts.config
     if opts.resume:
@@ -41,13 +40,8 @@ def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dic
                 raise UserError(f"--config: not allowed with --resume; the run's own {str(saved)!r} is used "
                                 f"(change settings with flags or --set)")
             path = saved
-    overrides: dict[str, Any] = {}
-    for item in opts.set:
-        keys, value = parse_override(item)
-        overrides[".".join(keys)] = value
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(opts.flag_overrides("trainer"))
-    return load_task_config(cls, path, overrides, base=None if path == opts.run_dir / "config.toml" else base)
+    return load_task_config(cls, path, opts.overrides(flags),
+                            base=None if path == opts.run_dir / "config.toml" else base)
 
 
 def stream_writer(text: str) -> None:

@@ -115,20 +115,28 @@ class RunOptions:
         prefix = f"{section}." if section else ""
         return {prefix + k: v for k, v in pairs.items() if v is not None}
 
-    def load_config(self, cls: type[T], section: str = "trainer") -> T:
-        """Load ``cls`` from --config, then --set overrides, then the budget/seed/device flags.
+    def overrides(self, flags: Mapping[str, Any] | None = None, section: str = "trainer") -> dict[str, Any]:
+        """Dotted config overrides, later winning: --set, then a task's own ``flags`` (only those given,
+        i.e. not None), then the shared budget/seed/device flags under ``section``."""
+        from ..train.config import parse_override
+
+        out: dict[str, Any] = {}
+        for item in self.set:
+            keys, value = parse_override(item)
+            out[".".join(keys)] = value
+        out.update({k: v for k, v in (flags or {}).items() if v is not None})
+        out.update(self.flag_overrides(section))
+        return out
+
+    def load_config(self, cls: type[T], section: str = "trainer", flags: Mapping[str, Any] | None = None) -> T:
+        """Load ``cls`` from its defaults < --config < :meth:`overrides` (``--set``, ``flags``, shared flags).
 
         ``section`` is the field of ``cls`` that holds the :class:`~rnnkit.train.TrainerConfig` ("" when
         ``cls`` is TrainerConfig itself).
         """
-        from ..train.config import load_config, parse_override
+        from ..train.config import load_config
 
-        overrides: dict[str, Any] = {}
-        for item in self.set:
-            keys, value = parse_override(item)
-            overrides[".".join(keys)] = value
-        overrides.update(self.flag_overrides(section))
-        return load_config(cls, self.config, overrides)
+        return load_config(cls, self.config, self.overrides(flags, section))
 
     def emit(self, result: Mapping[str, Any]) -> None:
         """Print final results on stdout: one JSON object with --json, else ``key: value`` lines."""

@@ -25,18 +25,12 @@ FillOpt = Annotated[str | None, typer.Option("--fill", help="Missing values: ffi
 
 def ts_config(opts: RunOptions, cls: type, flags: dict[str, Any]) -> Any:
     """Config: task defaults < --config < --set < task flags (only those given) < shared budget/seed/device flags."""
-    from ..tasks.timeseries_common import task_config
-    from ..train.config import parse_override
+    from ..train.config import load_config
 
-    overrides: dict[str, Any] = {}
-    for item in opts.set:
-        keys, value = parse_override(item)
-        overrides[".".join(keys)] = value
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(opts.flag_overrides("trainer"))
+    overrides = opts.overrides(flags)
     if opts.quiet:
         overrides.setdefault("trainer.log_every", 10_000)
-    return task_config(cls, opts.config, overrides)
+    return load_config(cls, opts.config, overrides)
 
 
 def split_names(text: str | None) -> list[str]:

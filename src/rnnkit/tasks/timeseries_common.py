@@ -286,16 +286,3 @@ def fit(model: nn.Module, task: Any, data: dict[str, Tensor], trainer_cfg: Any, 
             result["restored_step"] = trainer.best_step
     model.cpu().eval()
     return result
-
-
-def task_config(cls: type, path: str | Path | None = None, overrides: Any = ()) -> Any:
-    """Load a task config: the task's own defaults < TOML file < overrides (dotted keys or ``KEY=VALUE``).
-
-    A partial ``[trainer]`` section keeps the task's trainer defaults for the keys it does not set
-    (see :func:`rnnkit.train.load_config`).
-    """
-    from ..train.config import load_config
-
-    return load_config(cls, path, overrides)
-
-
