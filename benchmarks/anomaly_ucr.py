@@ -19,7 +19,7 @@ import time
 import torch
 
 from rnnkit.tasks import anomaly as A
-from rnnkit.tasks.timeseries_common import task_config
+from rnnkit.train.config import load_config
 
 CONFIGS = {
     "prediction": {"model.detector": "prediction", "model.hidden": 64, "model.window": 64, "model.stride": 8,
@@ -48,7 +48,7 @@ def main() -> None:
     if not args.json:
         print(f"{'detector':<16}{'UCR hit':>8}{'top':>7}{'point F1':>10}{'adj. F1':>9}{'flags':>7}{'time s':>8}")
     for name in args.detectors.split(","):
-        cfg = task_config(A.AnomalyConfig, None, {**CONFIGS[name], "trainer.seed": args.seed, **overrides})
+        cfg = load_config(A.AnomalyConfig, None, {**CONFIGS[name], "trainer.seed": args.seed, **overrides})
         t0 = time.time()
         det = A.train(x_train[:, None], cfg, None)
         scores = det.score(x[:, None])

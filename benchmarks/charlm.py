@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import charlm_torch_baseline  # noqa: E402
 
-from rnnkit.tasks.charlm import CharLMConfig, load_task_config, train  # noqa: E402
-from rnnkit.train.config import parse_override  # noqa: E402
+from rnnkit.tasks.charlm import CharLMConfig, train  # noqa: E402
+from rnnkit.train.config import load_config, parse_override  # noqa: E402
 
 
 def run_rnnkit(args: argparse.Namespace) -> dict:
@@ -41,7 +41,7 @@ def run_rnnkit(args: argparse.Namespace) -> dict:
     for item in args.set:
         keys, value = parse_override(item)
         over[".".join(keys)] = value
-    cfg = load_task_config(CharLMConfig, None, over)
+    cfg = load_config(CharLMConfig, None, over)
     with tempfile.TemporaryDirectory() as d:
         out = train(cfg, Path(d) / "run", quiet=args.quiet)
     out["script"] = "rnnkit charlm (default)"

@@ -19,7 +19,7 @@ import torch
 
 from rnnkit.data.sequences import load_bundled
 from rnnkit.tasks import classify as C
-from rnnkit.tasks.timeseries_common import task_config
+from rnnkit.train.config import load_config
 
 PUBLISHED = {  # 1-NN-DTW, FCN
     "GunPoint": (0.913, 1.000), "ItalyPowerDemand": (0.955, 0.961), "ArrowHead": (0.800, 0.843),
@@ -40,7 +40,7 @@ CONFIGS = {
 
 
 def run(name: str, overrides: dict) -> dict:
-    cfg = task_config(C.ClassifyConfig, None, {**CONFIGS.get(name, {}), **overrides})
+    cfg = load_config(C.ClassifyConfig, None, {**CONFIGS.get(name, {}), **overrides})
     tr, te = load_bundled(name, "train"), load_bundled(name, "test")
     t0 = time.time()
     model = C.train(tr, cfg, None)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rnnkit.tasks.charlm import load_task_config
 from rnnkit.tasks.wordlm import PUBLISHED, WordLMConfig, preset_overrides, train
+from rnnkit.train.config import load_config
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
             "trainer.tensorboard": False}
     if args.epochs:
         over["trainer.epochs"] = args.epochs
-    cfg = load_task_config(WordLMConfig, None, over, base=preset_overrides(args.preset))
+    cfg = load_config(WordLMConfig, None, over, base=preset_overrides(args.preset))
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

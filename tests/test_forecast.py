@@ -165,6 +165,45 @@ def test_load_series_matches_windows_in_model_space():
     np.testing.assert_allclose(tf.inverse_target(z), s.target)
 
 
+def test_differencing_round_trip_and_windows():
+    y = np.exp(_sine(80, period=12) / 3)  # positive, seasonal, trending
+    s = load_series({"y": y})
+    cfg = F.ForecastDataConfig(lookback=6, horizon=5, log=True, difference=(1, 12))
+    tf = F.Transform.fit(s, cfg)
+    z = tf.target(s.target)
+    ly = np.log(y)
+    dd = (ly[13:] - ly[12:-1]) - (ly[1:-12] - ly[:-13])  # (1-B)(1-B^12) log y
+    assert z.shape == (80 - 13, 1) and tf.lost_rows == 13
+    np.testing.assert_allclose(tf.y_scaler.inverse(z)[:, 0], dd, atol=1e-12)
+    assert F.windows(s, tf)["x"].shape == (80 - 13 - 6 - 5 + 1, 6, 1)
+    # the true future differences integrate back to the true future values
+    T0 = 60
+    np.testing.assert_allclose(tf.inverse_target(z[T0 - 13:T0 - 13 + 5], y[:T0, None])[:, 0], y[T0:T0 + 5],
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match="need the history"):
+        tf.inverse_target(z[:5])
+    with pytest.raises(SeriesError, match="--difference: expected lags"):
+        F.check_config(F.ForecastConfig(data=F.ForecastDataConfig(difference=(0,))))
+    short = F.ForecastConfig(data=F.ForecastDataConfig(lookback=24, horizon=12, difference=(12,)))
+    with pytest.raises(SeriesError, match="after differencing"):
+        F.train(load_series({"y": y[:45]}), short, "unused")
+
+
+def test_cli_difference_flag(tmp_path):
+    data = _csv(tmp_path / "s.csv", T=60)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["forecast", "train", "--csv", str(data), "--target", "y", "--horizon", "6",
+                                 "--lookback", "12", "--difference", "1,12", "--decoder", "recursive", "--hidden", "8",
+                                 "--steps", "10", "--out", str(run), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert F.ForecastModel.load(run).cfg.data.difference == (1, 12)
+    rows = (run / "forecast.csv").read_text().splitlines()
+    assert len(rows) == 7 and all(np.isfinite(float(v)) for v in rows[-1].split(",")[1:] if v)
+    r = CliRunner().invoke(app, ["forecast", "train", "--csv", str(data), "--target", "y", "--difference", "1,x",
+                                 "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "--difference: expected comma-separated integers" in r.stderr
+
+
 def test_seasonal_offset_is_the_seasonal_naive_forecast():
     s = load_series({"y": _sine(60, period=6) + 10})
     cfg = F.ForecastDataConfig(lookback=12, horizon=8, window_norm="seasonal", season=6, scaler="none")

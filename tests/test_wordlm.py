@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
-from rnnkit.tasks.charlm import load_task_config
 from rnnkit.tasks.wordlm import PRESETS, WordLMConfig, preset_overrides
 from rnnkit.train import Schedule
+from rnnkit.train.config import load_config
 
 runner = CliRunner()
 TINY = ["--hidden-size", "8", "--embedding-size", "8", "--layers", "1", "--batch-size", "2", "--tbptt", "5",
@@ -32,18 +32,18 @@ def files(tmp_path):
 
 
 def test_presets_match_zaremba_2014():
-    small = load_task_config(WordLMConfig, base=preset_overrides("zaremba-small"))
+    small = load_config(WordLMConfig, base=preset_overrides("zaremba-small"))
     m, t = small.model, small.trainer
     assert (m.cell, m.num_layers, m.hidden_size, m.dropout, m.init_range) == ("lstm", 2, 200, 0.0, 0.1)
     assert (t.batch_size, t.tbptt, t.optim.name, t.optim.lr, t.clip_norm, t.epochs) == (20, 20, "sgd", 1.0, 5.0, 13)
     assert t.loss_reduction == "sum_time"  # what lr = 1 assumes
     sched = Schedule(t.schedule, t.optim.lr, 1000)
     assert [sched.lr(0, e) for e in range(1, 8)] == [1, 1, 1, 1, 0.5, 0.25, 0.125]  # halved after epoch 4
-    med = load_task_config(WordLMConfig, base=preset_overrides("zaremba-medium"))
+    med = load_config(WordLMConfig, base=preset_overrides("zaremba-medium"))
     assert (med.model.hidden_size, med.trainer.tbptt, med.model.dropout, med.trainer.epochs) == (650, 35, 0.5, 39)
     s = Schedule(med.trainer.schedule, 1.0, 1000)
     assert s.lr(0, 6) == 1.0 and s.lr(0, 7) == pytest.approx(1 / 1.2)
-    large = load_task_config(WordLMConfig, base=preset_overrides("zaremba-large"))
+    large = load_config(WordLMConfig, base=preset_overrides("zaremba-large"))
     assert (large.model.hidden_size, large.model.dropout, large.trainer.clip_norm, large.trainer.epochs,
             large.model.init_range) == (1500, 0.65, 10.0, 55, 0.04)
     s = Schedule(large.trainer.schedule, 1.0, 1000)

@@ -30,7 +30,7 @@ def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dic
     Only flags that were given override, so a resumed run keeps its model and data settings.
     """
     from ..errors import UserError
-    from ..tasks.charlm import load_task_config
+    from ..train.config import load_config
 
     path = opts.config
     if opts.resume:
@@ -40,8 +40,8 @@ def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dic
                 raise UserError(f"--config: not allowed with --resume; the run's own {str(saved)!r} is used "
                                 f"(change settings with flags or --set)")
             path = saved
-    return load_task_config(cls, path, opts.overrides(flags),
-                            base=None if path == opts.run_dir / "config.toml" else base)
+    return load_config(cls, path, opts.overrides(flags),
+                       base=None if path == opts.run_dir / "config.toml" else base)
 
 
 def stream_writer(text: str) -> None:

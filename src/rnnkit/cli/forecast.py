@@ -47,14 +47,15 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 
 def _model_flags(horizon, lookback, cell, hidden, layers, decoder, head, quantiles, interval, scaler, log,
-                 window_norm, season, fill, ensemble) -> dict[str, Any]:
+                 window_norm, season, fill, ensemble, difference) -> dict[str, Any]:
     from ..tasks.timeseries_common import parse_floats
 
     return {"data.horizon": horizon, "data.lookback": lookback, "model.cell": cell, "model.hidden": hidden,
             "model.layers": layers, "model.decoder": decoder, "model.head": head,
             "model.quantiles": list(parse_floats(quantiles, "--quantiles")) if quantiles else None,
             "data.interval": interval, "data.scaler": scaler, "data.log": log, "data.window_norm": window_norm,
-            "data.season": season, "data.fill": fill, "model.ensemble": ensemble}
+            "data.season": season, "data.fill": fill, "model.ensemble": ensemble,
+            "data.difference": list(parse_floats(difference, "--difference", int)) if difference else None}
 
 
 _H = typer.Option(None, "--horizon", help="Steps to forecast (H).")
@@ -71,6 +72,8 @@ _LOG = typer.Option(None, "--log/--no-log", help="Model log(y) (positive series)
 _WN = typer.Option(None, "--window-norm", help="none, last, mean or seasonal (per-window offset; seasonal: "
                    "learn the correction to the seasonal-naive forecast).")
 _SEA = typer.Option(None, "--season", help="Seasonal period (seasonal naive, MASE, SARIMA).")
+_DIFF = typer.Option(None, "--difference", help="Difference the (log) target at these lags before modelling, "
+                     "e.g. 1,12 for (1-B)(1-B^12) as in the airline model; forecasts are integrated back.")
 _ENS = typer.Option(None, "--ensemble", help="Average this many models trained with different seeds.")
 _PAST = typer.Option(None, "--past-covariates", help="Covariate columns observed only up to now.")
 _FUT = typer.Option(None, "--future-covariates", help="Covariate columns known in the future.")
@@ -90,14 +93,15 @@ def train(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = None, 
           layers: int | None = _LAY, decoder: str | None = _DEC, head: str | None = _HEAD,
           quantiles: str | None = _Q, interval: float | None = _INT, scaler: str | None = _SC,
           log: bool | None = _LOG, window_norm: str | None = _WN, season: int | None = _SEA,
-          fill: FillOpt = None, ensemble: int | None = _ENS, past_covariates: str | None = _PAST,
-          future_covariates: str | None = _FUT, *, opts: RunOptions) -> None:
+          fill: FillOpt = None, ensemble: int | None = _ENS, difference: str | None = _DIFF,
+          past_covariates: str | None = _PAST, future_covariates: str | None = _FUT, *,
+          opts: RunOptions) -> None:
     """Train a forecaster on every row of --csv; writes the model, config, and the forecast of the next H steps."""
     from ..tasks import forecast as F
 
     cfg = ts_config(opts, F.ForecastConfig, _model_flags(horizon, lookback, cell, hidden, layers, decoder, head,
                                                          quantiles, interval, scaler, log, window_norm, season,
-                                                         fill, ensemble))
+                                                         fill, ensemble, difference))
     series = _load(csv_path, target, time_col, past_covariates, future_covariates, cfg.data.fill)
     run_dir = opts.run_dir
     opts.info(f"training on {len(series)} rows of {series.target_names} -> {run_dir}")
@@ -155,14 +159,15 @@ def backtest(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = Non
              layers: int | None = _LAY, decoder: str | None = _DEC, head: str | None = _HEAD,
              quantiles: str | None = _Q, interval: float | None = _INT, scaler: str | None = _SC,
              log: bool | None = _LOG, window_norm: str | None = _WN, season: int | None = _SEA,
-             fill: FillOpt = None, ensemble: int | None = _ENS, past_covariates: str | None = _PAST,
-             future_covariates: str | None = _FUT, *, opts: RunOptions) -> None:
+             fill: FillOpt = None, ensemble: int | None = _ENS, difference: str | None = _DIFF,
+             past_covariates: str | None = _PAST, future_covariates: str | None = _FUT, *,
+             opts: RunOptions) -> None:
     """Expanding-window backtest: the model against naive, seasonal-naive (and SARIMA) on the last folds*H rows."""
     from ..tasks import forecast as F
 
     cfg = ts_config(opts, F.ForecastConfig, _model_flags(horizon, lookback, cell, hidden, layers, decoder, head,
                                                          quantiles, interval, scaler, log, window_norm, season,
-                                                         fill, ensemble))
+                                                         fill, ensemble, difference))
     series = _load(csv_path, target, time_col, past_covariates, future_covariates, cfg.data.fill)
     run_dir = opts.run_dir
     res = F.backtest(series, cfg, run_dir, folds=folds, with_sarima=sarima, quiet=opts.quiet)

@@ -380,49 +380,6 @@ class CharLMConfig:
     trainer: TrainerConfig = field(default_factory=_default_trainer)
 
 
-def load_task_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                     base: dict[str, Any] | None = None) -> Any:
-    """Config ``cls`` from its own defaults < ``base`` (a preset) < a TOML file < dotted ``overrides``.
-
-    Unlike building from the TOML alone, a section given in part keeps the task's defaults for the rest
-    (e.g. the char-LM's Adam 2e-3 when only ``trainer.steps`` is set).
-    """
-    from ..train.config import config_from_dict, config_to_dict
-
-    data = config_to_dict(cls())
-    _apply(cls, data, base or {})
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--config: file not found: {str(p)!r}")
-        try:
-            _deep_merge(data, tomllib.loads(p.read_text(encoding="utf-8")))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--config {str(p)!r}: not valid TOML: {e}") from None
-    _apply(cls, data, overrides or {})
-    return config_from_dict(cls, data)
-
-
-def _apply(cls: type, data: dict[str, Any], dotted: dict[str, Any]) -> None:
-    from ..train.config import _check_paths
-
-    for key, value in dotted.items():
-        keys = key.split(".")
-        _check_paths(cls, keys, value)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = v
-
-
 VOCAB_FILE = "vocab.json"
 SAMPLES_FILE = "samples.txt"
 
@@ -701,4 +658,4 @@ def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 
 __all__ = ["LMConfig", "RecurrentLM", "LMTask", "stream_loss", "lm_metrics", "filter_logits", "sample_next",
            "check_sampling", "generate", "CharDataConfig", "SampleConfig", "CharLMConfig", "CharCorpus",
            "prepare_corpus", "build_model", "train", "load_run", "LoadedRun", "evaluate_text", "sample_run",
-           "encode_prime", "default_prime", "load_task_config"]
+           "encode_prime", "default_prime"]

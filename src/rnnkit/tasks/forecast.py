@@ -2,7 +2,9 @@
 probabilistic heads, backtesting against naive, seasonal-naive and seasonal ARIMA baselines.
 
 Pipeline for the target (each step inverted on output, in reverse order):
-``log`` (optional, positive series) -> scaler fit on the training rows only -> per-window offset
+``log`` (optional, positive series) -> differencing (optional, ``difference=(1, 12)`` models
+:math:`(1-B)(1-B^{12}) y` like the airline model; forecasts are integrated back from the history)
+-> scaler fit on the training rows only -> per-window offset
 (``window_norm="last"`` / ``"mean"`` subtracts the last observed value / the mean of each lookback
 window, so the network models changes and a trend outside the training range does not saturate it;
 ``"seasonal"`` makes the network predict the correction to the seasonal-naive forecast).
@@ -88,6 +90,9 @@ class ForecastDataConfig:
             value, its mean over the lookback, or, for the horizon, the seasonal-naive forecast; direct
             decoder only).
         season: seasonal period for the seasonal-naive baseline, MASE and SARIMA (1 = none).
+        difference: lags of the differences applied to the (log) target before scaling, in order; e.g.
+            (1, 12) models :math:`(1-B)(1-B^{12}) y_t`. Costs sum(lags) rows at the start of the series.
+            Intervals are integrated like the point forecast (a conservative band).
         interval: central coverage of the prediction interval (probabilistic heads).
         fill: missing-value policy (None = error, "ffill", "interpolate", "zero").
     """
@@ -99,6 +104,7 @@ class ForecastDataConfig:
     log: bool = False
     window_norm: Literal["none", "last", "mean", "seasonal"] = "none"
     season: int = 1
+    difference: tuple[int, ...] = ()
     interval: float = 0.8
     fill: str | None = None
 
@@ -126,6 +132,8 @@ def check_config(cfg: ForecastConfig, series: Series | None = None) -> None:
         raise SeriesError(f"model.ensemble: expected an int >= 1, got {m.ensemble}")
     if d.season < 1:
         raise SeriesError(f"data.season: expected an int >= 1, got {d.season}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in d.difference):
+        raise SeriesError(f"--difference: expected lags that are ints >= 1, e.g. 1,12; got {list(d.difference)}")
     if d.window_norm == "seasonal":
         if m.decoder != "direct":
             raise SeriesError("--window-norm seasonal: needs --decoder direct (the recursive decoder feeds its "
@@ -248,24 +256,51 @@ class ForecastTask:
 
 
 # ---- data preparation --------------------------------------------------------------------------
+def _levels(y: np.ndarray, cfg: ForecastDataConfig) -> list[np.ndarray]:
+    """The (log) target and each successive difference of it: [v_0, v_1, ..., v_K] for lags l_1..l_K,
+    :math:`v_k[t] = v_{k-1}[t] - v_{k-1}[t - l_k]` (each one l_k rows shorter)."""
+    v = [np.log(y) if cfg.log else np.asarray(y, dtype=np.float64)]
+    for lag in cfg.difference:
+        v.append(v[-1][lag:] - v[-1][:-lag])
+    return v
+
+
 class Transform:
     """Target and covariate transforms fit on training rows; saved in ``model.json``."""
 
     def __init__(self, cfg: ForecastDataConfig, y_scaler: Scaler, c_scaler: Scaler | None) -> None:
         self.cfg, self.y_scaler, self.c_scaler = cfg, y_scaler, c_scaler
 
+    @property
+    def lost_rows(self) -> int:
+        """Rows at the start of a series that differencing consumes."""
+        return sum(self.cfg.difference)
+
     @classmethod
     def fit(cls, series: Series, cfg: ForecastDataConfig) -> Transform:
-        y = np.log(series.target) if cfg.log else series.target
-        cov = np.concatenate([series.past, series.future], 1)
-        return cls(cfg, Scaler(cfg.scaler).fit(y), Scaler("standard").fit(cov) if cov.shape[1] else None)
+        cov = np.concatenate([series.past, series.future], 1)[sum(cfg.difference):]
+        return cls(cfg, Scaler(cfg.scaler).fit(_levels(series.target, cfg)[-1]),
+                   Scaler("standard").fit(cov) if cov.shape[1] else None)
 
     def target(self, y: np.ndarray) -> np.ndarray:
-        return self.y_scaler.transform(np.log(y) if self.cfg.log else y)
+        """(T, Ct) data -> (T - lost_rows, Ct) model space."""
+        return self.y_scaler.transform(_levels(y, self.cfg)[-1])
 
-    def inverse_target(self, z: np.ndarray) -> np.ndarray:
-        y = self.y_scaler.inverse(z)
-        return np.exp(y) if self.cfg.log else y
+    def inverse_target(self, z: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        """Model space (H, Ct) -> data units; with differencing, ``z`` are the forecasts of the steps right
+        after ``history`` (T, Ct data), which they are integrated from."""
+        cur = self.y_scaler.inverse(z)
+        if not self.cfg.difference:
+            return np.exp(cur) if self.cfg.log else cur
+        if history is None:
+            raise ValueError("inverse_target: differenced forecasts need the history they continue")
+        levels = _levels(history, self.cfg)
+        for k in reversed(range(len(self.cfg.difference))):  # v_k[t] = v_k[t - lag] + v_{k+1}[t]
+            lag, buf = self.cfg.difference[k], list(levels[k])
+            for step in cur:
+                buf.append(buf[-lag] + step)
+            cur = np.asarray(buf[len(levels[k]):])
+        return np.exp(cur) if self.cfg.log else cur
 
     def covariates(self, c: np.ndarray) -> np.ndarray:
         return c if self.c_scaler is None else self.c_scaler.transform(c)
@@ -280,7 +315,7 @@ class Transform:
 
 def _arrays(series: Series, tf: Transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Cp = series.past.shape[1]
-    cov = tf.covariates(np.concatenate([series.past, series.future], 1))
+    cov = tf.covariates(np.concatenate([series.past, series.future], 1)[tf.lost_rows:])
     return tf.target(series.target), cov[:, :Cp], cov[:, Cp:]
 
 
@@ -355,7 +390,7 @@ class ForecastModel:
         """Forecast the H steps after the end of ``history``: ``point``, ``lo``, ``hi`` (H, Ct) in data units
         (``lo``/``hi`` absent for the point head)."""
         d, m = self.cfg.data, self.cfg.model
-        check_length(len(history), d.lookback, 1, "history")
+        check_length(len(history) - self.tf.lost_rows, d.lookback, 1, "history (after differencing)")
         if history.future.shape[1] and (future_rows is None or len(future_rows) < d.horizon):
             raise SeriesError(f"--csv: the model uses known-future covariates {history.future_names}; the file "
                               f"needs {d.horizon} extra rows after the last target value with those columns filled")
@@ -366,7 +401,7 @@ class ForecastModel:
             if outs[0][i] is None:
                 continue
             z = torch.stack([o[i] for o in outs]).mean(0).double().numpy() + off  # (H, Ct)
-            res[key] = self.tf.inverse_target(z)
+            res[key] = self.tf.inverse_target(z, history.target)
         return res
 
     def save(self, run_dir: Path) -> None:
@@ -401,7 +436,7 @@ def train(series: Series, cfg: ForecastConfig, run_dir: str | Path, quiet: bool 
 
     check_config(cfg, series)
     d = cfg.data
-    check_length(len(series), d.lookback, d.horizon, "--csv")
+    check_length(len(series) - sum(d.difference), d.lookback, d.horizon, "--csv (after differencing)")
     run_dir = Path(run_dir)
     tf = Transform.fit(series, d)
     nets, results = [], []
@@ -470,7 +505,9 @@ def backtest(series: Series, cfg: ForecastConfig, run_dir: str | Path, folds: in
     d = cfg.data
     H, T = d.horizon, len(series)
     first = T - folds * H
-    check_length(first, d.lookback, H, f"--csv (first backtest fold, T - folds*H = {T} - {folds}*{H})")
+    check_length(first - sum(d.difference), d.lookback, H,
+                 f"--csv (first backtest fold after differencing, T - folds*H - sum(difference) = {T} - {folds}*{H}"
+                 f" - {sum(d.difference)})")
     run_dir = Path(run_dir)
     methods = ["model", "naive", "seasonal_naive"] + (["sarima"] if with_sarima else [])
     per: dict[str, list[dict[str, float]]] = {m: [] for m in methods}

@@ -253,16 +253,17 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def parse_floats(text: str | Sequence[float] | None, arg: str) -> tuple[float, ...]:
-    """``"0.1,0.5,0.9"`` -> (0.1, 0.5, 0.9) with a clear error naming ``arg``."""
+def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = float) -> tuple[Any, ...]:
+    """``"0.1,0.5,0.9"`` -> (0.1, 0.5, 0.9) (``kind=int``: integers) with a clear error naming ``arg``."""
     if text is None:
         return ()
     if not isinstance(text, str):
-        return tuple(float(v) for v in text)
+        return tuple(kind(v) for v in text)
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError as e:
-        raise SeriesError(f"{arg}: expected comma-separated numbers, got {text!r}") from e
+        what = "integers" if kind is int else "numbers"
+        raise SeriesError(f"{arg}: expected comma-separated {what}, got {text!r}") from e
 
 
 # ---- training through the Trainer --------------------------------------------------------------

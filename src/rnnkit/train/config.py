@@ -382,33 +382,41 @@ def _check_paths(cls: type, path: list[str], value: Any) -> None:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None,
-                overrides: Sequence[str] | Mapping[str, Any] = ()) -> T:
-    """Load config class ``cls`` from a TOML file (optional), then apply overrides.
+                overrides: Sequence[str] | Mapping[str, Any] = (), base: Mapping[str, Any] | None = None) -> T:
+    """Load config class ``cls``: its defaults < ``base`` < a TOML file (optional) < ``overrides``.
+
+    A section given in part keeps the owner's defaults for its other keys.
 
     Args:
         cls: a (frozen) dataclass, possibly with nested dataclass fields (sections).
         path: TOML file; None = defaults only.
         overrides: ``"section.key=value"`` strings (``--set``) or a mapping of dotted keys to values.
+        base: dotted keys applied under the file, e.g. a preset (``wordlm --preset zaremba-small``).
     Returns:
         an instance of ``cls``.
     Raises:
         UserError: missing/unreadable file, TOML syntax error, unknown key, wrong type or bad value.
     """
     data: dict[str, Any] = {}
+    _apply_dotted(cls, data, base or {})
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"--config: file not found: {str(p)!r}")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            data = _deep_merge(data, tomllib.loads(p.read_text(encoding="utf-8")))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"--config {str(p)!r}: not valid TOML: {e}") from None
+    _apply_dotted(cls, data, overrides)
+    return _from_mapping(cls, data)
+
+
+def _apply_dotted(cls: type, data: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> None:
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         keys = key.split(".") if isinstance(key, str) else key
         _check_paths(cls, keys, value)
         _set_nested(data, keys, value)
-    return _from_mapping(cls, data)
 
 
 def replace_config(cfg: T, **dotted: Any) -> T:
