@@ -31,7 +31,8 @@ GRU_MNIST1D = 0.91
 CONFIGS = {
     "GunPoint": {"model.hidden": 64, "trainer.epochs": 400, "trainer.batch_size": 25},
     "ItalyPowerDemand": {"model.hidden": 32, "trainer.epochs": 100, "trainer.batch_size": 16},
-    "ArrowHead": {"model.hidden": 64, "data.downsample": 4, "trainer.epochs": 1000, "trainer.batch_size": 12},
+    "ArrowHead": {"model.hidden": 64, "data.downsample": 4, "data.jitter": 0.2, "data.scale": 0.2, "data.warp": 0.2,
+                  "trainer.epochs": 3000, "trainer.batch_size": 12},
     "BasicMotions": {"model.hidden": 32, "trainer.epochs": 100, "trainer.batch_size": 8},
     "JapaneseVowels": {"model.hidden": 64, "trainer.epochs": 40, "trainer.batch_size": 16},
     "MNIST1D": {"model.cell": "gru", "model.hidden": 128, "trainer.epochs": 30, "trainer.batch_size": 64,

@@ -5,7 +5,8 @@ MAPE / MASE (seasonal period 12) / RMSE against the seasonal-naive (period 12) a
 forecasts and the Box-Jenkins airline model ARIMA(0,1,1)(0,1,1)_12 on logs fitted with statsmodels on
 the same 108 months. The rnnkit model is ``rnnkit forecast``'s recursive LSTM (one-step model, 36-step
 rollout through ``step()``) on the seasonal difference of the log values (year-on-year growth, minus each
-window's last value), averaged over an ensemble of seeds (``--ensemble``). Prints a table (or one JSON object with --json).
+window's last value), averaged over an ensemble of seeds (``--ensemble``). Prints a table (or one JSON
+object with --json).
 
     python benchmarks/forecast_airline.py                      # the configuration in docs/results.md
     python benchmarks/forecast_airline.py --ensemble 1 --seed 3

@@ -135,3 +135,39 @@ def test_downsample_block_means():
     t = C.tensors(SequenceSet([np.arange(8.0)[:, None], np.arange(5.0)[:, None]]), C.Scaler("none").fit(
         np.zeros((2, 1))), None, downsample=2)
     assert t["lengths"].tolist() == [4, 3] and t["x"][1, :3, 0].tolist() == [0.5, 2.5, 4.0]
+
+
+def test_augment_keeps_padding_and_has_the_documented_statistics():
+    from rnnkit.data.sequences import augment
+
+    torch.manual_seed(0)
+    x = torch.ones(4000, 30, 2)
+    lengths = torch.full((4000,), 30)
+    lengths[0] = 10
+    x[0, 10:] = 0
+    assert augment(x, lengths) is x  # all strengths 0: untouched
+    s = augment(x, lengths, scale=0.3)
+    assert torch.equal(s[0, 10:], torch.zeros(20, 2))  # padding stays zero
+    assert torch.allclose(s[1:, 0], s[1:, -1]) and abs(float(s[1:, 0].std()) - 0.3) < 0.02  # one gain per sequence
+    j = augment(x, lengths, jitter=0.5)
+    assert abs(float((j[1:] - 1).std()) - 0.5) < 0.01 and abs(float((j[1:] - 1).mean())) < 0.01
+    w = augment(x, lengths, warp=0.2, knots=4)[1:, :, 0]
+    d = w.diff(dim=1)  # linear between 4 knots over 30 steps: 3 segments of constant slope
+    assert torch.allclose(d[:, 1:9], d[:, :1].expand(-1, 8), atol=1e-5)
+    assert abs(float(w[:, 0].std()) - 0.2) < 0.02
+
+
+def test_augmentation_only_while_training():
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 8, "trainer.steps": 3, "trainer.epochs": None,
+                                               "data.jitter": 0.1, "data.scale": 0.1, "data.warp": 0.1})
+    model = C.train(_toy(20), cfg, None)
+    p1, p2 = model.predict_proba(_toy(6, seed=3)), model.predict_proba(_toy(6, seed=3))
+    np.testing.assert_array_equal(p1, p2)  # inference is deterministic
+    task = C.ClassifyTask(None, {"jitter": 1.0})
+    batch = {"x": torch.zeros(3, 5, 2), "lengths": torch.full((3,), 5), "y": torch.zeros(3, dtype=torch.long)}
+    model.net.eval()
+    assert task.loss(model.net, batch) == task.loss(model.net, batch)
+    model.net.train()
+    assert task.loss(model.net, batch) != task.loss(model.net, batch)
+    with pytest.raises(Exception, match="data.jitter: expected an augmentation strength"):
+        C.train(_toy(20), load_config(C.ClassifyConfig, None, {"data.jitter": -1.0}), None)

@@ -65,6 +65,12 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
           lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
           downsample: Annotated[int | None, typer.Option(
               "--downsample", help="Average blocks of this many steps (shortens long series).")] = None,
+          jitter: Annotated[float | None, typer.Option(
+              "--jitter", help="Augment: additive Gaussian noise of this std (scaled units) while training.")] = None,
+          scale: Annotated[float | None, typer.Option(
+              "--scale", help="Augment: random gain N(1, s^2) per sequence and channel while training.")] = None,
+          warp: Annotated[float | None, typer.Option(
+              "--warp", help="Augment: smooth random gain over time, knots N(1, w^2), while training.")] = None,
           label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
           opts: RunOptions) -> None:
     """Train a sequence classifier; with --test (or --dataset) report accuracy, balanced accuracy, macro F1
@@ -74,7 +80,8 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
     cfg = ts_config(opts, C.ClassifyConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
-        "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample})
+        "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample,
+        "data.jitter": jitter, "data.scale": scale, "data.warp": warp})
     tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill)
     te = None
     if test_path is not None or dataset is not None:

@@ -72,6 +72,36 @@ def length_mask(lengths: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def augment(x: Tensor, lengths: Tensor, jitter: float = 0.0, scale: float = 0.0, warp: float = 0.0,
+            knots: int = 4) -> Tensor:
+    r"""Random training-time augmentation of a padded batch (B, T, C) (Um et al. 2017); padding stays zero.
+
+    .. math:: \tilde x_{b,t,c} = (x_{b,t,c}\, s_{b,c}\, w_{b,t} + \epsilon_{b,t,c})\, m_{b,t}
+
+    with :math:`s \sim N(1, \text{scale}^2)` per sequence and channel, :math:`w` a magnitude-warping curve
+    through ``knots`` points :math:`\sim N(1, \text{warp}^2)` evenly spaced over each sequence's own length
+    (linear in between), :math:`\epsilon \sim N(0, \text{jitter}^2)` and :math:`m` the valid-step mask.
+    Draws from torch's global generator (seeded and checkpointed by the trainer).
+    """
+    if not (jitter or scale or warp):
+        return x
+    B, T, C = x.shape
+    out = x
+    if scale:
+        out = out * (1 + scale * torch.randn(B, 1, C, device=x.device, dtype=x.dtype))
+    if warp:
+        k = torch.randn(B, knots, device=x.device, dtype=x.dtype) * warp + 1
+        pos = torch.arange(T, device=x.device, dtype=x.dtype)[None] / (lengths[:, None].to(x.dtype) - 1).clamp(min=1)
+        u = pos.clamp(max=1) * (knots - 1)  # (B, T) position in knot units
+        lo = u.floor().long().clamp(max=knots - 2)
+        frac = u - lo
+        curve = k.gather(1, lo) * (1 - frac) + k.gather(1, lo + 1) * frac
+        out = out * curve[..., None]
+    if jitter:
+        out = out + jitter * torch.randn_like(out)
+    return out * length_mask(lengths.to(x.device), T)[..., None].to(x.dtype)
+
+
 # ---- readers -----------------------------------------------------------------------------------
 def _from_3d(X: Any) -> list[np.ndarray]:
     """aeon layout (N, C, T) array or list of (C, T_i) -> list of (T_i, C) float64, trailing NaNs cut."""
