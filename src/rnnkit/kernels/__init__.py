@@ -123,7 +123,8 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, 
     return requested
 
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "AUTO_PREFER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "AUTO_PREFER", "Backend", "LayerConfig", "register", "resolve",
+           "working_backends"]
 
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
 
