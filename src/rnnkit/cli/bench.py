@@ -587,7 +587,8 @@ def bench(
     modes: str = typer.Option("fwd,fwdbwd", "--modes", help="fwd, fwdbwd or both."),
     warmup: int = typer.Option(1, "--warmup", help="Warm-up calls per runner."),
     repeats: int | None = typer.Option(None, "--repeats", help="Timed round-robin runs (default 3 quick, 5 full)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (the cpu backend follows)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads; the cpu backend's "
+                                       "per-step BLAS uses RNNKIT_CPU_THREADS (default 1) from the environment."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory measurements."),
     no_step: bool = typer.Option(False, "--no-step", help="Skip the step() latency measurements."),
     compile_time: bool = typer.Option(False, "--compile-time", help="Also time the cpu backend's first-call "
