@@ -347,7 +347,8 @@ def compile_times() -> dict[str, Any]:
 def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                            "cpu_count": os.cpu_count(), "device": str(device)}
+                            "cpu_count": os.cpu_count(), "device": str(device),
+                            "rnnkit_cpu_threads": os.environ.get("RNNKIT_CPU_THREADS", "1")}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
@@ -403,7 +404,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
              f"Machine: {meta['machine'].get('cpu')} ({meta['machine'].get('cpu_count')} cores), "
              f"device {meta['machine']['device']}, torch {meta['machine']['torch']} "
-             f"({meta['machine']['torch_threads']} threads), numba {meta['machine'].get('numba')}, "
+             f"({meta['machine']['torch_threads']} threads; cpu backend BLAS "
+             f"{meta['machine'].get('rnnkit_cpu_threads', '1')}), numba {meta['machine'].get('numba')}, "
              f"load average at start {meta['machine'].get('load_avg_1_5_15')}  ",
              f"Median of {meta['repeats']} round-robin runs after {meta['warmup']} warm-up call(s); float32, I = H.",
              ""]
