@@ -107,6 +107,10 @@ def test_report_capture_from_a_charlm_run(tmp_path: Path) -> None:
     assert set(act["series"]) == {"layer0/c", "layer0/h", "layer1/c", "layer1/h"}
     assert len(act["series"]["layer1/h"]) == len(act["text"]) and len(act["series"]["layer1/h"][0]) == 16
     assert "inside quotes" in act["correlated"]["layer0/c"]
-    assert 'id="activations"' in (run / "report.html").read_text()
+    html = (run / "report.html").read_text()
+    assert 'id="activations"' in html and "Gate statistics" in html
+    stats = json.loads((run / "gate_stats.json").read_text())  # Karpathy et al.'s saturation, per layer
+    assert len(stats["layers"]) == 2 and set(stats["layers"][0]) == {"i", "f", "o"}
+    assert len(stats["layers"][1]["f"]["right_frac"]) == 16 and sum(stats["layers"][1]["f"]["hist"]) == 16 * 18
     res = CliRunner().invoke(app, ["report", str(run), "--capture", "{unknown}"])
     assert res.exit_code == 2 and "not in the model's vocabulary" in res.stderr

@@ -231,12 +231,29 @@ def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> dict:
     ``text`` one character per step from a zero state and returns :func:`text_activations` of every
     layer's ``c`` and ``h``. Characters outside the model's vocabulary are an error.
     """
+    if len(text) > max_chars:
+        raise ValueError(f"text: {len(text)} characters; at most {max_chars} fit in the viewer")
+    layer, x = _text_run_inputs(run_dir, text)
+    return text_activations(text, trace(layer, x))
+
+
+def text_run_gate_statistics(run_dir, text: str) -> dict | None:
+    """:func:`rnnkit.analysis.gates.gate_statistics` of a character-LM run's model over ``text`` (one
+    sequence, from a zero state); None for a cell without sigmoid gates (Elman RNN)."""
+    from .gates import gate_statistics
+
+    layer, x = _text_run_inputs(run_dir, text)
+    if layer.cell.family == "rnn":
+        return None
+    return gate_statistics(layer, x)
+
+
+def _text_run_inputs(run_dir, text: str) -> tuple[Recurrent, Tensor]:
+    """The run's recurrent stack and its inputs for ``text`` (embedded, in the layer's layout)."""
     from ..tasks.charlm import load_run
 
     if not text:
         raise ValueError("text: expected at least one character to run the model over, got ''")
-    if len(text) > max_chars:
-        raise ValueError(f"text: {len(text)} characters; at most {max_chars} fit in the viewer")
     run = load_run(run_dir)
     unknown = run.vocab.unknown(text)
     if unknown:
@@ -244,10 +261,8 @@ def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> dict:
     ids = run.vocab.encode(text).unsqueeze(1)  # (T, 1)
     layer = run.model.rnn
     x = run.model.embed(ids)  # (T, 1, E)
-    if layer.batch_first:
-        x = x.transpose(0, 1)
-    return text_activations(text, trace(layer, x))
+    return layer, (x.transpose(0, 1) if layer.batch_first else x)
 
 
 __all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "capture_text_run",
-           "SIGMOID_GATES"]
+           "text_run_gate_statistics", "SIGMOID_GATES"]

@@ -26,7 +26,7 @@ def report(
     = None,
     capture: Annotated[str | None, typer.Option(
         "--capture", help="Text model runs (charlm): run the model over this text and add the cell-activation "
-                          "viewer (writes RUN_DIR/activations.json).")] = None,
+                          "viewer and gate statistics (writes RUN_DIR/activations.json, gate_stats.json).")] = None,
     capture_file: Annotated[Path | None, typer.Option(
         "--capture-file", help="As --capture, with the text read from a file (UTF-8).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -45,10 +45,13 @@ def report(
         if capture is not None:
             import json
 
-            from ..analysis.capture import capture_text_run
+            from ..analysis.capture import capture_text_run, text_run_gate_statistics
 
             act = capture_text_run(run_dir, capture)
             (run_dir / "activations.json").write_text(json.dumps(act, separators=(",", ":")))
+            stats = text_run_gate_statistics(run_dir, capture)
+            if stats is not None:
+                (run_dir / "gate_stats.json").write_text(json.dumps(stats))
         path = write_report(run_dir, out)
         result = {"report": str(path), "bytes": path.stat().st_size}
         if png is not None:
