@@ -114,3 +114,19 @@ def test_report_capture_from_a_charlm_run(tmp_path: Path) -> None:
     assert len(stats["layers"][1]["f"]["right_frac"]) == 16 and sum(stats["layers"][1]["f"]["hist"]) == 16 * 18
     res = CliRunner().invoke(app, ["report", str(run), "--capture", "{unknown}"])
     assert res.exit_code == 2 and "not in the model's vocabulary" in res.stderr
+
+
+def test_viewer_payload_is_quantized_per_unit_and_decodes_back() -> None:
+    import base64
+
+    import numpy as np
+
+    from rnnkit.analysis.report import _quantized
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 6)) * np.array([0.01, 1, 5, 0, 2, 0.5])  # (T, H), one unit all zero
+    q = _quantized({"text": "x" * 50, "series": {"layer0/c": a.tolist()}})["series"]["layer0/c"]
+    codes = np.frombuffer(base64.b64decode(q["q"]), dtype=np.int8).reshape(6, 50)  # unit-major
+    back = (codes / 127 * np.array(q["scale"])[:, None]).T
+    assert np.all(np.abs(back - a) <= np.abs(a).max(0) / 254 + 1e-9)  # half a quantization step per unit
+    assert codes[3].tolist() == [0] * 50 and np.abs(codes).max() == 127
