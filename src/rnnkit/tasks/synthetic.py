@@ -449,8 +449,9 @@ class DataConfig:
 
 
 def default_trainer_config() -> TrainerConfig:
-    """The experiments' trainer defaults: Adam 1e-3, batch 50, clip norm 1, evaluate every 200 steps."""
-    return TrainerConfig(batch_size=50, clip_norm=1.0, eval_every=200, log_every=50)
+    """The experiments' trainer defaults: Adam 1e-3, batch 50, clip norm 1, evaluate every 200 steps,
+    checkpoint every 1,000 steps (long runs, e.g. adding at T = 400, resume after an interruption)."""
+    return TrainerConfig(batch_size=50, clip_norm=1.0, eval_every=200, log_every=50, checkpoint_every=1000)
 
 
 @dataclass(frozen=True)
