@@ -136,6 +136,19 @@ def test_ablation_grid_runs_in_processes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ablation_cell_interrupted_earlier_is_continued(tmp_path: Path) -> None:
+    from rnnkit.analysis.ablation import run_one
+
+    run_dir = tmp_path / "agreement" / "lstm" / "seed0"
+    first = run_one("agreement", "lstm", 0, 3, 6, 8, run_dir)
+    assert "error" not in first
+    (run_dir / "experiment.json").unlink()  # as if killed after its last checkpoint
+    again = run_one("agreement", "lstm", 0, 6, 6, 8, run_dir)
+    assert "error" not in again, again
+    assert again["steps"] == 6 and (run_dir / "experiment.json").is_file()
+
+
+@pytest.mark.slow
 def test_lstm_and_gru_learn_short_adding_problem(tmp_path: Path) -> None:
     """T = 20: both gated cells reach a test MSE far below the 1/6 baseline within 2,000 steps."""
     for cell in ("lstm", "gru"):

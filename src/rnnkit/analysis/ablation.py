@@ -90,8 +90,10 @@ def run_one(task: str, variant: str, seed: int, steps: int, length: int, hidden:
         raise ValueError(f"tasks: expected names from {list(TASK_NAMES)}, got {task!r}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(_command(task, variant, seed, steps, length, hidden, run_dir), capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    cmd = _command(task, variant, seed, steps, length, hidden, run_dir)
+    if any((run_dir / "checkpoints").glob("*.json")):  # interrupted earlier: continue it
+        cmd.append("--resume")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         return {"task": task, "cell": variant, "seed": seed, "error": proc.stderr.strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
