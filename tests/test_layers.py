@@ -343,20 +343,6 @@ def test_auto_avoids_native_for_varying_lengths_on_cpu():
     m = rnnkit.LSTM(3, 4)
     assert m.backend_for(torch.device("cpu")) == "native"
     assert m.backend_for(torch.device("cpu"), variable_lengths=True) == "cpu"
-    assert m.backend_for(torch.device("cpu"), grad=False) == "native"
     x = torch.randn(5, 2, 3)
     # full lengths are the same as no lengths (and take the fused native path)
     torch.testing.assert_close(m(x, lengths=[5, 5])[0], m(x)[0])
-
-
-def test_auto_prefers_the_fused_cpu_kernel_for_training_rnn_and_gru():
-    cpu = torch.device("cpu")
-    rnn, gru = rnnkit.RNN(3, 4), rnnkit.GRU(3, 4)
-    assert rnn.backend_for(cpu) == "cpu" and rnn.backend_for(cpu, grad=False) == "cpu"
-    assert gru.backend_for(cpu) == "cpu" and gru.backend_for(cpu, grad=False) == "native"
-    x = torch.randn(5, 2, 3)
-    with torch.no_grad():
-        ref = gru(x)[0]
-    torch.testing.assert_close(gru(x)[0], ref)  # the same numbers either way
-    with pytest.raises(ValueError, match="backend='native' cannot run"):
-        rnnkit.GRU(3, 4, backend="native", zoneout=0.1)

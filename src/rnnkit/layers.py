@@ -76,7 +76,7 @@ class Recurrent(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {backend!r}")
         self.backend = backend
-        self._resolved: dict[tuple[str, bool, bool], str] = {}
+        self._resolved: dict[tuple[str, bool], str] = {}
         # Fail early on configurations that no device type can run; a backend that runs on one device
         # type only (triton: CUDA) is checked against the actual device at the first forward.
         errors = []
@@ -133,13 +133,12 @@ class Recurrent(nn.Module):
         w.update({base: getattr(self, full) for base, full in names.items()})
         return w
 
-    def backend_for(self, device: torch.device, variable_lengths: bool = False, grad: bool = True) -> str:
-        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths,
-        when training (``grad``) or only running forward."""
-        key = (device.type, variable_lengths, grad)
+    def backend_for(self, device: torch.device, variable_lengths: bool = False) -> str:
+        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths."""
+        key = (device.type, variable_lengths)
         if key not in self._resolved:
             self._resolved[key] = kernels.resolve(self.backend, self.cell, self.layer_config, device,
-                                                  variable_lengths=variable_lengths, grad=grad)
+                                                  variable_lengths=variable_lengths)
         return self._resolved[key]
 
     def extra_repr(self) -> str:
@@ -188,8 +187,7 @@ class Recurrent(nn.Module):
         if lens is not None and bool((lens == T).all()):
             lens = None  # every sequence is full length: nothing to mask
         h0, c0 = self._check_state(state, x, B, unbatched)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self._weight_ih0().requires_grad)
-        name = self.backend_for(x.device, variable_lengths=lens is not None, grad=grad)
+        name = self.backend_for(x.device, variable_lengths=lens is not None)
         if name == "native":
             out, final = self._run_native(x, h0, c0, lens)
         else:
@@ -217,11 +215,8 @@ class Recurrent(nn.Module):
         return out.squeeze(time_dim), state
 
     # ---- validation --------------------------------------------------------------------------
-    def _weight_ih0(self) -> Tensor:
-        return getattr(self, self._param_names[0]["weight_ih"])
-
     def _param_dtype(self) -> torch.dtype:
-        return self._weight_ih0().dtype
+        return self.layer_weights(0)["weight_ih"].dtype
 
     def _check_input(self, input: Any) -> tuple[Tensor, bool]:
         if not isinstance(input, Tensor):
@@ -236,7 +231,7 @@ class Recurrent(nn.Module):
         if input.dtype != self._param_dtype():
             raise TypeError(f"input: dtype {input.dtype} does not match the parameters' {self._param_dtype()}"
                             f" (convert one of them, e.g. layer.to({input.dtype}))")
-        w = self._weight_ih0()
+        w = self.layer_weights(0)["weight_ih"]
         if input.device != w.device:
             raise ValueError(f"input: on {input.device} but the parameters are on {w.device}")
         if input.shape[-2 if input.dim() == 3 and not self.batch_first else 0] == 0 and input.dim() == 3:

@@ -70,15 +70,6 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # than the fused ``cpu`` backend at T=100, B=32, H=128 fwd+bwd).
 AUTO_AVOID_WITH_LENGTHS: dict[str, tuple[str, ...]] = {"cpu": ("native",)}
 
-# Backends ``auto`` tries first for a cell family on a device type, by whether gradients flow back
-# through the layer: (device type, family, grad) -> backends. On CPU torch trains RNN and GRU through a
-# chain of per-step ATen ops (only its LSTM is one oneDNN kernel), so the fused ``cpu`` backend is
-# faster there: measured fwd+bwd 0.56-0.90x torch.nn.RNN's time and 0.50-1.07x torch.nn.GRU's
-# (docs/results.md, "Which backend auto picks"); forward-only GRU and every LSTM stay on ``native``.
-AUTO_PREFER: dict[tuple[str, str, bool], tuple[str, ...]] = {
-    ("cpu", "rnn", True): ("cpu",), ("cpu", "rnn", False): ("cpu",), ("cpu", "gru", True): ("cpu",),
-}
-
 
 def register(backend: Backend, *, auto_before: dict[str, str] | None = None) -> None:
     """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend."""
@@ -96,16 +87,13 @@ def working_backends(cell: Cell, cfg: LayerConfig, device: torch.device) -> list
 
 
 def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, *,
-            variable_lengths: bool = False, grad: bool = True) -> str:
+            variable_lengths: bool = False) -> str:
     """Name of the backend that will run ``cell`` on ``device``; raises if ``requested`` cannot.
 
-    Only ``auto`` looks at the workload: ``variable_lengths`` (the batch has sequences of different
-    lengths) and ``grad`` (gradients will flow back through the layer).
+    ``variable_lengths``: the batch has sequences of different lengths (only changes ``auto``).
     """
     if requested == "auto":
         order = AUTO_ORDER.get(device.type, ("bptt",))
-        first = AUTO_PREFER.get((device.type, cell.family, grad), ())
-        order = first + tuple(n for n in order if n not in first)
         if variable_lengths:
             avoid = AUTO_AVOID_WITH_LENGTHS.get(device.type, ())
             order = tuple(n for n in order if n not in avoid) + tuple(n for n in order if n in avoid)
@@ -123,8 +111,7 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, 
     return requested
 
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "AUTO_PREFER", "Backend", "LayerConfig", "register", "resolve",
-           "working_backends"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
 
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
 
