@@ -224,28 +224,23 @@ def text_activations(text: str, trace_: Trace, names: Sequence[str] = ("c", "h")
 
 
 @torch.no_grad()
-def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> dict:
-    """Run a character-LM run's model (``rnnkit charlm train``) over ``text``; the viewer's record.
+def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> tuple[dict, dict | None]:
+    """Run a character-LM run's model (``rnnkit charlm train``) over ``text``: the viewer's record and the
+    gate statistics.
 
     Loads the newest checkpoint of ``run_dir`` (see :func:`rnnkit.tasks.charlm.load_run`), feeds
-    ``text`` one character per step from a zero state and returns :func:`text_activations` of every
-    layer's ``c`` and ``h``. Characters outside the model's vocabulary are an error.
+    ``text`` one character per step from a zero state and returns (:func:`text_activations` of every
+    layer's ``c`` and ``h``, :func:`rnnkit.analysis.gates.gate_statistics` of the same run, or None for
+    a cell without sigmoid gates). Characters outside the model's vocabulary are an error.
     """
+    from .gates import gate_statistics
+
     if len(text) > max_chars:
         raise ValueError(f"text: {len(text)} characters; at most {max_chars} fit in the viewer")
     layer, x = _text_run_inputs(run_dir, text)
-    return text_activations(text, trace(layer, x))
-
-
-def text_run_gate_statistics(run_dir, text: str) -> dict | None:
-    """:func:`rnnkit.analysis.gates.gate_statistics` of a character-LM run's model over ``text`` (one
-    sequence, from a zero state); None for a cell without sigmoid gates (Elman RNN)."""
-    from .gates import gate_statistics
-
-    layer, x = _text_run_inputs(run_dir, text)
-    if layer.cell.family == "rnn":
-        return None
-    return gate_statistics(layer, x)
+    tr = trace(layer, x)
+    stats = None if layer.cell.family == "rnn" else gate_statistics(layer, x, traced=tr)
+    return text_activations(text, tr), stats
 
 
 def _text_run_inputs(run_dir, text: str) -> tuple[Recurrent, Tensor]:
@@ -265,4 +260,4 @@ def _text_run_inputs(run_dir, text: str) -> tuple[Recurrent, Tensor]:
 
 
 __all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "capture_text_run",
-           "text_run_gate_statistics", "SIGMOID_GATES"]
+           "SIGMOID_GATES"]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..layers import Recurrent
-from .capture import SIGMOID_GATES, trace
+from .capture import SIGMOID_GATES, Trace, trace
 
 LEFT, RIGHT = 0.1, 0.9
 
@@ -42,7 +42,7 @@ def saturation(values: Tensor, left: float = LEFT, right: float = RIGHT,
 
 @torch.no_grad()
 def gate_statistics(layer: Recurrent, x: Tensor, *, lengths: Tensor | Sequence[int] | None = None,
-                    bins: int = 50) -> dict:
+                    bins: int = 50, traced: Trace | None = None) -> dict:
     """Saturation fractions per unit and value histograms of every sigmoid gate of every layer.
 
     Args:
@@ -50,11 +50,12 @@ def gate_statistics(layer: Recurrent, x: Tensor, *, lengths: Tensor | Sequence[i
         x: a batch of inputs in the layer's layout.
         lengths: optional valid lengths (padding steps are excluded from the statistics).
         bins: histogram bins over [0, 1].
+        traced: ``capture.trace(layer, x, lengths=lengths)`` when the caller already has it.
     Returns:
         JSON-ready ``{"family", "left", "right", "layers": [{gate: {"left_frac": [H], "right_frac": [H],
         "hist": [bins], "mean": float}}]}``.
     """
-    tr = trace(layer, x, lengths=lengths)
+    tr = traced if traced is not None else trace(layer, x, lengths=lengths)
     mask = None
     if lengths is not None:
         T = len(tr.steps[0])

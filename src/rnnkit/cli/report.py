@@ -45,11 +45,10 @@ def report(
         if capture is not None:
             import json
 
-            from ..analysis.capture import capture_text_run, text_run_gate_statistics
+            from ..analysis.capture import capture_text_run
 
-            act = capture_text_run(run_dir, capture)
+            act, stats = capture_text_run(run_dir, capture)
             (run_dir / "activations.json").write_text(json.dumps(act, separators=(",", ":")))
-            stats = text_run_gate_statistics(run_dir, capture)
             if stats is not None:
                 (run_dir / "gate_stats.json").write_text(json.dumps(stats))
         path = write_report(run_dir, out)
