@@ -82,6 +82,66 @@ def test_matches_reference_full_config(name, dtype):
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
 
 
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_matches_reference_with_rows_split_over_threads(name, monkeypatch):
+    """The batch split into uneven row ranges on three threads (1, 2 and 2 rows) changes nothing."""
+    from rnnkit.kernels import cpu
+
+    monkeypatch.setenv("RNNKIT_CPU_THREADS", "3")
+    monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    assert cpu.row_chunks(5) == [(0, 1), (1, 3), (3, 5)]
+    kw = dict(T=4, B=5, I=3, H=6, layers=2, bidirectional=True, lengths=[4, 1, 3, 4, 2], init_state=True,
+              train=True)
+    dtype = torch.float64
+    _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+
+
+@pytest.mark.parametrize("blas", ["mkl", "openblas"])
+@pytest.mark.parametrize("name", ["lstm_peephole_ln", "gru_cho", "gru_zoneout", "lstm_rdrop", "rnn_ln"])
+def test_float32_matches_reference_with_each_blas(name, blas, monkeypatch):
+    """float32 per-step GEMM through MKL's packed weights and through numba's OpenBLAS, rows split too."""
+    from rnnkit.kernels import cpu
+
+    if blas == "mkl" and cpu._kernels().MKL is None:
+        pytest.skip("this torch does not export MKL's packed SGEMM")
+    monkeypatch.setenv("RNNKIT_CPU_BLAS", blas)
+    monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
+    monkeypatch.setattr(cpu, "MIN_ROWS", 2)
+    assert cpu.blas(torch.float32) == blas
+    kw = dict(T=6, B=5, I=4, H=9, layers=2, bidirectional=True, lengths=[6, 2, 5, 6, 3], init_state=True,
+              train=True)
+    dtype = torch.float32
+    _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+
+
+def test_blas_setting_errors(monkeypatch):
+    from rnnkit.kernels import cpu
+
+    monkeypatch.setenv("RNNKIT_CPU_BLAS", "fast")
+    with pytest.raises(ValueError, match="RNNKIT_CPU_BLAS='fast': expected auto, mkl or openblas"):
+        cpu.blas(torch.float32)
+    monkeypatch.setenv("RNNKIT_CPU_BLAS", "mkl")
+    with pytest.raises(ValueError, match="RNNKIT_CPU_BLAS='mkl' is not available"):
+        cpu.blas(torch.float64)
+    monkeypatch.setenv("RNNKIT_CPU_BLAS", "auto")
+    assert cpu.blas(torch.float64) == "openblas"
+
+
+def test_row_chunks_and_thread_setting(monkeypatch):
+    from rnnkit.kernels import cpu
+
+    monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
+    assert cpu.row_chunks(1) == [(0, 1)]
+    assert cpu.row_chunks(7) == [(0, 7)]  # fewer than 2 * MIN_ROWS rows: one thread
+    assert cpu.row_chunks(64) == [(0, 32), (32, 64)]
+    monkeypatch.delenv("RNNKIT_CPU_THREADS")
+    assert cpu.threads() == torch.get_num_threads()
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("RNNKIT_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match=f"RNNKIT_CPU_THREADS='{bad}'.*>= 1"):
+            cpu.threads()
+
+
 EDGE_CELLS = ["rnn_ln", "lstm_peephole_ln", "lstm_zoneout", "gru_cho_ln"]
 EDGE_CASES = {
     "T1_B1": dict(T=1, B=1, I=3, H=5),

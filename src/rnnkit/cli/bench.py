@@ -38,6 +38,8 @@ import torch
 import typer
 from torch import Tensor, nn
 
+from ..kernels import cpu as cpu_backend
+
 NAME = "bench"
 app = typer.Typer(help="Benchmark the kernels: every cell and backend against torch.nn and a Python loop.",
                   no_args_is_help=False, invoke_without_command=True, pretty_exceptions_enable=False)
@@ -348,7 +350,8 @@ def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                             "cpu_count": os.cpu_count(), "device": str(device),
-                            "rnnkit_cpu_threads": os.environ.get("RNNKIT_CPU_THREADS", "1")}
+                            "rnnkit_cpu_threads": cpu_backend.threads(),
+                            "rnnkit_cpu_blas": cpu_backend.blas(torch.float32)}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
@@ -404,8 +407,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Command: `{meta['command']}`  ", f"Date: {meta['date']}  ",
              f"Machine: {meta['machine'].get('cpu')} ({meta['machine'].get('cpu_count')} cores), "
              f"device {meta['machine']['device']}, torch {meta['machine']['torch']} "
-             f"({meta['machine']['torch_threads']} threads; cpu backend BLAS "
-             f"{meta['machine'].get('rnnkit_cpu_threads', '1')}), numba {meta['machine'].get('numba')}, "
+             f"({meta['machine']['torch_threads']} threads; cpu backend "
+             f"{meta['machine'].get('rnnkit_cpu_threads', '?')} threads, "
+             f"{meta['machine'].get('rnnkit_cpu_blas', 'openblas')} GEMM), numba {meta['machine'].get('numba')}, "
              f"load average at start {meta['machine'].get('load_avg_1_5_15')}  ",
              f"Median of {meta['repeats']} round-robin runs after {meta['warmup']} warm-up call(s); float32, I = H.",
              ""]
@@ -589,8 +593,8 @@ def bench(
     modes: str = typer.Option("fwd,fwdbwd", "--modes", help="fwd, fwdbwd or both."),
     warmup: int = typer.Option(1, "--warmup", help="Warm-up calls per runner."),
     repeats: int | None = typer.Option(None, "--repeats", help="Timed round-robin runs (default 3 quick, 5 full)."),
-    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads; the cpu backend's "
-                                       "per-step BLAS uses RNNKIT_CPU_THREADS (default 1) from the environment."),
+    threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads; the cpu backend "
+                                       "splits a batch over RNNKIT_CPU_THREADS threads (default: this count)."),
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-memory measurements."),
     no_step: bool = typer.Option(False, "--no-step", help="Skip the step() latency measurements."),
     compile_time: bool = typer.Option(False, "--compile-time", help="Also time the cpu backend's first-call "

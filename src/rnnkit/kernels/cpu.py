@@ -13,16 +13,21 @@ variable lengths through :class:`~rnnkit.kernels.common.LayerMasks`) in float32 
 the CPU. Compiled code is cached on disk by numba (``cache=True``): the first call in a fresh
 environment compiles (see :func:`compile_seconds`), later processes load the cache.
 
-Threads: the per-step matmuls run in the BLAS that numba calls (scipy's OpenBLAS), with
-``RNNKIT_CPU_THREADS`` threads (default 1: the per-step matmuls are small, and a multi-threaded
-OpenBLAS stalled badly on the shared machine this was measured on; see :func:`_load_blas`).
+Threads: the rows of a batch never interact in a recurrence, so the batch is split into contiguous
+row ranges (at least ``MIN_ROWS`` rows each), one per thread, and each thread runs the whole time
+loop on its rows with no synchronisation per step. The count is ``RNNKIT_CPU_THREADS`` or else
+``torch.get_num_threads()``; the per-step matmuls run in a one-thread BLAS on each thread (scipy's
+OpenBLAS, see :func:`_load_blas`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -36,22 +41,70 @@ DTYPES = (torch.float32, torch.float64)
 _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
-def _blas_threads_wanted() -> int:
+MIN_ROWS = 4  # fewest batch rows worth a thread of their own
+
+
+def threads() -> int:
+    """Threads the backend splits a batch over: ``RNNKIT_CPU_THREADS``, else torch's intra-op count."""
     env = os.environ.get("RNNKIT_CPU_THREADS")
-    return int(env) if env else 1
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"RNNKIT_CPU_THREADS={env!r}: expected a whole number >= 1")
+        return n
+    return torch.get_num_threads()
+
+
+def row_chunks(B: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per thread, each of at least ``MIN_ROWS`` rows (one range if B is small)."""
+    n = max(1, min(threads(), B // MIN_ROWS))
+    edges = [i * B // n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _over_rows(chunks: list[tuple[int, int]], fn, args: tuple, accs: tuple[np.ndarray, ...] = ()) -> None:
+    """``fn(*args, *(a[k] for a in accs), b0, b1)`` for every row range k, the first on this thread and the
+    rest in a pool; ``accs`` are per-range accumulators (the caller sums them).
+
+    The compiled loops release the GIL, so the ranges really run at once. ``args`` must be built on the
+    calling thread (torch's grad mode, which ``Tensor.numpy()`` checks, is per thread).
+    """
+    global _POOL
+
+    def call(k: int, b0: int, b1: int) -> None:
+        fn(*args, *(a[k] for a in accs), b0, b1)
+
+    if len(chunks) == 1:
+        call(0, *chunks[0])
+        return
+    if _POOL is None or _POOL._max_workers < len(chunks) - 1:
+        _POOL = ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="rnnkit-cpu")
+    futures = [_POOL.submit(call, k, b0, b1) for k, (b0, b1) in enumerate(chunks) if k > 0]
+    try:
+        call(0, *chunks[0])
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _load_blas() -> None:
-    """Load the BLAS numba's ``np.dot`` binds to (scipy's OpenBLAS) with its thread count set at start-up.
+    """Load the BLAS numba's ``np.dot`` binds to (scipy's OpenBLAS) single-threaded.
 
-    OpenBLAS creates its thread pool when the library loads, and lowering the count later at run time
-    did not stop it stalling here (some shapes fell from ~60 to ~0.1 GFLOP/s on the shared 2-core
-    machine), so the count is fixed before loading, without changing the environment of anything else.
+    The backend's threads split the batch and each calls the BLAS on its own rows, so the BLAS must
+    not start threads of its own: a spinning OpenBLAS pool also slowed every torch op in the process
+    (torch.nn.LSTM from 18 to 38 ms on the 2-core machine). OpenBLAS sizes its pool when it loads, so
+    the count is set before loading, without changing the environment of anything else.
     """
     if "scipy.linalg.cython_blas" in sys.modules:
         return
     old = os.environ.get("OPENBLAS_NUM_THREADS")
-    os.environ["OPENBLAS_NUM_THREADS"] = str(_blas_threads_wanted())
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:
         import scipy.linalg.cython_blas  # noqa: F401
     finally:
@@ -61,48 +114,118 @@ def _load_blas() -> None:
             os.environ["OPENBLAS_NUM_THREADS"] = old
 
 
-class _BlasThreads:
-    """Keeps the thread count of the BLAS that numba calls at ``RNNKIT_CPU_THREADS`` (default 1)."""
-
-    def __init__(self) -> None:
-        self.libs: list | None = None
-        self.current = -1
-
-    def ensure(self) -> None:
-        want = _blas_threads_wanted()
-        if want == self.current:
-            return
-        if self.libs is None:
-            _load_blas()
-            from threadpoolctl import ThreadpoolController
-
-            ctl = ThreadpoolController()
-            self.libs = [lc for lc in ctl.lib_controllers
-                         if lc.internal_api == "openblas" and "scipy.libs" in lc.filepath]
-        for lc in self.libs:
-            if lc.num_threads != want:
-                lc.set_num_threads(want)
-        self.current = want
+_MKL_CALLED = {  # symbols the compiled loops call, with their C types (stubs take the same)
+    "cblas_sgemm_compute": ctypes.CFUNCTYPE(None, *[ctypes.c_int] * 6, ctypes.c_ssize_t, ctypes.c_int,
+                                            ctypes.c_ssize_t, ctypes.c_int, ctypes.c_float, ctypes.c_ssize_t,
+                                            ctypes.c_int),
+    "MKL_Set_Num_Threads_Local": ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int),
+}
+_MKL_PACKING = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack")
+_STUBS: list = []  # keeps the stub callbacks alive
 
 
-blas_threads = _BlasThreads()
+def _torch_mkl() -> ctypes.CDLL | None:
+    """torch's own library when it exports MKL's packed SGEMM (x86 builds of torch carry MKL), else None."""
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        path = os.path.join(libdir, name)
+        if os.path.exists(path):
+            try:
+                lib = ctypes.CDLL(path)
+                for sym in (*_MKL_CALLED, *_MKL_PACKING):
+                    getattr(lib, sym)
+            except (OSError, AttributeError):
+                return None
+            lib.cblas_sgemm_pack_get_size.restype = ctypes.c_size_t
+            lib.cblas_sgemm_pack_get_size.argtypes = [ctypes.c_int] * 4
+            lib.cblas_sgemm_pack.restype = None
+            lib.cblas_sgemm_pack.argtypes = [*[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
+                                             ctypes.c_void_p]
+            return lib
+    return None
 
 
+@functools.cache
 def _kernels():
-    """The numba loops, imported on first use (keeps ``import rnnkit`` light), after the BLAS is set up."""
-    blas_threads.ensure()
+    """The numba loops, imported on first use (keeps ``import rnnkit`` light).
+
+    Before they compile or load: the BLAS numba calls is made single-threaded (also if scipy was
+    imported earlier with a larger OpenBLAS pool), and the MKL symbols the loops reference are
+    registered with LLVM, pointing into torch's library or, without it, at stubs never called.
+    """
+    import llvmlite.binding as llvm
+    from threadpoolctl import ThreadpoolController
+
+    _load_blas()
+    for lc in ThreadpoolController().lib_controllers:
+        if lc.internal_api == "openblas" and "scipy.libs" in lc.filepath and lc.num_threads != 1:
+            lc.set_num_threads(1)
+    lib = _torch_mkl()
+    for sym, ctype in _MKL_CALLED.items():
+        if lib is not None:
+            addr = ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
+        else:
+            _STUBS.append(ctype(lambda *args: 0))
+            addr = ctypes.cast(_STUBS[-1], ctypes.c_void_p).value
+        llvm.add_symbol(sym, addr)
     from . import cpu_cells
 
+    cpu_cells.MKL = lib
     return cpu_cells
+
+
+def blas(dtype: torch.dtype) -> str:
+    """The per-step GEMM for ``dtype``: ``"mkl"`` (packed weights) or ``"openblas"``.
+
+    ``RNNKIT_CPU_BLAS`` = ``auto`` (default: MKL for float32 when torch carries it), ``mkl`` or ``openblas``.
+    """
+    want = os.environ.get("RNNKIT_CPU_BLAS", "auto")
+    if want not in ("auto", "mkl", "openblas"):
+        raise ValueError(f"RNNKIT_CPU_BLAS={want!r}: expected auto, mkl or openblas")
+    have = _kernels().MKL is not None and dtype == torch.float32
+    if want == "mkl" and not have:
+        why = "this torch does not export MKL's packed SGEMM" if dtype == torch.float32 else "float32 only"
+        raise ValueError(f"RNNKIT_CPU_BLAS='mkl' is not available here ({why}); use auto or openblas")
+    return "mkl" if have and want != "openblas" else "openblas"
+
+
+_ALIGN = 16  # floats: 64 bytes
+
+
+def _weight(R: Tensor, transpose: bool, A: _Arrays) -> tuple:
+    """The pair ``(matrix, packed)`` that the loops multiply by: ``R^T`` if ``transpose`` else ``R``.
+
+    With MKL, ``packed`` is MKL's packed copy (made once per call, for at most ``A.rows`` rows at a
+    time) and the matrix is unused; otherwise the matrix for numba's ``np.dot`` (a C-ordered copy of
+    ``R^T``, faster per step, except for one step where the F-ordered view saves the copy) and a dummy.
+    """
+    Rn = R.numpy()
+    if not A.mkl:
+        if transpose:
+            return (np.ascontiguousarray(Rn.T) if A.T > 1 else Rn.T), _NO_PACK
+        return Rn, _NO_PACK
+    rows = A.rows
+    lib = _kernels().MKL
+    k, n = (Rn.shape[1], Rn.shape[0]) if transpose else Rn.shape
+    size = lib.cblas_sgemm_pack_get_size(162, rows, n, k)  # CblasBMatrix
+    raw = np.empty(-(-size // 4) + _ALIGN, np.float32)
+    start = (-raw.ctypes.data // 4) % _ALIGN
+    dest = raw[start:start + max(2, -(-size // 4))]
+    lib.cblas_sgemm_pack(101, 162, 112 if transpose else 111, rows, n, k, 1.0, Rn.ctypes.data, Rn.shape[1],
+                         dest.ctypes.data)  # row-major, B matrix, (no) transpose
+    return A.dummy2, dest
+
+
+_NO_PACK = np.zeros(1, np.float32)
 
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _rt(R: Tensor, T: int) -> np.ndarray:
-    """R transposed, (H, rows): a C-ordered copy is faster per step; for one step the F view saves the copy."""
-    return R.t().contiguous().numpy() if T > 1 else R.numpy().T
+def _rec_parts(R: Tensor, cell: Cell) -> tuple[Tensor, ...]:
+    """The rows of R for each recurrent projection (one, or (r, z) and n for the reset-before GRU)."""
+    return torch.split(R, [g * cell.hidden_size for g in cell.rec_parts])
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
@@ -114,6 +237,10 @@ class _Arrays:
 
     def __init__(self, masks: LayerMasks, T: int, B: int, H: int, n_state: int, dtype: torch.dtype) -> None:
         ndt = np.float32 if dtype == torch.float32 else np.float64
+        self.T = T
+        self.chunks = row_chunks(B)
+        self.rows = max(b1 - b0 for b0, b1 in self.chunks)
+        self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
         self.dummy2 = np.zeros((1, 1), ndt)
         self.dummy3 = np.zeros((1, 1, 1), ndt)
@@ -144,7 +271,6 @@ class _CpuRecurrence(torch.autograd.Function):
         ln = cell.layer_norm
         xg_n = _np(xg)
         Rd = R.detach().contiguous()
-        Rt = _rt(Rd, T)
         bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
         ln_g = ex.get("ln_weight_hh", A.dummy1)
         h0 = _np(state0[0])
@@ -155,11 +281,13 @@ class _CpuRecurrence(torch.autograd.Function):
         RSH = _empty(T, B, parts, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
         buf: dict[str, Tensor] = {"HIN": HIN, "UH": UH, "RSH": RSH}
         family = cell.family
+        chunks = A.chunks
+        Ws = [_weight(part, True, A) for part in _rec_parts(Rd, cell)]
         if family == "rnn":
             HC = _empty(T, B, H, dtype=dt) if A.has_keep else out
-            K.rnn_forward(xg_n, Rt, bhh, cell.nonlinearity == "relu", ln, ln_g,
-                          A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HC.numpy(),
-                          HIN.numpy(), UH.numpy(), RSH.numpy())
+            _over_rows(chunks, K.rnn_forward, (
+                xg_n, *Ws, bhh, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+                h0, out.numpy(), HC.numpy(), HIN.numpy(), UH.numpy(), RSH.numpy()))
             buf["HC"] = HC
         elif family == "lstm":
             CS = _empty(T + 1, B, H, dtype=dt)
@@ -168,26 +296,26 @@ class _CpuRecurrence(torch.autograd.Function):
             GATES = _empty(T, B, GH, dtype=dt)
             UC = _empty(T, B, H, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
             RSC = _empty(T, B, 1, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-            K.lstm_forward(xg_n, Rt, bhh, cell.use_i, cell.use_f, cell.use_o,
-                           cell.coupled, cell.peephole, ex.get("weight_ch", A.dummy1), cell.output_activation,
-                           ln, ln_g, ex.get("ln_weight_c", A.dummy1), ex.get("ln_bias_c", A.dummy1),
-                           A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0, out.numpy(),
-                           CS.numpy(), CN.numpy(), HIN.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy(),
-                           UC.numpy(), RSC.numpy())
+            _over_rows(chunks, K.lstm_forward, (
+                xg_n, *Ws, bhh, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
+                ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
+                ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0,
+                out.numpy(), CS.numpy(), CN.numpy(), HIN.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy(),
+                UC.numpy(), RSC.numpy()))
             buf.update(CS=CS, CN=CN, GATES=GATES, UC=UC, RSC=RSC)
         elif cell.reset_after:
             GATES = _empty(T, B, GH, dtype=dt)
             HN = _empty(T, B, H, dtype=dt)
-            K.gru_forward(xg_n, Rt, bhh, ln, ln_g, A.has_hmask, A.hmask,
-                          A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(), GATES.numpy(), HN.numpy(),
-                          UH.numpy(), RSH.numpy())
+            _over_rows(chunks, K.gru_forward, (
+                xg_n, *Ws, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(),
+                GATES.numpy(), HN.numpy(), UH.numpy(), RSH.numpy()))
             buf.update(GATES=GATES, HN=HN)
         else:
             GATES = _empty(T, B, GH, dtype=dt)
             Q = _empty(T, B, H, dtype=dt)
-            K.gru_cho_forward(xg_n, _rt(Rd[:2 * H], T), _rt(Rd[2 * H:], T),
-                              bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
-                              HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy())
+            _over_rows(chunks, K.gru_cho_forward, (
+                xg_n, *Ws, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
+                HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy()))
             buf.update(GATES=GATES, Q=Q)
         final = [out[T - 1].clone()]
         if family == "lstm":
@@ -221,17 +349,21 @@ class _CpuRecurrence(torch.autograd.Function):
         dT = [_np(d) if d is not None else np.zeros((B, H), A.dummy1.dtype) for d in dfinal]
         h0 = h0t.numpy()
         ln_g = ex.get("ln_weight_hh", A.dummy1)
-        dln_g = np.zeros(GH if ln else 1)
+        chunks = A.chunks
+        n = len(chunks)
+        dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per row range
         DG = _empty(T, B, GH, dtype=dt)
         dh0 = _empty(B, H, dtype=dt)
+        Ws = [_weight(part, False, A) for part in _rec_parts(Rd, cell)]
         grads: dict[str, np.ndarray] = {}
         db_hh = None
         family = cell.family
         if family == "rnn":
             DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
-            K.rnn_backward(Rd.numpy(), cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask,
-                           A.has_keep, A.keep[0], has_dout, dout_n, dT[0], buf["HC"].numpy(),
-                           buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(), DRAW.numpy(), dh0.numpy(), dln_g)
+            _over_rows(chunks, K.rnn_backward, (
+                *Ws, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+                has_dout, dout_n, dT[0], buf["HC"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(),
+                DRAW.numpy(), dh0.numpy()), (dln_g,))
             dstate = [dh0]
             draws = [DRAW]
             if has_bias:
@@ -239,16 +371,16 @@ class _CpuRecurrence(torch.autograd.Function):
         elif family == "lstm":
             DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
             dc0 = _empty(B, H, dtype=dt)
-            dpeep = np.zeros(3 * H if cell.peephole else 1)
-            dln_cg = np.zeros(H if ln else 1)
-            dln_cb = np.zeros(H if ln else 1)
-            K.lstm_backward(Rd.numpy(), cell.use_i, cell.use_f, cell.use_o, cell.coupled,
-                            cell.peephole, ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g,
-                            ex.get("ln_weight_c", A.dummy1), ex.get("ln_bias_c", A.dummy1), A.has_hmask,
-                            A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout, dout_n, dT[0], dT[1],
-                            buf["CS"].numpy(), buf["CN"].numpy(), buf["GATES"].numpy(), buf["UH"].numpy(),
-                            buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(), DG.numpy(),
-                            DRAW.numpy(), dh0.numpy(), dc0.numpy(), dpeep, dln_g, dln_cg, dln_cb)
+            dpeep = np.zeros((n, 3 * H if cell.peephole else 1))
+            dln_cg = np.zeros((n, H if ln else 1))
+            dln_cb = np.zeros((n, H if ln else 1))
+            _over_rows(chunks, K.lstm_backward, (
+                *Ws, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
+                ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
+                ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
+                dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), buf["GATES"].numpy(),
+                buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(), DG.numpy(),
+                DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dpeep, dln_g, dln_cg, dln_cb,))
             dstate = [dh0, dc0]
             draws = [DRAW]
             if has_bias:
@@ -257,23 +389,23 @@ class _CpuRecurrence(torch.autograd.Function):
         elif cell.reset_after:
             DPOST = _empty(T, B, GH, dtype=dt)
             DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
-            dbhh = np.zeros(GH)
-            K.gru_backward(Rd.numpy(), ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
-                           has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(),
-                           buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(), DPOST.numpy(), DRAW.numpy(),
-                           dh0.numpy(), dbhh, dln_g)
+            dbhh = np.zeros((n, GH))
+            _over_rows(chunks, K.gru_backward, (
+                *Ws, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
+                out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
+                DG.numpy(), DPOST.numpy(), DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
             del DPOST
             dstate = [dh0]
             draws = [DRAW]
             if has_bias:
-                db_hh = torch.from_numpy(dbhh).to(dt)
+                db_hh = torch.from_numpy(dbhh.sum(0)).to(dt)
         else:
             DRAW0 = _empty(T, B, 2 * H, dtype=dt)
             DRAW1 = _empty(T, B, H, dtype=dt)
-            K.gru_cho_backward(Rd[:2 * H].numpy(), Rd[2 * H:].numpy(), ln, ln_g,
-                               A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
-                               out.numpy(), buf["GATES"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
-                               DG.numpy(), DRAW0.numpy(), DRAW1.numpy(), dh0.numpy(), dln_g)
+            _over_rows(chunks, K.gru_cho_backward, (
+                *Ws, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+                has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["UH"].numpy(),
+                buf["RSH"].numpy(), DG.numpy(), DRAW0.numpy(), DRAW1.numpy(), dh0.numpy()), (dln_g,))
             dstate = [dh0]
             draws = [DRAW0, DRAW1]
             if has_bias:
@@ -297,7 +429,7 @@ class _CpuRecurrence(torch.autograd.Function):
                 dR_parts.append(dR)
         dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)
         ctx.buf = ctx.arrays = ctx.inputs = None  # free the activations now
-        extras = [torch.from_numpy(grads[n]).to(dt) for n in ctx.names]
+        extras = [torch.from_numpy(grads[name].sum(0)).to(dt) for name in ctx.names]
         return (None, None, None, DG, dR, db_hh, *dstate, *extras)
 
 
@@ -309,7 +441,7 @@ def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> 
                         f"use another dtype or one of the backends {others}")
     if x.device.type != "cpu":
         raise ValueError(f"backend='cpu': input is on {x.device}; expected the CPU")
-    blas_threads.ensure()
+    _kernels()
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(n for n in _EXTRAS if w.get(n) is not None)
     out, *state = _CpuRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,

@@ -9,7 +9,8 @@ over (B, H), working in place. The math re-expresses the equations in the docstr
 
 Conventions shared by every function (all arrays C-contiguous unless said otherwise, one dtype):
     xg      (T, B, G*H) input pre-activations ``W x_t + b_ih`` (layer-normed if the cell says so).
-    Rt / R  recurrent weight transposed (H, G*H) for the forward, as stored (G*H, H) for the backward.
+    W       the recurrent weight as a pair ``(matrix, packed)`` for :func:`_matmul`: forward ``R^T``
+            (H, G*H), backward ``R`` (G*H, H) as stored.
     bhh     (G*H,) recurrent bias, added after the (optional) layer norm; zeros when the cell has none.
     hmask   (B, H) recurrent-dropout scale on h before the matmul (``has_hmask``).
     keep_*  (T, B, H), possibly with zero strides: ``state = keep * prev + (1 - keep) * cell`` (``has_keep``).
@@ -19,6 +20,11 @@ Conventions shared by every function (all arrays C-contiguous unless said otherw
     UH, RSH layer-norm ``u_hat`` (T, B, G*H) and ``1/std`` (T, B, parts) of the recurrent projection.
 Backward outputs: ``DG`` (T, B, G*H) = d xg; ``DRAW`` = d(raw recurrent matmul output), which the
 wrapper turns into dR with one matmul over all steps; small parameter gradients are accumulated here.
+
+Rows: every loop runs batch rows ``b0:b1`` only (the last two arguments). The rows of a batch never
+interact in a recurrence, so the wrapper runs disjoint row ranges on separate threads (the loops
+release the GIL) with no synchronisation per step; each range gets its own parameter-gradient
+accumulators. Per step, each loop takes C-contiguous (rows, width) views ``X[t, b0:b1]``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import math
 
 import numpy as np
 from numba import njit, types
+from numba.core.types import ExternalFunction
 from numba.extending import overload
 
 from ..cells.base import LN_EPS
@@ -86,6 +93,38 @@ def _sigmoid_impl(x, like):
     return lambda x, like: 1.0 / (1.0 + math.exp(-x))
 
 
+# MKL's packed single-precision GEMM, from the MKL that torch's own library carries (the wrapper
+# registers these symbols with LLVM before this module compiles: the real ones when torch exports them,
+# otherwise stubs that are never called). Pointers are passed as addresses (intp), which is the same
+# calling convention on 64-bit platforms, so the compiled code caches across processes.
+_sgemm_compute = ExternalFunction("cblas_sgemm_compute", types.void(
+    types.intc, types.intc, types.intc, types.intc, types.intc, types.intc, types.intp, types.intc,
+    types.intp, types.intc, types.float32, types.intp, types.intc))
+_mkl_threads_local = ExternalFunction("MKL_Set_Num_Threads_Local", types.intc(types.intc))
+_ROW_MAJOR, _NO_TRANS, _PACKED = 101, 111, 151
+
+
+@njit(**_JIT)
+def _matmul(a, W, out):
+    """``out <- a @ M`` for ``W = (M, packed)``.
+
+    With a packed copy (float32 only; ``packed.size > 1``) through MKL's ``cblas_sgemm_compute`` on
+    this thread alone: the weights were reordered once per call of the layer, not once per step as a
+    plain GEMM does, which is most of the cost when ``a`` has few rows. Otherwise ``np.dot`` (numba's
+    BLAS, scipy's OpenBLAS).
+    """
+    M, packed = W
+    if packed.size > 1:
+        m, k = a.shape
+        n = out.shape[1]
+        prev = _mkl_threads_local(1)
+        _sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, a.ctypes.data, k, packed.ctypes.data, n,
+                       np.float32(0.0), out.ctypes.data, n)
+        _mkl_threads_local(prev)
+    else:
+        np.dot(a, M, out)
+
+
 @njit(**_JIT)
 def _ln_rows(v, n, gain, goff, uh, rs, k):
     """In place on rows of ``v`` (B, n): v <- gain * u_hat; saves u_hat and 1/std.
@@ -129,91 +168,98 @@ def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
 
 
 @njit(**_JIT)
-def _rec_input(t, h0, out, hmask, has_hmask, HIN):
-    """The recurrent matmul's input at step t: ``h_{t-1}`` (times ``hmask``, then kept in HIN)."""
-    src = h0 if t == 0 else out[t - 1]
+def _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1):
+    """Rows b0:b1 of the recurrent matmul's input at step t: ``h_{t-1}`` (times ``hmask``, then kept in HIN)."""
+    src = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
     if not has_hmask:
         return src
-    dst = HIN[t]
+    dst = HIN[t, b0:b1]
     for b in range(src.shape[0]):
         for j in range(src.shape[1]):
-            dst[b, j] = src[b, j] * hmask[b, j]
+            dst[b, j] = src[b, j] * hmask[b0 + b, j]
     return dst
 
 
 @njit(**_JIT)
-def _rec_grad(DRAW_t, R, tmp, hmask, has_hmask):
-    """``tmp <- (DRAW_t @ R) * hmask``: the gradient reaching h_{t-1} through the recurrent matmul."""
-    np.dot(DRAW_t, R, tmp)
+def _rec_grad(DRAW_t, W, tmp, hmask, has_hmask, b0):
+    """``tmp <- (DRAW_t @ R) * hmask[b0:]``: the gradient reaching h_{t-1} through the recurrent matmul."""
+    _matmul(DRAW_t, W, tmp)
     if has_hmask:
         for b in range(tmp.shape[0]):
             for j in range(tmp.shape[1]):
-                tmp[b, j] *= hmask[b, j]
+                tmp[b, j] *= hmask[b0 + b, j]
 
 
 # ---- Elman RNN (ElmanCell: h_t = phi(xg_t + LN(R h_{t-1}) + b_hh)) ----------------------------------
 
 @njit(**_JIT)
-def rnn_forward(xg, Rt, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                h0, out, HC, HIN, UH, RSH):
+def rnn_forward(xg, W, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                h0, out, HC, HIN, UH, RSH, b0, b1):
     """Forward over T steps. HC (T, B, H) receives the cell output before keep-mixing (may alias out)."""
-    T, B, H = out.shape
-    hg = np.empty((B, H), out.dtype)
+    T, _, H = out.shape
+    nb = b1 - b0
+    hg = np.empty((nb, H), out.dtype)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN)
-        np.dot(src, Rt, hg)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        _matmul(src, W, hg)
         if layer_norm:
-            _ln_rows(hg, H, ln_g, 0, UH[t], RSH[t], 0)
-        prev = h0 if t == 0 else out[t - 1]
-        for b in range(B):
+            _ln_rows(hg, H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
+        prev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        x = xg[t, b0:b1]
+        hc = HC[t, b0:b1]
+        o = out[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
-                a = xg[t, b, j] + hg[b, j] + bhh[j]
+                a = x[b, j] + hg[b, j] + bhh[j]
                 hn = (a if a > 0.0 else 0.0) if relu else _tanh(a, out)
-                HC[t, b, j] = hn
+                hc[b, j] = hn
                 if has_keep:
-                    k = keep_h[t, b, j]
+                    k = keep_h[t, b0 + b, j]
                     hn = k * prev[b, j] + (1.0 - k) * hn
-                out[t, b, j] = hn
+                o[b, j] = hn
 
 
 @njit(**_JIT)
-def rnn_backward(R, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 HC, UH, RSH, DG, DRAW, dh0, dln_g):
+def rnn_backward(W, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                 HC, UH, RSH, DG, DRAW, dh0, dln_g, b0, b1):
     """Backward over T steps: DG = d xg, DRAW = d(R h) (equal to DG without layer norm), dh0."""
-    T, B, H = HC.shape
-    dh = dhT.copy()
-    carry = np.zeros((B, H), HC.dtype)
-    tmp = np.empty((B, H), HC.dtype)
+    T, _, H = HC.shape
+    nb = b1 - b0
+    dh = dhT[b0:b1].copy()
+    carry = np.zeros((nb, H), HC.dtype)
+    tmp = np.empty((nb, H), HC.dtype)
     for t in range(T - 1, -1, -1):
-        for b in range(B):
+        hc = HC[t, b0:b1]
+        dg = DG[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
                 d = dh[b, j]
                 if has_dout:
-                    d += dout[t, b, j]
+                    d += dout[t, b0 + b, j]
                 if has_keep:
-                    c = keep_h[t, b, j] * d
+                    c = keep_h[t, b0 + b, j] * d
                     carry[b, j] = c
                     d -= c
-                hn = HC[t, b, j]
+                hn = hc[b, j]
                 if relu:
-                    DG[t, b, j] = d if hn > 0.0 else 0.0
+                    dg[b, j] = d if hn > 0.0 else 0.0
                 else:
-                    DG[t, b, j] = d * (1.0 - hn * hn)
+                    dg[b, j] = d * (1.0 - hn * hn)
         if layer_norm:
-            _ln_rows_backward(DG[t], H, ln_g, 0, UH[t], RSH[t], 0, DRAW[t], dln_g)
-        _rec_grad(DRAW[t], R, tmp, hmask, has_hmask)
-        for b in range(B):
+            _ln_rows_backward(dg, H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
+        for b in range(nb):
             for j in range(H):
                 dh[b, j] = tmp[b, j] + carry[b, j] if has_keep else tmp[b, j]
-    dh0[:, :] = dh
+    dh0[b0:b1] = dh
 
 
 # ---- LSTM (LSTMCell, gate order i, f, g, o) ----------------------------------------------------------
 
 @njit(**_JIT)
-def lstm_forward(xg, Rt, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g,
+def lstm_forward(xg, W, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g,
                  ln_cg, ln_cb, has_hmask, hmask, has_keep, keep_h, keep_c,
-                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC):
+                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC, b0, b1):
     """Forward over T steps.
 
     CS (T+1, B, H): c states (CS[0] = c0, set by the caller); CN (T, B, H): the cell's c_t before
@@ -221,20 +267,22 @@ def lstm_forward(xg, Rt, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_
     dropped gate, 1 - i for f when coupled); UC/RSC: layer norm of c_t. h_t = o * phi(LN(c_t)).
     Each (t, b) row is processed in short unit-stride passes so that LLVM vectorizes them.
     """
-    T, B, H = out.shape
+    T, _, H = out.shape
     G4 = 4 * H
-    hg = np.empty((B, G4), out.dtype)
+    nb = b1 - b0
+    hg = np.empty((nb, G4), out.dtype)
     cc = np.empty(H, out.dtype)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN)
-        np.dot(src, Rt, hg)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        _matmul(src, W, hg)
         if layer_norm:
-            _ln_rows(hg, G4, ln_g, 0, UH[t], RSH[t], 0)
-        hprev = h0 if t == 0 else out[t - 1]
-        for b in range(B):
+            _ln_rows(hg, G4, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
+        hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        for bl in range(nb):
+            b = b0 + bl
             z = GATES[t, b]
             x = xg[t, b]
-            r = hg[b]
+            r = hg[bl]
             cp = CS[t, b]
             cn = CN[t, b]
             hn = out[t, b]
@@ -291,30 +339,32 @@ def lstm_forward(xg, Rt, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_
                 cs = CS[t + 1, b]
                 for j in range(H):
                     kh = keep_h[t, b, j]
-                    hn[j] = kh * hprev[b, j] + (1.0 - kh) * hn[j]
+                    hn[j] = kh * hprev[bl, j] + (1.0 - kh) * hn[j]
                     kc = keep_c[t, b, j]
                     cs[j] = kc * cp[j] + (1.0 - kc) * cn[j]
 
 
 @njit(**_JIT)
-def lstm_backward(R, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
+def lstm_backward(W, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
                   has_hmask, hmask, has_keep, keep_h, keep_c, has_dout, dout, dhT, dcT,
-                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dpeep, dln_g, dln_cg, dln_cb):
+                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dpeep, dln_g, dln_cg, dln_cb, b0, b1):
     """Backward over T steps: DG = d xg (= d of the pre-activations a_t), DRAW = d(R h), dh0, dc0, and
     the peephole / layer-norm gradients accumulated over all steps."""
-    T, B, H = CN.shape
-    dh = dhT.copy()
-    dc = dcT.copy()
-    carry = np.zeros((B, H), CN.dtype)
-    carry_c = np.zeros((B, H), CN.dtype)
-    tmp = np.empty((B, H), CN.dtype)
+    T, _, H = CN.shape
+    nb = b1 - b0
+    dh = dhT[b0:b1].copy()
+    dc = dcT[b0:b1].copy()
+    carry = np.zeros((nb, H), CN.dtype)
+    carry_c = np.zeros((nb, H), CN.dtype)
+    tmp = np.empty((nb, H), CN.dtype)
     a = np.empty(H, CN.dtype)
     dy = np.empty(H, CN.dtype)
     dct = np.empty(H, CN.dtype)
     for t in range(T - 1, -1, -1):
-        for b in range(B):
-            d = dh[b]
-            dcb = dc[b]
+        for bl in range(nb):
+            b = b0 + bl
+            d = dh[bl]
+            dcb = dc[bl]
             z = GATES[t, b]
             dz = DG[t, b]
             cp = CS[t, b]
@@ -326,10 +376,10 @@ def lstm_backward(R, use_i, use_f, use_o, coupled, peephole, peep, act_out, laye
             if has_keep:
                 for j in range(H):
                     ch = keep_h[t, b, j] * d[j]
-                    carry[b, j] = ch
+                    carry[bl, j] = ch
                     d[j] -= ch
                     cc_ = keep_c[t, b, j] * dcb[j]
-                    carry_c[b, j] = cc_
+                    carry_c[bl, j] = cc_
                     dcb[j] -= cc_
             # a = phi(LN(c_t)), recomputed; dy = d(h)/d(phi argument)
             if layer_norm:
@@ -402,188 +452,206 @@ def lstm_backward(R, use_i, use_f, use_o, coupled, peephole, peep, act_out, laye
                     dcb[j] += dz[j] * peep[j] + dz[H + j] * peep[H + j]
             if has_keep:
                 for j in range(H):
-                    dcb[j] += carry_c[b, j]
+                    dcb[j] += carry_c[bl, j]
         if layer_norm:
-            _ln_rows_backward(DG[t], 4 * H, ln_g, 0, UH[t], RSH[t], 0, DRAW[t], dln_g)
-        _rec_grad(DRAW[t], R, tmp, hmask, has_hmask)
+            _ln_rows_backward(DG[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
+                              dln_g)
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
         if has_keep:
-            for b in range(B):
+            for b in range(nb):
                 for j in range(H):
                     dh[b, j] = tmp[b, j] + carry[b, j]
         else:
             dh[:, :] = tmp
-    dh0[:, :] = dh
-    dc0[:, :] = dc
+    dh0[b0:b1] = dh
+    dc0[b0:b1] = dc
 
 
 # ---- GRU (GRUCell, gate order r, z, n) -------------------------------------------------------------
 
 @njit(**_JIT)
-def gru_forward(xg, Rt, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                h0, out, HIN, GATES, HN, UH, RSH):
+def gru_forward(xg, W, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                h0, out, HIN, GATES, HN, UH, RSH, b0, b1):
     """Forward over T steps, reset after the matmul: n = tanh(xn + r * (LN(R_n h) + b_hn)).
 
     GATES (T, B, 3H): r, z, n; HN (T, B, H): the recurrent n term ``LN(R_n h)_n + b_hn``.
     """
-    T, B, H = out.shape
-    hg = np.empty((B, 3 * H), out.dtype)
+    T, _, H = out.shape
+    nb = b1 - b0
+    hg = np.empty((nb, 3 * H), out.dtype)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN)
-        np.dot(src, Rt, hg)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        _matmul(src, W, hg)
         if layer_norm:
-            _ln_rows(hg, 3 * H, ln_g, 0, UH[t], RSH[t], 0)
-        hprev = h0 if t == 0 else out[t - 1]
-        for b in range(B):
+            _ln_rows(hg, 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
+        hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        x = xg[t, b0:b1]
+        gt = GATES[t, b0:b1]
+        hnt = HN[t, b0:b1]
+        o = out[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
-                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j], out)
-                z = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j], out)
+                r = _sigmoid(x[b, j] + hg[b, j] + bhh[j], out)
+                z = _sigmoid(x[b, H + j] + hg[b, H + j] + bhh[H + j], out)
                 hn = hg[b, 2 * H + j] + bhh[2 * H + j]
-                n = _tanh(xg[t, b, 2 * H + j] + r * hn, out)
+                n = _tanh(x[b, 2 * H + j] + r * hn, out)
                 hp = hprev[b, j]
                 h = n + z * (hp - n)
-                GATES[t, b, j] = r
-                GATES[t, b, H + j] = z
-                GATES[t, b, 2 * H + j] = n
-                HN[t, b, j] = hn
+                gt[b, j] = r
+                gt[b, H + j] = z
+                gt[b, 2 * H + j] = n
+                hnt[b, j] = hn
                 if has_keep:
-                    k = keep_h[t, b, j]
+                    k = keep_h[t, b0 + b, j]
                     h = k * hp + (1.0 - k) * h
-                out[t, b, j] = h
+                o[b, j] = h
 
 
 @njit(**_JIT)
-def gru_backward(R, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 h0, out, GATES, HN, UH, RSH, DG, DPOST, DRAW, dh0, dbhh, dln_g):
+def gru_backward(W, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                 h0, out, GATES, HN, UH, RSH, DG, DPOST, DRAW, dh0, dbhh, dln_g, b0, b1):
     """Backward over T steps (reset after). DPOST = d(LN(R h) + b_hh) (its sum is d b_hh, also
     accumulated in ``dbhh``); DRAW = d(R h) (DPOST itself without layer norm)."""
-    T, B, H = out.shape
-    dh = dhT.copy()
-    acc = np.zeros((B, H), out.dtype)
-    tmp = np.empty((B, H), out.dtype)
+    T, _, H = out.shape
+    nb = b1 - b0
+    dh = dhT[b0:b1].copy()
+    acc = np.zeros((nb, H), out.dtype)
+    tmp = np.empty((nb, H), out.dtype)
     for t in range(T - 1, -1, -1):
-        hprev = h0 if t == 0 else out[t - 1]
-        for b in range(B):
+        hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        gt = GATES[t, b0:b1]
+        hnt = HN[t, b0:b1]
+        dg = DG[t, b0:b1]
+        dp = DPOST[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
                 d = dh[b, j]
                 if has_dout:
-                    d += dout[t, b, j]
+                    d += dout[t, b0 + b, j]
                 c = 0.0
                 if has_keep:
-                    c = keep_h[t, b, j] * d
+                    c = keep_h[t, b0 + b, j] * d
                     d -= c
-                r = GATES[t, b, j]
-                z = GATES[t, b, H + j]
-                n = GATES[t, b, 2 * H + j]
+                r = gt[b, j]
+                z = gt[b, H + j]
+                n = gt[b, 2 * H + j]
                 hp = hprev[b, j]
                 dan = d * (1.0 - z) * (1.0 - n * n)
                 daz = d * (hp - n) * z * (1.0 - z)
-                dar = dan * HN[t, b, j] * r * (1.0 - r)
+                dar = dan * hnt[b, j] * r * (1.0 - r)
                 acc[b, j] = c + d * z
-                DG[t, b, j] = dar
-                DG[t, b, H + j] = daz
-                DG[t, b, 2 * H + j] = dan
-                DPOST[t, b, j] = dar
-                DPOST[t, b, H + j] = daz
-                DPOST[t, b, 2 * H + j] = dan * r
+                dg[b, j] = dar
+                dg[b, H + j] = daz
+                dg[b, 2 * H + j] = dan
+                dp[b, j] = dar
+                dp[b, H + j] = daz
+                dp[b, 2 * H + j] = dan * r
                 dbhh[j] += dar
                 dbhh[H + j] += daz
                 dbhh[2 * H + j] += dan * r
         if layer_norm:
-            _ln_rows_backward(DPOST[t], 3 * H, ln_g, 0, UH[t], RSH[t], 0, DRAW[t], dln_g)
-        _rec_grad(DRAW[t], R, tmp, hmask, has_hmask)
-        for b in range(B):
+            _ln_rows_backward(dp, 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
+        for b in range(nb):
             for j in range(H):
                 dh[b, j] = tmp[b, j] + acc[b, j]
-    dh0[:, :] = dh
+    dh0[b0:b1] = dh
 
 
 @njit(**_JIT)
-def gru_cho_forward(xg, Rt0, Rt1, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                    h0, out, HIN, Q, GATES, UH, RSH):
+def gru_cho_forward(xg, W0, W1, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                    h0, out, HIN, Q, GATES, UH, RSH, b0, b1):
     """Forward over T steps, reset before the matmul (Cho et al.): n = tanh(xn + LN(R_n (r h)) + b_hn).
 
-    Two recurrent parts: (r, z) from ``h * hmask`` with Rt0 (H, 2H); n from Q = ``r * h * hmask``
-    with Rt1 (H, H). GATES (T, B, 3H): r, z, n.
+    Two recurrent parts: (r, z) from ``h * hmask`` with W0 (R_rz); n from Q = ``r * h * hmask``
+    with W1 (R_n). GATES (T, B, 3H): r, z, n.
     """
-    T, B, H = out.shape
-    hg = np.empty((B, 2 * H), out.dtype)
-    hq = np.empty((B, H), out.dtype)
+    T, _, H = out.shape
+    nb = b1 - b0
+    hg = np.empty((nb, 2 * H), out.dtype)
+    hq = np.empty((nb, H), out.dtype)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN)
-        np.dot(src, Rt0, hg)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        _matmul(src, W0, hg)
         if layer_norm:
-            _ln_rows(hg, 2 * H, ln_g, 0, UH[t], RSH[t], 0)
-        hprev = h0 if t == 0 else out[t - 1]
-        q = Q[t]
-        for b in range(B):
+            _ln_rows(hg, 2 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
+        hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        x = xg[t, b0:b1]
+        gt = GATES[t, b0:b1]
+        q = Q[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
-                r = _sigmoid(xg[t, b, j] + hg[b, j] + bhh[j], out)
-                GATES[t, b, j] = r
-                GATES[t, b, H + j] = _sigmoid(xg[t, b, H + j] + hg[b, H + j] + bhh[H + j], out)
-                q[b, j] = r * hprev[b, j] * hmask[b, j] if has_hmask else r * hprev[b, j]
-        np.dot(q, Rt1, hq)
+                r = _sigmoid(x[b, j] + hg[b, j] + bhh[j], out)
+                gt[b, j] = r
+                gt[b, H + j] = _sigmoid(x[b, H + j] + hg[b, H + j] + bhh[H + j], out)
+                q[b, j] = r * hprev[b, j] * hmask[b0 + b, j] if has_hmask else r * hprev[b, j]
+        _matmul(q, W1, hq)
         if layer_norm:
-            _ln_rows(hq, H, ln_g, 2 * H, UH[t], RSH[t], 1)
-        for b in range(B):
+            _ln_rows(hq, H, ln_g, 2 * H, UH[t, b0:b1], RSH[t, b0:b1], 1)
+        o = out[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
-                z = GATES[t, b, H + j]
-                n = _tanh(xg[t, b, 2 * H + j] + hq[b, j] + bhh[2 * H + j], out)
-                GATES[t, b, 2 * H + j] = n
+                z = gt[b, H + j]
+                n = _tanh(x[b, 2 * H + j] + hq[b, j] + bhh[2 * H + j], out)
+                gt[b, 2 * H + j] = n
                 hp = hprev[b, j]
                 h = n + z * (hp - n)
                 if has_keep:
-                    k = keep_h[t, b, j]
+                    k = keep_h[t, b0 + b, j]
                     h = k * hp + (1.0 - k) * h
-                out[t, b, j] = h
+                o[b, j] = h
 
 
 @njit(**_JIT)
-def gru_cho_backward(R0, R1, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                     h0, out, GATES, UH, RSH, DG, DRAW0, DRAW1, dh0, dln_g):
+def gru_cho_backward(W0, W1, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                     h0, out, GATES, UH, RSH, DG, DRAW0, DRAW1, dh0, dln_g, b0, b1):
     """Backward over T steps (reset before). DG = d xg (also d of the post-norm projections, so its
     sum is d b_hh); DRAW0 (T, B, 2H) = d(R_rz h), DRAW1 (T, B, H) = d(R_n q)."""
-    T, B, H = out.shape
-    dh = dhT.copy()
-    acc = np.zeros((B, H), out.dtype)
-    tmp = np.empty((B, H), out.dtype)
-    d1 = np.empty((B, H), out.dtype)
-    d0 = np.empty((B, 2 * H), out.dtype)
+    T, _, H = out.shape
+    nb = b1 - b0
+    dh = dhT[b0:b1].copy()
+    acc = np.zeros((nb, H), out.dtype)
+    tmp = np.empty((nb, H), out.dtype)
+    d1 = np.empty((nb, H), out.dtype)
+    d0 = np.empty((nb, 2 * H), out.dtype)
     for t in range(T - 1, -1, -1):
-        hprev = h0 if t == 0 else out[t - 1]
-        dst1 = d1 if layer_norm else DRAW1[t]
-        for b in range(B):
+        hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
+        gt = GATES[t, b0:b1]
+        dg = DG[t, b0:b1]
+        dst1 = d1 if layer_norm else DRAW1[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
                 d = dh[b, j]
                 if has_dout:
-                    d += dout[t, b, j]
+                    d += dout[t, b0 + b, j]
                 c = 0.0
                 if has_keep:
-                    c = keep_h[t, b, j] * d
+                    c = keep_h[t, b0 + b, j] * d
                     d -= c
-                z = GATES[t, b, H + j]
-                n = GATES[t, b, 2 * H + j]
+                z = gt[b, H + j]
+                n = gt[b, 2 * H + j]
                 dan = d * (1.0 - z) * (1.0 - n * n)
-                DG[t, b, H + j] = d * (hprev[b, j] - n) * z * (1.0 - z)
-                DG[t, b, 2 * H + j] = dan
+                dg[b, H + j] = d * (hprev[b, j] - n) * z * (1.0 - z)
+                dg[b, 2 * H + j] = dan
                 dst1[b, j] = dan
                 acc[b, j] = c + d * z
         if layer_norm:
-            _ln_rows_backward(d1, H, ln_g, 2 * H, UH[t], RSH[t], 1, DRAW1[t], dln_g)
-        _rec_grad(DRAW1[t], R1, tmp, hmask, has_hmask)  # tmp = d q / (nothing else): d(r * h)
-        dst0 = d0 if layer_norm else DRAW0[t]
-        for b in range(B):
+            _ln_rows_backward(d1, H, ln_g, 2 * H, UH[t, b0:b1], RSH[t, b0:b1], 1, DRAW1[t, b0:b1], dln_g)
+        _rec_grad(DRAW1[t, b0:b1], W1, tmp, hmask, has_hmask, b0)  # tmp = d q: d(r * h)
+        dst0 = d0 if layer_norm else DRAW0[t, b0:b1]
+        for b in range(nb):
             for j in range(H):
-                r = GATES[t, b, j]
+                r = gt[b, j]
                 dq = tmp[b, j]
                 dar = dq * hprev[b, j] * r * (1.0 - r)
                 acc[b, j] += dq * r
-                DG[t, b, j] = dar
+                dg[b, j] = dar
                 dst0[b, j] = dar
-                dst0[b, H + j] = DG[t, b, H + j]
+                dst0[b, H + j] = dg[b, H + j]
         if layer_norm:
-            _ln_rows_backward(d0, 2 * H, ln_g, 0, UH[t], RSH[t], 0, DRAW0[t], dln_g)
-        _rec_grad(DRAW0[t], R0, tmp, hmask, has_hmask)
-        for b in range(B):
+            _ln_rows_backward(d0, 2 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW0[t, b0:b1], dln_g)
+        _rec_grad(DRAW0[t, b0:b1], W0, tmp, hmask, has_hmask, b0)
+        for b in range(nb):
             for j in range(H):
                 dh[b, j] = tmp[b, j] + acc[b, j]
-    dh0[:, :] = dh
+    dh0[b0:b1] = dh
