@@ -89,6 +89,7 @@ def test_matches_reference_with_rows_split_over_threads(name, monkeypatch):
 
     monkeypatch.setenv("RNNKIT_CPU_THREADS", "3")
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
     assert cpu.row_chunks(5) == [(0, 1), (1, 3), (3, 5)]
     kw = dict(T=4, B=5, I=3, H=6, layers=2, bidirectional=True, lengths=[4, 1, 3, 4, 2], init_state=True,
               train=True)
@@ -107,6 +108,7 @@ def test_float32_matches_reference_with_each_blas(name, blas, monkeypatch):
     monkeypatch.setenv("RNNKIT_CPU_BLAS", blas)
     monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
     monkeypatch.setattr(cpu, "MIN_ROWS", 2)
+    monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
     assert cpu.blas(torch.float32) == blas
     kw = dict(T=6, B=5, I=4, H=9, layers=2, bidirectional=True, lengths=[6, 2, 5, 6, 3], init_state=True,
               train=True)
@@ -134,6 +136,7 @@ def test_row_chunks_and_thread_setting(monkeypatch):
     assert cpu.row_chunks(1) == [(0, 1)]
     assert cpu.row_chunks(7) == [(0, 7)]  # fewer than 2 * MIN_ROWS rows: one thread
     assert cpu.row_chunks(64) == [(0, 32), (32, 64)]
+    assert cpu.row_chunks(64, macs=cpu.MIN_SPLIT_MACS - 1) == [(0, 64)]  # too little work for two threads
     monkeypatch.delenv("RNNKIT_CPU_THREADS")
     assert cpu.threads() == torch.get_num_threads()
     for bad in ("0", "two", "-1"):

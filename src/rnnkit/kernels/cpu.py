@@ -15,7 +15,8 @@ environment compiles (see :func:`compile_seconds`), later processes load the cac
 
 Threads: the rows of a batch never interact in a recurrence, so the batch is split into contiguous
 row ranges (at least ``MIN_ROWS`` rows each), one per thread, and each thread runs the whole time
-loop on its rows with no synchronisation per step. The count is ``RNNKIT_CPU_THREADS`` or else
+loop on its rows with no synchronisation per step (only for calls with enough work, see
+``MIN_SPLIT_MACS``). The count is ``RNNKIT_CPU_THREADS`` or else
 ``torch.get_num_threads()``; the per-step matmuls run in a one-thread BLAS on each thread (scipy's
 OpenBLAS, see :func:`_load_blas`).
 """
@@ -42,6 +43,10 @@ _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 MIN_ROWS = 4  # fewest batch rows worth a thread of their own
+# Fewest recurrent multiply-adds per call (T * B * H * G*H) worth more threads: starting a second thread
+# costs ~3 ms on the 2-core machine right after a torch op, whose OpenMP workers keep spinning on the
+# other core (docs/kernels.md, "Threads"); below this, one thread is faster.
+MIN_SPLIT_MACS = 2**29
 
 
 def threads() -> int:
@@ -58,9 +63,10 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-def row_chunks(B: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges, one per thread, each of at least ``MIN_ROWS`` rows (one range if B is small)."""
-    n = max(1, min(threads(), B // MIN_ROWS))
+def row_chunks(B: int, macs: int = MIN_SPLIT_MACS) -> list[tuple[int, int]]:
+    """Contiguous row ranges, one per thread, each of at least ``MIN_ROWS`` rows; one range if B is small
+    or the call does fewer than ``MIN_SPLIT_MACS`` recurrent multiply-adds (``macs``)."""
+    n = max(1, min(threads(), B // MIN_ROWS)) if macs >= MIN_SPLIT_MACS else 1
     edges = [i * B // n for i in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -235,10 +241,11 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
 class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
-    def __init__(self, masks: LayerMasks, T: int, B: int, H: int, n_state: int, dtype: torch.dtype) -> None:
+    def __init__(self, masks: LayerMasks, T: int, B: int, H: int, GH: int, n_state: int,
+                 dtype: torch.dtype) -> None:
         ndt = np.float32 if dtype == torch.float32 else np.float64
         self.T = T
-        self.chunks = row_chunks(B)
+        self.chunks = row_chunks(B, T * B * H * GH)
         self.rows = max(b1 - b0 for b0, b1 in self.chunks)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
@@ -267,7 +274,7 @@ class _CpuRecurrence(torch.autograd.Function):
         ex = {n: _np(t) for n, t in zip(names, rest[n_state:])}
         T, B, GH = xg.shape
         H, dt = cell.hidden_size, xg.dtype
-        A = _Arrays(masks, T, B, H, n_state, dt)
+        A = _Arrays(masks, T, B, H, GH, n_state, dt)
         ln = cell.layer_norm
         xg_n = _np(xg)
         Rd = R.detach().contiguous()
