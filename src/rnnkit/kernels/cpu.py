@@ -16,9 +16,12 @@ environment compiles (see :func:`compile_seconds`), later processes load the cac
 Threads: the rows of a batch never interact in a recurrence, so the batch is split into contiguous
 row ranges (at least ``MIN_ROWS`` rows each), one per thread, and each thread runs the whole time
 loop on its rows with no synchronisation per step (only for calls with enough work, see
-``MIN_SPLIT_MACS``). The count is ``RNNKIT_CPU_THREADS`` or else
-``torch.get_num_threads()``; the per-step matmuls run in a one-thread BLAS on each thread (scipy's
-OpenBLAS, see :func:`_load_blas`).
+``MIN_SPLIT_MACS``). The count is ``RNNKIT_CPU_THREADS`` or else ``torch.get_num_threads()``.
+
+Per-step GEMM (:func:`blas`): in float32, MKL's packed SGEMM from the MKL inside torch's own library,
+with the recurrent weights packed once per call (:func:`_weight`); otherwise numba's ``np.dot``
+(scipy's OpenBLAS, loaded single-threaded, see :func:`_load_blas`). Either runs on one thread per
+row range.
 """
 
 from __future__ import annotations
@@ -196,6 +199,7 @@ def blas(dtype: torch.dtype) -> str:
 
 
 _ALIGN = 16  # floats: 64 bytes
+_NO_PACK = np.zeros(1, np.float32)
 
 
 def _weight(R: Tensor, transpose: bool, A: _Arrays) -> tuple:
@@ -220,9 +224,6 @@ def _weight(R: Tensor, transpose: bool, A: _Arrays) -> tuple:
     lib.cblas_sgemm_pack(101, 162, 112 if transpose else 111, rows, n, k, 1.0, Rn.ctypes.data, Rn.shape[1],
                          dest.ctypes.data)  # row-major, B matrix, (no) transpose
     return A.dummy2, dest
-
-
-_NO_PACK = np.zeros(1, np.float32)
 
 
 def _np(t: Tensor) -> np.ndarray:
