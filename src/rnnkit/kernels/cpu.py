@@ -360,6 +360,7 @@ class _CpuRecurrence(torch.autograd.Function):
         chunks = A.chunks
         n = len(chunks)
         dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per row range
+        dbhh = np.zeros((n, GH))  # d b_hh (the sum of DG, or of DPOST for the GRU)
         DG = _empty(T, B, GH, dtype=dt)
         dh0 = _empty(B, H, dtype=dt)
         Ws = [_weight(part, False, A) for part in _rec_parts(Rd, cell)]
@@ -371,11 +372,9 @@ class _CpuRecurrence(torch.autograd.Function):
             _over_rows(chunks, K.rnn_backward, (
                 *Ws, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                 has_dout, dout_n, dT[0], buf["HC"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(),
-                DRAW.numpy(), dh0.numpy()), (dln_g,))
+                DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
             dstate = [dh0]
             draws = [DRAW]
-            if has_bias:
-                db_hh = DG.sum((0, 1))
         elif family == "lstm":
             DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
             dc0 = _empty(B, H, dtype=dt)
@@ -388,16 +387,13 @@ class _CpuRecurrence(torch.autograd.Function):
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
                 dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), buf["GATES"].numpy(),
                 buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(), DG.numpy(),
-                DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dpeep, dln_g, dln_cg, dln_cb,))
+                DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dbhh, dpeep, dln_g, dln_cg, dln_cb))
             dstate = [dh0, dc0]
             draws = [DRAW]
-            if has_bias:
-                db_hh = DG.sum((0, 1))
             grads.update(weight_ch=dpeep, ln_weight_c=dln_cg, ln_bias_c=dln_cb)
         elif cell.reset_after:
             DPOST = _empty(T, B, GH, dtype=dt)
             DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
-            dbhh = np.zeros((n, GH))
             _over_rows(chunks, K.gru_backward, (
                 *Ws, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
                 out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
@@ -405,8 +401,6 @@ class _CpuRecurrence(torch.autograd.Function):
             del DPOST
             dstate = [dh0]
             draws = [DRAW]
-            if has_bias:
-                db_hh = torch.from_numpy(dbhh.sum(0)).to(dt)
         else:
             DRAW0 = _empty(T, B, 2 * H, dtype=dt)
             DRAW1 = _empty(T, B, H, dtype=dt)
@@ -418,22 +412,21 @@ class _CpuRecurrence(torch.autograd.Function):
             draws = [DRAW0, DRAW1]
             if has_bias:
                 db_hh = DG.sum((0, 1))
+        if has_bias and db_hh is None:
+            db_hh = torch.from_numpy(dbhh.sum(0)).to(dt)
         grads["ln_weight_hh"] = dln_g
         # dR: one matmul over all steps per recurrent part, against that part's recurrent input
         dR_parts = []
         for part, D in enumerate(draws):
-            g = D.shape[-1]
+            D2 = D.reshape(T * B, D.shape[-1]).t()
             if part == 1:  # Cho GRU: the n part's input is q = r * h * hmask
-                X = buf["Q"]
-                dR_parts.append(D.reshape(T * B, g).t() @ X.reshape(T * B, H))
+                dR_parts.append(D2 @ buf["Q"].reshape(T * B, H))
             elif A.has_hmask:
-                X = buf["HIN"]
-                dR_parts.append(D.reshape(T * B, g).t() @ X.reshape(T * B, H))
+                dR_parts.append(D2 @ buf["HIN"].reshape(T * B, H))
             else:  # input is h0, then the outputs: no copy of them was kept
-                h0m = h0t
-                dR = D[0].t() @ h0m
+                dR = D[0].t() @ h0t
                 if T > 1:
-                    dR.addmm_(D[1:].reshape((T - 1) * B, g).t(), out[:-1].reshape((T - 1) * B, H))
+                    dR.addmm_(D2[:, B:], out[:-1].reshape((T - 1) * B, H))
                 dR_parts.append(dR)
         dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)
         ctx.buf = ctx.arrays = ctx.inputs = None  # free the activations now

@@ -221,8 +221,9 @@ def rnn_forward(xg, W, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, 
 
 @njit(**_JIT)
 def rnn_backward(W, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 HC, UH, RSH, DG, DRAW, dh0, dln_g, b0, b1):
-    """Backward over T steps: DG = d xg, DRAW = d(R h) (equal to DG without layer norm), dh0."""
+                 HC, UH, RSH, DG, DRAW, dh0, dbhh, dln_g, b0, b1):
+    """Backward over T steps: DG = d xg, DRAW = d(R h) (equal to DG without layer norm), dh0; the sum of
+    DG over steps and rows (= d b_hh) accumulated in ``dbhh``."""
     T, _, H = HC.shape
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
@@ -242,9 +243,11 @@ def rnn_backward(W, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, 
                     d -= c
                 hn = hc[b, j]
                 if relu:
-                    dg[b, j] = d if hn > 0.0 else 0.0
+                    g = d if hn > 0.0 else 0.0
                 else:
-                    dg[b, j] = d * (1.0 - hn * hn)
+                    g = d * (1.0 - hn * hn)
+                dg[b, j] = g
+                dbhh[j] += g
         if layer_norm:
             _ln_rows_backward(dg, H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
         _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
@@ -347,9 +350,9 @@ def lstm_forward(xg, W, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_o
 @njit(**_JIT)
 def lstm_backward(W, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
                   has_hmask, hmask, has_keep, keep_h, keep_c, has_dout, dout, dhT, dcT,
-                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dpeep, dln_g, dln_cg, dln_cb, b0, b1):
+                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb, b0, b1):
     """Backward over T steps: DG = d xg (= d of the pre-activations a_t), DRAW = d(R h), dh0, dc0, and
-    the peephole / layer-norm gradients accumulated over all steps."""
+    accumulated over all steps: the sum of DG (= d b_hh) and the peephole / layer-norm gradients."""
     T, _, H = CN.shape
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
@@ -453,6 +456,8 @@ def lstm_backward(W, use_i, use_f, use_o, coupled, peephole, peep, act_out, laye
             if has_keep:
                 for j in range(H):
                     dcb[j] += carry_c[bl, j]
+            for k in range(4 * H):
+                dbhh[k] += dz[k]
         if layer_norm:
             _ln_rows_backward(DG[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
                               dln_g)
