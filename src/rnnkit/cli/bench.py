@@ -252,9 +252,14 @@ def auto_choice(cell_name: str, device: torch.device) -> str:
 def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tuple[str, ...],
                   device: torch.device, *, backends: list[str] | None, warmup: int, repeats: int,
                   memory: bool, with_reference: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Time every runner on every shape of ``grid`` and mode; rows with ratios filled in."""
+    """Time every runner on every shape of ``grid`` and mode; rows with ratios filled in.
+
+    Peak memory (fwd+bwd) is measured in a second pass over the grid, after all timing: measuring it on
+    the CPU switches glibc to one mmap per allocation for the rest of the process (see
+    :class:`_PeakMemory`), and every call then pays fresh page faults, which would distort the times
+    (it slowed torch.nn.LSTM by 1.1-1.7x at T = 100 on the 2-core machine).
+    """
     rows: list[dict[str, Any]] = []
-    peak = _PeakMemory(device) if memory else None
     for H in grid["H"]:
         runners = _runners(cells, backends, H, device, with_reference)
         for T in grid["T"]:
@@ -264,23 +269,37 @@ def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tup
                     t0 = time.perf_counter()
                     calls = [_call(r, x, mode) for r in runners]
                     ms = _time_round_robin(calls, device, warmup, repeats)
-                    mem: list[float | None] = [None] * len(runners)
-                    if peak is not None and mode == "fwdbwd":
-                        mem = [peak.measure(c) for c in calls]
-                    by = {r.label: (t, m) for r, t, m in zip(runners, ms, mem)}
-                    lstm_ms, lstm_mem = by["torch.nn.LSTM"]
-                    for r, t, m in zip(runners, ms, mem):
-                        base_ms = by[TORCH_BASELINES[r.family]][0]
-                        loop_ms = by[f"loop:{r.family}"][0] if f"loop:{r.family}" in by else None
+                    by = {r.label: t for r, t in zip(runners, ms)}
+                    lstm_ms = by["torch.nn.LSTM"]
+                    for r, t in zip(runners, ms):
+                        loop_ms = by.get(f"loop:{r.family}")
                         rows.append({
                             "kind": "seq", "label": r.label, "cell": r.cell, "backend": r.backend,
                             "family": r.family, "T": T, "B": B, "H": H, "mode": mode, "ms": t,
-                            "x_lstm": t / lstm_ms, "x_torch_family": t / base_ms,
+                            "x_lstm": t / lstm_ms, "x_torch_family": t / by[TORCH_BASELINES[r.family]],
                             "speedup_vs_loop": (loop_ms / t) if loop_ms else None,
-                            "peak_mib": m,
-                            "mem_x_lstm": (m / lstm_mem) if (m is not None and lstm_mem) else None})
+                            "peak_mib": None, "mem_x_lstm": None})
                     log(f"T={T} B={B} H={H} {mode}: {len(runners)} runners in {time.perf_counter() - t0:.1f}s "
                         f"(torch.nn.LSTM {lstm_ms:.2f} ms)")
+    if memory and "fwdbwd" in modes:
+        peak = _PeakMemory(device)
+        at = {(r["label"], r["T"], r["B"], r["H"]): r for r in rows if r["mode"] == "fwdbwd"}
+        for H in grid["H"]:
+            runners = _runners(cells, backends, H, device, with_reference)
+            for T in grid["T"]:
+                for B in grid["B"]:
+                    x = torch.randn(T, B, H, device=device, requires_grad=True)
+                    mem = {}
+                    for r in runners:
+                        call = _call(r, x, "fwdbwd")
+                        call()  # warm: first-call work (compilation, caches) is not the call's memory
+                        mem[r.label] = peak.measure(call)
+                    base = mem["torch.nn.LSTM"]
+                    for label, m in mem.items():
+                        row = at[(label, T, B, H)]
+                        row["peak_mib"] = m
+                        row["mem_x_lstm"] = (m / base) if (m is not None and base) else None
+                    log(f"T={T} B={B} H={H}: peak memory of {len(runners)} runners")
     return rows
 
 
