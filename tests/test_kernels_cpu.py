@@ -14,6 +14,8 @@ backends the same numbers.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -231,6 +233,10 @@ def test_bench_command_writes_json_markdown_and_plot(tmp_path):
     # H=8 is below the variant targets' H >= 128; the plain-cell target applies to every shape
     targets = {t["target"].split(" ")[0]: t for t in result["targets"]}
     assert "variants" not in targets and targets["plain"]["n"] == 2  # gru via native, fwd + fwdbwd
+    # peak memory comes from a second pass after all timing: filled for every fwd+bwd row, never for fwd
+    if sys.platform.startswith("linux"):
+        assert all(r["peak_mib"] is not None for r in result["rows"] if r["mode"] == "fwdbwd")
+    assert all(r["peak_mib"] is None for r in result["rows"] if r["mode"] == "fwd")
 
 
 @pytest.mark.parametrize("args, message", [
