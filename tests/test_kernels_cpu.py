@@ -105,7 +105,7 @@ def test_float32_matches_reference_with_each_blas(name, blas, monkeypatch):
     """float32 per-step GEMM through MKL's packed weights and through numba's OpenBLAS, rows split too."""
     from rnnkit.kernels import cpu
 
-    if blas == "mkl" and cpu._kernels().MKL is None:
+    if blas == "mkl" and cpu._torch_mkl() is None:
         pytest.skip("this torch does not export MKL's packed SGEMM")
     monkeypatch.setenv("RNNKIT_CPU_BLAS", blas)
     monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")

@@ -339,6 +339,11 @@ def test_bad_inputs_have_clear_errors():
         rnnkit.build("lstmm", 3, 4)
 
 
+def test_native_refuses_a_cell_it_cannot_run():
+    with pytest.raises(ValueError, match="backend='native' cannot run"):
+        rnnkit.GRU(3, 4, backend="native", zoneout=0.1)
+
+
 def test_auto_avoids_native_for_varying_lengths_on_cpu():
     m = rnnkit.LSTM(3, 4)
     assert m.backend_for(torch.device("cpu")) == "native"

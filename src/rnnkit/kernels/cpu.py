@@ -133,6 +133,7 @@ _MKL_PACKING = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack")
 _STUBS: list = []  # keeps the stub callbacks alive
 
 
+@functools.cache
 def _torch_mkl() -> ctypes.CDLL | None:
     """torch's own library when it exports MKL's packed SGEMM (x86 builds of torch carry MKL), else None."""
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
@@ -179,7 +180,6 @@ def _kernels():
         llvm.add_symbol(sym, addr)
     from . import cpu_cells
 
-    cpu_cells.MKL = lib
     return cpu_cells
 
 
@@ -191,7 +191,7 @@ def blas(dtype: torch.dtype) -> str:
     want = os.environ.get("RNNKIT_CPU_BLAS", "auto")
     if want not in ("auto", "mkl", "openblas"):
         raise ValueError(f"RNNKIT_CPU_BLAS={want!r}: expected auto, mkl or openblas")
-    have = _kernels().MKL is not None and dtype == torch.float32
+    have = _torch_mkl() is not None and dtype == torch.float32
     if want == "mkl" and not have:
         why = "this torch does not export MKL's packed SGEMM" if dtype == torch.float32 else "float32 only"
         raise ValueError(f"RNNKIT_CPU_BLAS='mkl' is not available here ({why}); use auto or openblas")
@@ -214,14 +214,13 @@ def _weight(R: Tensor, transpose: bool, A: _Arrays) -> tuple:
         if transpose:
             return (np.ascontiguousarray(Rn.T) if A.T > 1 else Rn.T), _NO_PACK
         return Rn, _NO_PACK
-    rows = A.rows
-    lib = _kernels().MKL
+    lib = _torch_mkl()
     k, n = (Rn.shape[1], Rn.shape[0]) if transpose else Rn.shape
-    size = lib.cblas_sgemm_pack_get_size(162, rows, n, k)  # CblasBMatrix
+    size = lib.cblas_sgemm_pack_get_size(162, A.rows, n, k)  # CblasBMatrix
     raw = np.empty(-(-size // 4) + _ALIGN, np.float32)
     start = (-raw.ctypes.data // 4) % _ALIGN
-    dest = raw[start:start + max(2, -(-size // 4))]
-    lib.cblas_sgemm_pack(101, 162, 112 if transpose else 111, rows, n, k, 1.0, Rn.ctypes.data, Rn.shape[1],
+    dest = raw[start:start + max(2, -(-size // 4))]  # size > 1 is how the loops tell it from _NO_PACK
+    lib.cblas_sgemm_pack(101, 162, 112 if transpose else 111, A.rows, n, k, 1.0, Rn.ctypes.data, Rn.shape[1],
                          dest.ctypes.data)  # row-major, B matrix, (no) transpose
     return A.dummy2, dest
 
