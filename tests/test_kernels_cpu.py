@@ -84,33 +84,87 @@ def test_matches_reference_full_config(name, dtype):
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
-def test_matches_reference_with_rows_split_over_threads(name, monkeypatch):
-    """The batch split into uneven row ranges on three threads (1, 2 and 2 rows) changes nothing."""
+def _force_split(monkeypatch, threads: int, units: bool, team: bool) -> list[tuple[bool, int]]:
+    """Make the cpu backend split even tiny calls over ``threads``: by units or by rows, in torch's OpenMP
+    team or (``team=False``) on threads of its own. Returns the (units, parts) of every launch, as made."""
     from rnnkit.kernels import cpu
 
-    monkeypatch.setenv("RNNKIT_CPU_THREADS", "3")
+    if team and cpu._team() is None:
+        pytest.skip("torch does not run on a libgomp of its own here")
+    monkeypatch.setenv("RNNKIT_CPU_THREADS", str(threads))
     monkeypatch.setattr(cpu, "MIN_ROWS", 1)
+    monkeypatch.setattr(cpu, "MIN_UNITS", 1)
     monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
-    assert cpu.row_chunks(5) == [(0, 1), (1, 3), (3, 5)]
-    kw = dict(T=4, B=5, I=3, H=6, layers=2, bidirectional=True, lengths=[4, 1, 3, 4, 2], init_state=True,
+    monkeypatch.setattr(cpu, "MIN_TEAM_MACS", 0)
+    monkeypatch.setattr(cpu, "UNITS_MAX_ROWS", 10**6 if units else 0)
+    if not team:
+        monkeypatch.setattr(cpu, "_team", lambda: None)
+    launched = []
+    launch = cpu._launch
+
+    def spy(fn, A, *args):
+        launched.append((A.units, len(A.parts)))
+        launch(fn, A, *args)
+
+    monkeypatch.setattr(cpu, "_launch", spy)
+    return launched
+
+
+SPLITS = {"units": dict(units=True, team=True), "rows-team": dict(units=False, team=True),
+          "rows-pool": dict(units=False, team=False)}
+
+
+@pytest.mark.parametrize("how", list(SPLITS))
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_matches_reference_split_over_threads(name, how, monkeypatch):
+    """Three threads, with uneven parts: units (1, 2, 2 of H = 5 each; layer norm and the reset-before GRU
+    fall back to rows) or rows (1, 2, 2 of B = 5), in torch's team or on threads of our own."""
+    from rnnkit.kernels import cpu
+
+    launched = _force_split(monkeypatch, 3, **SPLITS[how])
+    parts, units = cpu.split(4, 5, 5, 20, units_ok=True)
+    if how == "units":
+        assert units and parts == [(0, 5, 0, 2), (0, 5, 2, 3), (0, 5, 3, 5)]
+    else:
+        assert not units and parts == [(0, 2, 0, 5), (2, 3, 0, 5), (3, 5, 0, 5)]
+    kw = dict(T=4, B=5, I=3, H=5, layers=2, bidirectional=True, lengths=[4, 1, 3, 4, 2], init_state=True,
               train=True)
     dtype = torch.float64
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+    spec = REGISTRY[name]
+    cell = make_cell(spec.family, 5, **spec.cell_options)
+    by_units = how == "units" and not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
+    assert launched and all(got == (by_units, 3) for got in launched)
+
+
+@pytest.mark.parametrize("name", ["lstm_peephole", "gru_zoneout"])
+def test_unit_split_falls_back_to_one_thread_when_the_team_is_smaller(name, monkeypatch):
+    """If torch's team comes out smaller than the unit split (e.g. nested in another parallel region), the
+    call runs whole on one thread instead of deadlocking at the per-step barrier."""
+    from rnnkit.kernels import cpu
+
+    launched = _force_split(monkeypatch, 2, units=True, team=True)
+    team = cpu._team()
+    monkeypatch.setattr(team.lib, "GOMP_parallel", lambda body, key, n, flags: body(key), raising=False)
+    monkeypatch.setattr(team.lib, "omp_get_num_threads", lambda: 1, raising=False)
+    monkeypatch.setattr(team.lib, "omp_get_thread_num", lambda: 0, raising=False)
+    kw = dict(T=3, B=2, I=3, H=4, init_state=True, train=True)
+    dtype = torch.float64
+    _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
+    assert launched[:2] == [(True, 2), (False, 1)]  # planned on two threads, then run whole
 
 
 @pytest.mark.parametrize("blas", ["mkl", "openblas"])
 @pytest.mark.parametrize("name", ["lstm_peephole_ln", "gru_cho", "gru_zoneout", "lstm_rdrop", "rnn_ln"])
 def test_float32_matches_reference_with_each_blas(name, blas, monkeypatch):
-    """float32 per-step GEMM through MKL's packed weights and through numba's OpenBLAS, rows split too."""
+    """float32 per-step GEMM through MKL's packed weights and through numba's OpenBLAS, split over two
+    threads (units, or rows for layer norm and the reset-before GRU)."""
     from rnnkit.kernels import cpu
 
     if blas == "mkl" and cpu._torch_mkl() is None:
         pytest.skip("this torch does not export MKL's packed SGEMM")
     monkeypatch.setenv("RNNKIT_CPU_BLAS", blas)
-    monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
-    monkeypatch.setattr(cpu, "MIN_ROWS", 2)
-    monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
+    _force_split(monkeypatch, 2, units=True, team=cpu._team() is not None)
     assert cpu.blas(torch.float32) == blas
     kw = dict(T=6, B=5, I=4, H=9, layers=2, bidirectional=True, lengths=[6, 2, 5, 6, 3], init_state=True,
               train=True)
@@ -131,14 +185,20 @@ def test_blas_setting_errors(monkeypatch):
     assert cpu.blas(torch.float64) == "openblas"
 
 
-def test_row_chunks_and_thread_setting(monkeypatch):
+def test_split_and_thread_setting(monkeypatch):
     from rnnkit.kernels import cpu
 
     monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
-    assert cpu.row_chunks(1) == [(0, 1)]
-    assert cpu.row_chunks(7) == [(0, 7)]  # fewer than 2 * MIN_ROWS rows: one thread
-    assert cpu.row_chunks(64) == [(0, 32), (32, 64)]
-    assert cpu.row_chunks(64, macs=cpu.MIN_SPLIT_MACS - 1) == [(0, 64)]  # too little work for two threads
+    assert cpu.split(1, 8, 8, 32, True) == ([(0, 8, 0, 8)], False)  # too little work
+    assert cpu.split(1000, 7, 24, 96, True) == ([(0, 7, 0, 24)], False)  # H < 2 MIN_UNITS and B < 2 MIN_ROWS
+    if cpu._team() is not None:
+        assert cpu.split(100, 8, 256, 1024, True) == ([(0, 8, 0, 128), (0, 8, 128, 256)], True)
+        assert cpu.split(100, 8, 200, 800, True) == ([(0, 8, 0, 96), (0, 8, 96, 200)], True)  # on 64-byte lines
+        assert cpu.split(100, 8, 256, 1024, False) == ([(0, 4, 0, 256), (4, 8, 0, 256)], False)  # layer norm
+        assert cpu.split(100, 256, 256, 1024, True) == ([(0, 128, 0, 256), (128, 256, 0, 256)], False)
+    monkeypatch.setattr(cpu, "_team", lambda: None)  # threads of our own: rows, and only for big calls
+    assert cpu.split(100, 64, 512, 2048, True) == ([(0, 32, 0, 512), (32, 64, 0, 512)], False)
+    assert cpu.split(100, 8, 256, 1024, True) == ([(0, 8, 0, 256)], False)
     monkeypatch.delenv("RNNKIT_CPU_THREADS")
     assert cpu.threads() == torch.get_num_threads()
     for bad in ("0", "two", "-1"):

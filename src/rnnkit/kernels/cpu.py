@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import sys
 import time
@@ -46,14 +47,20 @@ _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 MIN_ROWS = 4  # fewest batch rows worth a thread of their own
-# Fewest recurrent multiply-adds per call (T * B * H * G*H) worth more threads: starting a second thread
-# costs ~3 ms on the 2-core machine right after a torch op, whose OpenMP workers keep spinning on the
-# other core (docs/kernels.md, "Threads"); below this, one thread is faster.
+MIN_UNITS = 16  # fewest hidden units worth a thread of their own (ranges start on 64-byte lines)
+# Fewest recurrent multiply-adds per call (T * B * H * G*H) worth more threads. In torch's own OpenMP
+# team, whose threads are hot after any torch op, the split pays from MIN_TEAM_MACS. On threads of our
+# own (no libgomp in torch) a second thread costs ~3 ms right after a torch op, because torch's OpenMP
+# workers keep spinning on the other core (docs/kernels.md, "Threads"), hence MIN_SPLIT_MACS there.
+MIN_TEAM_MACS = 2**22
 MIN_SPLIT_MACS = 2**29
+# Split the hidden units (one barrier per step) rather than the rows when the batch has at most this
+# many rows per thread: each thread then reads only its share of R per step.
+UNITS_MAX_ROWS = 64
 
 
 def threads() -> int:
-    """Threads the backend splits a batch over: ``RNNKIT_CPU_THREADS``, else torch's intra-op count."""
+    """Threads the backend splits a call over: ``RNNKIT_CPU_THREADS``, else torch's intra-op count."""
     env = os.environ.get("RNNKIT_CPU_THREADS")
     if env:
         try:
@@ -66,37 +73,107 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-def row_chunks(B: int, macs: int = MIN_SPLIT_MACS) -> list[tuple[int, int]]:
-    """Contiguous row ranges, one per thread, each of at least ``MIN_ROWS`` rows; one range if B is small
-    or the call does fewer than ``MIN_SPLIT_MACS`` recurrent multiply-adds (``macs``)."""
-    n = max(1, min(threads(), B // MIN_ROWS)) if macs >= MIN_SPLIT_MACS else 1
-    edges = [i * B // n for i in range(n + 1)]
+def _edges(n: int, size: int, align: int = 1) -> list[tuple[int, int]]:
+    edges = [min(size, round(i * size / n / align) * align) for i in range(n)] + [size]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[int, int, int, int]], bool]:
+    """How one call of a loop is spread over threads: the parts ``(b0, b1, j0, j1)`` (batch rows and hidden
+    units), one per thread, and whether they split units (then the threads meet at a barrier every step).
+
+    One part if there is one thread or too little work. Units (``units_ok``: no layer norm, not the
+    reset-before GRU; torch's OpenMP team available) in ranges of at least ``MIN_UNITS`` when the batch
+    has at most ``UNITS_MAX_ROWS`` rows per thread; otherwise rows, at least ``MIN_ROWS`` per part.
+    """
+    whole = [(0, B, 0, H)]
+    n = threads()
+    team = _team() is not None
+    if n == 1 or T * B * H * GH < (MIN_TEAM_MACS if team else MIN_SPLIT_MACS):
+        return whole, False
+    nu = min(n, H // MIN_UNITS)
+    if team and units_ok and nu > 1 and B <= UNITS_MAX_ROWS * nu:
+        return [(0, B, j0, j1) for j0, j1 in _edges(nu, H, MIN_UNITS)], True
+    nr = min(n, B // MIN_ROWS)
+    return [(b0, b1, 0, H) for b0, b1 in _edges(max(nr, 1), B)], False
+
+
+class _Team:
+    """torch's own OpenMP team (its libgomp), for running one call's parts at once.
+
+    The parts run on the threads torch's parallel ops use, which are still hot (spinning) after the
+    last torch op; threads of our own would compete with them for the cores. Each thread enters a
+    Python callback, which calls its part's compiled loop; the loops release the GIL, so the parts
+    really run together, and loops that split units meet at ``GOMP_barrier`` every step.
+    """
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.omp_get_thread_num.restype = lib.omp_get_num_threads.restype = ctypes.c_int
+        proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        lib.GOMP_parallel.argtypes = [proto, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+        lib.GOMP_parallel.restype = None
+        self._body = proto(self._run_part)
+        self._jobs: dict[int, tuple[list, bool, list]] = {}
+        self._next = itertools.count(1)
+
+    def _run_part(self, key: int | None) -> None:
+        calls, sync, errors = self._jobs[key]
+        k, n = self.lib.omp_get_thread_num(), self.lib.omp_get_num_threads()
+        if n != len(calls) and sync:  # a smaller team (e.g. nested): the caller runs it whole
+            if k == 0:
+                errors.append(None)
+            return
+        try:
+            for i in range(k, len(calls), n):
+                calls[i]()
+        except BaseException as e:  # noqa: BLE001 (re-raised on the calling thread)
+            errors.append(e)
+
+    def run(self, calls: list, sync: bool) -> bool:
+        """Run ``calls`` (one per thread); False if the team came out smaller and ``sync`` (nothing ran)."""
+        key = next(self._next)
+        errors: list = []
+        self._jobs[key] = (calls, sync, errors)
+        try:
+            self.lib.GOMP_parallel(self._body, key, len(calls), 0)
+        finally:
+            del self._jobs[key]
+        if None in errors:
+            return False
+        if errors:
+            raise errors[0]
+        return True
+
+
+@functools.cache
+def _team() -> _Team | None:
+    """torch's OpenMP team when torch runs on the libgomp it ships (Linux wheels), else None."""
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for name in sorted(os.listdir(libdir)):
+        if name.startswith("libgomp") and ".so" in name:
+            try:
+                lib = ctypes.CDLL(os.path.join(libdir, name))
+                lib.GOMP_parallel, lib.GOMP_barrier, lib.omp_get_thread_num  # noqa: B018
+            except (OSError, AttributeError):
+                return None
+            return _Team(lib)
+    return None
 
 
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _over_rows(chunks: list[tuple[int, int]], fn, args: tuple, accs: tuple[np.ndarray, ...] = ()) -> None:
-    """``fn(*args, *(a[k] for a in accs), b0, b1)`` for every row range k, the first on this thread and the
-    rest in a pool; ``accs`` are per-range accumulators (the caller sums them).
-
-    The compiled loops release the GIL, so the ranges really run at once. ``args`` must be built on the
-    calling thread (torch's grad mode, which ``Tensor.numpy()`` checks, is per thread).
-    """
+def _in_pool(calls: list) -> None:
+    """Run ``calls`` at once: the first on this thread, the rest on threads of our own."""
     global _POOL
-
-    def call(k: int, b0: int, b1: int) -> None:
-        fn(*args, *(a[k] for a in accs), b0, b1)
-
-    if len(chunks) == 1:
-        call(0, *chunks[0])
-        return
-    if _POOL is None or _POOL._max_workers < len(chunks) - 1:
-        _POOL = ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="rnnkit-cpu")
-    futures = [_POOL.submit(call, k, b0, b1) for k, (b0, b1) in enumerate(chunks) if k > 0]
+    if _POOL is None or _POOL._max_workers < len(calls) - 1:
+        _POOL = ThreadPoolExecutor(len(calls) - 1, thread_name_prefix="rnnkit-cpu")
+    futures = [_POOL.submit(c) for c in calls[1:]]
     try:
-        call(0, *chunks[0])
+        calls[0]()
     finally:
         for f in futures:
             f.result()
@@ -130,6 +207,7 @@ _MKL_CALLED = {  # symbols the compiled loops call, with their C types (stubs ta
     "MKL_Set_Num_Threads_Local": ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int),
 }
 _MKL_PACKING = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack")
+_GOMP_CALLED = {"GOMP_barrier": ctypes.CFUNCTYPE(None)}
 _STUBS: list = []  # keeps the stub callbacks alive
 
 
@@ -161,7 +239,8 @@ def _kernels():
 
     Before they compile or load: the BLAS numba calls is made single-threaded (also if scipy was
     imported earlier with a larger OpenBLAS pool), and the MKL symbols the loops reference are
-    registered with LLVM, pointing into torch's library or, without it, at stubs never called.
+    registered with LLVM, pointing into torch's library or, without it, at stubs never called; so is
+    the barrier of torch's OpenMP team (:class:`_Team`).
     """
     import llvmlite.binding as llvm
     from threadpoolctl import ThreadpoolController
@@ -170,14 +249,15 @@ def _kernels():
     for lc in ThreadpoolController().lib_controllers:
         if lc.internal_api == "openblas" and "scipy.libs" in lc.filepath and lc.num_threads != 1:
             lc.set_num_threads(1)
-    lib = _torch_mkl()
-    for sym, ctype in _MKL_CALLED.items():
-        if lib is not None:
-            addr = ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
-        else:
-            _STUBS.append(ctype(lambda *args: 0))
-            addr = ctypes.cast(_STUBS[-1], ctypes.c_void_p).value
-        llvm.add_symbol(sym, addr)
+    team = _team()
+    for lib, called in ((_torch_mkl(), _MKL_CALLED), (team and team.lib, _GOMP_CALLED)):
+        for sym, ctype in called.items():
+            if lib is not None:
+                addr = ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value
+            else:
+                _STUBS.append(ctype(lambda *args: 0))
+                addr = ctypes.cast(_STUBS[-1], ctypes.c_void_p).value
+            llvm.add_symbol(sym, addr)
     from . import cpu_cells
 
     return cpu_cells
@@ -241,12 +321,13 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
 class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
-    def __init__(self, masks: LayerMasks, T: int, B: int, H: int, GH: int, n_state: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype) -> None:
         ndt = np.float32 if dtype == torch.float32 else np.float64
-        self.T = T
-        self.chunks = row_chunks(B, T * B * H * GH)
-        self.rows = max(b1 - b0 for b0, b1 in self.chunks)
+        H, n_state = cell.hidden_size, cell.state_size
+        self.T, self.B, self.H = T, B, H
+        units_ok = not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
+        self.parts, self.units = split(T, B, H, GH, units_ok)
+        self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
         self.dummy2 = np.zeros((1, 1), ndt)
@@ -262,6 +343,51 @@ class _Arrays:
             self.keep = [z] * n_state
 
 
+    def whole(self) -> None:
+        """One part for the whole call (when torch's team comes out smaller than the split)."""
+        self.parts, self.units, self.rows = [(0, self.B, 0, self.H)], False, self.B
+
+
+def _weights(R: Tensor, cell: Cell, transpose: bool, A: _Arrays) -> list[tuple]:
+    """Per part of ``A.parts``: the weight pairs (:func:`_weight`) of each recurrent projection of ``R``.
+
+    When the parts split units, each gets the rows of R for its units (gate-major: its i, then its f, ...),
+    so its matmul yields only its own gate columns; otherwise all parts share one pair per projection.
+    """
+    projections = _rec_parts(R, cell)
+    if not A.units:
+        return [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
+    H = cell.hidden_size
+    out = []
+    for _, _, j0, j1 in A.parts:
+        mine = [p.view(-1, H, H)[:, j0:j1].reshape(-1, H) if transpose else p[:, j0:j1].contiguous()
+                for p in projections]
+        out.append(tuple(_weight(m, transpose, A) for m in mine))
+    return out
+
+
+def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
+            accs: tuple[np.ndarray, ...] = ()) -> None:
+    """``fn(*args, *(a[k] for a in accs), *W_k, b0, b1, j0, j1, A.units)`` for every part k of ``A.parts``,
+    at once: in torch's OpenMP team (:class:`_Team`), or without it on threads of our own (row parts only).
+
+    ``accs`` are per-part accumulators (the caller sums them). ``args`` must be built on the calling
+    thread (torch's grad mode, which ``Tensor.numpy()`` checks, is per thread).
+    """
+    Ws = _weights(R, cell, transpose, A)
+    calls = [functools.partial(fn, *args, *(a[k] for a in accs), *Ws[k], *part, A.units)
+             for k, part in enumerate(A.parts)]
+    if len(calls) == 1:
+        calls[0]()
+        return
+    team = _team()
+    if team is None:
+        _in_pool(calls)
+    elif not team.run(calls, A.units):
+        A.whole()
+        _launch(fn, A, R, cell, transpose, args, accs)
+
+
 class _CpuRecurrence(torch.autograd.Function):
     """The recurrence of one layer/direction given input pre-activations ``xg`` (T, B, G*H)."""
 
@@ -274,7 +400,7 @@ class _CpuRecurrence(torch.autograd.Function):
         ex = {n: _np(t) for n, t in zip(names, rest[n_state:])}
         T, B, GH = xg.shape
         H, dt = cell.hidden_size, xg.dtype
-        A = _Arrays(masks, T, B, H, GH, n_state, dt)
+        A = _Arrays(cell, masks, T, B, GH, dt)
         ln = cell.layer_norm
         xg_n = _np(xg)
         Rd = R.detach().contiguous()
@@ -288,12 +414,10 @@ class _CpuRecurrence(torch.autograd.Function):
         RSH = _empty(T, B, parts, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
         buf: dict[str, Tensor] = {"HIN": HIN, "UH": UH, "RSH": RSH}
         family = cell.family
-        chunks = A.chunks
-        Ws = [_weight(part, True, A) for part in _rec_parts(Rd, cell)]
         if family == "rnn":
             HC = _empty(T, B, H, dtype=dt) if A.has_keep else out
-            _over_rows(chunks, K.rnn_forward, (
-                xg_n, *Ws, bhh, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+            _launch(K.rnn_forward, A, Rd, cell, True, (
+                xg_n, bhh, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                 h0, out.numpy(), HC.numpy(), HIN.numpy(), UH.numpy(), RSH.numpy()))
             buf["HC"] = HC
         elif family == "lstm":
@@ -303,8 +427,8 @@ class _CpuRecurrence(torch.autograd.Function):
             GATES = _empty(T, B, GH, dtype=dt)
             UC = _empty(T, B, H, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
             RSC = _empty(T, B, 1, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-            _over_rows(chunks, K.lstm_forward, (
-                xg_n, *Ws, bhh, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
+            _launch(K.lstm_forward, A, Rd, cell, True, (
+                xg_n, bhh, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
                 ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0,
                 out.numpy(), CS.numpy(), CN.numpy(), HIN.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy(),
@@ -313,15 +437,15 @@ class _CpuRecurrence(torch.autograd.Function):
         elif cell.reset_after:
             GATES = _empty(T, B, GH, dtype=dt)
             HN = _empty(T, B, H, dtype=dt)
-            _over_rows(chunks, K.gru_forward, (
-                xg_n, *Ws, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(),
+            _launch(K.gru_forward, A, Rd, cell, True, (
+                xg_n, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(),
                 GATES.numpy(), HN.numpy(), UH.numpy(), RSH.numpy()))
             buf.update(GATES=GATES, HN=HN)
         else:
             GATES = _empty(T, B, GH, dtype=dt)
             Q = _empty(T, B, H, dtype=dt)
-            _over_rows(chunks, K.gru_cho_forward, (
-                xg_n, *Ws, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
+            _launch(K.gru_cho_forward, A, Rd, cell, True, (
+                xg_n, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
                 HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy()))
             buf.update(GATES=GATES, Q=Q)
         final = [out[T - 1].clone()]
@@ -356,20 +480,18 @@ class _CpuRecurrence(torch.autograd.Function):
         dT = [_np(d) if d is not None else np.zeros((B, H), A.dummy1.dtype) for d in dfinal]
         h0 = h0t.numpy()
         ln_g = ex.get("ln_weight_hh", A.dummy1)
-        chunks = A.chunks
-        n = len(chunks)
+        n = len(A.parts)
         dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per row range
         dbhh = np.zeros((n, GH))  # d b_hh (the sum of DG, or of DPOST for the GRU)
         DG = _empty(T, B, GH, dtype=dt)
         dh0 = _empty(B, H, dtype=dt)
-        Ws = [_weight(part, False, A) for part in _rec_parts(Rd, cell)]
         grads: dict[str, np.ndarray] = {}
         db_hh = None
         family = cell.family
         if family == "rnn":
             DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
-            _over_rows(chunks, K.rnn_backward, (
-                *Ws, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+            _launch(K.rnn_backward, A, Rd, cell, False, (
+                cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                 has_dout, dout_n, dT[0], buf["HC"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(),
                 DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
             dstate = [dh0]
@@ -380,8 +502,8 @@ class _CpuRecurrence(torch.autograd.Function):
             dpeep = np.zeros((n, 3 * H if cell.peephole else 1))
             dln_cg = np.zeros((n, H if ln else 1))
             dln_cb = np.zeros((n, H if ln else 1))
-            _over_rows(chunks, K.lstm_backward, (
-                *Ws, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
+            _launch(K.lstm_backward, A, Rd, cell, False, (
+                cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
                 ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
                 dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), buf["GATES"].numpy(),
@@ -393,8 +515,8 @@ class _CpuRecurrence(torch.autograd.Function):
         elif cell.reset_after:
             DPOST = _empty(T, B, GH, dtype=dt)
             DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
-            _over_rows(chunks, K.gru_backward, (
-                *Ws, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
+            _launch(K.gru_backward, A, Rd, cell, False, (
+                ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
                 out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
                 DG.numpy(), DPOST.numpy(), DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
             del DPOST
@@ -403,8 +525,8 @@ class _CpuRecurrence(torch.autograd.Function):
         else:
             DRAW0 = _empty(T, B, 2 * H, dtype=dt)
             DRAW1 = _empty(T, B, H, dtype=dt)
-            _over_rows(chunks, K.gru_cho_backward, (
-                *Ws, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
+            _launch(K.gru_cho_backward, A, Rd, cell, False, (
+                ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
                 has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["UH"].numpy(),
                 buf["RSH"].numpy(), DG.numpy(), DRAW0.numpy(), DRAW1.numpy(), dh0.numpy()), (dln_g,))
             dstate = [dh0]

@@ -101,6 +101,9 @@ _sgemm_compute = ExternalFunction("cblas_sgemm_compute", types.void(
     types.intc, types.intc, types.intc, types.intc, types.intc, types.intc, types.intp, types.intc,
     types.intp, types.intc, types.float32, types.intp, types.intc))
 _mkl_threads_local = ExternalFunction("MKL_Set_Num_Threads_Local", types.intc(types.intc))
+# The barrier of the OpenMP team the wrapper runs unit ranges on: torch's own libgomp (registered like the
+# MKL symbols; a stub when torch carries no libgomp, and then the wrapper never splits units).
+_barrier = ExternalFunction("GOMP_barrier", types.void())
 _ROW_MAJOR, _NO_TRANS, _PACKED = 101, 111, 151
 
 
@@ -168,12 +171,15 @@ def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
 
 
 @njit(**_JIT)
-def _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1):
-    """Rows b0:b1 of the recurrent matmul's input at step t: ``h_{t-1}`` (times ``hmask``, then kept in HIN)."""
+def _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, j0, buf):
+    """Rows b0:b1 of the recurrent matmul's input at step t: ``h_{t-1}``, times ``hmask`` if ``has_hmask``.
+
+    The masked input is kept in HIN by the range that starts at unit 0; the others build it in ``buf``.
+    """
     src = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
     if not has_hmask:
         return src
-    dst = HIN[t, b0:b1]
+    dst = HIN[t, b0:b1] if j0 == 0 else buf
     for b in range(src.shape[0]):
         for j in range(src.shape[1]):
             dst[b, j] = src[b, j] * hmask[b0 + b, j]
@@ -181,402 +187,483 @@ def _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1):
 
 
 @njit(**_JIT)
-def _rec_grad(DRAW_t, W, tmp, hmask, has_hmask, b0):
-    """``tmp <- (DRAW_t @ R) * hmask[b0:]``: the gradient reaching h_{t-1} through the recurrent matmul."""
+def _rec_grad(DRAW_t, W, tmp, hmask, has_hmask, b0, j0):
+    """``tmp <- (DRAW_t @ R[:, j0:]) * hmask[b0:, j0:]``: the gradient reaching h_{t-1} (units j0:j0+n)."""
     _matmul(DRAW_t, W, tmp)
     if has_hmask:
         for b in range(tmp.shape[0]):
             for j in range(tmp.shape[1]):
-                tmp[b, j] *= hmask[b0 + b, j]
+                tmp[b, j] *= hmask[b0 + b, j0 + j]
+
+
+@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
+def _seg(v, g, n, j0, j1):
+    """Units j0:j1 of block g of ``v`` (blocks of n): a C-contiguous view that loops index from 0 (so that
+    LLVM needs no negative-index checks and vectorizes)."""
+    return v[g * n + j0:g * n + j1]
+
+
+@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
+def _segs3(v, n, j0, j1):
+    return _seg(v, 0, n, j0, j1), _seg(v, 1, n, j0, j1), _seg(v, 2, n, j0, j1)
+
+
+@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
+def _segs4(v, n, j0, j1):
+    return _seg(v, 0, n, j0, j1), _seg(v, 1, n, j0, j1), _seg(v, 2, n, j0, j1), _seg(v, 3, n, j0, j1)
 
 
 # ---- Elman RNN (ElmanCell: h_t = phi(xg_t + LN(R h_{t-1}) + b_hh)) ----------------------------------
 
 @njit(**_JIT)
-def rnn_forward(xg, W, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                h0, out, HC, HIN, UH, RSH, b0, b1):
+def rnn_forward(xg, bhh, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                h0, out, HC, HIN, UH, RSH, W, b0, b1, j0, j1, sync):
     """Forward over T steps. HC (T, B, H) receives the cell output before keep-mixing (may alias out)."""
     T, _, H = out.shape
+    nj = j1 - j0
     nb = b1 - b0
-    hg = np.empty((nb, H), out.dtype)
+    hg = np.empty((nb, nj), out.dtype)
+    buf = np.empty((nb, H), out.dtype)
+    bh = _seg(bhh, 0, H, j0, j1)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, j0, buf)
         _matmul(src, W, hg)
         if layer_norm:
             _ln_rows(hg, H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
         prev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
-        x = xg[t, b0:b1]
-        hc = HC[t, b0:b1]
-        o = out[t, b0:b1]
-        for b in range(nb):
-            for j in range(H):
-                a = x[b, j] + hg[b, j] + bhh[j]
+        for bl in range(nb):
+            b = b0 + bl
+            x = _seg(xg[t, b], 0, H, j0, j1)
+            r = hg[bl]
+            hc = _seg(HC[t, b], 0, H, j0, j1)
+            o = _seg(out[t, b], 0, H, j0, j1)
+            for j in range(nj):
+                a = x[j] + r[j] + bh[j]
                 hn = (a if a > 0.0 else 0.0) if relu else _tanh(a, out)
-                hc[b, j] = hn
-                if has_keep:
-                    k = keep_h[t, b0 + b, j]
-                    hn = k * prev[b, j] + (1.0 - k) * hn
-                o[b, j] = hn
+                hc[j] = hn
+                o[j] = hn
+            if has_keep:
+                p = _seg(prev[bl], 0, H, j0, j1)
+                kh = _seg(keep_h[t, b], 0, H, j0, j1)
+                for j in range(nj):
+                    o[j] = kh[j] * p[j] + (1.0 - kh[j]) * hc[j]
+        if sync:
+            _barrier()
 
 
 @njit(**_JIT)
-def rnn_backward(W, relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 HC, UH, RSH, DG, DRAW, dh0, dbhh, dln_g, b0, b1):
+def rnn_backward(relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                 HC, UH, RSH, DG, DRAW, dh0, dbhh, dln_g, W, b0, b1, j0, j1, sync):
     """Backward over T steps: DG = d xg, DRAW = d(R h) (equal to DG without layer norm), dh0; the sum of
     DG over steps and rows (= d b_hh) accumulated in ``dbhh``."""
     T, _, H = HC.shape
+    nj = j1 - j0
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
     carry = np.zeros((nb, H), HC.dtype)
-    tmp = np.empty((nb, H), HC.dtype)
+    tmp = np.empty((nb, nj), HC.dtype)
+    db = _seg(dbhh, 0, H, j0, j1)
     for t in range(T - 1, -1, -1):
-        hc = HC[t, b0:b1]
-        dg = DG[t, b0:b1]
-        for b in range(nb):
-            for j in range(H):
-                d = dh[b, j]
-                if has_dout:
-                    d += dout[t, b0 + b, j]
-                if has_keep:
-                    c = keep_h[t, b0 + b, j] * d
-                    carry[b, j] = c
-                    d -= c
-                hn = hc[b, j]
+        for bl in range(nb):
+            b = b0 + bl
+            d = _seg(dh[bl], 0, H, j0, j1)
+            if has_dout:
+                do = _seg(dout[t, b], 0, H, j0, j1)
+                for j in range(nj):
+                    d[j] += do[j]
+            if has_keep:
+                kh = _seg(keep_h[t, b], 0, H, j0, j1)
+                ch = _seg(carry[bl], 0, H, j0, j1)
+                for j in range(nj):
+                    ch[j] = kh[j] * d[j]
+                    d[j] -= ch[j]
+            hc = _seg(HC[t, b], 0, H, j0, j1)
+            dg = _seg(DG[t, b], 0, H, j0, j1)
+            for j in range(nj):
+                hn = hc[j]
                 if relu:
-                    g = d if hn > 0.0 else 0.0
+                    g = d[j] if hn > 0.0 else 0.0
                 else:
-                    g = d * (1.0 - hn * hn)
-                dg[b, j] = g
-                dbhh[j] += g
+                    g = d[j] * (1.0 - hn * hn)
+                dg[j] = g
+                db[j] += g
         if layer_norm:
-            _ln_rows_backward(dg, H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
-        for b in range(nb):
-            for j in range(H):
-                dh[b, j] = tmp[b, j] + carry[b, j] if has_keep else tmp[b, j]
-    dh0[b0:b1] = dh
+            _ln_rows_backward(DG[t, b0:b1], H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
+        if sync:
+            _barrier()
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
+        _add_rec(dh, tmp, carry, has_keep, j0, j1)
+    dh0[b0:b1, j0:j1] = dh[:, j0:j1]
+
+
+@njit(**_JIT)
+def _add_rec(dh, tmp, carry, has_keep, j0, j1):
+    """dh[:, j0:j1] <- tmp (+ carry[:, j0:j1]): the gradient reaching h_{t-1}, plus what zoneout carried."""
+    H = dh.shape[1]
+    for b in range(dh.shape[0]):
+        d = _seg(dh[b], 0, H, j0, j1)
+        tm = tmp[b]
+        if has_keep:
+            ch = _seg(carry[b], 0, H, j0, j1)
+            for j in range(d.shape[0]):
+                d[j] = tm[j] + ch[j]
+        else:
+            d[:] = tm
 
 
 # ---- LSTM (LSTMCell, gate order i, f, g, o) ----------------------------------------------------------
 
 @njit(**_JIT)
-def lstm_forward(xg, W, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g,
+def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g,
                  ln_cg, ln_cb, has_hmask, hmask, has_keep, keep_h, keep_c,
-                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC, b0, b1):
+                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC, W, b0, b1, j0, j1, sync):
     """Forward over T steps.
 
     CS (T+1, B, H): c states (CS[0] = c0, set by the caller); CN (T, B, H): the cell's c_t before
     keep-mixing (may alias CS[1:]); GATES (T, B, 4H): i, f, g, o after their activations (1 for a
-    dropped gate, 1 - i for f when coupled); UC/RSC: layer norm of c_t. h_t = o * phi(LN(c_t)).
-    Each (t, b) row is processed in short unit-stride passes so that LLVM vectorizes them.
+    dropped gate, 1 - i for f when coupled); UC/RSC: layer norm of c_t (whole rows only: then
+    ``j0, j1 = 0, H``). h_t = o * phi(LN(c_t)). Each (t, b) row is processed in short unit-stride passes
+    so that LLVM vectorizes them.
     """
     T, _, H = out.shape
-    G4 = 4 * H
+    nj = j1 - j0
     nb = b1 - b0
-    hg = np.empty((nb, G4), out.dtype)
-    cc = np.empty(H, out.dtype)
+    hg = np.empty((nb, 4 * nj), out.dtype)
+    buf = np.empty((nb, H), out.dtype)
+    cc = np.empty(nj, out.dtype)
+    bi, bf, bg, bo = _segs4(bhh, H, j0, j1)
+    pi, pf, po = _segs3(peep, H, j0, j1)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, j0, buf)
         _matmul(src, W, hg)
         if layer_norm:
-            _ln_rows(hg, G4, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
+            _ln_rows(hg, 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
         hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
         for bl in range(nb):
             b = b0 + bl
-            z = GATES[t, b]
-            x = xg[t, b]
-            r = hg[bl]
-            cp = CS[t, b]
-            cn = CN[t, b]
-            hn = out[t, b]
-            for k in range(G4):
-                z[k] = x[k] + r[k] + bhh[k]
+            zi, zf, zg, zo = _segs4(GATES[t, b], H, j0, j1)
+            xi, xf, xc, xo = _segs4(xg[t, b], H, j0, j1)
+            ri, rf, rc, ro = _segs4(hg[bl], nj, 0, nj)
+            cp = _seg(CS[t, b], 0, H, j0, j1)
+            cn = _seg(CN[t, b], 0, H, j0, j1)
+            hn = _seg(out[t, b], 0, H, j0, j1)
+            for j in range(nj):
+                zi[j] = xi[j] + ri[j] + bi[j]
+                zf[j] = xf[j] + rf[j] + bf[j]
+                zg[j] = xc[j] + rc[j] + bg[j]
+                zo[j] = xo[j] + ro[j] + bo[j]
             if peephole:
-                for j in range(H):
-                    z[j] += peep[j] * cp[j]
-                    z[H + j] += peep[H + j] * cp[j]
-            for k in range(2 * H):
-                z[k] = _sigmoid(z[k], out)
-            for k in range(2 * H, 3 * H):
-                z[k] = _tanh(z[k], out)
+                for j in range(nj):
+                    zi[j] += pi[j] * cp[j]
+                    zf[j] += pf[j] * cp[j]
+            for j in range(nj):
+                zi[j] = _sigmoid(zi[j], out)
+                zf[j] = _sigmoid(zf[j], out)
+                zg[j] = _tanh(zg[j], out)
             if not use_i:
-                z[:H] = 1.0
+                zi[:] = 1.0
             if coupled:
-                for j in range(H):
-                    z[H + j] = 1.0 - z[j]
+                for j in range(nj):
+                    zf[j] = 1.0 - zi[j]
             elif not use_f:
-                z[H:2 * H] = 1.0
-            for j in range(H):
-                cn[j] = z[H + j] * cp[j] + z[j] * z[2 * H + j]
+                zf[:] = 1.0
+            for j in range(nj):
+                cn[j] = zf[j] * cp[j] + zi[j] * zg[j]
             if peephole:
-                for j in range(H):
-                    z[3 * H + j] += peep[2 * H + j] * cn[j]
+                for j in range(nj):
+                    zo[j] += po[j] * cn[j]
             if use_o:
-                for j in range(H):
-                    z[3 * H + j] = _sigmoid(z[3 * H + j], out)
+                for j in range(nj):
+                    zo[j] = _sigmoid(zo[j], out)
             else:
-                z[3 * H:] = 1.0
+                zo[:] = 1.0
             if layer_norm:
                 mu = 0.0
-                for j in range(H):
+                for j in range(nj):
                     mu += cn[j]
-                mu /= H
+                mu /= nj
                 var = 0.0
-                for j in range(H):
+                for j in range(nj):
                     var += (cn[j] - mu) * (cn[j] - mu)
-                rs = 1.0 / math.sqrt(var / H + LN_EPS)
+                rs = 1.0 / math.sqrt(var / nj + LN_EPS)
                 RSC[t, b, 0] = rs
                 uc = UC[t, b]
-                for j in range(H):
+                for j in range(nj):
                     uc[j] = (cn[j] - mu) * rs
                     cc[j] = uc[j] * ln_cg[j] + ln_cb[j]
             else:
                 cc[:] = cn
             if act_out:
-                for j in range(H):
-                    hn[j] = z[3 * H + j] * _tanh(cc[j], out)
+                for j in range(nj):
+                    hn[j] = zo[j] * _tanh(cc[j], out)
             else:
-                for j in range(H):
-                    hn[j] = z[3 * H + j] * cc[j]
+                for j in range(nj):
+                    hn[j] = zo[j] * cc[j]
             if has_keep:  # otherwise CN aliases CS[1:] and c_t is already in place
-                cs = CS[t + 1, b]
-                for j in range(H):
-                    kh = keep_h[t, b, j]
-                    hn[j] = kh * hprev[bl, j] + (1.0 - kh) * hn[j]
-                    kc = keep_c[t, b, j]
-                    cs[j] = kc * cp[j] + (1.0 - kc) * cn[j]
+                hp = _seg(hprev[bl], 0, H, j0, j1)
+                cs = _seg(CS[t + 1, b], 0, H, j0, j1)
+                kh = _seg(keep_h[t, b], 0, H, j0, j1)
+                kc = _seg(keep_c[t, b], 0, H, j0, j1)
+                for j in range(nj):
+                    hn[j] = kh[j] * hp[j] + (1.0 - kh[j]) * hn[j]
+                    cs[j] = kc[j] * cp[j] + (1.0 - kc[j]) * cn[j]
+        if sync:
+            _barrier()
 
 
 @njit(**_JIT)
-def lstm_backward(W, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
+def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
                   has_hmask, hmask, has_keep, keep_h, keep_c, has_dout, dout, dhT, dcT,
-                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb, b0, b1):
+                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb,
+                  W, b0, b1, j0, j1, sync):
     """Backward over T steps: DG = d xg (= d of the pre-activations a_t), DRAW = d(R h), dh0, dc0, and
     accumulated over all steps: the sum of DG (= d b_hh) and the peephole / layer-norm gradients."""
     T, _, H = CN.shape
+    nj = j1 - j0
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
     dc = dcT[b0:b1].copy()
     carry = np.zeros((nb, H), CN.dtype)
     carry_c = np.zeros((nb, H), CN.dtype)
-    tmp = np.empty((nb, H), CN.dtype)
-    a = np.empty(H, CN.dtype)
-    dy = np.empty(H, CN.dtype)
-    dct = np.empty(H, CN.dtype)
+    tmp = np.empty((nb, nj), CN.dtype)
+    a = np.empty(nj, CN.dtype)
+    dy = np.empty(nj, CN.dtype)
+    dct = np.empty(nj, CN.dtype)
+    dbi, dbf, dbg, dbo = _segs4(dbhh, H, j0, j1)
+    pi, pf, po = _segs3(peep, H, j0, j1)
+    dpi, dpf, dpo = _segs3(dpeep, H, j0, j1)
     for t in range(T - 1, -1, -1):
         for bl in range(nb):
             b = b0 + bl
-            d = dh[bl]
-            dcb = dc[bl]
-            z = GATES[t, b]
-            dz = DG[t, b]
-            cp = CS[t, b]
-            cn = CN[t, b]
+            d = _seg(dh[bl], 0, H, j0, j1)
+            dcb = _seg(dc[bl], 0, H, j0, j1)
+            zi, zf, zg, zo = _segs4(GATES[t, b], H, j0, j1)
+            dzi, dzf, dzg, dzo = _segs4(DG[t, b], H, j0, j1)
+            cp = _seg(CS[t, b], 0, H, j0, j1)
+            cn = _seg(CN[t, b], 0, H, j0, j1)
             if has_dout:
-                do = dout[t, b]
-                for j in range(H):
+                do = _seg(dout[t, b], 0, H, j0, j1)
+                for j in range(nj):
                     d[j] += do[j]
+            ch = _seg(carry[bl], 0, H, j0, j1)
+            chc = _seg(carry_c[bl], 0, H, j0, j1)
             if has_keep:
-                for j in range(H):
-                    ch = keep_h[t, b, j] * d[j]
-                    carry[bl, j] = ch
-                    d[j] -= ch
-                    cc_ = keep_c[t, b, j] * dcb[j]
-                    carry_c[bl, j] = cc_
-                    dcb[j] -= cc_
+                kh = _seg(keep_h[t, b], 0, H, j0, j1)
+                kc = _seg(keep_c[t, b], 0, H, j0, j1)
+                for j in range(nj):
+                    ch[j] = kh[j] * d[j]
+                    d[j] -= ch[j]
+                    chc[j] = kc[j] * dcb[j]
+                    dcb[j] -= chc[j]
             # a = phi(LN(c_t)), recomputed; dy = d(h)/d(phi argument)
-            if layer_norm:
+            if layer_norm:  # whole rows only
                 uc = UC[t, b]
-                for j in range(H):
+                for j in range(nj):
                     a[j] = uc[j] * ln_cg[j] + ln_cb[j]
             else:
                 a[:] = cn
             if act_out:
-                for j in range(H):
+                for j in range(nj):
                     a[j] = _tanh(a[j], CN)
-                    dy[j] = d[j] * z[3 * H + j] * (1.0 - a[j] * a[j])
+                    dy[j] = d[j] * zo[j] * (1.0 - a[j] * a[j])
             else:
-                for j in range(H):
-                    dy[j] = d[j] * z[3 * H + j]
+                for j in range(nj):
+                    dy[j] = d[j] * zo[j]
             if layer_norm:
                 uc = UC[t, b]
                 rs = RSC[t, b, 0]
                 mg = 0.0
                 mgu = 0.0
-                for j in range(H):
+                for j in range(nj):
                     dln_cb[j] += dy[j]
                     dln_cg[j] += dy[j] * uc[j]
                     g = dy[j] * ln_cg[j]
                     mg += g
                     mgu += g * uc[j]
-                mg /= H
-                mgu /= H
-                for j in range(H):
+                mg /= nj
+                mgu /= nj
+                for j in range(nj):
                     dy[j] = rs * (dy[j] * ln_cg[j] - mg - uc[j] * mgu)
             # output gate, then c_t = f * c_{t-1} + i * g
             if use_o:
-                for j in range(H):
-                    o = z[3 * H + j]
-                    dz[3 * H + j] = d[j] * a[j] * o * (1.0 - o)
+                for j in range(nj):
+                    o = zo[j]
+                    dzo[j] = d[j] * a[j] * o * (1.0 - o)
             else:
-                dz[3 * H:] = 0.0
-            for j in range(H):
+                dzo[:] = 0.0
+            for j in range(nj):
                 dct[j] = dcb[j] + dy[j]
             if peephole:
-                for j in range(H):
-                    dct[j] += dz[3 * H + j] * peep[2 * H + j]
-                    dpeep[2 * H + j] += dz[3 * H + j] * cn[j]
-            for j in range(H):
-                i = z[j]
-                g = z[2 * H + j]
-                dz[2 * H + j] = dct[j] * i * (1.0 - g * g)
-                dcb[j] = dct[j] * z[H + j]
+                for j in range(nj):
+                    dct[j] += dzo[j] * po[j]
+                    dpo[j] += dzo[j] * cn[j]
+            for j in range(nj):
+                i = zi[j]
+                g = zg[j]
+                dzg[j] = dct[j] * i * (1.0 - g * g)
+                dcb[j] = dct[j] * zf[j]
             if use_i:
                 if coupled:
-                    for j in range(H):
-                        i = z[j]
-                        dz[j] = dct[j] * (z[2 * H + j] - cp[j]) * i * (1.0 - i)
+                    for j in range(nj):
+                        i = zi[j]
+                        dzi[j] = dct[j] * (zg[j] - cp[j]) * i * (1.0 - i)
                 else:
-                    for j in range(H):
-                        i = z[j]
-                        dz[j] = dct[j] * z[2 * H + j] * i * (1.0 - i)
+                    for j in range(nj):
+                        i = zi[j]
+                        dzi[j] = dct[j] * zg[j] * i * (1.0 - i)
             else:
-                dz[:H] = 0.0
+                dzi[:] = 0.0
             if use_f:
-                for j in range(H):
-                    f = z[H + j]
-                    dz[H + j] = dct[j] * cp[j] * f * (1.0 - f)
+                for j in range(nj):
+                    f = zf[j]
+                    dzf[j] = dct[j] * cp[j] * f * (1.0 - f)
             else:
-                dz[H:2 * H] = 0.0
+                dzf[:] = 0.0
             if peephole:
-                for j in range(H):
-                    dpeep[j] += dz[j] * cp[j]
-                    dpeep[H + j] += dz[H + j] * cp[j]
-                    dcb[j] += dz[j] * peep[j] + dz[H + j] * peep[H + j]
+                for j in range(nj):
+                    dpi[j] += dzi[j] * cp[j]
+                    dpf[j] += dzf[j] * cp[j]
+                    dcb[j] += dzi[j] * pi[j] + dzf[j] * pf[j]
             if has_keep:
-                for j in range(H):
-                    dcb[j] += carry_c[bl, j]
-            for k in range(4 * H):
-                dbhh[k] += dz[k]
+                for j in range(nj):
+                    dcb[j] += chc[j]
+            for j in range(nj):
+                dbi[j] += dzi[j]
+                dbf[j] += dzf[j]
+                dbg[j] += dzg[j]
+                dbo[j] += dzo[j]
         if layer_norm:
             _ln_rows_backward(DG[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
                               dln_g)
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
-        if has_keep:
-            for b in range(nb):
-                for j in range(H):
-                    dh[b, j] = tmp[b, j] + carry[b, j]
-        else:
-            dh[:, :] = tmp
-    dh0[b0:b1] = dh
-    dc0[b0:b1] = dc
+        if sync:
+            _barrier()
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
+        _add_rec(dh, tmp, carry, has_keep, j0, j1)
+    dh0[b0:b1, j0:j1] = dh[:, j0:j1]
+    dc0[b0:b1, j0:j1] = dc[:, j0:j1]
 
 
 # ---- GRU (GRUCell, gate order r, z, n) -------------------------------------------------------------
 
 @njit(**_JIT)
-def gru_forward(xg, W, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                h0, out, HIN, GATES, HN, UH, RSH, b0, b1):
+def gru_forward(xg, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                h0, out, HIN, GATES, HN, UH, RSH, W, b0, b1, j0, j1, sync):
     """Forward over T steps, reset after the matmul: n = tanh(xn + r * (LN(R_n h) + b_hn)).
 
     GATES (T, B, 3H): r, z, n; HN (T, B, H): the recurrent n term ``LN(R_n h)_n + b_hn``.
     """
     T, _, H = out.shape
+    nj = j1 - j0
     nb = b1 - b0
-    hg = np.empty((nb, 3 * H), out.dtype)
+    hg = np.empty((nb, 3 * nj), out.dtype)
+    buf = np.empty((nb, H), out.dtype)
+    br, bz, bn = _segs3(bhh, H, j0, j1)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, j0, buf)
         _matmul(src, W, hg)
         if layer_norm:
             _ln_rows(hg, 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
         hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
-        x = xg[t, b0:b1]
-        gt = GATES[t, b0:b1]
-        hnt = HN[t, b0:b1]
-        o = out[t, b0:b1]
-        for b in range(nb):
-            for j in range(H):
-                r = _sigmoid(x[b, j] + hg[b, j] + bhh[j], out)
-                z = _sigmoid(x[b, H + j] + hg[b, H + j] + bhh[H + j], out)
-                hn = hg[b, 2 * H + j] + bhh[2 * H + j]
-                n = _tanh(x[b, 2 * H + j] + r * hn, out)
-                hp = hprev[b, j]
-                h = n + z * (hp - n)
-                gt[b, j] = r
-                gt[b, H + j] = z
-                gt[b, 2 * H + j] = n
-                hnt[b, j] = hn
+        for bl in range(nb):
+            b = b0 + bl
+            xr, xz, xn = _segs3(xg[t, b], H, j0, j1)
+            rr, rz, rn = _segs3(hg[bl], nj, 0, nj)
+            gr, gz, gn = _segs3(GATES[t, b], H, j0, j1)
+            hnt = _seg(HN[t, b], 0, H, j0, j1)
+            hp = _seg(hprev[bl], 0, H, j0, j1)
+            kh = _seg(keep_h[t, b], 0, H, j0, j1)
+            o = _seg(out[t, b], 0, H, j0, j1)
+            for j in range(nj):
+                r = _sigmoid(xr[j] + rr[j] + br[j], out)
+                z = _sigmoid(xz[j] + rz[j] + bz[j], out)
+                hn = rn[j] + bn[j]
+                n = _tanh(xn[j] + r * hn, out)
+                h = n + z * (hp[j] - n)
+                gr[j] = r
+                gz[j] = z
+                gn[j] = n
+                hnt[j] = hn
                 if has_keep:
-                    k = keep_h[t, b0 + b, j]
-                    h = k * hp + (1.0 - k) * h
-                o[b, j] = h
+                    h = kh[j] * hp[j] + (1.0 - kh[j]) * h
+                o[j] = h
+        if sync:
+            _barrier()
 
 
 @njit(**_JIT)
-def gru_backward(W, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 h0, out, GATES, HN, UH, RSH, DG, DPOST, DRAW, dh0, dbhh, dln_g, b0, b1):
+def gru_backward(layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                 h0, out, GATES, HN, UH, RSH, DG, DPOST, DRAW, dh0, dbhh, dln_g, W, b0, b1, j0, j1, sync):
     """Backward over T steps (reset after). DPOST = d(LN(R h) + b_hh) (its sum is d b_hh, also
     accumulated in ``dbhh``); DRAW = d(R h) (DPOST itself without layer norm)."""
     T, _, H = out.shape
+    nj = j1 - j0
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
     acc = np.zeros((nb, H), out.dtype)
-    tmp = np.empty((nb, H), out.dtype)
+    tmp = np.empty((nb, nj), out.dtype)
+    dbr, dbz, dbn = _segs3(dbhh, H, j0, j1)
     for t in range(T - 1, -1, -1):
         hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
-        gt = GATES[t, b0:b1]
-        hnt = HN[t, b0:b1]
-        dg = DG[t, b0:b1]
-        dp = DPOST[t, b0:b1]
-        for b in range(nb):
-            for j in range(H):
-                d = dh[b, j]
+        for bl in range(nb):
+            b = b0 + bl
+            dv = _seg(dh[bl], 0, H, j0, j1)
+            do = _seg(dout[t, b], 0, H, j0, j1) if has_dout else dv
+            kh = _seg(keep_h[t, b], 0, H, j0, j1)
+            gr, gz, gn = _segs3(GATES[t, b], H, j0, j1)
+            dgr, dgz, dgn = _segs3(DG[t, b], H, j0, j1)
+            dpr, dpz, dpn = _segs3(DPOST[t, b], H, j0, j1)
+            hnt = _seg(HN[t, b], 0, H, j0, j1)
+            hp = _seg(hprev[bl], 0, H, j0, j1)
+            ac = _seg(acc[bl], 0, H, j0, j1)
+            for j in range(nj):
+                d = dv[j]
                 if has_dout:
-                    d += dout[t, b0 + b, j]
+                    d += do[j]
                 c = 0.0
                 if has_keep:
-                    c = keep_h[t, b0 + b, j] * d
+                    c = kh[j] * d
                     d -= c
-                r = gt[b, j]
-                z = gt[b, H + j]
-                n = gt[b, 2 * H + j]
-                hp = hprev[b, j]
+                r = gr[j]
+                z = gz[j]
+                n = gn[j]
                 dan = d * (1.0 - z) * (1.0 - n * n)
-                daz = d * (hp - n) * z * (1.0 - z)
-                dar = dan * hnt[b, j] * r * (1.0 - r)
-                acc[b, j] = c + d * z
-                dg[b, j] = dar
-                dg[b, H + j] = daz
-                dg[b, 2 * H + j] = dan
-                dp[b, j] = dar
-                dp[b, H + j] = daz
-                dp[b, 2 * H + j] = dan * r
-                dbhh[j] += dar
-                dbhh[H + j] += daz
-                dbhh[2 * H + j] += dan * r
+                daz = d * (hp[j] - n) * z * (1.0 - z)
+                dar = dan * hnt[j] * r * (1.0 - r)
+                ac[j] = c + d * z
+                dgr[j] = dar
+                dgz[j] = daz
+                dgn[j] = dan
+                dpr[j] = dar
+                dpz[j] = daz
+                dpn[j] = dan * r
+                dbr[j] += dar
+                dbz[j] += daz
+                dbn[j] += dan * r
         if layer_norm:
-            _ln_rows_backward(dp, 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0)
-        for b in range(nb):
-            for j in range(H):
-                dh[b, j] = tmp[b, j] + acc[b, j]
-    dh0[b0:b1] = dh
+            _ln_rows_backward(DPOST[t, b0:b1], 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
+                              dln_g)
+        if sync:
+            _barrier()
+        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
+        _add_rec(dh, tmp, acc, True, j0, j1)
+    dh0[b0:b1, j0:j1] = dh[:, j0:j1]
 
 
 @njit(**_JIT)
-def gru_cho_forward(xg, W0, W1, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
-                    h0, out, HIN, Q, GATES, UH, RSH, b0, b1):
+def gru_cho_forward(xg, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
+                    h0, out, HIN, Q, GATES, UH, RSH, W0, W1, b0, b1, j0, j1, sync):
     """Forward over T steps, reset before the matmul (Cho et al.): n = tanh(xn + LN(R_n (r h)) + b_hn).
 
     Two recurrent parts: (r, z) from ``h * hmask`` with W0 (R_rz); n from Q = ``r * h * hmask``
-    with W1 (R_n). GATES (T, B, 3H): r, z, n.
+    with W1 (R_n). GATES (T, B, 3H): r, z, n. Whole rows only (``j0, j1 = 0, H``; ``sync`` unused): the
+    n part needs ``r * h`` of every unit.
     """
     T, _, H = out.shape
     nb = b1 - b0
     hg = np.empty((nb, 2 * H), out.dtype)
     hq = np.empty((nb, H), out.dtype)
     for t in range(T):
-        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1)
+        src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, 0, hq)
         _matmul(src, W0, hg)
         if layer_norm:
             _ln_rows(hg, 2 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
@@ -608,10 +695,10 @@ def gru_cho_forward(xg, W0, W1, bhh, layer_norm, ln_g, has_hmask, hmask, has_kee
 
 
 @njit(**_JIT)
-def gru_cho_backward(W0, W1, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                     h0, out, GATES, UH, RSH, DG, DRAW0, DRAW1, dh0, dln_g, b0, b1):
+def gru_cho_backward(layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
+                     h0, out, GATES, UH, RSH, DG, DRAW0, DRAW1, dh0, dln_g, W0, W1, b0, b1, j0, j1, sync):
     """Backward over T steps (reset before). DG = d xg (also d of the post-norm projections, so its
-    sum is d b_hh); DRAW0 (T, B, 2H) = d(R_rz h), DRAW1 (T, B, H) = d(R_n q)."""
+    sum is d b_hh); DRAW0 (T, B, 2H) = d(R_rz h), DRAW1 (T, B, H) = d(R_n q). Whole rows only."""
     T, _, H = out.shape
     nb = b1 - b0
     dh = dhT[b0:b1].copy()
@@ -642,7 +729,7 @@ def gru_cho_backward(W0, W1, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_
                 acc[b, j] = c + d * z
         if layer_norm:
             _ln_rows_backward(d1, H, ln_g, 2 * H, UH[t, b0:b1], RSH[t, b0:b1], 1, DRAW1[t, b0:b1], dln_g)
-        _rec_grad(DRAW1[t, b0:b1], W1, tmp, hmask, has_hmask, b0)  # tmp = d q: d(r * h)
+        _rec_grad(DRAW1[t, b0:b1], W1, tmp, hmask, has_hmask, b0, 0)  # tmp = d q: d(r * h)
         dst0 = d0 if layer_norm else DRAW0[t, b0:b1]
         for b in range(nb):
             for j in range(H):
@@ -655,7 +742,7 @@ def gru_cho_backward(W0, W1, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_
                 dst0[b, H + j] = dg[b, H + j]
         if layer_norm:
             _ln_rows_backward(d0, 2 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW0[t, b0:b1], dln_g)
-        _rec_grad(DRAW0[t, b0:b1], W0, tmp, hmask, has_hmask, b0)
+        _rec_grad(DRAW0[t, b0:b1], W0, tmp, hmask, has_hmask, b0, 0)
         for b in range(nb):
             for j in range(H):
                 dh[b, j] = tmp[b, j] + acc[b, j]
