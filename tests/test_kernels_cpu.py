@@ -96,7 +96,7 @@ def _force_split(monkeypatch, threads: int, units: bool, team: bool) -> list[tup
     monkeypatch.setattr(cpu, "MIN_UNITS", 1)
     monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
     monkeypatch.setattr(cpu, "MIN_TEAM_MACS", 0)
-    monkeypatch.setattr(cpu, "UNITS_MAX_ROWS", 10**6 if units else 0)
+    monkeypatch.setattr(cpu, "UNITS_BELOW_ROWS", 10**6 if units else 0)
     if not team:
         monkeypatch.setattr(cpu, "_team", lambda: None)
     launched = []
@@ -190,12 +190,14 @@ def test_split_and_thread_setting(monkeypatch):
 
     monkeypatch.setenv("RNNKIT_CPU_THREADS", "2")
     assert cpu.split(1, 8, 8, 32, True) == ([(0, 8, 0, 8)], False)  # too little work
-    assert cpu.split(1000, 7, 24, 96, True) == ([(0, 7, 0, 24)], False)  # H < 2 MIN_UNITS and B < 2 MIN_ROWS
+    assert cpu.split(1000, 7, 200, 800, True) == ([(0, 7, 0, 200)], False)  # B < 2 MIN_ROWS, H < 2 MIN_UNITS
+    assert cpu.split(1000, 1, 1024, 4096, True) == ([(0, 1, 0, 1024)], False)  # one row: one thread
     if cpu._team() is not None:
         assert cpu.split(100, 8, 256, 1024, True) == ([(0, 8, 0, 128), (0, 8, 128, 256)], True)
-        assert cpu.split(100, 8, 200, 800, True) == ([(0, 8, 0, 96), (0, 8, 96, 200)], True)  # on 64-byte lines
+        assert cpu.split(100, 8, 400, 1600, True) == ([(0, 8, 0, 192), (0, 8, 192, 400)], True)  # 64-byte lines
         assert cpu.split(100, 8, 256, 1024, False) == ([(0, 4, 0, 256), (4, 8, 0, 256)], False)  # layer norm
-        assert cpu.split(100, 256, 256, 1024, True) == ([(0, 128, 0, 256), (128, 256, 0, 256)], False)
+        assert cpu.split(100, 8, 128, 512, True) == ([(0, 4, 0, 128), (4, 8, 0, 128)], False)  # H < 2 MIN_UNITS
+        assert cpu.split(100, 16, 256, 1024, True) == ([(0, 8, 0, 256), (8, 16, 0, 256)], False)
     monkeypatch.setattr(cpu, "_team", lambda: None)  # threads of our own: rows, and only for big calls
     assert cpu.split(100, 64, 512, 2048, True) == ([(0, 32, 0, 512), (32, 64, 0, 512)], False)
     assert cpu.split(100, 8, 256, 1024, True) == ([(0, 8, 0, 256)], False)

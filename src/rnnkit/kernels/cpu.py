@@ -47,16 +47,16 @@ _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 MIN_ROWS = 4  # fewest batch rows worth a thread of their own
-MIN_UNITS = 16  # fewest hidden units worth a thread of their own (ranges start on 64-byte lines)
+MIN_UNITS = 128  # fewest hidden units worth a thread of their own
 # Fewest recurrent multiply-adds per call (T * B * H * G*H) worth more threads. In torch's own OpenMP
 # team, whose threads are hot after any torch op, the split pays from MIN_TEAM_MACS. On threads of our
 # own (no libgomp in torch) a second thread costs ~3 ms right after a torch op, because torch's OpenMP
 # workers keep spinning on the other core (docs/kernels.md, "Threads"), hence MIN_SPLIT_MACS there.
-MIN_TEAM_MACS = 2**22
+MIN_TEAM_MACS = 2**24
 MIN_SPLIT_MACS = 2**29
-# Split the hidden units (one barrier per step) rather than the rows when the batch has at most this
-# many rows per thread: each thread then reads only its share of R per step.
-UNITS_MAX_ROWS = 64
+# Rows per thread below which the hidden units are split instead (one barrier per step, each thread
+# reading only its share of R per step); from here on rows split as well or better, with no barrier.
+UNITS_BELOW_ROWS = 2 * MIN_ROWS
 
 
 def threads() -> int:
@@ -82,9 +82,11 @@ def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[i
     """How one call of a loop is spread over threads: the parts ``(b0, b1, j0, j1)`` (batch rows and hidden
     units), one per thread, and whether they split units (then the threads meet at a barrier every step).
 
-    One part if there is one thread or too little work. Units (``units_ok``: no layer norm, not the
-    reset-before GRU; torch's OpenMP team available) in ranges of at least ``MIN_UNITS`` when the batch
-    has at most ``UNITS_MAX_ROWS`` rows per thread; otherwise rows, at least ``MIN_ROWS`` per part.
+    One part if there is one thread or too little work. Units, in ranges of at least ``MIN_UNITS`` on
+    64-byte lines, when the batch has 2 rows or more but fewer than ``UNITS_BELOW_ROWS`` per thread and
+    ``units_ok`` (no layer norm, not the reset-before GRU) and torch's OpenMP team is there; otherwise
+    rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the 2-core machine
+    (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster on one thread.
     """
     whole = [(0, B, 0, H)]
     n = threads()
@@ -92,8 +94,8 @@ def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[i
     if n == 1 or T * B * H * GH < (MIN_TEAM_MACS if team else MIN_SPLIT_MACS):
         return whole, False
     nu = min(n, H // MIN_UNITS)
-    if team and units_ok and nu > 1 and B <= UNITS_MAX_ROWS * nu:
-        return [(0, B, j0, j1) for j0, j1 in _edges(nu, H, MIN_UNITS)], True
+    if team and units_ok and nu > 1 and 2 <= B < UNITS_BELOW_ROWS * n:
+        return [(0, B, j0, j1) for j0, j1 in _edges(nu, H, min(16, MIN_UNITS))], True
     nr = min(n, B // MIN_ROWS)
     return [(b0, b1, 0, H) for b0, b1 in _edges(max(nr, 1), B)], False
 
