@@ -242,13 +242,21 @@ def test_step_matches_reference(name):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
 
 
-def test_auto_picks_cpu_when_native_does_not_apply():
+def test_auto_on_cpu():
+    """auto: native for the plain LSTM, cpu for every other cell (also the plain RNN and GRU, which it runs
+    faster than torch); for a dtype cpu cannot run, native where it applies, else bptt."""
     cpu = torch.device("cpu")
     for name, spec in REGISTRY.items():
         cell = make_cell(spec.family, 8, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
-        expected = "native" if kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None else "cpu"
-        assert kernels.resolve("auto", cell, cfg, cpu) == expected, name
+        native = kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None
+        assert kernels.resolve("auto", cell, cfg, cpu) == ("native" if native and spec.family == "lstm" else "cpu")
+        assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.float64) == kernels.resolve("auto", cell, cfg, cpu)
+        assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.bfloat16) == ("native" if native else "bptt")
+    layer = build("gru", 3, 4)  # auto
+    assert layer.backend_for(cpu) == "cpu" and layer.backend_for(cpu, dtype=torch.float16) == "native"
+    out, _ = layer.to(torch.bfloat16)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
 
 
 def test_rejects_other_dtypes_and_devices():

@@ -76,7 +76,7 @@ class Recurrent(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {backend!r}")
         self.backend = backend
-        self._resolved: dict[tuple[str, bool], str] = {}
+        self._resolved: dict[tuple[str, bool, torch.dtype | None], str] = {}
         # Fail early on configurations that no device type can run; a backend that runs on one device
         # type only (triton: CUDA) is checked against the actual device at the first forward.
         errors = []
@@ -133,12 +133,14 @@ class Recurrent(nn.Module):
         w.update({base: getattr(self, full) for base, full in names.items()})
         return w
 
-    def backend_for(self, device: torch.device, variable_lengths: bool = False) -> str:
-        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths."""
-        key = (device.type, variable_lengths)
+    def backend_for(self, device: torch.device, variable_lengths: bool = False,
+                    dtype: torch.dtype | None = None) -> str:
+        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths and
+        inputs of ``dtype`` (None: any)."""
+        key = (device.type, variable_lengths, dtype)
         if key not in self._resolved:
             self._resolved[key] = kernels.resolve(self.backend, self.cell, self.layer_config, device,
-                                                  variable_lengths=variable_lengths)
+                                                  variable_lengths=variable_lengths, dtype=dtype)
         return self._resolved[key]
 
     def extra_repr(self) -> str:
@@ -187,7 +189,7 @@ class Recurrent(nn.Module):
         if lens is not None and bool((lens == T).all()):
             lens = None  # every sequence is full length: nothing to mask
         h0, c0 = self._check_state(state, x, B, unbatched)
-        name = self.backend_for(x.device, variable_lengths=lens is not None)
+        name = self.backend_for(x.device, variable_lengths=lens is not None, dtype=x.dtype)
         if name == "native":
             out, final = self._run_native(x, h0, c0, lens)
         else:

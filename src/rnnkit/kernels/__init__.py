@@ -39,6 +39,8 @@ class Backend:
     unsupported: Callable[[Cell, LayerConfig, torch.device], str | None]
     # Per-layer runner (``run(cell, x, state0, w, masks)``), or None for whole-stack backends.
     run: Callable | None = None
+    # The dtypes it runs (None: any); ``auto`` passes over it for others, an explicit request raises when run.
+    dtypes: tuple[torch.dtype, ...] | None = None
 
 
 def _always(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
@@ -70,10 +72,18 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # than the fused ``cpu`` backend at T=100, B=32, H=128 fwd+bwd).
 AUTO_AVOID_WITH_LENGTHS: dict[str, tuple[str, ...]] = {"cpu": ("native",)}
 
+# Backends ``auto`` tries first for a cell family, per device type: (device type, family) -> backends.
+AUTO_FIRST: dict[tuple[str, str], tuple[str, ...]] = {}
 
-def register(backend: Backend, *, auto_before: dict[str, str] | None = None) -> None:
-    """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend."""
+
+def register(backend: Backend, *, auto_before: dict[str, str] | None = None,
+             auto_first_for: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend, and
+    ``auto_first_for={"cpu": ("gru",)}`` before any other for those cell families on that device type."""
     BACKENDS[backend.name] = backend
+    for dev, families in (auto_first_for or {}).items():
+        for family in families:
+            AUTO_FIRST[(dev, family)] = (backend.name, *AUTO_FIRST.get((dev, family), ()))
     for dev, before in (auto_before or {}).items():
         order = list(AUTO_ORDER.get(dev, ()))
         if backend.name in order:
@@ -87,18 +97,24 @@ def working_backends(cell: Cell, cfg: LayerConfig, device: torch.device) -> list
 
 
 def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, *,
-            variable_lengths: bool = False) -> str:
+            variable_lengths: bool = False, dtype: torch.dtype | None = None) -> str:
     """Name of the backend that will run ``cell`` on ``device``; raises if ``requested`` cannot.
 
-    ``variable_lengths``: the batch has sequences of different lengths (only changes ``auto``).
+    Only ``auto`` looks at the workload: ``variable_lengths`` (the batch has sequences of different
+    lengths) and ``dtype`` (the input's; None: any).
     """
     if requested == "auto":
         order = AUTO_ORDER.get(device.type, ("bptt",))
+        first = AUTO_FIRST.get((device.type, cell.family), ())
+        order = first + tuple(n for n in order if n not in first)
         if variable_lengths:
             avoid = AUTO_AVOID_WITH_LENGTHS.get(device.type, ())
             order = tuple(n for n in order if n not in avoid) + tuple(n for n in order if n in avoid)
         for name in order:
-            if name in BACKENDS and BACKENDS[name].unsupported(cell, cfg, device) is None:
+            b = BACKENDS.get(name)
+            if b is None or (dtype is not None and b.dtypes is not None and dtype not in b.dtypes):
+                continue
+            if b.unsupported(cell, cfg, device) is None:
                 log.debug("backend auto -> %s for %r on %s", name, cell, device)
                 return name
         return "bptt"
@@ -111,7 +127,7 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, 
     return requested
 
 
-__all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
+__all__ = ["BACKENDS", "AUTO_FIRST", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
 
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
 

@@ -13,15 +13,16 @@ variable lengths through :class:`~rnnkit.kernels.common.LayerMasks`) in float32 
 the CPU. Compiled code is cached on disk by numba (``cache=True``): the first call in a fresh
 environment compiles (see :func:`compile_seconds`), later processes load the cache.
 
-Threads: the rows of a batch never interact in a recurrence, so the batch is split into contiguous
-row ranges (at least ``MIN_ROWS`` rows each), one per thread, and each thread runs the whole time
-loop on its rows with no synchronisation per step (only for calls with enough work, see
-``MIN_SPLIT_MACS``). The count is ``RNNKIT_CPU_THREADS`` or else ``torch.get_num_threads()``.
+Threads (:func:`split`): a call with enough work is split into parts, one per thread, run at once in
+torch's own OpenMP team (:class:`_Team`, the threads torch's ops use, still hot after them): batch rows
+(no synchronisation per step), or, for small batches, hidden units (each thread multiplies by its own
+rows of R and the threads meet at a barrier once per step). Without torch's libgomp, row parts run on a
+small thread pool of our own. The count is ``RNNKIT_CPU_THREADS`` or else ``torch.get_num_threads()``.
 
 Per-step GEMM (:func:`blas`): in float32, MKL's packed SGEMM from the MKL inside torch's own library,
 with the recurrent weights packed once per call (:func:`_weight`); otherwise numba's ``np.dot``
 (scipy's OpenBLAS, loaded single-threaded, see :func:`_load_blas`). Either runs on one thread per
-row range.
+part.
 """
 
 from __future__ import annotations
@@ -483,7 +484,7 @@ class _CpuRecurrence(torch.autograd.Function):
         h0 = h0t.numpy()
         ln_g = ex.get("ln_weight_hh", A.dummy1)
         n = len(A.parts)
-        dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per row range
+        dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per part
         dbhh = np.zeros((n, GH))  # d b_hh (the sum of DG, or of DPOST for the GRU)
         DG = _empty(T, B, GH, dtype=dt)
         dh0 = _empty(B, H, dtype=dt)
@@ -598,4 +599,7 @@ def compile_seconds() -> dict[str, float]:
     return times
 
 
-register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run), auto_before={"cpu": "bptt"})
+# auto: after native for the LSTM (oneDNN's fused LSTM is faster), before it for the RNN and GRU, which
+# torch runs as a chain of per-step ATen ops on CPU (docs/kernels.md, "Which backend auto picks").
+register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run, DTYPES), auto_before={"cpu": "bptt"},
+         auto_first_for={"cpu": ("rnn", "gru")})

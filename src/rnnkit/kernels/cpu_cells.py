@@ -21,10 +21,15 @@ Conventions shared by every function (all arrays C-contiguous unless said otherw
 Backward outputs: ``DG`` (T, B, G*H) = d xg; ``DRAW`` = d(raw recurrent matmul output), which the
 wrapper turns into dR with one matmul over all steps; small parameter gradients are accumulated here.
 
-Rows: every loop runs batch rows ``b0:b1`` only (the last two arguments). The rows of a batch never
-interact in a recurrence, so the wrapper runs disjoint row ranges on separate threads (the loops
-release the GIL) with no synchronisation per step; each range gets its own parameter-gradient
-accumulators. Per step, each loop takes C-contiguous (rows, width) views ``X[t, b0:b1]``.
+Parts: every loop runs batch rows ``b0:b1`` and hidden units ``j0:j1`` only (the last five arguments are
+the part's weight pair(s), ``b0, b1, j0, j1`` and ``sync``). Rows never interact in a recurrence, so
+row parts run on separate threads with no synchronisation per step. Unit parts need every unit of
+``h_{t-1}`` for their matmul: each multiplies by its own rows of R (so its matmul yields only its gate
+columns, in a buffer of its own, gate-major), and with ``sync`` the threads of torch's OpenMP team meet
+at ``GOMP_barrier`` once per step: after writing h_t (forward), after writing DG_t (backward, before
+the matmul that reads all of it). Layer norm and the reset-before GRU need whole rows (``j0, j1 = 0,
+H``). Each part gets its own parameter-gradient accumulators. Per (t, b) the loops take C-contiguous
+views of the part's units (:func:`_seg`) and index them from 0, so that LLVM vectorizes them.
 """
 
 from __future__ import annotations
