@@ -323,3 +323,11 @@ def test_bench_command_rejects_bad_arguments(args, message):
     assert res.exit_code == 2
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_second_backward_through_the_same_graph_is_a_clear_error():
+    layer = build("lstm_peephole", 3, 4, backend="cpu")
+    out, _ = layer(torch.randn(5, 2, 3))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backend='cpu' frees .* retain_graph=True"):
+        out.sum().backward()

@@ -150,6 +150,10 @@ def _call(runner: Runner, x: Tensor, mode: str) -> Callable[[], None]:
     return fwd if mode == "fwd" else fwdbwd
 
 
+MEMORY_REPEATS = 3  # peak-memory measurements per runner and shape (median): a single one can be off when
+# the heap still holds memory freed by the previous runner
+
+
 class _PeakMemory:
     """Peak memory growth of a call: CUDA allocator statistics, or the process's peak RSS on Linux."""
 
@@ -163,6 +167,7 @@ class _PeakMemory:
                 # every allocation >= 64 KiB gets its own mmap and is returned on free: RSS follows live memory
                 libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
                 libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+                self.libc = libc
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
                 self.ok = True
@@ -189,6 +194,9 @@ class _PeakMemory:
             fn()
             _sync(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        # hand free heap pages back first: memory freed before the large allocations went to mmap (the
+        # timing pass) would otherwise serve them without the RSS growing
+        self.libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
         base = self._status("VmRSS:")
@@ -293,7 +301,8 @@ def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tup
                     for r in runners:
                         call = _call(r, x, "fwdbwd")
                         call()  # warm: first-call work (compilation, caches) is not the call's memory
-                        mem[r.label] = peak.measure(call)
+                        got = [peak.measure(call) for _ in range(MEMORY_REPEATS)]
+                        mem[r.label] = None if None in got else statistics.median(got)
                     base = mem["torch.nn.LSTM"]
                     for label, m in mem.items():
                         row = at[(label, T, B, H)]

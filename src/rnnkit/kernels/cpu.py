@@ -468,6 +468,9 @@ class _CpuRecurrence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
+        if ctx.buf is None:
+            raise RuntimeError("backend='cpu' frees (and overwrites) its saved activations in the first backward "
+                               "pass through them; run the forward again instead of retain_graph=True")
         K = _kernels()
         cell, masks, A, buf = ctx.cell, ctx.masks, ctx.arrays, ctx.buf
         Rd, has_bias, bhh, ex, h0t = ctx.inputs
@@ -486,11 +489,14 @@ class _CpuRecurrence(torch.autograd.Function):
         n = len(A.parts)
         dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per part
         dbhh = np.zeros((n, GH))  # d b_hh (the sum of DG, or of DPOST for the GRU)
-        DG = _empty(T, B, GH, dtype=dt)
+        family = cell.family
+        # d xg: written over the saved gates by the LSTM and reset-after GRU loops (step by step, each unit's
+        # gates read first), a buffer of its own otherwise
+        over_gates = family == "lstm" or (family == "gru" and cell.reset_after)
+        DG = buf["GATES"] if over_gates else _empty(T, B, GH, dtype=dt)
         dh0 = _empty(B, H, dtype=dt)
         grads: dict[str, np.ndarray] = {}
         db_hh = None
-        family = cell.family
         if family == "rnn":
             DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
             _launch(K.rnn_backward, A, Rd, cell, False, (
@@ -509,8 +515,8 @@ class _CpuRecurrence(torch.autograd.Function):
                 cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
                 ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
-                dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), buf["GATES"].numpy(),
-                buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(), DG.numpy(),
+                dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), DG.numpy(),
+                buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(),
                 DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dbhh, dpeep, dln_g, dln_cg, dln_cb))
             dstate = [dh0, dc0]
             draws = [DRAW]
@@ -520,8 +526,8 @@ class _CpuRecurrence(torch.autograd.Function):
             DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
             _launch(K.gru_backward, A, Rd, cell, False, (
                 ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
-                out.numpy(), buf["GATES"].numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
-                DG.numpy(), DPOST.numpy(), DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
+                out.numpy(), DG.numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
+                DPOST.numpy(), DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
             del DPOST
             dstate = [dh0]
             draws = [DRAW]

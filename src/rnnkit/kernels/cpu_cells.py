@@ -18,7 +18,7 @@ Conventions shared by every function (all arrays C-contiguous unless said otherw
     HIN     (T, B, H) the recurrent matmul's input ``h_{t-1} * hmask``; only written when ``has_hmask``
             (otherwise the input is ``h0`` / ``out[t-1]`` and the wrapper rebuilds it for dR).
     UH, RSH layer-norm ``u_hat`` (T, B, G*H) and ``1/std`` (T, B, parts) of the recurrent projection.
-Backward outputs: ``DG`` (T, B, G*H) = d xg; ``DRAW`` = d(raw recurrent matmul output), which the
+Backward outputs: ``DG`` (T, B, G*H) = d xg (the LSTM and reset-after GRU write it over GATES); ``DRAW`` = d(raw recurrent matmul output), which the
 wrapper turns into dR with one matmul over all steps; small parameter gradients are accumulated here.
 
 Parts: every loop runs batch rows ``b0:b1`` and hidden units ``j0:j1`` only (the last five arguments are
@@ -419,9 +419,11 @@ def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out,
 @njit(**_JIT)
 def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
                   has_hmask, hmask, has_keep, keep_h, keep_c, has_dout, dout, dhT, dcT,
-                  CS, CN, GATES, UH, RSH, UC, RSC, DG, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb,
+                  CS, CN, GATES, UH, RSH, UC, RSC, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb,
                   W, b0, b1, j0, j1, sync):
-    """Backward over T steps: DG = d xg (= d of the pre-activations a_t), DRAW = d(R h), dh0, dc0, and
+    """Backward over T steps: GATES is overwritten, step by step, with DG = d xg (= d of the
+    pre-activations a_t; each unit's gates are read before its gradients are written, through the same
+    views, so LLVM sees no aliasing); DRAW = d(R h) (GATES itself without layer norm), dh0, dc0, and
     accumulated over all steps: the sum of DG (= d b_hh) and the peephole / layer-norm gradients."""
     T, _, H = CN.shape
     nj = j1 - j0
@@ -443,7 +445,7 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
             d = _seg(dh[bl], 0, H, j0, j1)
             dcb = _seg(dc[bl], 0, H, j0, j1)
             zi, zf, zg, zo = _segs4(GATES[t, b], H, j0, j1)
-            dzi, dzf, dzg, dzo = _segs4(DG[t, b], H, j0, j1)
+            dzi, dzf, dzg, dzo = zi, zf, zg, zo  # in place
             cp = _seg(CS[t, b], 0, H, j0, j1)
             cn = _seg(CN[t, b], 0, H, j0, j1)
             if has_dout:
@@ -502,28 +504,18 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                 for j in range(nj):
                     dct[j] += dzo[j] * po[j]
                     dpo[j] += dzo[j] * cn[j]
-            for j in range(nj):
+            for j in range(nj):  # c_t = f * c_{t-1} + i * g, with i, f, g read before any is overwritten
                 i = zi[j]
+                f = zf[j]
                 g = zg[j]
-                dzg[j] = dct[j] * i * (1.0 - g * g)
-                dcb[j] = dct[j] * zf[j]
-            if use_i:
-                if coupled:
-                    for j in range(nj):
-                        i = zi[j]
-                        dzi[j] = dct[j] * (zg[j] - cp[j]) * i * (1.0 - i)
+                d_ = dct[j]
+                dcb[j] = d_ * f
+                dzg[j] = d_ * i * (1.0 - g * g)
+                if use_i:
+                    dzi[j] = d_ * (g - cp[j] if coupled else g) * i * (1.0 - i)
                 else:
-                    for j in range(nj):
-                        i = zi[j]
-                        dzi[j] = dct[j] * zg[j] * i * (1.0 - i)
-            else:
-                dzi[:] = 0.0
-            if use_f:
-                for j in range(nj):
-                    f = zf[j]
-                    dzf[j] = dct[j] * cp[j] * f * (1.0 - f)
-            else:
-                dzf[:] = 0.0
+                    dzi[j] = 0.0
+                dzf[j] = d_ * cp[j] * f * (1.0 - f) if use_f else 0.0
             if peephole:
                 for j in range(nj):
                     dpi[j] += dzi[j] * cp[j]
@@ -538,7 +530,7 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                 dbg[j] += dzg[j]
                 dbo[j] += dzo[j]
         if layer_norm:
-            _ln_rows_backward(DG[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
+            _ln_rows_backward(GATES[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
                               dln_g)
         if sync:
             _barrier()
@@ -597,9 +589,10 @@ def gru_forward(xg, bhh, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h,
 
 @njit(**_JIT)
 def gru_backward(layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout, dout, dhT,
-                 h0, out, GATES, HN, UH, RSH, DG, DPOST, DRAW, dh0, dbhh, dln_g, W, b0, b1, j0, j1, sync):
-    """Backward over T steps (reset after). DPOST = d(LN(R h) + b_hh) (its sum is d b_hh, also
-    accumulated in ``dbhh``); DRAW = d(R h) (DPOST itself without layer norm)."""
+                 h0, out, GATES, HN, UH, RSH, DPOST, DRAW, dh0, dbhh, dln_g, W, b0, b1, j0, j1, sync):
+    """Backward over T steps (reset after). GATES is overwritten, step by step, with DG = d xg (in place,
+    as in :func:`lstm_backward`); DPOST = d(LN(R h) + b_hh) (its sum is d b_hh, also accumulated in
+    ``dbhh``); DRAW = d(R h) (DPOST itself without layer norm)."""
     T, _, H = out.shape
     nj = j1 - j0
     nb = b1 - b0
@@ -615,7 +608,7 @@ def gru_backward(layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout,
             do = _seg(dout[t, b], 0, H, j0, j1) if has_dout else dv
             kh = _seg(keep_h[t, b], 0, H, j0, j1)
             gr, gz, gn = _segs3(GATES[t, b], H, j0, j1)
-            dgr, dgz, dgn = _segs3(DG[t, b], H, j0, j1)
+            dgr, dgz, dgn = gr, gz, gn  # in place
             dpr, dpz, dpn = _segs3(DPOST[t, b], H, j0, j1)
             hnt = _seg(HN[t, b], 0, H, j0, j1)
             hp = _seg(hprev[bl], 0, H, j0, j1)
