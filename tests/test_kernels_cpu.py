@@ -132,8 +132,7 @@ def test_matches_reference_split_over_threads(name, how, monkeypatch):
     dtype = torch.float64
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
     spec = REGISTRY[name]
-    cell = make_cell(spec.family, 5, **spec.cell_options)
-    by_units = how == "units" and not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
+    by_units = how == "units" and cpu.units_splittable(make_cell(spec.family, 5, **spec.cell_options))
     assert launched and all(got == (by_units, 3) for got in launched)
 
 
@@ -250,7 +249,8 @@ def test_auto_on_cpu():
         cell = make_cell(spec.family, 8, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         native = kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None
-        assert kernels.resolve("auto", cell, cfg, cpu) == ("native" if native and spec.family == "lstm" else "cpu")
+        expected = "native" if native and spec.family == "lstm" else "cpu"
+        assert kernels.resolve("auto", cell, cfg, cpu) == expected, name
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.float64) == kernels.resolve("auto", cell, cfg, cpu)
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.bfloat16) == ("native" if native else "bptt")
     layer = build("gru", 3, 4)  # auto

@@ -79,13 +79,19 @@ def _edges(n: int, size: int, align: int = 1) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def units_splittable(cell: Cell) -> bool:
+    """Whether the loops of ``cell`` can split hidden units over threads: not with layer norm (its
+    statistics span all units) nor for the reset-before GRU (its n-gate matmul needs ``r * h`` of all)."""
+    return not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
+
+
 def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[int, int, int, int]], bool]:
     """How one call of a loop is spread over threads: the parts ``(b0, b1, j0, j1)`` (batch rows and hidden
     units), one per thread, and whether they split units (then the threads meet at a barrier every step).
 
     One part if there is one thread or too little work. Units, in ranges of at least ``MIN_UNITS`` on
     64-byte lines, when the batch has 2 rows or more but fewer than ``UNITS_BELOW_ROWS`` per thread and
-    ``units_ok`` (no layer norm, not the reset-before GRU) and torch's OpenMP team is there; otherwise
+    ``units_ok`` (:func:`units_splittable`) and torch's OpenMP team is there; otherwise
     rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the 2-core machine
     (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster on one thread.
     """
@@ -120,7 +126,9 @@ class _Team:
         self._jobs: dict[int, tuple[list, bool, list]] = {}
         self._next = itertools.count(1)
 
-    def _run_part(self, key: int | None) -> None:
+    def _run_part(self, key: int) -> None:
+        # With ``sync``, a part that raised before its loop started would leave the others waiting at the
+        # barrier; the calls only differ in their parts, so they fail alike (e.g. typing) or not at all.
         calls, sync, errors = self._jobs[key]
         k, n = self.lib.omp_get_thread_num(), self.lib.omp_get_num_threads()
         if n != len(calls) and sync:  # a smaller team (e.g. nested): the caller runs it whole
@@ -328,8 +336,7 @@ class _Arrays:
         ndt = np.float32 if dtype == torch.float32 else np.float64
         H, n_state = cell.hidden_size, cell.state_size
         self.T, self.B, self.H = T, B, H
-        units_ok = not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
-        self.parts, self.units = split(T, B, H, GH, units_ok)
+        self.parts, self.units = split(T, B, H, GH, units_splittable(cell))
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
@@ -344,7 +351,6 @@ class _Arrays:
         else:
             z = torch.zeros(1, 1, 1, dtype=dtype).expand(T, B, H).numpy()
             self.keep = [z] * n_state
-
 
     def whole(self) -> None:
         """One part for the whole call (when torch's team comes out smaller than the split)."""

@@ -18,11 +18,12 @@ Conventions shared by every function (all arrays C-contiguous unless said otherw
     HIN     (T, B, H) the recurrent matmul's input ``h_{t-1} * hmask``; only written when ``has_hmask``
             (otherwise the input is ``h0`` / ``out[t-1]`` and the wrapper rebuilds it for dR).
     UH, RSH layer-norm ``u_hat`` (T, B, G*H) and ``1/std`` (T, B, parts) of the recurrent projection.
-Backward outputs: ``DG`` (T, B, G*H) = d xg (the LSTM and reset-after GRU write it over GATES); ``DRAW`` = d(raw recurrent matmul output), which the
-wrapper turns into dR with one matmul over all steps; small parameter gradients are accumulated here.
+Backward outputs: ``DG`` (T, B, G*H) = d xg (the LSTM and reset-after GRU loops write it over GATES);
+``DRAW`` = d(raw recurrent matmul output), which the wrapper turns into dR with one matmul over all
+steps; small parameter gradients are accumulated here.
 
-Parts: every loop runs batch rows ``b0:b1`` and hidden units ``j0:j1`` only (the last five arguments are
-the part's weight pair(s), ``b0, b1, j0, j1`` and ``sync``). Rows never interact in a recurrence, so
+Parts: every loop runs batch rows ``b0:b1`` and hidden units ``j0:j1`` only (its last arguments are the
+part's weight pair(s), then ``b0, b1, j0, j1`` and ``sync``). Rows never interact in a recurrence, so
 row parts run on separate threads with no synchronisation per step. Unit parts need every unit of
 ``h_{t-1}`` for their matmul: each multiplies by its own rows of R (so its matmul yields only its gate
 columns, in a buffer of its own, gate-major), and with ``sync`` the threads of torch's OpenMP team meet
