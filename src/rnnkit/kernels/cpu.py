@@ -80,10 +80,9 @@ def _edges(n: int, size: int, align: int = 1) -> list[tuple[int, int]]:
 
 
 def units_splittable(cell: Cell) -> bool:
-    """Whether the loops of ``cell`` can split hidden units over threads: not for the reset-before GRU (its
-    n-gate matmul needs ``r * h`` of every unit), nor with layer norm except in the LSTM (whose loops
-    add up each part's share of the statistics and meet at the barrier)."""
-    return (not cell.layer_norm or cell.family == "lstm") and (cell.family != "gru" or cell.reset_after)
+    """Whether the loops of ``cell`` can split hidden units over threads: not with layer norm (its
+    statistics span all units) nor for the reset-before GRU (its n-gate matmul needs ``r * h`` of all)."""
+    return not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
 
 
 def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[int, int, int, int]], bool]:
@@ -339,8 +338,6 @@ class _Arrays:
         self.T, self.B, self.H = T, B, H
         self.parts, self.units = split(T, B, H, GH, units_splittable(cell))
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
-        # each part's sums over its units for the LSTM's layer norms (zeros: row parts leave others' alone)
-        self.sums = np.zeros((len(self.parts), B if cell.layer_norm and cell.family == "lstm" else 1, 4))
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
         self.dummy2 = np.zeros((1, 1), ndt)
@@ -358,7 +355,6 @@ class _Arrays:
     def whole(self) -> None:
         """One part for the whole call (when torch's team comes out smaller than the split)."""
         self.parts, self.units, self.rows = [(0, self.B, 0, self.H)], False, self.B
-        self.sums = self.sums[:1] * 0.0
 
 
 def _weights(R: Tensor, cell: Cell, transpose: bool, A: _Arrays) -> list[tuple]:
@@ -445,7 +441,7 @@ class _CpuRecurrence(torch.autograd.Function):
                 ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0,
                 out.numpy(), CS.numpy(), CN.numpy(), HIN.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy(),
-                UC.numpy(), RSC.numpy(), A.sums), (A.sums,))
+                UC.numpy(), RSC.numpy()))
             buf.update(CS=CS, CN=CN, GATES=GATES, UC=UC, RSC=RSC)
         elif cell.reset_after:
             GATES = _empty(T, B, GH, dtype=dt)
@@ -527,7 +523,7 @@ class _CpuRecurrence(torch.autograd.Function):
                 ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
                 dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), DG.numpy(),
                 buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(),
-                DRAW.numpy(), A.sums, dh0.numpy(), dc0.numpy()), (dbhh, dpeep, dln_g, dln_cg, dln_cb, A.sums))
+                DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dbhh, dpeep, dln_g, dln_cg, dln_cb))
             dstate = [dh0, dc0]
             draws = [DRAW]
             grads.update(weight_ch=dpeep, ln_weight_c=dln_cg, ln_bias_c=dln_cb)

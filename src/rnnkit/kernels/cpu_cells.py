@@ -319,77 +319,31 @@ def _add_rec(dh, tmp, carry, has_keep, j0, j1):
 
 # ---- LSTM (LSTMCell, gate order i, f, g, o) ----------------------------------------------------------
 
-@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
-def _sums(ps, o, u, v, w):
-    """``ps[o] <- sum(u * v)`` and ``ps[o + 1] <- sum(u * v * w)`` in float64: a part's share of a row's
-    layer-norm sums (``u`` ones and ``v = w = x`` for the mean and mean square of x)."""
-    s1 = 0.0
-    s2 = 0.0
-    for j in range(v.shape[0]):
-        p = u[j] * v[j]
-        s1 += p
-        s2 += p * w[j]
-    ps[o] = s1
-    ps[o + 1] = s2
-
-
-@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
-def _total(PS, b, o, n):
-    """The means over n units of the two sums every part left in ``PS[:, b, o:o + 2]``."""
-    s1 = 0.0
-    s2 = 0.0
-    for k in range(PS.shape[0]):
-        s1 += PS[k, b, o]
-        s2 += PS[k, b, o + 1]
-    return s1 / n, s2 / n
-
-
-@njit(fastmath=True, cache=True, inline="always", error_model="numpy")
-def _lstm_h(hn, zo, cc, act_out, like):
-    """h = o * phi(c) (phi = tanh, or identity without the output activation)."""
-    if act_out:
-        for j in range(hn.shape[0]):
-            hn[j] = zo[j] * _tanh(cc[j], like)
-    else:
-        for j in range(hn.shape[0]):
-            hn[j] = zo[j] * cc[j]
-
-
 @njit(**_JIT)
 def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g,
                  ln_cg, ln_cb, has_hmask, hmask, has_keep, keep_h, keep_c,
-                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC, PS, ps, W, b0, b1, j0, j1, sync):
+                 h0, out, CS, CN, HIN, GATES, UH, RSH, UC, RSC, W, b0, b1, j0, j1, sync):
     """Forward over T steps.
 
     CS (T+1, B, H): c states (CS[0] = c0, set by the caller); CN (T, B, H): the cell's c_t before
     keep-mixing (may alias CS[1:]); GATES (T, B, 4H): i, f, g, o after their activations (1 for a
-    dropped gate, 1 - i for f when coupled); UH/RSH, UC/RSC: layer norm of the recurrent projection
-    and of c_t. h_t = o * phi(LN(c_t)). Each (t, b) row is processed in short unit-stride passes so
-    that LLVM vectorizes them.
-
-    Layer norm spans every unit of a row, so each part leaves its sums over its own units in ``ps``
-    (its slot of PS (parts, B, 4), float64: slots 0-1 the projection, 2-3 c_t), and with ``sync`` the
-    threads meet at the barrier before every part reads the totals (:func:`_total`).
+    dropped gate, 1 - i for f when coupled); UC/RSC: layer norm of c_t (whole rows only: then
+    ``j0, j1 = 0, H``). h_t = o * phi(LN(c_t)). Each (t, b) row is processed in short unit-stride passes
+    so that LLVM vectorizes them.
     """
     T, _, H = out.shape
     nj = j1 - j0
     nb = b1 - b0
     hg = np.empty((nb, 4 * nj), out.dtype)
     buf = np.empty((nb, H), out.dtype)
-    ones = np.ones(4 * nj, out.dtype)
     cc = np.empty(nj, out.dtype)
     bi, bf, bg, bo = _segs4(bhh, H, j0, j1)
     pi, pf, po = _segs3(peep, H, j0, j1)
-    gi, gf, gg, go = _segs4(ln_g, H, j0, j1)
-    lg, lb = _seg(ln_cg, 0, H, j0, j1), _seg(ln_cb, 0, H, j0, j1)
     for t in range(T):
         src = _rec_input(t, h0, out, hmask, has_hmask, HIN, b0, b1, j0, buf)
         _matmul(src, W, hg)
         if layer_norm:
-            for bl in range(nb):
-                _sums(ps[b0 + bl], 0, ones, hg[bl], hg[bl])
-            if sync:
-                _barrier()
+            _ln_rows(hg, 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0)
         hprev = h0[b0:b1] if t == 0 else out[t - 1, b0:b1]
         for bl in range(nb):
             b = b0 + bl
@@ -399,21 +353,6 @@ def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out,
             cp = _seg(CS[t, b], 0, H, j0, j1)
             cn = _seg(CN[t, b], 0, H, j0, j1)
             hn = _seg(out[t, b], 0, H, j0, j1)
-            if layer_norm:  # r <- gain * u_hat, u_hat kept
-                m1, m2 = _total(PS, b, 0, 4 * H)
-                rs = 1.0 / math.sqrt(max(m2 - m1 * m1, 0.0) + LN_EPS)
-                if j0 == 0:
-                    RSH[t, b, 0] = rs
-                ui, uf, ug, uo = _segs4(UH[t, b], H, j0, j1)
-                for j in range(nj):
-                    ui[j] = (ri[j] - m1) * rs
-                    uf[j] = (rf[j] - m1) * rs
-                    ug[j] = (rc[j] - m1) * rs
-                    uo[j] = (ro[j] - m1) * rs
-                    ri[j] = ui[j] * gi[j]
-                    rf[j] = uf[j] * gf[j]
-                    rc[j] = ug[j] * gg[j]
-                    ro[j] = uo[j] * go[j]
             for j in range(nj):
                 zi[j] = xi[j] + ri[j] + bi[j]
                 zf[j] = xf[j] + rf[j] + bf[j]
@@ -445,31 +384,29 @@ def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out,
             else:
                 zo[:] = 1.0
             if layer_norm:
-                _sums(ps[b], 2, ones, cn, cn)
-            else:
-                _lstm_h(hn, zo, cn, act_out, out)
-        if layer_norm:  # h_t = o * phi(LN(c_t)) once every part has added up its units of c_t
-            if sync:
-                _barrier()
-            for bl in range(nb):
-                b = b0 + bl
-                m1, m2 = _total(PS, b, 2, H)
-                rs = 1.0 / math.sqrt(max(m2 - m1 * m1, 0.0) + LN_EPS)
-                if j0 == 0:
-                    RSC[t, b, 0] = rs
-                cn = _seg(CN[t, b], 0, H, j0, j1)
-                uc = _seg(UC[t, b], 0, H, j0, j1)
+                mu = 0.0
                 for j in range(nj):
-                    uc[j] = (cn[j] - m1) * rs
-                    cc[j] = uc[j] * lg[j] + lb[j]
-                _lstm_h(_seg(out[t, b], 0, H, j0, j1), _seg(GATES[t, b], 3, H, j0, j1), cc, act_out, out)
-        if has_keep:  # otherwise CN aliases CS[1:] and c_t is already in place
-            for bl in range(nb):
-                b = b0 + bl
-                hn = _seg(out[t, b], 0, H, j0, j1)
+                    mu += cn[j]
+                mu /= nj
+                var = 0.0
+                for j in range(nj):
+                    var += (cn[j] - mu) * (cn[j] - mu)
+                rs = 1.0 / math.sqrt(var / nj + LN_EPS)
+                RSC[t, b, 0] = rs
+                uc = UC[t, b]
+                for j in range(nj):
+                    uc[j] = (cn[j] - mu) * rs
+                    cc[j] = uc[j] * ln_cg[j] + ln_cb[j]
+            else:
+                cc[:] = cn
+            if act_out:
+                for j in range(nj):
+                    hn[j] = zo[j] * _tanh(cc[j], out)
+            else:
+                for j in range(nj):
+                    hn[j] = zo[j] * cc[j]
+            if has_keep:  # otherwise CN aliases CS[1:] and c_t is already in place
                 hp = _seg(hprev[bl], 0, H, j0, j1)
-                cp = _seg(CS[t, b], 0, H, j0, j1)
-                cn = _seg(CN[t, b], 0, H, j0, j1)
                 cs = _seg(CS[t + 1, b], 0, H, j0, j1)
                 kh = _seg(keep_h[t, b], 0, H, j0, j1)
                 kc = _seg(keep_c[t, b], 0, H, j0, j1)
@@ -483,16 +420,12 @@ def lstm_forward(xg, bhh, use_i, use_f, use_o, coupled, peephole, peep, act_out,
 @njit(**_JIT)
 def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_norm, ln_g, ln_cg, ln_cb,
                   has_hmask, hmask, has_keep, keep_h, keep_c, has_dout, dout, dhT, dcT,
-                  CS, CN, GATES, UH, RSH, UC, RSC, DRAW, PS, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb, ps,
+                  CS, CN, GATES, UH, RSH, UC, RSC, DRAW, dh0, dc0, dbhh, dpeep, dln_g, dln_cg, dln_cb,
                   W, b0, b1, j0, j1, sync):
     """Backward over T steps: GATES is overwritten, step by step, with DG = d xg (= d of the
     pre-activations a_t; each unit's gates are read before its gradients are written, through the same
     views, so LLVM sees no aliasing); DRAW = d(R h) (GATES itself without layer norm), dh0, dc0, and
-    accumulated over all steps: the sum of DG (= d b_hh) and the peephole / layer-norm gradients.
-
-    Layer norm: as in :func:`lstm_forward`, parts leave their sums in ``ps`` (slots 2-3 for the norm of
-    c_t, 0-1 for the projection's) and read the totals after the barrier.
-    """
+    accumulated over all steps: the sum of DG (= d b_hh) and the peephole / layer-norm gradients."""
     T, _, H = CN.shape
     nj = j1 - j0
     nb = b1 - b0
@@ -501,35 +434,28 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
     carry = np.zeros((nb, H), CN.dtype)
     carry_c = np.zeros((nb, H), CN.dtype)
     tmp = np.empty((nb, nj), CN.dtype)
-    A = np.empty((nb, nj), CN.dtype)  # phi(LN(c_t)) per row, recomputed
-    DY = np.empty((nb, nj), CN.dtype)  # d(phi argument) per row
+    a = np.empty(nj, CN.dtype)
+    dy = np.empty(nj, CN.dtype)
     dct = np.empty(nj, CN.dtype)
     dbi, dbf, dbg, dbo = _segs4(dbhh, H, j0, j1)
     pi, pf, po = _segs3(peep, H, j0, j1)
     dpi, dpf, dpo = _segs3(dpeep, H, j0, j1)
-    lg, lb = _seg(ln_cg, 0, H, j0, j1), _seg(ln_cb, 0, H, j0, j1)
-    dlg, dlb = _seg(dln_cg, 0, H, j0, j1), _seg(dln_cb, 0, H, j0, j1)
-    gain = np.empty(4 * nj, CN.dtype)  # the projection's layer-norm gain for this part's columns
-    dgain = np.zeros(4 * nj)
-    if layer_norm:
-        for g in range(4):
-            gain[g * nj:(g + 1) * nj] = _seg(ln_g, g, H, j0, j1)
     for t in range(T - 1, -1, -1):
-        for bl in range(nb):  # dh reaches h_t = o * phi(LN(c_t)); zoneout carries its share past the step
+        for bl in range(nb):
             b = b0 + bl
             d = _seg(dh[bl], 0, H, j0, j1)
             dcb = _seg(dc[bl], 0, H, j0, j1)
-            zo = _seg(GATES[t, b], 3, H, j0, j1)
+            zi, zf, zg, zo = _segs4(GATES[t, b], H, j0, j1)
+            dzi, dzf, dzg, dzo = zi, zf, zg, zo  # in place
+            cp = _seg(CS[t, b], 0, H, j0, j1)
             cn = _seg(CN[t, b], 0, H, j0, j1)
-            a = A[bl]
-            dy = DY[bl]
             if has_dout:
                 do = _seg(dout[t, b], 0, H, j0, j1)
                 for j in range(nj):
                     d[j] += do[j]
+            ch = _seg(carry[bl], 0, H, j0, j1)
+            chc = _seg(carry_c[bl], 0, H, j0, j1)
             if has_keep:
-                ch = _seg(carry[bl], 0, H, j0, j1)
-                chc = _seg(carry_c[bl], 0, H, j0, j1)
                 kh = _seg(keep_h[t, b], 0, H, j0, j1)
                 kc = _seg(keep_c[t, b], 0, H, j0, j1)
                 for j in range(nj):
@@ -537,10 +463,11 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                     d[j] -= ch[j]
                     chc[j] = kc[j] * dcb[j]
                     dcb[j] -= chc[j]
-            if layer_norm:
-                uc = _seg(UC[t, b], 0, H, j0, j1)
+            # a = phi(LN(c_t)), recomputed; dy = d(h)/d(phi argument)
+            if layer_norm:  # whole rows only
+                uc = UC[t, b]
                 for j in range(nj):
-                    a[j] = uc[j] * lg[j] + lb[j]
+                    a[j] = uc[j] * ln_cg[j] + ln_cb[j]
             else:
                 a[:] = cn
             if act_out:
@@ -551,28 +478,21 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                 for j in range(nj):
                     dy[j] = d[j] * zo[j]
             if layer_norm:
-                for j in range(nj):
-                    dlb[j] += dy[j]
-                    dlg[j] += dy[j] * uc[j]
-                _sums(ps[b], 2, dy, lg, uc)  # sum(dy * g), sum(dy * g * u_c)
-        if layer_norm and sync:
-            _barrier()
-        for bl in range(nb):  # through LN(c_t), the output gate and c_t = f * c_{t-1} + i * g
-            b = b0 + bl
-            d = _seg(dh[bl], 0, H, j0, j1)
-            dcb = _seg(dc[bl], 0, H, j0, j1)
-            zi, zf, zg, zo = _segs4(GATES[t, b], H, j0, j1)
-            dzi, dzf, dzg, dzo = zi, zf, zg, zo  # in place
-            cp = _seg(CS[t, b], 0, H, j0, j1)
-            cn = _seg(CN[t, b], 0, H, j0, j1)
-            a = A[bl]
-            dy = DY[bl]
-            if layer_norm:
-                m1, m2 = _total(PS, b, 2, H)
+                uc = UC[t, b]
                 rs = RSC[t, b, 0]
-                uc = _seg(UC[t, b], 0, H, j0, j1)
+                mg = 0.0
+                mgu = 0.0
                 for j in range(nj):
-                    dy[j] = rs * (dy[j] * lg[j] - m1 - uc[j] * m2)
+                    dln_cb[j] += dy[j]
+                    dln_cg[j] += dy[j] * uc[j]
+                    g = dy[j] * ln_cg[j]
+                    mg += g
+                    mgu += g * uc[j]
+                mg /= nj
+                mgu /= nj
+                for j in range(nj):
+                    dy[j] = rs * (dy[j] * ln_cg[j] - mg - uc[j] * mgu)
+            # output gate, then c_t = f * c_{t-1} + i * g
             if use_o:
                 for j in range(nj):
                     o = zo[j]
@@ -585,7 +505,7 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                 for j in range(nj):
                     dct[j] += dzo[j] * po[j]
                     dpo[j] += dzo[j] * cn[j]
-            for j in range(nj):  # i, f, g read before any is overwritten
+            for j in range(nj):  # c_t = f * c_{t-1} + i * g, with i, f, g read before any is overwritten
                 i = zi[j]
                 f = zf[j]
                 g = zg[j]
@@ -603,7 +523,6 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                     dpf[j] += dzf[j] * cp[j]
                     dcb[j] += dzi[j] * pi[j] + dzf[j] * pf[j]
             if has_keep:
-                chc = _seg(carry_c[bl], 0, H, j0, j1)
                 for j in range(nj):
                     dcb[j] += chc[j]
             for j in range(nj):
@@ -611,44 +530,13 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
                 dbf[j] += dzf[j]
                 dbg[j] += dzg[j]
                 dbo[j] += dzo[j]
-        if layer_norm:  # through the projection's layer norm: DRAW = d(R h) for this part's columns
-            for bl in range(nb):
-                b = b0 + bl
-                s1 = 0.0
-                s2 = 0.0
-                for g in range(4):
-                    zs = _seg(GATES[t, b], g, H, j0, j1)
-                    us = _seg(UH[t, b], g, H, j0, j1)
-                    gs = gain[g * nj:(g + 1) * nj]
-                    for j in range(nj):
-                        w = zs[j] * gs[j]
-                        s1 += w
-                        s2 += w * us[j]
-                ps[b, 0] = s1
-                ps[b, 1] = s2
-            if sync:
-                _barrier()
-            for bl in range(nb):
-                b = b0 + bl
-                m1, m2 = _total(PS, b, 0, 4 * H)
-                rs = RSH[t, b, 0]
-                for g in range(4):
-                    zs = _seg(GATES[t, b], g, H, j0, j1)
-                    us = _seg(UH[t, b], g, H, j0, j1)
-                    ds = _seg(DRAW[t, b], g, H, j0, j1)
-                    gs = gain[g * nj:(g + 1) * nj]
-                    dgs = dgain[g * nj:(g + 1) * nj]
-                    for j in range(nj):
-                        dgs[j] += zs[j] * us[j]
-                        ds[j] = rs * (zs[j] * gs[j] - m1 - us[j] * m2)
+        if layer_norm:
+            _ln_rows_backward(GATES[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
+                              dln_g)
         if sync:
             _barrier()
         _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
         _add_rec(dh, tmp, carry, has_keep, j0, j1)
-    if layer_norm:
-        for g in range(4):
-            dl = _seg(dln_g, g, H, j0, j1)
-            dl += dgain[g * nj:(g + 1) * nj]
     dh0[b0:b1, j0:j1] = dh[:, j0:j1]
     dc0[b0:b1, j0:j1] = dc[:, j0:j1]
 
