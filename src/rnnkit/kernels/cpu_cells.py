@@ -219,6 +219,31 @@ def _segs4(v, n, j0, j1):
     return _seg(v, 0, n, j0, j1), _seg(v, 1, n, j0, j1), _seg(v, 2, n, j0, j1), _seg(v, 3, n, j0, j1)
 
 
+@njit(**_JIT)
+def _add_rec(dh, tmp, carry, has_keep, j0, j1):
+    """dh[:, j0:j1] <- tmp (+ carry[:, j0:j1]): the gradient reaching h_{t-1}, plus what zoneout carried."""
+    H = dh.shape[1]
+    for b in range(dh.shape[0]):
+        d = _seg(dh[b], 0, H, j0, j1)
+        tm = tmp[b]
+        if has_keep:
+            ch = _seg(carry[b], 0, H, j0, j1)
+            for j in range(d.shape[0]):
+                d[j] = tm[j] + ch[j]
+        else:
+            d[:] = tm
+
+
+@njit(**_JIT)
+def _through_R(DRAW_t, W, tmp, hmask, has_hmask, dh, carry, has_keep, b0, j0, j1, sync):
+    """The end of a backward step: ``dh[:, j0:j1] <- (DRAW_t @ R[:, j0:j1]) * hmask (+ carry)``. With
+    ``sync``, first the barrier: the matmul reads every part's columns of DRAW_t."""
+    if sync:
+        _barrier()
+    _rec_grad(DRAW_t, W, tmp, hmask, has_hmask, b0, j0)
+    _add_rec(dh, tmp, carry, has_keep, j0, j1)
+
+
 # ---- Elman RNN (ElmanCell: h_t = phi(xg_t + LN(R h_{t-1}) + b_hh)) ----------------------------------
 
 @njit(**_JIT)
@@ -295,26 +320,8 @@ def rnn_backward(relu, layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has
                 db[j] += g
         if layer_norm:
             _ln_rows_backward(DG[t, b0:b1], H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1], dln_g)
-        if sync:
-            _barrier()
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
-        _add_rec(dh, tmp, carry, has_keep, j0, j1)
+        _through_R(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, dh, carry, has_keep, b0, j0, j1, sync)
     dh0[b0:b1, j0:j1] = dh[:, j0:j1]
-
-
-@njit(**_JIT)
-def _add_rec(dh, tmp, carry, has_keep, j0, j1):
-    """dh[:, j0:j1] <- tmp (+ carry[:, j0:j1]): the gradient reaching h_{t-1}, plus what zoneout carried."""
-    H = dh.shape[1]
-    for b in range(dh.shape[0]):
-        d = _seg(dh[b], 0, H, j0, j1)
-        tm = tmp[b]
-        if has_keep:
-            ch = _seg(carry[b], 0, H, j0, j1)
-            for j in range(d.shape[0]):
-                d[j] = tm[j] + ch[j]
-        else:
-            d[:] = tm
 
 
 # ---- LSTM (LSTMCell, gate order i, f, g, o) ----------------------------------------------------------
@@ -533,10 +540,7 @@ def lstm_backward(use_i, use_f, use_o, coupled, peephole, peep, act_out, layer_n
         if layer_norm:
             _ln_rows_backward(GATES[t, b0:b1], 4 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
                               dln_g)
-        if sync:
-            _barrier()
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
-        _add_rec(dh, tmp, carry, has_keep, j0, j1)
+        _through_R(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, dh, carry, has_keep, b0, j0, j1, sync)
     dh0[b0:b1, j0:j1] = dh[:, j0:j1]
     dc0[b0:b1, j0:j1] = dc[:, j0:j1]
 
@@ -641,10 +645,7 @@ def gru_backward(layer_norm, ln_g, has_hmask, hmask, has_keep, keep_h, has_dout,
         if layer_norm:
             _ln_rows_backward(DPOST[t, b0:b1], 3 * H, ln_g, 0, UH[t, b0:b1], RSH[t, b0:b1], 0, DRAW[t, b0:b1],
                               dln_g)
-        if sync:
-            _barrier()
-        _rec_grad(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, b0, j0)
-        _add_rec(dh, tmp, acc, True, j0, j1)
+        _through_R(DRAW[t, b0:b1], W, tmp, hmask, has_hmask, dh, acc, True, b0, j0, j1, sync)
     dh0[b0:b1, j0:j1] = dh[:, j0:j1]
 
 
