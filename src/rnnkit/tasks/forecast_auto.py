@@ -13,8 +13,8 @@ Given one or many series and a horizon H, :func:`auto_fit`:
    (mean MASE over series, lag m, ties broken by sMAPE), every 50 training steps, keeping the best score
    and its step count (early stopping);
 4. refits the best candidate on the whole series, for its best step count, and returns it with the table
-   of candidates and their validation scores. The final forecast averages three networks: the candidates within 10% of the best
-   validation MASE (up to three), or the best one trained with three seeds.
+   of candidates and their validation scores. The final forecast averages three networks: the candidates
+   within 10% of the best validation MASE (up to three), or the best one trained with three seeds.
 
 The model is one network for all series (a global model, DeepAR-style without the likelihood): a
 one-step recursive LSTM trained with teacher forcing on windows of every series, each series in its
