@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    settings = AutoClassifySettings(steps=5, folds=2) if args.quick else AutoClassifySettings()
+    settings = AutoClassifySettings(cv_steps=5, steps=5, folds=2) if args.quick else AutoClassifySettings()
     rows = []
     for name in [s for s in args.sets.split(",") if s]:
         tr, te = load_bundled(name, "train"), load_bundled(name, "test")

@@ -34,7 +34,9 @@ class AutoClassifySettings:
     Args:
         candidates: model families to compare ("recurrent", "lstm_fcn").
         folds: cross-validation folds on the training set (fewer when a class has fewer members).
-        steps: optimizer steps per training run (each fold and the final fit).
+        cv_steps: optimizer steps of each cross-validation fit (a ranking needs less training than the
+            final model).
+        steps: optimizer steps of the final fit on the whole training set.
         batch_size, lr: Adam settings shared by the candidates.
         minutes: time budget of the cross-validation (the final fit comes on top); folds not reached are
             skipped and the record says so.
@@ -43,10 +45,11 @@ class AutoClassifySettings:
 
     candidates: tuple[str, ...] = CANDIDATES
     folds: int = 3
-    steps: int = 1500
+    cv_steps: int = 400
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
-    minutes: float = 10.0
+    minutes: float = 5.0
     recurrent: C.ClassifyModelConfig = C.ClassifyModelConfig()
     lstm_fcn: LSTMFCNConfig = LSTMFCNConfig()
 
@@ -59,14 +62,14 @@ def build_net(kind: str, channels: int, n_classes: int, max_len: int, s: AutoCla
     raise SeriesError(f"--model: expected one of {CANDIDATES} or auto, got {kind!r}")
 
 
-def _trainer(s: AutoClassifySettings, seed: int) -> TrainerConfig:
-    return TrainerConfig(seed=seed, steps=s.steps, batch_size=s.batch_size, clip_norm=1.0, tensorboard=False,
+def _trainer(s: AutoClassifySettings, seed: int, steps: int) -> TrainerConfig:
+    return TrainerConfig(seed=seed, steps=steps, batch_size=s.batch_size, clip_norm=1.0, tensorboard=False,
                          log_every=10_000, optim=OptimConfig(name="adam", lr=s.lr))
 
 
-def train_net(net: nn.Module, data: dict[str, Tensor], s: AutoClassifySettings, seed: int) -> nn.Module:
+def train_net(net: nn.Module, data: dict[str, Tensor], s: AutoClassifySettings, seed: int, steps: int) -> nn.Module:
     torch.manual_seed(seed)
-    fit(net, C.ClassifyTask(), data, _trainer(s, seed), None)
+    fit(net, C.ClassifyTask(), data, _trainer(s, seed, steps), None)
     return net
 
 
@@ -125,7 +128,8 @@ def auto_train(train_set: SequenceSet, settings: AutoClassifySettings | None = N
             if time.time() - t0 > 60 * s.minutes and accs:
                 break
             tr = np.setdiff1d(np.arange(len(y)), va)
-            net = train_net(build_net(kind, Cn, K, T, s), {k2: v[tr] for k2, v in data.items()}, s, seed + f)
+            net = train_net(build_net(kind, Cn, K, T, s), {k2: v[tr] for k2, v in data.items()}, s, seed + f,
+                            s.cv_steps)
             accs.append(float((predict(net, data["x"][va], data["lengths"][va]) == y[va]).mean()))
         scores[kind] = float(np.mean(accs))
         record["candidates"][kind] = {"fold_accuracy": [round(a, 4) for a in accs], "mean": round(scores[kind], 4),
@@ -135,7 +139,7 @@ def auto_train(train_set: SequenceSet, settings: AutoClassifySettings | None = N
     best = max(s.candidates, key=lambda c: scores[c])
     record["chosen"] = best
     record["why"] = f"highest mean {len(folds)}-fold cross-validated accuracy on the training set"
-    net = train_net(build_net(best, Cn, K, T, s), data, s, seed)
+    net = train_net(build_net(best, Cn, K, T, s), data, s, seed, s.steps)
     record["seconds"] = round(time.time() - t0, 1)
     return AutoClassifier(net, scaler, classes, record)
 

@@ -13,8 +13,7 @@ Given one or many series and a horizon H, :func:`auto_fit`:
    (mean MASE over series, lag m, ties broken by sMAPE), every 50 training steps, keeping the best score
    and its step count (early stopping);
 4. refits the best candidate on the whole series, for its best step count, and returns it with the table
-   of candidates and their validation scores. The final forecast averages three networks: the candidates
-   within 10% of the best validation MASE (up to three), or the best one trained with three seeds.
+   of candidates and their validation scores; the final forecast averages three networks (seeds).
 
 The model is one network for all series (a global model, DeepAR-style without the likelihood): a
 one-step recursive LSTM trained with teacher forcing on windows of every series, each series in its
@@ -26,9 +25,11 @@ standard scaler fit on that series); undifferenced windows are measured from the
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,9 @@ from ..data.panel import check_horizon
 from ..data.series import Series, SeriesError
 from ..train import OptimConfig, TrainerConfig
 from . import forecast as F
-from .timeseries_common import fit, mase, smape
+from .timeseries_common import META_FILE, fit, load_meta, load_weights, mase, save_model, smape
+
+TASK = F.TASK
 
 #: rows the longest series must keep before the validation tail: one input step and four one-step windows
 MIN_HISTORY = 5
@@ -142,9 +145,7 @@ class AutoSettings:
         eval_every, patience: a selection fit scores its validation forecast every ``eval_every`` steps and
             stops after ``patience`` scores without improvement; the final fit of a candidate trains for
             the number of steps of its best score.
-        ensemble: networks averaged in the final model (the selection fits use one each).
-        combine_within: candidates whose validation MASE is within this fraction of the best join the
-            final average (0 = the best alone, trained ``ensemble`` times with different seeds).
+        ensemble: networks (seeds) averaged in the final model; the selection fits use one each.
         val_horizon: rows held out for the selection (None = the horizon).
     """
 
@@ -156,7 +157,6 @@ class AutoSettings:
     batch_size: int = 32
     lr: float = 5e-3
     ensemble: int = 3
-    combine_within: float = 0.1
     val_horizon: int | None = None
 
 
@@ -214,7 +214,8 @@ def _training_windows(ys: Sequence[np.ndarray], cfg: F.ForecastConfig) -> dict[s
 def fit_global(ys: Sequence[np.ndarray], cands: Sequence[Candidate], horizon: int, s: AutoSettings,
                seed: int = 0, steps: Sequence[int] | None = None,
                validation: tuple[Sequence[np.ndarray], int] | None = None) -> tuple[GlobalForecaster, list[dict]]:
-    """Train one network per entry of ``cands`` (seeds seed, seed+1, ...) on the windows of all series.
+    """Train one network per entry of ``cands`` (seeds seed, seed+1, ...) on the windows of all series;
+    the forecast averages them.
 
     Args:
         steps: optimizer steps per network (default ``s.steps``).
@@ -335,20 +336,85 @@ def auto_fit(ys: Sequence[np.ndarray], horizon: int, settings: AutoSettings | No
         table.append(row)
         if log_fn is not None:
             log_fn(f"candidate {c.transform:<14} L={c.lookback:<3} val MASE {row['mase']:.4f} sMAPE {row['smape']:.4f}")
-    order = sorted(range(len(cands)), key=lambda i: (np.nan_to_num(table[i]["mase"], nan=np.inf), table[i]["smape"]))
-    best = table[order[0]]["mase"]
-    # the final model averages the candidates within s.combine_within of the best validation MASE (at most
-    # s.ensemble of them), cycling through them until s.ensemble networks are trained
-    close = [i for i in order[:s.ensemble] if table[i]["mase"] <= best * (1 + s.combine_within)] or order[:1]
+    best = min(range(len(cands)), key=lambda i: (np.nan_to_num(table[i]["mase"], nan=np.inf), table[i]["smape"]))
+    chosen = cands[best]
     record["candidates"] = table
-    record["chosen"] = [{"transform": cands[i].transform, "log": cands[i].log,
-                         "difference": list(cands[i].difference), "lookback": cands[i].lookback,
-                         "val_mase": table[i]["mase"], "steps": table[i]["best_step"]} for i in close]
-    record["season_used"] = season
-    record["why"] = (f"lowest validation MASE of {len(cands)} candidates on the last {V} rows; candidates within "
-                     f"{s.combine_within:.0%} of the best are averaged ({len(close)} here, {s.ensemble} networks)")
-    picks = [close[j % len(close)] for j in range(s.ensemble)]
-    model, _ = fit_global(ys, [cands[i] for i in picks], horizon, s, seed,
-                          steps=[table[i]["best_step"] for i in picks])
+    record["chosen"] = {"season": season, "transform": chosen.transform, "lookback": chosen.lookback,
+                        "steps": table[best]["best_step"], "val_mase": table[best]["mase"],
+                        "why": f"lowest validation MASE of {len(cands)} candidates on the last {V} rows"}
+    model, _ = fit_global(ys, [chosen] * s.ensemble, horizon, s, seed, steps=[table[best]["best_step"]] * s.ensemble)
     record["seconds"] = round(time.time() - t0, 1)
     return model, record
+
+
+# ---- runs: config, save / load -----------------------------------------------------------------
+@dataclass(frozen=True)
+class AutoForecastConfig:
+    """``rnnkit forecast train`` in its automatic mode; saved resolved (the choices filled in) as
+    ``config.toml``, so training again from that file repeats the chosen pipeline without the search.
+
+    Args:
+        horizon: steps to forecast.
+        season: season length m (None = detect it).
+        transform: "auto" (choose on the validation tail) or a pipeline such as ``log+d12``.
+        lookback: input window L (None = choose).
+        seed: first seed of the networks.
+        auto: what the automatic mode does not choose (:class:`AutoSettings`).
+    """
+
+    horizon: int = 12
+    season: int | None = None
+    transform: str = "auto"
+    lookback: int | None = None
+    seed: int = 0
+    auto: AutoSettings = field(default_factory=AutoSettings)
+
+
+class AutoForecastModel:
+    """A fitted automatic forecaster with the config that rebuilds it and the record of its choices."""
+
+    def __init__(self, cfg: AutoForecastConfig, model: GlobalForecaster, record: dict[str, Any]) -> None:
+        self.cfg, self.model, self.record = cfg, model, record
+
+    def predict(self, history: np.ndarray) -> np.ndarray:
+        return self.model.predict(history)
+
+    def save(self, run_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> None:
+        from ..train import config_to_dict, save_config
+
+        run_dir = Path(run_dir)
+        for k, (cfg, net) in enumerate(self.model.members):
+            save_model(run_dir / f"member{k}", net, {"task": TASK, "config": config_to_dict(cfg)})
+        meta = {"task": TASK, "mode": "auto", "members": len(self.model.members),
+                "config": config_to_dict(self.cfg), "choices": self.record, **(extra_meta or {})}
+        (run_dir / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
+        save_config(self.cfg, run_dir)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> AutoForecastModel:
+        from ..train import config_from_dict
+
+        run_dir = Path(run_dir)
+        meta = load_meta(run_dir, TASK)
+        members = []
+        for k in range(meta["members"]):
+            sub = load_meta(run_dir / f"member{k}", TASK)
+            cfg = config_from_dict(F.ForecastConfig, sub["config"])
+            members.append((cfg, load_weights(run_dir / f"member{k}", F.Forecaster(1, 0, 0, cfg.data.horizon,
+                                                                                   cfg.model))))
+        return cls(config_from_dict(AutoForecastConfig, meta["config"]), GlobalForecaster(members), meta["choices"])
+
+
+def train_auto(ys: Sequence[np.ndarray], cfg: AutoForecastConfig, run_dir: str | Path | None = None,
+               log_fn: Any = None) -> AutoForecastModel:
+    """:func:`auto_fit` with the choices of ``cfg``; returns the model with ``cfg`` resolved (season,
+    transform, lookback and training steps filled in) and saves it in ``run_dir`` when given."""
+    model, record = auto_fit(ys, cfg.horizon, cfg.auto, season=cfg.season, transform=cfg.transform,
+                             lookback=cfg.lookback, seed=cfg.seed, log_fn=log_fn)
+    ch = record["chosen"]
+    resolved = replace(cfg, season=ch["season"], transform=ch["transform"], lookback=ch["lookback"],
+                       auto=replace(cfg.auto, steps=int(ch["steps"])))
+    out = AutoForecastModel(resolved, model, record)
+    if run_dir is not None:
+        out.save(run_dir)
+    return out
