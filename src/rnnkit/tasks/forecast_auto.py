@@ -292,11 +292,14 @@ def auto_fit(ys: Sequence[np.ndarray], horizon: int, settings: AutoSettings | No
     check_horizon([max(len(y) for y in ys)], horizon, MIN_HISTORY)
     t0 = time.time()
     record: dict[str, Any] = {"horizon": horizon, "val_horizon": V, "series": len(ys)}
-    # season: from the longest series (a panel shares its frequency)
-    longest = max(ys, key=len)
-    if season is None:
-        season, evidence = detect_season(longest[:len(longest) - V] if len(longest) - V >= 6 else longest)
+    if season is None:  # a panel shares one frequency: the most common detection among its series wins
+        found = [detect_season(y[:-V]) for y in ys if len(y) - V >= 6] or [detect_season(max(ys, key=len))]
+        values = [m for m, _ in found]
+        season = max(sorted(set(values)), key=values.count)
+        evidence = next(e for m, e in found if m == season)
         record["season"] = {"value": season, "source": "detected", **evidence}
+        if len(found) > 1:
+            record["season"]["votes"] = {str(m): values.count(m) for m in sorted(set(values))}
     else:
         if isinstance(season, bool) or not isinstance(season, int) or season < 1:
             raise SeriesError(f"--season: expected an int >= 1, got {season!r}")
