@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnkit.tasks.charlm import (
+from rnnkit.metrics import lm_metrics
+from rnnkit.tasks.lm import (
     LMConfig,
     LMTask,
     RecurrentLM,
     filter_logits,
     generate,
-    lm_metrics,
     sample_next,
     stream_loss,
 )
