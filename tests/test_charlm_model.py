@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from rnnkit.metrics import lm_metrics
-from rnnkit.tasks.lm import (
-    LMConfig,
-    LMTask,
-    RecurrentLM,
-    filter_logits,
-    generate,
-    sample_next,
-    stream_loss,
-)
+from rnnkit.tasks.decoding import filter_logits, generate, sample_next
+from rnnkit.tasks.lm import LMConfig, LMTask, RecurrentLM, stream_loss
 
 V = 11
 

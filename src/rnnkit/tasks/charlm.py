@@ -22,7 +22,8 @@ from ..metrics.lm import lm_metrics
 from ..train.config import OptimConfig, TrainerConfig
 from . import lm
 from .base import atomic_json, check_saved_vocab, open_run_dir, reporter, with_budget
-from .lm import DEFAULT_MINUTES, VOCAB_FILE, LMConfig, LoadedRun, check_sampling, generate, stream_loss
+from .decoding import check_sampling, generate, sampling_generator
+from .lm import DEFAULT_MINUTES, VOCAB_FILE, LMConfig, LoadedRun, stream_loss
 
 
 # ---- the char-LM task: config, training, evaluation and sampling of a run directory -------------
@@ -240,7 +241,7 @@ def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 
     if length < 0:
         raise UserError(f"--length: expected >= 0, got {length}")
     ids = encode_prime(run.vocab, prime)
-    g = lm.sampling_generator(seed)
+    g = sampling_generator(seed)
     if write is not None:
         write(run.vocab.decode(ids))
     on_token = (lambda i: write(run.vocab.itos[i])) if write is not None else None

@@ -25,7 +25,8 @@ from ..metrics.lm import lm_metrics
 from ..train.config import OptimConfig, TrainerConfig
 from . import lm
 from .base import atomic_json, check_saved_vocab, open_run_dir, reporter, with_budget
-from .lm import DEFAULT_MINUTES, VOCAB_FILE, LMConfig, LoadedRun, check_sampling, generate, stream_loss
+from .decoding import check_sampling, generate, sampling_generator
+from .lm import DEFAULT_MINUTES, VOCAB_FILE, LMConfig, LoadedRun, stream_loss
 
 # Zaremba et al. 2014, section 4.1 (lr schedule: multiply by `decay` every epoch from `start_epoch` on).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -249,7 +250,7 @@ def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 
     unseen = [w for w in words if w not in vocab.stoi]
     if unseen:
         raise UserError(f"--prime: word(s) not in the model's vocabulary: {unseen[:10]!r}")
-    g = lm.sampling_generator(seed)
+    g = sampling_generator(seed)
 
     def show(i: int) -> str:
         return "\n" if i == vocab.eos_index else vocab.itos[i] + " "
