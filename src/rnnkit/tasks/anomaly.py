@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from ..data.series import Scaler, SeriesError, sliding_windows
 from ..metrics.anomaly import point_adjusted_prf, pointwise_prf, segments, ucr_hit
-from ..train import OptimConfig, TrainerConfig
-from .base import fit, load_trained, load_weights, pyplot, save_trained
+from ..train import TrainerConfig
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
 from .encoders import SequenceAutoencoder, SeriesModelOptions
 
 TASK = "anomaly"
@@ -92,9 +92,7 @@ class AnomalyDataConfig:
 class AnomalyConfig:
     model: AnomalyModelConfig = field(default_factory=AnomalyModelConfig)
     data: AnomalyDataConfig = field(default_factory=AnomalyDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=30, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -444,8 +442,4 @@ def plot_scores(values: np.ndarray, scores: dict[str, np.ndarray], path: Path, l
     a2.set_yscale("symlog")
     a2.legend(loc="upper right", fontsize=8)
     a1.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -198,6 +198,15 @@ def load_trained(run_dir: str | Path, task: str, config_cls: type[C]) -> tuple[d
     return meta, config_from_dict(config_cls, meta["config"])
 
 
+def sample_trainer(epochs: int, batch_size: int, lr: float = 3e-3) -> Any:
+    """The trainer defaults of the sample-data tasks: Adam at ``lr``, clip norm 1, a log line every 50
+    steps, no TensorBoard (a :class:`rnnkit.train.TrainerConfig`)."""
+    from ..train.config import OptimConfig, TrainerConfig
+
+    return TrainerConfig(epochs=epochs, batch_size=batch_size, tensorboard=False, log_every=50, clip_norm=1.0,
+                         optim=OptimConfig(name="adam", lr=lr))
+
+
 # ---- small helpers ---------------------------------------------------------------------------------
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
@@ -207,6 +216,15 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` (PNG, 100 dpi; folders created) and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
 
 
 def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = float) -> tuple[Any, ...]:
@@ -226,4 +244,5 @@ def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = floa
 
 __all__ = ["open_run_dir", "with_budget", "reporter", "atomic_json", "check_saved_vocab", "as_user_error",
            "load_checkpoint_into", "restore_best", "fit", "save_model", "load_meta", "load_weights",
-           "save_trained", "load_trained", "pyplot", "parse_floats", "MODEL_FILE", "META_FILE"]
+           "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats", "MODEL_FILE",
+           "META_FILE"]

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from ..data.sequences import SequenceSet, augment, pad
 from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
-from ..train import OptimConfig, TrainerConfig
-from .base import fit, load_trained, load_weights, pyplot, save_trained
+from ..train import TrainerConfig
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
 from .encoders import Pool, SeriesModelOptions
 
 TASK = "classify"
@@ -74,9 +74,7 @@ class ClassifyDataConfig:
 class ClassifyConfig:
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=100, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=100, batch_size=32))
 
 
 class SequenceClassifier(nn.Module):
@@ -281,11 +279,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_confusion(cm: np.ndarray, classes: list[str]) -> str:

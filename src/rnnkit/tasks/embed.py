@@ -22,9 +22,9 @@ from torch import Tensor
 
 from ..data.sequences import SequenceSet
 from ..data.series import Scaler, SeriesError
-from ..train import OptimConfig, TrainerConfig
+from ..train import TrainerConfig
 from . import encoders
-from .base import fit, load_trained, load_weights, pyplot, save_trained
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
 from .classify import tensors
 from .encoders import SeriesModelOptions
 
@@ -42,9 +42,7 @@ class EmbedModelConfig(SeriesModelOptions):
 class EmbedConfig:
     model: EmbedModelConfig = field(default_factory=EmbedModelConfig)
     scaler: str = "standard"
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=30, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
 class SequenceAutoencoder(encoders.SequenceAutoencoder):
@@ -200,8 +198,4 @@ def plot_projection(p: np.ndarray, clusters: np.ndarray, path: Path, labels: np.
         ax.set_title(f"PCA of embeddings, by {name}")
         if len(set(c.tolist())) <= 12:
             ax.legend(fontsize=7, markerscale=1.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..data.series import Scaler, Series, SeriesError, check_length, make_windows
 from ..metrics.forecast import forecast_metrics
 from ..train import TrainerConfig
-from .base import fit, load_trained, load_weights, pyplot, save_model, save_trained
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_model, save_trained
 from .encoders import SeriesModelOptions, final_hidden
 
 TASK = "forecast"
@@ -101,9 +101,7 @@ class ForecastConfig:
 
     model: ForecastModelConfig = field(default_factory=ForecastModelConfig)
     data: ForecastDataConfig = field(default_factory=ForecastDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(epochs=200, batch_size=16,
-                                                                         tensorboard=False, log_every=50,
-                                                                         clip_norm=1.0))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=200, batch_size=16, lr=1e-3))
 
 
 def check_config(cfg: ForecastConfig, series: Series | None = None) -> None:
@@ -531,10 +529,7 @@ def plot_forecast(history: Series, pred: dict[str, np.ndarray], path: Path, actu
                         label=f"{interval:.0%} interval")
     ax.set_title(history.target_names[0])
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_backtest(folds: list[dict[str, Any]], series: Series, path: Path) -> Path:
@@ -549,11 +544,7 @@ def plot_backtest(folds: list[dict[str, Any]], series: Series, path: Path) -> Pa
             ax.fill_between(x, f["lo"][:, 0], f["hi"][:, 0], color="C0", alpha=0.2)
     ax.set_title(f"backtest: {series.target_names[0]}")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def forecast_rows(model: ForecastModel, pred: dict[str, np.ndarray], future_time: np.ndarray | None
