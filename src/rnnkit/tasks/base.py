@@ -29,7 +29,6 @@ from ..train.checkpoint import (
     atomic_write_bytes,
     find_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     model_state_dict,
 )
 
@@ -117,14 +116,15 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
 
 def restore_best(trainer: Any, model: nn.Module) -> int | None:
     """Load the checkpoint of the trainer's best evaluation into ``model`` when it is not the last step;
-    return that step (None when nothing was restored)."""
+    return that step (None when nothing was restored: no evaluation, no checkpoints, or it is gone)."""
     best, directory = trainer.best_step, trainer.checkpoint_dir
     if best is None or best == trainer.step or directory is None:
         return None
-    path = dict(list_checkpoints(directory)).get(best)
-    if path is None:
+    try:
+        found = find_checkpoint(directory, best)
+    except UserError:  # pruned: keep the final weights
         return None
-    model.load_state_dict(model_state_dict(load_checkpoint(path)))
+    model.load_state_dict(model_state_dict(found))
     return best
 
 
