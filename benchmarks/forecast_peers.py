@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from rnnkit.data.tsf import aeon_tsf, read_tsf
+from rnnkit.metrics import mase, smape
 from rnnkit.tasks.forecast_auto import AutoSettings, auto_fit
-from rnnkit.tasks.timeseries_common import mase, smape
 
 #: set -> (horizon, period used by the peers, seasonal naive and MASE)
 SETS = {"Airline": (36, 12), "Lynx": (14, 10), "ShampooSales": (12, 12), "M1yearly": (6, 1)}

@@ -12,8 +12,8 @@ from rnnkit.cells import REGISTRY
 from rnnkit.data.sequences import SequenceSet
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks.classify_auto import AutoClassifySettings, auto_train, folds_of
+from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
-from rnnkit.tasks.timeseries_common import final_hidden
 
 
 def _final(enc, x):
@@ -95,7 +95,7 @@ def test_auto_classifier_chooses_by_cross_validation_and_records_it():
     seqs = [np.sin(2 * np.pi * (1 + k) * t + rng.normal())[:, None] + 0.1 * rng.normal(size=(24, 1))
             for k in (0, 1) for _ in range(8)]
     labels = ["slow"] * 8 + ["fast"] * 8
-    s = AutoClassifySettings(cv_steps=20, steps=40, folds=2, lstm_fcn=LSTMFCNConfig(hidden=4, dropout=0.0))
+    s = AutoClassifySettings(cv_steps=20, steps=40, folds=2, lstm_fcn=LSTMFCNConfig(hidden=4, branch_dropout=0.0))
     model = auto_train(SequenceSet(seqs, np.array(labels)), s)
     rec = model.record
     assert rec["chosen"] in ("recurrent", "lstm_fcn") and rec["folds"] == 2

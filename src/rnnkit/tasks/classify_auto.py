@@ -19,10 +19,11 @@ from torch import Tensor, nn
 
 from ..data.sequences import SequenceSet
 from ..data.series import Scaler, SeriesError
+from ..metrics import classification_metrics
 from ..train import OptimConfig, TrainerConfig
 from . import classify as C
+from .base import fit
 from .lstm_fcn import LSTMFCN, LSTMFCNConfig
-from .timeseries_common import classification_metrics, fit
 
 CANDIDATES = ("recurrent", "lstm_fcn")
 

@@ -37,9 +37,10 @@ import torch
 
 from ..data.panel import check_horizon
 from ..data.series import Series, SeriesError
+from ..metrics import mase, smape
 from ..train import OptimConfig, TrainerConfig
 from . import forecast as F
-from .timeseries_common import META_FILE, fit, load_meta, load_weights, mase, save_model, smape
+from .base import META_FILE, fit, load_meta, load_weights, save_model
 
 TASK = F.TASK
 

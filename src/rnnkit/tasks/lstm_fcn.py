@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import build
 from ..data.sequences import length_mask
 from ..data.series import SeriesError
-from .timeseries_common import final_hidden
+from .encoders import SeriesModelOptions, final_hidden
 
 READS = ("full", "fold", "dilate")
 
@@ -110,22 +109,21 @@ class FCN(nn.Module):
 
 
 @dataclass(frozen=True)
-class LSTMFCNConfig:
+class LSTMFCNConfig(SeriesModelOptions):
     """Settings of :class:`LSTMFCN`.
 
     Args:
-        cell, hidden: the recurrent branch (any name from ``rnnkit.cells.REGISTRY``).
+        cell, hidden, layers, backend, forget_bias ... zoneout: the recurrent branch (any registered cell and
+            its options, see :class:`~rnnkit.tasks.encoders.SeriesModelOptions`).
         shuffle: the papers' dimension shuffle (the cell reads channels as steps).
         squeeze_excite: the MLSTM-FCN squeeze-and-excite blocks.
-        dropout: after the recurrent branch (0.8 in the papers).
+        branch_dropout: after the recurrent branch (0.8 in the papers).
         read, stride: how the recurrent branch reads the steps when not shuffled (:class:`Reader`).
     """
 
-    cell: str = "lstm"
-    hidden: int = 64
     shuffle: bool = True
     squeeze_excite: bool = False
-    dropout: float = 0.8
+    branch_dropout: float = 0.8
     read: Literal["full", "fold", "dilate"] = "full"
     stride: int = 1
 
@@ -142,8 +140,8 @@ class LSTMFCN(nn.Module):
         self.cfg, self.max_len = cfg, max_len
         self.reader = Reader(cfg.read, cfg.stride)
         rnn_in = max_len if cfg.shuffle else self.reader.input_size(channels)
-        self.rnn = build(cfg.cell, rnn_in, cfg.hidden, batch_first=True)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.rnn = cfg.build_encoder(rnn_in)
+        self.drop = nn.Dropout(cfg.branch_dropout)
         self.fcn = FCN(channels, cfg.squeeze_excite)
         self.head = nn.Linear(cfg.hidden + self.fcn.out_size, n_classes)
 
