@@ -1,8 +1,9 @@
 """rnnkit's automatic classifier (no flags) against 1-NN-DTW and the published FCN accuracies.
 
 Sets: the UCR/UEA classification sets shipped inside aeon (official train/test splits; nothing downloaded).
-For each: the default of :func:`rnnkit.tasks.classify_auto.auto_train` (cross-validation on the training set
-between the plain recurrent classifier and LSTM-FCN, then the winner trained on the whole training set),
+For each: ``rnnkit classify train``'s default configuration, unchanged for every set (``model.kind = "auto"``:
+3-fold cross-validation on the training set between the plain recurrent classifier and LSTM-FCN, then the
+winner trained on the whole training set),
 1-NN with full-window DTW measured here with aeon (independent dependent-DTW for multivariate sets), and
 the published 1-NN-DTW (UCR archive) and FCN (Fawaz et al. 2019) accuracies where known (``ANCHORS.md``).
 
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from rnnkit.data.sequences import SequenceSet, load_bundled, pad
-from rnnkit.tasks.classify_auto import AutoClassifySettings, auto_train
+from rnnkit.tasks import classify as C
+from rnnkit.train.config import load_config
 
 SETS = ("GunPoint", "ItalyPowerDemand", "ArrowHead", "OSULeaf", "UnitTest", "BasicMotions", "JapaneseVowels",
         "ACSF1")
@@ -59,19 +61,21 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    settings = AutoClassifySettings(cv_steps=5, steps=5, folds=2) if args.quick else AutoClassifySettings()
+    quick = {"auto.steps": 5, "auto.folds": 2, "trainer.steps": 5, "trainer.epochs": None} if args.quick else {}
+    cfg = load_config(C.ClassifyConfig, None, quick)
     rows = []
     for name in [s for s in args.sets.split(",") if s]:
         tr, te = load_bundled(name, "train"), load_bundled(name, "test")
         t0 = time.time()
-        model = auto_train(tr, settings)
+        model = C.train(tr, cfg, None)
         seconds = time.time() - t0
         acc = model.evaluate(te)["accuracy"]
+        choice = model.meta["choice"]
         dtw = None if args.no_dtw else one_nn_dtw(tr, te)
         pub_dtw, pub_fcn = PUBLISHED.get(name, (None, None))
         row = {"set": name, "n_train": len(tr), "n_test": len(te), "length": int(tr.lengths.max()),
-               "channels": tr.n_channels, "accuracy": acc, "chosen": model.record["chosen"],
-               "cv": {k: v["mean"] for k, v in model.record["candidates"].items()}, "dtw_measured": dtw,
+               "channels": tr.n_channels, "accuracy": acc, "chosen": choice["chosen"],
+               "cv": {k: v["mean"] for k, v in choice["candidates"].items()}, "dtw_measured": dtw,
                "dtw_published": pub_dtw, "fcn_published": pub_fcn, "seconds": round(seconds, 1)}
         rows.append(row)
         if args.json:

@@ -80,6 +80,7 @@ def _write_long(path, data):
 
 def test_train_learns_toy_problem_with_validation_split():
     cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 12, "model.cell": "gru", "trainer.steps": 60,
+                                               "model.kind": "recurrent",
                                                "trainer.epochs": None, "trainer.optim.lr": 0.02,
                                                "data.val_fraction": 0.2, "data.class_weights": "balanced"})
     model = C.train(_toy(), cfg, None)
@@ -125,7 +126,8 @@ def test_italy_power_demand_beats_chance_quickly():
     pytest.importorskip("aeon", reason="aeon (rnnkit[datasets]) not installed")
     from rnnkit.data.sequences import load_bundled
 
-    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 32, "trainer.epochs": 60, "trainer.batch_size": 16})
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 32, "trainer.epochs": 60, "trainer.batch_size": 16,
+                                               "model.kind": "recurrent"})
     model = C.train(load_bundled("ItalyPowerDemand", "train"), cfg, None)
     assert model.evaluate(load_bundled("ItalyPowerDemand", "test"))["accuracy"] > 0.85
 
@@ -159,6 +161,7 @@ def test_augment_keeps_padding_and_has_the_documented_statistics():
 
 def test_augmentation_only_while_training():
     cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 8, "trainer.steps": 3, "trainer.epochs": None,
+                                               "model.kind": "recurrent",
                                                "data.jitter": 0.1, "data.scale": 0.1, "data.warp": 0.1})
     model = C.train(_toy(20), cfg, None)
     p1, p2 = model.predict_proba(_toy(6, seed=3)), model.predict_proba(_toy(6, seed=3))

@@ -87,7 +87,8 @@ def test_cli_autoencoder_and_classifier_encoders(tmp_path):
     r = runner.invoke(app, ["embed", "--input", str(data), "--model", str(tmp_path / "e"), "--clusters", "3",
                             "--out", str(tmp_path / "e2"), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["clusters"] == 3
-    r = runner.invoke(app, ["classify", "train", "--train", str(data), "--hidden", "6", "--steps", "30", "--lr",
+    r = runner.invoke(app, ["classify", "train", "--train", str(data), "--model", "recurrent", "--hidden", "6",
+                            "--steps", "30", "--lr",
                             "0.02", "--out", str(tmp_path / "c"), "--quiet", "--json"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["embed", "--input", str(data), "--model", str(tmp_path / "c"), "--clusters", "2",

@@ -11,9 +11,11 @@ from rnnkit import build
 from rnnkit.cells import REGISTRY
 from rnnkit.data.sequences import SequenceSet
 from rnnkit.data.series import SeriesError
-from rnnkit.tasks.classify_auto import AutoClassifySettings, auto_train, folds_of
+from rnnkit.tasks import classify as C
+from rnnkit.tasks.classify_auto import folds_of
 from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
+from rnnkit.train.config import load_config
 
 
 def _final(enc, x):
@@ -89,17 +91,28 @@ def test_folds_are_stratified_and_cover_everything():
         assert 1 <= (y[f] == 1).sum() <= 2 and 2 <= (y[f] == 0).sum() <= 3
 
 
-def test_auto_classifier_chooses_by_cross_validation_and_records_it():
+def test_auto_classifier_chooses_by_cross_validation_and_records_it(tmp_path):
     rng = np.random.default_rng(0)
     t = np.linspace(0, 1, 24)
     seqs = [np.sin(2 * np.pi * (1 + k) * t + rng.normal())[:, None] + 0.1 * rng.normal(size=(24, 1))
             for k in (0, 1) for _ in range(8)]
-    labels = ["slow"] * 8 + ["fast"] * 8
-    s = AutoClassifySettings(cv_steps=20, steps=40, folds=2, lstm_fcn=LSTMFCNConfig(hidden=4, branch_dropout=0.0))
-    model = auto_train(SequenceSet(seqs, np.array(labels)), s)
-    rec = model.record
-    assert rec["chosen"] in ("recurrent", "lstm_fcn") and rec["folds"] == 2
+    data = SequenceSet(seqs, np.array(["slow"] * 8 + ["fast"] * 8))
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 4, "model.branch_dropout": 0.0, "auto.steps": 20,
+                                               "auto.folds": 2, "trainer.steps": 40, "trainer.epochs": None})
+    model = C.train(data, cfg, tmp_path / "run")
+    rec = model.meta["choice"]
+    assert model.cfg.model.kind == rec["chosen"] and rec["folds"] == 2
     means = {k: v["mean"] for k, v in rec["candidates"].items()}
-    assert means[rec["chosen"]] == max(means.values())
+    assert set(means) == {"recurrent", "lstm_fcn"} and means[rec["chosen"]] == max(means.values())
     assert all(len(v["fold_accuracy"]) == 2 for v in rec["candidates"].values())
-    assert model.evaluate(SequenceSet(seqs, np.array(labels)))["accuracy"] >= 0.5
+    back = C.Classifier.load(tmp_path / "run")  # the saved config holds the choice, not "auto"
+    assert back.cfg.model.kind == rec["chosen"]
+    np.testing.assert_allclose(back.predict_proba(data), model.predict_proba(data), rtol=1e-6)
+
+
+def test_plain_classifier_reads_long_series_folded():
+    cfg = C.ClassifyModelConfig(kind="recurrent", hidden=5, read="fold", stride=4)
+    net = C.SequenceClassifier(2, 3, cfg)
+    assert net.encoder.input_size == 8 and net(torch.randn(2, 17, 2), torch.tensor([17, 9])).shape == (2, 3)
+    with pytest.raises(SeriesError, match="needs model.pool 'last'"):
+        C.SequenceClassifier(2, 3, C.ClassifyModelConfig(read="dilate", stride=2, pool="mean"))

@@ -101,7 +101,7 @@ def classify_case(tmp: Path, path: Path) -> Outcome:
 
     data = read_sequences(path, label="label")
     cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 12, "trainer.steps": 60, "trainer.epochs": None,
-                                               "trainer.optim.lr": 0.02})
+                                               "trainer.optim.lr": 0.02, "model.kind": "recurrent"})
     model = C.train(data, cfg, tmp / "run")
     back = C.Classifier.load(tmp / "run")
     acc = model.evaluate(data)["accuracy"]

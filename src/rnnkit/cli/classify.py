@@ -71,13 +71,24 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
               "--scale", help="Augment: random gain N(1, s^2) per sequence and channel while training.")] = None,
           warp: Annotated[float | None, typer.Option(
               "--warp", help="Augment: smooth random gain over time, knots N(1, w^2), while training.")] = None,
+          kind: Annotated[str | None, typer.Option(
+              "--model", help="auto (default: the plain recurrent classifier or LSTM-FCN, chosen by cross-validation "
+              "on the training set), recurrent or lstm_fcn. --pool, --bidirectional, --downsample imply recurrent."
+          )] = None,
+          read: Annotated[str | None, typer.Option(
+              "--read", help="Long series: full, fold (k steps -> one step of k*C features) or dilate (k "
+              "interleaved subsequences, states averaged) with --stride k.")] = None,
+          stride: Annotated[int | None, typer.Option("--stride", help="Stride k of --read fold|dilate.")] = None,
           label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
           opts: RunOptions) -> None:
     """Train a sequence classifier; with --test (or --dataset) report accuracy, balanced accuracy, macro F1
-    and the confusion matrix (printed and PNG)."""
+    and the confusion matrix (printed and PNG). The record of an automatic model choice is in --json and
+    model.json (``choice``)."""
     from ..tasks import classify as C
 
-    cfg = ts_config(opts, C.ClassifyConfig, {
+    if kind is None and any(v is not None for v in (pool, bidirectional, downsample)):
+        kind = "recurrent"
+    cfg = ts_config(opts, C.ClassifyConfig, {"model.kind": kind, "model.read": read, "model.stride": stride,
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
         "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample,
@@ -90,7 +101,11 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
     opts.info(f"training on {len(tr)} sequences ({tr.n_channels} channel(s), lengths {tr.lengths.min()}-"
               f"{tr.lengths.max()}) -> {run_dir}")
     model = C.train(tr, cfg, run_dir, resume=opts.resume, quiet=opts.quiet)
-    result: dict[str, Any] = {"run_dir": str(run_dir), **model.meta["train"]}
+    result: dict[str, Any] = {"run_dir": str(run_dir), "model": model.cfg.model.kind, **model.meta["train"]}
+    if model.meta.get("choice"):
+        result["choice"] = model.meta["choice"]
+        opts.info(f"model: {model.cfg.model.kind} ({model.meta['choice']['why']}: " + ", ".join(
+            f"{k} {v['mean']:.3f}" for k, v in model.meta["choice"]["candidates"].items()) + ")")
     if te is not None:
         metrics = model.evaluate(te)
         (Path(run_dir) / "test_metrics.json").write_text(json.dumps(metrics))

@@ -75,6 +75,14 @@ _SEA = typer.Option(None, "--season", help="Seasonal period (seasonal naive, MAS
 _DIFF = typer.Option(None, "--difference", help="Difference the (log) target at these lags before modelling, "
                      "e.g. 1,12 for (1-B)(1-B^12) as in the airline model; forecasts are integrated back.")
 _ENS = typer.Option(None, "--ensemble", help="Average this many models trained with different seeds.")
+_AUTO = typer.Option(None, "--auto/--no-auto", help="Automatic mode (the default unless a setting of the fixed "
+                     "model is given: --cell --hidden --layers --decoder --head --quantiles --interval --scaler "
+                     "--window-norm --ensemble, covariates, a [model]/[data] --config): season, transform and "
+                     "input window chosen on a validation tail; --no-auto trains the fixed model.")
+_TRANSFORM = typer.Option(None, "--transform", help="Automatic mode: the transform, e.g. none, log, d1, log+d12 "
+                          "(default: chosen on the validation tail; --log/--difference set it too).")
+_ID = typer.Option(None, "--id-column", help="Long format: the column naming each series (id,time,value rows); "
+                   "one global model is trained over all the series.")
 _PAST = typer.Option(None, "--past-covariates", help="Covariate columns observed only up to now.")
 _FUT = typer.Option(None, "--future-covariates", help="Covariate columns known in the future.")
 
@@ -86,6 +94,82 @@ def _load(csv_path: Path, target, time_col, past, future, fill, trailing: bool =
                        fill=fill, name="--csv", trailing_future=trailing)
 
 
+def _config_is_auto(path: Path | None) -> bool:
+    """A --config file written by the automatic mode (top-level keys, an [auto] table)."""
+    if path is None or not Path(path).is_file():
+        return False
+    import tomllib
+
+    with open(path, "rb") as f:
+        return "auto" in tomllib.load(f)
+
+
+def _panel(csv_path: Path, target: str | None, time_col: str | None, id_col: str | None, fill: str | None):
+    """The input of the automatic mode: every series of a .tsf file, of a long table (--id-column), or the
+    target columns of a wide table (default: every numeric column but --time)."""
+    from ..data.panel import Panel, panel_from_table
+    from ..data.series import read_table
+    from ..data.tsf import read_tsf
+
+    if Path(csv_path).suffix.lower() == ".tsf":
+        d = read_tsf(csv_path, "--csv")
+        return Panel(d.names, d.series, [None] * len(d.series))
+    table = read_table(csv_path, "--csv")
+    names = split_names(target)
+    if not names:
+        names = [c for c, v in table.items() if c not in (time_col, id_col) and v.dtype.kind == "f"][:1 if id_col
+                                                                                                        else None]
+    return panel_from_table(table, names, id_col, time_col, fill)
+
+
+def _auto_rows(panel, preds) -> tuple[list[str], list[list[Any]]]:
+    """forecast.csv of the automatic mode: id, step, time (when the input has a time index), forecast."""
+    with_time = panel.times[0] is not None and panel.times[0].dtype.kind in "Mf"
+    rows = []
+    for key, t, p in zip(panel.ids, panel.times, preds):
+        step = (t[-1] - t[-2]) if with_time else None
+        for h, v in enumerate(p, start=1):
+            rows.append([key, h] + ([str(t[-1] + h * step) if t.dtype.kind == "M" else float(t[-1] + h * step)]
+                                    if with_time else []) + [float(v)])
+    return ["id", "step"] + (["time"] if with_time else []) + ["forecast"], rows
+
+
+def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, transform, log, difference, fill,
+                opts: RunOptions) -> None:
+    from ..errors import UserError
+    from ..tasks import forecast_auto as A
+    from ..tasks.base import parse_floats
+    from ..tasks.forecast_auto import transform_name
+    from ..train.config import load_config
+
+    for flag, v in (("--epochs", opts.epochs), ("--minutes", opts.minutes), ("--resume", opts.resume or None),
+                    ("--checkpoint-every", opts.checkpoint_every)):
+        if v is not None:
+            raise UserError(f"{flag}: the automatic mode budgets optimizer steps per fit (--steps); use --no-auto "
+                            f"for {flag}")
+    if transform is not None and (log is not None or difference):
+        raise UserError("--transform: give either --transform or --log/--difference, not both")
+    if transform is None and (log is not None or difference):
+        transform = transform_name(bool(log), parse_floats(difference, "--difference", int) if difference else ())
+    flags = {"horizon": horizon, "lookback": lookback, "season": season, "transform": transform,
+             "seed": opts.seed, "auto.steps": opts.steps}
+    ov = opts.overrides(flags, section="")
+    for k in ("steps", "epochs", "minutes", "checkpoint_every", "device"):
+        ov.pop(k, None)
+    cfg = load_config(A.AutoForecastConfig, opts.config, ov)
+    panel = _panel(csv_path, target, time_col, id_col, fill)
+    run_dir = opts.run_dir
+    opts.info(f"automatic mode: {len(panel)} series, horizon {cfg.horizon} -> {run_dir}")
+    model = A.train_auto(panel.values, cfg, None, log_fn=opts.info)
+    model.save(run_dir, {"input": {"target": target, "time": time_col, "id_column": id_col, "fill": fill}})
+    header, rows = _auto_rows(panel, [model.predict(y) for y in panel.values])
+    ch = model.record["chosen"]
+    opts.info(f"chose season {ch['season']}, transform {ch['transform']}, lookback {ch['lookback']}, "
+              f"{ch['steps']} steps: {ch['why']}")
+    opts.emit({"run_dir": str(run_dir), "mode": "auto", "series": len(panel), "choices": model.record,
+               "forecast_csv": str(write_csv(run_dir / "forecast.csv", header, rows))})
+
+
 @app.command()
 @run_command(NAME)
 def train(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = None, horizon: int | None = _H,
@@ -94,11 +178,29 @@ def train(csv_path: CsvOpt, target: TargetOpt = None, time_col: TimeOpt = None, 
           quantiles: str | None = _Q, interval: float | None = _INT, scaler: str | None = _SC,
           log: bool | None = _LOG, window_norm: str | None = _WN, season: int | None = _SEA,
           fill: FillOpt = None, ensemble: int | None = _ENS, difference: str | None = _DIFF,
-          past_covariates: str | None = _PAST, future_covariates: str | None = _FUT, *,
+          past_covariates: str | None = _PAST, future_covariates: str | None = _FUT,
+          auto: bool | None = _AUTO, transform: str | None = _TRANSFORM, id_column: str | None = _ID, *,
           opts: RunOptions) -> None:
-    """Train a forecaster on every row of --csv; writes the model, config, and the forecast of the next H steps."""
+    """Train a forecaster on --csv; writes the model, config, and the forecast of the next H steps.
+
+    By default the automatic mode chooses the season, the transform and the input window on a validation
+    tail (printed, and in --json and model.json); a .tsf file or --id-column gives one global model over
+    many series. --no-auto (or a setting of the fixed model) trains the fixed model of the config.
+    """
     from ..tasks import forecast as F
 
+    fixed = (cell, hidden, layers, decoder, head, quantiles, interval, scaler, window_norm, ensemble,
+             past_covariates, future_covariates)
+    if auto is None:
+        auto = all(v is None for v in fixed) and (opts.config is None or _config_is_auto(opts.config))
+    if auto:
+        return _train_auto(csv_path, target, time_col, id_column, horizon, lookback, season, transform, log,
+                           difference, fill, opts)
+    if transform is not None or id_column is not None:
+        from ..errors import UserError
+
+        raise UserError("--transform and --id-column belong to the automatic mode (drop --no-auto and the fixed "
+                        "model's flags)")
     cfg = ts_config(opts, F.ForecastConfig, _model_flags(horizon, lookback, cell, hidden, layers, decoder, head,
                                                          quantiles, interval, scaler, log, window_norm, season,
                                                          fill, ensemble, difference))
@@ -130,7 +232,17 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnk
     target empty and the covariates filled.
     """
     from ..tasks import forecast as F
+    from ..tasks.base import load_meta
 
+    if load_meta(run_dir, NAME).get("mode") == "auto":
+        from ..tasks.forecast_auto import AutoForecastModel
+
+        auto = AutoForecastModel.load(run_dir)
+        how = load_meta(run_dir, NAME)["input"]
+        panel = _panel(csv_path, how["target"], time_col or how["time"], how["id_column"], fill or how["fill"])
+        header, rows = _auto_rows(panel, [auto.predict(y) for y in panel.values])
+        write_csv(out, header, rows)
+        return opts.emit({"forecast_csv": str(out), "horizon": auto.cfg.horizon, "series": len(panel)})
     model = F.ForecastModel.load(run_dir)
     meta = model.meta
     series = F.split_future_rows(_load(csv_path, ",".join(meta["target"]), time_col, ",".join(meta["past"]),

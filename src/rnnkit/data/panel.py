@@ -86,46 +86,71 @@ def regularize(t: np.ndarray, y: np.ndarray, rows: np.ndarray, step: float, fill
 
 def read_long(source: Any, id_col: str = "id", time_col: str = "time", value_col: str = "value",
               fill: str | None = None, name: str = "--csv") -> Panel:
-    """Read a long table (one row per id, time and value) into a :class:`Panel`.
+    """Read a long table (one row per id, time and value) into a :class:`Panel`; see :func:`panel_from_table`."""
+    return panel_from_table(read_table(source, name), [value_col], id_col, time_col, fill, name)
 
-    The time step is the most common spacing between consecutive times over all ids; every id must lie
-    on that grid. Rows may come in any order within an id (they are sorted by time).
+
+def panel_from_table(table: dict[str, np.ndarray], targets: Sequence[str], id_col: str | None = None,
+                     time_col: str | None = None, fill: str | None = None, name: str = "--csv") -> Panel:
+    """The series of a table: with ``id_col``, one series per id of the single column ``targets[0]`` (long
+    format); without, one series per target column (wide format, rows in time order).
+
+    With ``time_col`` every series is put on its regular time grid: the step is the most common spacing
+    between consecutive times over all series; duplicates and off-grid times are errors, gaps an error
+    or filled by ``fill``. Rows may come in any order within an id (they are sorted by time).
+    Without it, missing values follow ``fill`` (:func:`rnnkit.data.series.fill_missing`).
     """
-    table = read_table(source, name)
-    for arg, col in (("--id-column", id_col), ("--time", time_col), ("--target", value_col)):
-        if col not in table:
+    cols = [("--id-column", id_col), ("--time", time_col)] + [("--target", t) for t in targets]
+    for arg, col in cols:
+        if col is not None and col not in table:
             raise SeriesError(f"{arg}: no column {col!r} in {name}; the table has {list(table)}")
-    values = table[value_col]
-    if values.dtype.kind != "f":
-        raise SeriesError(f"--target: column {value_col!r} is not numeric; expected numbers")
+    for t in targets:
+        if table[t].dtype.kind != "f":
+            raise SeriesError(f"--target: column {t!r} is not numeric; expected numbers")
+    if id_col is not None and len(targets) != 1:
+        raise SeriesError(f"--target: long format (--id-column) takes one value column, got {list(targets)}")
+    n = len(table[targets[0]])
+    if id_col is None:
+        groups = [(t, table[t], np.arange(n)) for t in targets]
+    else:
+        values = table[targets[0]]
+        ids = np.array([str(v) if not isinstance(v, float) else f"{v:g}" for v in table[id_col]], dtype=object)
+        order: dict[str, list[int]] = {}
+        for r, i in enumerate(ids):
+            order.setdefault(i, []).append(r)
+        groups = []
+        for key, idx in order.items():
+            if len(idx) == 1:
+                raise SeriesError(f"{name}: id {key!r} has a single point (row {idx[0]}, line {idx[0] + 2}); "
+                                  "expected at least 2 points per series")
+            groups.append((key, values[idx], np.asarray(idx)))
+    if time_col is None:
+        return Panel([k for k, _, _ in groups], [fill_missing(v, fill, f"{name} {k!r}") for k, v, _ in groups],
+                     [np.arange(len(v)) for _, v, _ in groups])
     grid, unit = _as_grid(table[time_col], "--time")
-    ids = np.array([str(v) if not isinstance(v, float) else f"{v:g}" for v in table[id_col]], dtype=object)
-    order: dict[str, list[int]] = {}
-    for r, i in enumerate(ids):
-        order.setdefault(i, []).append(r)
-    groups = []
-    for key, idx in order.items():
-        rows = np.asarray(idx)
-        if len(rows) == 1:
-            raise SeriesError(f"{name}: id {key!r} has a single point (row {rows[0]}, line {rows[0] + 2}); "
-                              "expected at least 2 points per series")
-        srt = rows[np.argsort(grid[rows], kind="stable")]
-        groups.append((key, srt))
-    steps = np.concatenate([np.diff(grid[r]) for _, r in groups])
+    sorted_groups = []
+    for key, v, rows in groups:
+        o = np.argsort(grid[rows], kind="stable")
+        sorted_groups.append((key, v[o], rows[o]))
+    steps = np.concatenate([np.diff(grid[r]) for _, _, r in sorted_groups])
     pos = steps[steps > 0]
     if not len(pos):
-        key, r = groups[0]
-        raise SeriesError(f"{name}: duplicate timestamp in id {key!r} at rows {r[0]} and {r[1]} "
+        key, _, r = sorted_groups[0]
+        raise SeriesError(f"{name}: duplicate timestamp {_label(key, id_col)}at rows {r[0]} and {r[1]} "
                           f"(lines {r[0] + 2} and {r[1] + 2}); expected one value per time")
     uniq, counts = np.unique(pos, return_counts=True)
     step = float(uniq[np.argmax(counts)])
     panel = Panel([], [], [])
-    for key, r in groups:
-        t, y = regularize(grid[r], values[r], r, step, fill, name, f"id {key!r}: ")
+    for key, v, r in sorted_groups:
+        t, y = regularize(grid[r], v, r, step, fill, name, _label(key, id_col))
         panel.ids.append(key)
         panel.values.append(y)
         panel.times.append(t if unit == "number" else t.astype(np.int64).astype(f"datetime64[{unit}]"))
     return panel
+
+
+def _label(key: str, id_col: str | None) -> str:
+    return f"id {key!r}: " if id_col is not None else f"column {key!r}: "
 
 
 def check_horizon(lengths: Sequence[int], horizon: int, min_history: int, arg: str = "--horizon") -> None:

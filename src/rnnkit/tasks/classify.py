@@ -22,21 +22,31 @@ from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
 from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
-from .encoders import Pool, SeriesModelOptions
+from .classify_auto import AutoClassifySettings, choose_model
+from .encoders import Pool
+from .lstm_fcn import LSTMFCN, LSTMFCNConfig, Reader
 
 TASK = "classify"
 
 
 @dataclass(frozen=True)
-class ClassifyModelConfig(SeriesModelOptions):
+class ClassifyModelConfig(LSTMFCNConfig):
     """Model settings (``[model]``).
 
     Args:
-        cell, hidden, layers, dropout, ...: the recurrent encoder (:class:`SeriesModelOptions`).
-        bidirectional: read each sequence both ways.
+        kind: "recurrent" (encoder + pooling), "lstm_fcn" (:class:`~rnnkit.tasks.lstm_fcn.LSTMFCN`) or
+            "auto" (chosen by cross-validation on the training set, see ``[auto]``; the saved config holds
+            the choice).
+        cell, hidden, layers, dropout, ...: the recurrent encoder, or LSTM-FCN's recurrent branch
+            (:class:`SeriesModelOptions`).
+        shuffle, squeeze_excite, branch_dropout: LSTM-FCN's options (:class:`LSTMFCNConfig`).
+        read, stride: how the recurrent encoder reads long series ("fold" / "dilate" with stride k; the
+            plain classifier then pools the final state).
+        bidirectional: read each sequence both ways (recurrent, full reading).
         pool: "last" (final state at the last valid step), "mean" or "attention".
     """
 
+    kind: Literal["auto", "recurrent", "lstm_fcn"] = "auto"
     bidirectional: bool = False
     pool: Literal["last", "mean", "attention"] = "last"
 
@@ -74,6 +84,7 @@ class ClassifyDataConfig:
 class ClassifyConfig:
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    auto: AutoClassifySettings = field(default_factory=AutoClassifySettings)
     trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=100, batch_size=32))
 
 
@@ -83,12 +94,19 @@ class SequenceClassifier(nn.Module):
     def __init__(self, n_channels: int, n_classes: int, cfg: ClassifyModelConfig) -> None:
         super().__init__()
         directions = 2 if cfg.bidirectional else 1
-        self.encoder = cfg.build_encoder(n_channels, cfg.bidirectional)
+        self.reader = Reader(cfg.read, cfg.stride) if cfg.read != "full" else None
+        if self.reader is not None and (cfg.pool != "last" or cfg.bidirectional):
+            raise SeriesError(f"model.read {cfg.read!r}: pools the final state of a forward reading; needs "
+                              f"model.pool 'last' and no bidirectional, got pool {cfg.pool!r}")
+        self.encoder = cfg.build_encoder(n_channels if self.reader is None else self.reader.input_size(n_channels),
+                                         cfg.bidirectional)
         self.pool = Pool(cfg.pool, cfg.hidden * directions, directions)
         self.head = nn.Linear(cfg.hidden * directions, n_classes)
 
     def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The pooled encoding (B, D*H) that the head classifies."""
+        if self.reader is not None:
+            return self.reader(self.encoder, x, lengths)
         T = int(lengths.max())
         # equal lengths need no masking (same numbers, and the fused kernels run without it)
         out, state = self.encoder(x[:, :T], lengths=None if int(lengths.min()) == T else lengths)
@@ -159,10 +177,17 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 
 # ---- the trained model -------------------------------------------------------------------------
+def build_net(cfg: ClassifyModelConfig, channels: int, n_classes: int, max_len: int) -> nn.Module:
+    """The network of ``cfg.kind`` (a saved "auto", from runs that predate the choice, is the recurrent one)."""
+    if cfg.kind == "lstm_fcn":
+        return LSTMFCN(channels, n_classes, cfg, max_len)
+    return SequenceClassifier(channels, n_classes, cfg)
+
+
 class Classifier:
     """A trained classifier with its scaler and class names."""
 
-    def __init__(self, cfg: ClassifyConfig, net: SequenceClassifier, scaler: Scaler, classes: list[str],
+    def __init__(self, cfg: ClassifyConfig, net: nn.Module, scaler: Scaler, classes: list[str],
                  meta: dict[str, Any]) -> None:
         self.cfg, self.net, self.scaler, self.classes, self.meta = cfg, net, scaler, classes, meta
 
@@ -196,7 +221,7 @@ class Classifier:
     @classmethod
     def load(cls, run_dir: str | Path) -> Classifier:
         meta, cfg = load_trained(run_dir, TASK, ClassifyConfig)
-        net = SequenceClassifier(meta["channels"], len(meta["classes"]), cfg.model)
+        net = build_net(cfg.model, meta["channels"], len(meta["classes"]), meta.get("input_len", 0))
         return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), meta["classes"], meta)
 
 
@@ -235,13 +260,21 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             tcfg = replace_config(tcfg, metric="val_accuracy", metric_mode="max",
                                   eval_every=tcfg.eval_every or max(1, len(tr) // tcfg.batch_size))
     weights = balanced_weights(data["y"].numpy(), len(classes)) if d.class_weights == "balanced" else None
-    torch.manual_seed(cfg.trainer.seed)
-    net = SequenceClassifier(train_set.n_channels, len(classes), cfg.model)
     task = ClassifyTask(weights, {"jitter": d.jitter, "scale": d.scale, "warp": d.warp})
+    T = int(data["x"].shape[1])
+    choice = None
+    if cfg.model.kind == "auto":
+        def build(kind: str) -> nn.Module:
+            return build_net(replace_config(cfg.model, kind=kind), train_set.n_channels, len(classes), T)
+
+        choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
+        cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
+    torch.manual_seed(cfg.trainer.seed)
+    net = build_net(cfg.model, train_set.n_channels, len(classes), T)
     result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,
                  resume=resume, quiet=quiet)
     meta = {"task": TASK, "channels": train_set.n_channels, "n_train": len(train_set),
-            "max_train_len": int(train_set.lengths.max()),
+            "max_train_len": int(train_set.lengths.max()), "input_len": T, "choice": choice,
             "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
     model = Classifier(cfg, net, scaler, classes, meta)
     if run_dir is not None:

@@ -240,12 +240,13 @@ def fit_global(ys: Sequence[np.ndarray], cands: Sequence[Candidate], horizon: in
             tails, season = validation
             calls = [0]
 
-            def evaluate(model: torch.nn.Module, cfg=cfg, tails=tails, season=season, best=best, calls=calls):
+            def evaluate(model: torch.nn.Module, cfg=cfg, tails=tails, season=season, best=best, calls=calls,
+                         last=tcfg.steps):
                 calls[0] += 1
                 one = GlobalForecaster([(cfg, model)])
                 v = _score(tails, [one.predict(y) for y in ys], ys, season)["mase"]
                 if np.isfinite(v) and v < best["mase"]:
-                    best.update(mase=v, step=calls[0] * s.eval_every,
+                    best.update(mase=v, step=min(calls[0] * s.eval_every, last),
                                 state={n: t.detach().clone() for n, t in model.state_dict().items()})
                 return {"val_mase": v if np.isfinite(v) else 1e30}
 
