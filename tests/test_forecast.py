@@ -148,8 +148,11 @@ def test_cli_user_errors_exit_2(tmp_path):
                             "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "column 'name' is not numeric" in r.stderr and "Traceback" not in r.output
     r = runner.invoke(app, ["forecast", "train", "--csv", str(p), "--target", "y", "--horizon", "30",
-                            "--lookback", "24", "--out", str(tmp_path / "r")])
+                            "--lookback", "24", "--no-auto", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "shorter than lookback + horizon" in r.stderr
+    r = runner.invoke(app, ["forecast", "train", "--csv", str(p), "--target", "y", "--horizon", "36",
+                            "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "the largest horizon that works is 35" in r.stderr
     r = runner.invoke(app, ["forecast", "predict", str(tmp_path), "--csv", str(p), "--out", str(tmp_path / "f.csv")])
     assert r.exit_code == 2 and "model.json" in r.stderr
 
@@ -226,3 +229,32 @@ def test_sarima_airline_model():
     y = aeon.load_airline()
     f = F.sarima(y[:108, None], 36, 12, log=True)[:, 0]
     assert smape(y[108:], f) == pytest.approx(0.0774, abs=5e-4)
+
+
+def test_cli_automatic_mode_records_its_choices_and_predicts(tmp_path):
+    runner = CliRunner()
+    p = tmp_path / "s.csv"
+    y = 20 + _sine(48, period=6)
+    p.write_text("month,y\n" + "".join(f"{2000 + i // 12}-{1 + i % 12:02d},{v:.4f}\n" for i, v in enumerate(y)))
+    run = tmp_path / "run"
+    tiny = ["--steps", "20", "--set", "auto.hidden=4", "--set", "auto.ensemble=1", "--set", "auto.eval_every=10"]
+    r = runner.invoke(app, ["forecast", "train", "--csv", str(p), "--time", "month", "--horizon", "4", "--transform",
+                            "d1", "--lookback", "4", *tiny, "--out", str(run), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["mode"] == "auto" and out["choices"]["season"]["value"] == 6
+    assert out["choices"]["chosen"]["transform"] == "d1" and len(out["choices"]["candidates"]) == 1
+    assert 'transform = "d1"' in (run / "config.toml").read_text()
+    lines = (run / "forecast.csv").read_text().splitlines()
+    assert lines[0] == "id,step,time,forecast" and lines[1].startswith("y,1,2004-01,") and len(lines) == 5
+    r = runner.invoke(app, ["forecast", "predict", str(run), "--csv", str(p), "--out", str(tmp_path / "f.csv")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "f.csv").read_text() == (run / "forecast.csv").read_text()
+    gap = tmp_path / "gap.csv"
+    gap.write_text("\n".join(p.read_text().splitlines()[:10] + p.read_text().splitlines()[11:]) + "\n")
+    r = runner.invoke(app, ["forecast", "train", "--csv", str(gap), "--time", "month", "--horizon", "4",
+                            "--out", str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "1 missing time step(s) (first after row 8, line 10)" in r.stderr
+    r = runner.invoke(app, ["forecast", "train", "--csv", str(p), "--horizon", "4", "--epochs", "3",
+                            "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "--epochs: the automatic mode budgets optimizer steps" in r.stderr

@@ -18,8 +18,8 @@ Given one or many series and a horizon H, :func:`auto_fit`:
 The model is one network for all series (a global model, DeepAR-style without the likelihood): a
 one-step recursive LSTM trained with teacher forcing on windows of every series, each series in its
 own scaled units (its own :class:`~rnnkit.tasks.forecast.Transform`: the transform above, then a
-standard scaler fit on that series); undifferenced windows are measured from their last value
-(``window_norm`` ``last``). Forecasts are rolled out H steps and mapped back to each series' units.
+standard scaler fit on that series); windows are measured from their last value (``window_norm``
+``last``) unless the transform takes a first difference. Forecasts are rolled out H steps and mapped back to each series' units.
 """
 
 from __future__ import annotations
@@ -162,11 +162,13 @@ class AutoSettings:
 
 
 def _configs(c: Candidate, horizon: int, s: AutoSettings, seed: int) -> F.ForecastConfig:
-    # a level is read relative to the window's last value; a differenced series is already a change
+    # windows are read relative to their last value (an untrained network then forecasts persistence of
+    # the level, or of the seasonal change), except after a first difference: a persisting last change
+    # integrates into a runaway trend, so there the offset is zero (the mean change)
     return F.ForecastConfig(
         model=F.ForecastModelConfig(cell=s.cell, hidden=s.hidden, decoder="recursive"),
         data=F.ForecastDataConfig(lookback=c.lookback, horizon=horizon, log=c.log, difference=c.difference,
-                                  window_norm="none" if c.difference else "last", scaler="standard"),
+                                  window_norm="none" if 1 in c.difference else "last", scaler="standard"),
         trainer=TrainerConfig(seed=seed, steps=s.steps, batch_size=s.batch_size, clip_norm=1.0, tensorboard=False,
                               log_every=10_000, optim=OptimConfig(name="adam", lr=s.lr), device="cpu"))
 
