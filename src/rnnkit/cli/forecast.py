@@ -152,7 +152,7 @@ def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, t
     if transform is None and (log is not None or difference):
         transform = transform_name(bool(log), parse_floats(difference, "--difference", int) if difference else ())
     flags = {"horizon": horizon, "lookback": lookback, "season": season, "transform": transform,
-             "seed": opts.seed, "auto.steps": opts.steps}
+             "seed": opts.seed, "auto.steps": opts.steps, "auto.device": opts.device}
     ov = opts.overrides(flags, section="")
     for k in ("steps", "epochs", "minutes", "checkpoint_every", "device"):
         ov.pop(k, None)

@@ -148,6 +148,7 @@ class AutoSettings:
             the number of steps of its best score.
         ensemble: networks (seeds) averaged in the final model; the selection fits use one each.
         val_horizon: rows held out for the selection (None = the horizon).
+        device: where the networks train ("cpu": networks this small run fastest there).
     """
 
     cell: str = "lstm"
@@ -159,6 +160,7 @@ class AutoSettings:
     lr: float = 5e-3
     ensemble: int = 3
     val_horizon: int | None = None
+    device: str = "cpu"
 
 
 def _configs(c: Candidate, horizon: int, s: AutoSettings, seed: int) -> F.ForecastConfig:
@@ -170,7 +172,7 @@ def _configs(c: Candidate, horizon: int, s: AutoSettings, seed: int) -> F.Foreca
         data=F.ForecastDataConfig(lookback=c.lookback, horizon=horizon, log=c.log, difference=c.difference,
                                   window_norm="none" if 1 in c.difference else "last", scaler="standard"),
         trainer=TrainerConfig(seed=seed, steps=s.steps, batch_size=s.batch_size, clip_norm=1.0, tensorboard=False,
-                              log_every=10_000, optim=OptimConfig(name="adam", lr=s.lr), device="cpu"))
+                              log_every=10_000, optim=OptimConfig(name="adam", lr=s.lr), device=s.device))
 
 
 class GlobalForecaster:
