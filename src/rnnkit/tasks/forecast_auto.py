@@ -19,7 +19,8 @@ The model is one network for all series (a global model, DeepAR-style without th
 one-step recursive LSTM trained with teacher forcing on windows of every series, each series in its
 own scaled units (its own :class:`~rnnkit.tasks.forecast.Transform`: the transform above, then a
 standard scaler fit on that series); windows are measured from their last value (``window_norm``
-``last``) unless the transform takes a first difference. Forecasts are rolled out H steps and mapped back to each series' units.
+``last``) unless the transform takes a first difference. Forecasts are rolled out H steps and mapped
+back to each series' units.
 """
 
 from __future__ import annotations
