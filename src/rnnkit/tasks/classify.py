@@ -269,6 +269,11 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
 
         choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
         cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
+        t = cfg.trainer  # the final model trains at least as long as one cross-validation fit
+        per_epoch = -(-len(data["y"]) // t.batch_size)
+        if t.minutes is None and (t.steps or (t.epochs or 0) * per_epoch) < cfg.auto.steps:
+            cfg = replace_config(cfg, **{"trainer.steps": cfg.auto.steps, "trainer.epochs": None})
+            tcfg = replace_config(tcfg, steps=cfg.auto.steps, epochs=None)
     torch.manual_seed(cfg.trainer.seed)
     net = build_net(cfg.model, train_set.n_channels, len(classes), T)
     result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,
