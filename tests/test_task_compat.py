@@ -24,6 +24,10 @@ CONFIGS = {"charlm": charlm.CharLMConfig, "wordlm": wordlm.WordLMConfig, "experi
            "anomaly": anomaly.AnomalyConfig, "embed": embed.EmbedConfig}
 # keys the shared model options added to sections that did not have them, with their defaults
 ADDED = {"backend": "auto", "dropout": 0.0}
+# added later to the classifier: the model choice (old run directories load as "recurrent") and LSTM-FCN's
+# options in [model], the choice's settings in [auto]
+ADDED_CLASSIFY = {"kind": "auto", "shuffle": True, "squeeze_excite": False, "branch_dropout": 0.8, "read": "full",
+                  "stride": 1}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -33,7 +37,9 @@ def test_old_configs_load_to_the_same_settings(name: str) -> None:
                 config_from_dict(CONFIGS[name], old)):
         new = config_to_dict(cfg)
         added = {k: v for k, v in new["model"].items() if k not in old["model"]}
-        assert added.items() <= ADDED.items()
+        assert added.items() <= {**ADDED, **(ADDED_CLASSIFY if name == "classify" else {})}.items()
+        if name == "classify":
+            assert new.pop("auto") == config_to_dict(classify.ClassifyConfig())["auto"]
         assert {**new, "model": {k: v for k, v in new["model"].items() if k in old["model"]}} == old
 
 
