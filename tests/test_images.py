@@ -123,3 +123,42 @@ def test_digit_strings_use_disjoint_glyphs(monkeypatch):
     monkeypatch.setattr(I, "_digits_split", lambda: (Xtr * 0, ytr, Xte, yte))
     assert max(im.max() for im in I.digit_strings("train", n=5).images) == 0.0
     assert min(im.max() for im in I.digit_strings("test", n=5).images) > 0.5
+
+
+def test_classify_cli_reads_images_in_the_runs_order(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from rnnkit.cli.main import app
+
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 256, (40, 4, 5)).astype(np.uint8)
+    y = (X[:, 0, 0] > 127).astype(np.uint8)
+    (tmp_path / "img").write_bytes(_idx_bytes(X, 0x08, ">u1"))
+    (tmp_path / "lab").write_bytes(_idx_bytes(y, 0x08, ">u1"))
+    for i in range(6):
+        _png(tmp_path / "pngs" / str(y[i]) / f"{i}.png", X[i])
+    run = tmp_path / "run"
+    runner = CliRunner()
+    r = runner.invoke(app, ["classify", "train", "--train", str(tmp_path / "img"), "--train-labels",
+                            str(tmp_path / "lab"), "--read", "pixels", "--permute", "5", "--hidden", "4",
+                            "--epochs", "2", "--out", str(run), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    assert 'read = "pixels"' in (run / "config.toml").read_text()
+    assert "permute_seed = 5" in (run / "config.toml").read_text()
+    from rnnkit.tasks.classify import Classifier
+
+    model = Classifier.load(run)
+    expected = model.predict_proba(I.as_sequence_set(I.ImageSet(list(X[:6] / 255.0)), "pixels", 5))
+    r = runner.invoke(app, ["classify", "predict", str(run), "--input", str(tmp_path / "pngs"), "--out",
+                            str(tmp_path / "p.csv"), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    order = [int(row[0].split("/")[1][:-4]) for row in rows]  # ids are <class>/<i>.png
+    np.testing.assert_allclose([[float(v) for v in row[2:]] for row in rows], expected[order], atol=1e-5)
+    r = runner.invoke(app, ["classify", "eval", str(run), "--test", str(tmp_path / "img"), "--quiet", "--json"])
+    assert r.exit_code == 2 and "needs its labels file (--image-labels FILE)" in r.output
+    r = runner.invoke(app, ["classify", "eval", str(run), "--test", str(tmp_path / "img"), "--image-labels",
+                            str(tmp_path / "lab"), "--quiet", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["n"] == 40

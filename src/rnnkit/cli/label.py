@@ -74,7 +74,7 @@ def train(train_path: Annotated[str, typer.Option(
         "trainer.optim.lr": lr, "decode.decoder": decoder, "decode.beam_width": beam_width,
         "decode.lm_order": lm_order, "decode.lm_weight": lm_weight})
     tr = L.read_label_set(train_path, labels, "--train")
-    te = L.read_label_set(test_path, test_labels, "--test") if test_path is not None else None
+    te = L.read_label_set(test_path, test_labels, "--test", split="test") if test_path is not None else None
     run_dir = Path(opts.run_dir)
     lengths = [len(s) for s in tr.sequences]
     opts.info(f"training on {len(tr)} sequences ({tr.n_features} feature(s), lengths {min(lengths)}-"
@@ -98,7 +98,7 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnn
     from ..tasks.label import Labeller, read_label_set
 
     model = Labeller.load(run_dir)
-    te = read_label_set(test_path, labels, "--test")
+    te = read_label_set(test_path, labels, "--test", split="test")
     decode = _decode_config(model, decoder, beam_width, lm_order, lm_weight)
     opts.emit(_evaluate(opts, model, te, Path(run_dir), "eval", decode, alignments))
 
@@ -114,7 +114,7 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnk
     from ..tasks.label import Labeller, read_label_set
 
     model = Labeller.load(run_dir)
-    data = read_label_set(input_path, labels, "--input", require_labels=False)
+    data = read_label_set(input_path, labels, "--input", require_labels=False, split="test")
     hyps = model.decode(model.log_probs(data, "--input"),
                         _decode_config(model, decoder, beam_width, lm_order, lm_weight))
     write_csv(out, ["id", "predicted"], [[i, h] for i, h in zip(data.ids, hyps)])

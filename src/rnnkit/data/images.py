@@ -268,9 +268,10 @@ def read_image_array(path: str | Path, name: str = "--train") -> ImageSet:
     return ImageSet(list(_unit_scale(X)), y)
 
 
-def read_images(source: str | Path, labels: str | Path | None = None, name: str = "--train") -> ImageSet:
+def read_images(source: str | Path, labels: str | Path | None = None, name: str = "--train",
+                labels_flag: str = "--train-labels") -> ImageSet:
     """Images for classification: a PNG class folder, ``.npy``/``.npz``, or an IDX images file with its
-    ``labels`` IDX file."""
+    ``labels`` IDX file (given by ``labels_flag``)."""
     path = Path(source)
     if path.is_dir():
         return read_png_classes(path, name)
@@ -278,7 +279,7 @@ def read_images(source: str | Path, labels: str | Path | None = None, name: str 
         return read_image_array(path, name)
     if labels is None:
         raise UserError(f"{name}: {path} is read as an IDX images file, which needs its labels file "
-                        f"({name}-labels FILE)")
+                        f"({labels_flag} FILE)")
     return read_idx_pair(path, labels, name)
 
 

@@ -173,11 +173,11 @@ def _read_step_file(path: Path, name: str) -> np.ndarray:
 
 
 def read_label_set(source: str | Path, labels: str | Path | None = None, name: str = "--train",
-                   require_labels: bool = True) -> LabelSet:
-    """Read labelled sequences (see the module docstring); ``source`` may be ``"digit-strings"``, whose
-    ``name`` (``--train``/``--test``) picks the split."""
+                   require_labels: bool = True, split: str = "train") -> LabelSet:
+    """Read labelled sequences (see the module docstring); ``source`` may be ``"digit-strings"`` (the
+    built-in lines of ``split``)."""
     if str(source) == DIGIT_STRINGS:
-        data = digit_strings("test" if "test" in name else "train")
+        data = digit_strings(split)
         return LabelSet([to_sequence(im, "columns") for im in data.images], list(data.labels), data.ids,
                         DIGIT_STRINGS)
     path = Path(source)
