@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.images import DIGIT_STRINGS, digit_strings, read_labels_tsv, read_png, to_sequence
-from ..data.sequences import pad
+from ..data.sequences import augment, pad
 from ..data.series import Scaler, read_table
 from ..errors import UserError
 from ..train import OptimConfig, TrainerConfig
@@ -48,7 +48,7 @@ class LabelModelConfig:
     cell: str = "lstm"
     hidden: int = 64
     layers: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.25
     bidirectional: bool = True
 
     def encoder(self) -> EncoderConfig:
@@ -65,11 +65,15 @@ class LabelDataConfig:
             stack * C features; the last one zero-padded); shortens what the recurrence runs through.
         val_fraction: hold out this fraction of the training set to keep the weights of the best
             validation CER (greedy decoding); 0 keeps the final weights.
+        jitter, scale: training-time augmentation (:func:`rnnkit.data.sequences.augment`, in scaled units):
+            additive Gaussian noise of this std, a random gain N(1, s^2) per sequence and feature.
     """
 
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
     stack: int = 3
     val_fraction: float = 0.05
+    jitter: float = 0.1
+    scale: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -117,10 +121,17 @@ class CTCModel(nn.Module):
 
 
 class CTCTask:
-    """The CTC loss for the trainer (mean over the batch of the loss divided by each label's length)."""
+    """The CTC loss for the trainer (mean over the batch of the loss divided by each label's length), on
+    augmented inputs while training."""
+
+    def __init__(self, augmentation: dict[str, float] | None = None) -> None:
+        self.augmentation = augmentation or {}
 
     def loss(self, model: CTCModel, batch: dict[str, Tensor]) -> Tensor:
-        logp = model(batch["x"], batch["lengths"])
+        x = batch["x"]
+        if model.training and self.augmentation:
+            x = augment(x, batch["lengths"], **self.augmentation)
+        logp = model(x, batch["lengths"])
         return F.ctc_loss(logp.transpose(0, 1), batch["targets"], batch["lengths"], batch["target_lengths"],
                           blank=0, reduction="mean")
 
@@ -440,8 +451,8 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
                                   eval_every=tcfg.eval_every or max(1, -(-len(tr) // tcfg.batch_size)))
     torch.manual_seed(cfg.trainer.seed)
     net = CTCModel(train_set.n_features * d.stack, len(alphabet), cfg.model)
-    result = fit(net, CTCTask(), data, tcfg, run_dir, evaluate=evaluate, full_config=cfg, resume=resume,
-                 quiet=quiet)
+    result = fit(net, CTCTask({"jitter": d.jitter, "scale": d.scale}), data, tcfg, run_dir, evaluate=evaluate,
+                 full_config=cfg, resume=resume, quiet=quiet)
     meta = {"task": TASK, "features": train_set.n_features, "n_train": len(train_set),
             "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
     model = Labeller(cfg, net, scaler, alphabet, list(train_set.labels), meta)
@@ -464,19 +475,19 @@ def plot_alignment(sequence: np.ndarray, log_probs: np.ndarray, alphabet: Alphab
                extent=(-0.5, len(sequence) / stack - 0.5, sequence.shape[1] - 0.5, -0.5))
     ax0.set_ylabel("feature")
     ax0.set_title(title)
-    ax1.plot(np.arange(T), p[:, 0], "k--", lw=1, label="blank")
+    ax1.plot(np.arange(T), p[:, 0], "k--", lw=1)
     cmap = plt.get_cmap("tab10" if len(alphabet) <= 10 else "tab20")
     for k, c in enumerate(alphabet.symbols, start=1):
         if p[:, k].max() < 0.05:
             continue
         color = cmap(k % cmap.N)
         ax1.plot(np.arange(T), p[:, k], color=color, lw=1.5)
-        t = int(p[:, k].argmax())
-        ax1.text(t, min(1.0, p[t, k]) + 0.02, c, color=color, ha="center", va="bottom", fontsize=9)
+        q = np.concatenate([[0.0], p[:, k], [0.0]])
+        for t in np.nonzero((q[1:-1] > 0.5) & (q[1:-1] >= q[:-2]) & (q[1:-1] > q[2:]))[0]:  # each peak
+            ax1.text(t, min(1.0, p[t, k]) + 0.02, c, color=color, ha="center", va="bottom", fontsize=9)
     ax1.set_ylim(0, 1.12)
     ax1.set_xlabel("output step" + (f" ({stack} input steps each)" if stack > 1 else ""))
-    ax1.set_ylabel("p(label | step)")
-    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set_ylabel("p(symbol | step)\n(dashed: blank)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
