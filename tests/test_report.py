@@ -142,7 +142,9 @@ def test_validation_metrics_get_their_own_figure(tmp_path: Path) -> None:
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     figs = figures(d)
     curve_labels = {name: [line.get_label() for line in f.axes[0].get_lines()] for name, f in figs.items()}
+    import matplotlib.pyplot as plt
+
     for f in figs.values():
-        f.clf()
+        plt.close(f)
     assert curve_labels == {"learning_curve": ["train/loss", "eval/val_loss"],
                             "validation_curve": ["eval/val_cer", "eval/val_seq_accuracy"]}
