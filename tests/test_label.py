@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
 from rnnkit.errors import UserError
-from rnnkit.tasks import ctc
+from rnnkit.tasks import decoding as ctc
 from rnnkit.tasks import label as L
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,9 +42,9 @@ def _random_lp(rng, T, K1, sharp=1.5):
 
 
 def test_min_steps():
-    assert ctc.min_steps([1, 2, 3]) == 3
-    assert ctc.min_steps([1, 1, 2, 2, 2]) == 8
-    assert ctc.min_steps([]) == 0
+    assert ctc.ctc_min_steps([1, 2, 3]) == 3
+    assert ctc.ctc_min_steps([1, 1, 2, 2, 2]) == 8
+    assert ctc.ctc_min_steps([]) == 0
 
 
 def test_labelling_scores_match_brute_force():
@@ -52,7 +52,7 @@ def test_labelling_scores_match_brute_force():
     lp = _random_lp(rng, 5, 3)
     p = _brute_force(lp)
     labs = [(), (1,), (2, 1), (1, 1), (1, 2, 1, 2)]
-    np.testing.assert_allclose(np.exp(ctc.labelling_scores(lp, labs)), [p.get(s, 0.0) for s in labs], atol=1e-12)
+    np.testing.assert_allclose(np.exp(ctc.ctc_scores(lp, labs)), [p.get(s, 0.0) for s in labs], atol=1e-12)
     assert sum(p.values()) == pytest.approx(1.0)
 
 
@@ -60,9 +60,9 @@ def test_beam_beats_best_path_where_they_differ():
     # two steps, one symbol: the best path (blank, blank) gives "" with p = 0.36, but "a" has
     # p = 0.4*0.4 + 0.4*0.6 + 0.6*0.4 = 0.64
     lp = np.log(np.array([[0.6, 0.4], [0.6, 0.4]]))
-    assert ctc.greedy_decode(lp) == ()
-    assert ctc.prefix_beam_search(lp, beam=4) == (1,)
-    s = ctc.labelling_scores(lp, [(), (1,)])
+    assert ctc.greedy_ctc(lp) == ()
+    assert ctc.ctc_beam_search(lp, beam=4) == (1,)
+    s = ctc.ctc_scores(lp, [(), (1,)])
     assert np.exp(s) == pytest.approx([0.36, 0.64])
 
 
@@ -72,10 +72,10 @@ def test_beam_search_finds_the_most_probable_labelling_and_never_loses_to_greedy
         lp = _random_lp(rng, 5, 3, sharp=0.8)
         p = _brute_force(lp)
         best = max(p, key=p.get)
-        beam = ctc.prefix_beam_search(lp, beam=64, prune=-math.inf)
+        beam = ctc.ctc_beam_search(lp, beam=64, prune=-math.inf)
         assert p[beam] == pytest.approx(p[best], rel=1e-9)
-        narrow = ctc.prefix_beam_search(lp, beam=1)
-        assert p.get(narrow, 0.0) >= p.get(ctc.greedy_decode(lp), 0.0) - 1e-12
+        narrow = ctc.ctc_beam_search(lp, beam=1)
+        assert p.get(narrow, 0.0) >= p.get(ctc.greedy_ctc(lp), 0.0) - 1e-12
 
 
 def test_char_ngram_is_normalised_and_beam_with_lm_never_loses_to_greedy():
@@ -91,10 +91,10 @@ def test_char_ngram_is_normalised_and_beam_with_lm_never_loses_to_greedy():
         lp = _random_lp(rng, 6, 4, sharp=0.7)
 
         def total(s, lp=lp):
-            return ctc.labelling_scores(lp, [s])[0] + 0.8 * lm.score(s)
+            return ctc.ctc_scores(lp, [s])[0] + 0.8 * lm.score(s)
 
-        out = ctc.prefix_beam_search(lp, beam=3, lm=lm, lm_weight=0.8)
-        assert total(out) >= total(ctc.greedy_decode(lp)) - 1e-9
+        out = ctc.ctc_beam_search(lp, beam=3, lm=lm, lm_weight=0.8)
+        assert total(out) >= total(ctc.greedy_ctc(lp)) - 1e-9
 
 
 # ---- data --------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ r"""Sequence labelling with CTC: a recurrent stack reads a sequence and emits it
 Model: a (bidirectional, multi-layer) stack of any registered cell, then a linear layer to the K label
 symbols plus the blank and a log-softmax per step; the loss is ``torch.nn.functional.ctc_loss`` with each
 sequence's input length and label length (mean over the batch of the per-label-symbol loss). Decoding
-and the character n-gram model are in :mod:`rnnkit.tasks.ctc`. Metrics: character and word error rate
-(``jiwer``) and sequence accuracy (the fraction of strings decoded exactly).
+and the character n-gram model are in :mod:`rnnkit.tasks.decoding`; the metrics (character and word
+error rate, sequence accuracy) in :mod:`rnnkit.metrics.text`.
 
 Inputs (:func:`read_label_set`):
 
@@ -33,26 +33,29 @@ from ..data.images import DIGIT_STRINGS, digit_strings, read_labels_tsv, read_pn
 from ..data.sequences import augment, pad
 from ..data.series import Scaler, read_table
 from ..errors import UserError
-from ..train import OptimConfig, TrainerConfig
-from .ctc import CharNGram, greedy_decode, min_steps, prefix_beam_search
-from .timeseries_common import EncoderConfig, fit, load_meta, load_weights, pyplot, save_model
+from ..metrics.text import text_metrics
+from ..train import TrainerConfig
+from .base import fit, load_trained, load_weights, open_run_dir, pyplot, sample_trainer, save_figure, save_trained
+from .decoding import CharNGram, ctc_beam_search, ctc_min_steps, greedy_ctc
+from .encoders import SeriesModelOptions
 
 TASK = "label"
 LABELS_FILE = "train_labels.txt"
 
 
 @dataclass(frozen=True)
-class LabelModelConfig:
-    """Model settings (``[model]``): the recurrent stack (:class:`EncoderConfig`)."""
+class LabelModelConfig(SeriesModelOptions):
+    """Model settings (``[model]``).
 
-    cell: str = "lstm"
+    Args:
+        cell, hidden, layers, dropout, ...: the recurrent stack (:class:`SeriesModelOptions`).
+        bidirectional: read each sequence both ways.
+    """
+
     hidden: int = 64
     layers: int = 2
     dropout: float = 0.25
     bidirectional: bool = True
-
-    def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, self.bidirectional)
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,7 @@ class LabelConfig:
     model: LabelModelConfig = field(default_factory=LabelModelConfig)
     data: LabelDataConfig = field(default_factory=LabelDataConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=30, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
 class CTCModel(nn.Module):
@@ -109,9 +110,8 @@ class CTCModel(nn.Module):
 
     def __init__(self, n_features: int, n_symbols: int, cfg: LabelModelConfig) -> None:
         super().__init__()
-        enc = cfg.encoder()
-        self.encoder = enc.build(n_features)
-        self.head = nn.Linear(enc.out_size, n_symbols + 1)
+        self.encoder = cfg.build_encoder(n_features, cfg.bidirectional)
+        self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), n_symbols + 1)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         T = int(lengths.max())
@@ -296,7 +296,7 @@ def check_feasible(data: LabelSet, targets: list[list[int]], stack: int, arg: st
     """CTC needs at least :func:`min_steps` steps per label (after stacking); name the first sample
     that has fewer."""
     for i, (s, t) in enumerate(zip(data.sequences, targets)):
-        need, have = min_steps(t), stacked_length(len(s), stack)
+        need, have = ctc_min_steps(t), stacked_length(len(s), stack)
         if have < need:
             via = f" ({len(s)} before data.stack={stack})" if stack > 1 else ""
             raise UserError(f"{arg}: {data.where(i)} has {have} steps{via}, but its label {data.labels[i]!r} needs "
@@ -313,17 +313,6 @@ def tensors(data: LabelSet, scaler: Scaler, stack: int, targets: list[list[int]]
             tg[i, :len(t)] = t
         out.update(targets=torch.from_numpy(tg), target_lengths=torch.tensor([len(t) for t in targets]))
     return out
-
-
-# ---- metrics -----------------------------------------------------------------------------------
-def text_metrics(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    """Character and word error rate (jiwer) and sequence accuracy."""
-    try:
-        import jiwer
-    except ImportError as e:
-        raise UserError("label metrics need jiwer (pip install 'rnnkit[datasets]')") from e
-    return {"cer": float(jiwer.cer(refs, hyps)), "wer": float(jiwer.wer(refs, hyps)),
-            "seq_accuracy": float(np.mean([r == h for r, h in zip(refs, hyps)]))}
 
 
 # ---- the trained model -------------------------------------------------------------------------
@@ -364,13 +353,13 @@ class Labeller:
     def decode(self, log_probs: list[np.ndarray], decode: DecodeConfig | None = None) -> list[str]:
         d = decode or self.cfg.decode
         if d.decoder == "greedy":
-            return [self.alphabet.decode(greedy_decode(lp)) for lp in log_probs]
+            return [self.alphabet.decode(greedy_ctc(lp)) for lp in log_probs]
         if d.decoder != "beam":
             raise UserError(f"decode.decoder: expected 'greedy' or 'beam', got {d.decoder!r}")
         if d.beam_width < 1:
             raise UserError(f"decode.beam_width: expected an int >= 1, got {d.beam_width}")
         lm = self.lm(d.lm_order)
-        return [self.alphabet.decode(prefix_beam_search(lp, d.beam_width, lm, d.lm_weight, d.length_bonus))
+        return [self.alphabet.decode(ctc_beam_search(lp, d.beam_width, lm, d.lm_weight, d.length_bonus))
                 for lp in log_probs]
 
     def evaluate(self, data: LabelSet, arg: str = "--test", decode: DecodeConfig | None = None) -> dict[str, Any]:
@@ -390,18 +379,13 @@ class Labeller:
         return out
 
     def save(self, run_dir: Path) -> None:
-        from ..train import config_to_dict
-
-        save_model(run_dir, self.net, {**self.meta, "config": config_to_dict(self.cfg),
-                                       "alphabet": self.alphabet.symbols, "scaler": self.scaler.state()})
+        save_trained(run_dir, self.net, self.meta, self.cfg, alphabet=self.alphabet.symbols,
+                     scaler=self.scaler.state())
         (run_dir / LABELS_FILE).write_text("\n".join(self.train_labels) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Labeller:
-        from ..train import config_from_dict
-
-        meta = load_meta(run_dir, TASK)
-        cfg = config_from_dict(LabelConfig, meta["config"])
+        meta, cfg = load_trained(run_dir, TASK, LabelConfig)
         alphabet = Alphabet(meta["alphabet"])
         net = CTCModel(meta["features"] * cfg.data.stack, len(alphabet), cfg.model)
         labels = (Path(run_dir) / LABELS_FILE).read_text(encoding="utf-8").splitlines()
@@ -413,6 +397,8 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
     """Train a CTC model; with ``data.val_fraction`` > 0 the weights of the best validation CER are kept."""
     from ..train import replace_config
 
+    if run_dir is not None:
+        run_dir = open_run_dir(run_dir, resume)
     d = cfg.data
     if not 0 <= d.val_fraction < 1:
         raise UserError(f"data.val_fraction: expected a fraction in [0, 1), got {d.val_fraction}")
@@ -442,7 +428,7 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
             loss = F.ctc_loss(lp.transpose(0, 1), val["targets"].to(dev), val["lengths"].to(dev),
                               val["target_lengths"].to(dev), blank=0, reduction="mean")
             lp = lp.cpu().numpy()
-            hyps = [alphabet.decode(greedy_decode(p[:n])) for p, n in zip(lp, val["lengths"].tolist())]
+            hyps = [alphabet.decode(greedy_ctc(p[:n])) for p, n in zip(lp, val["lengths"].tolist())]
             m = text_metrics(val_refs, hyps)
             return {"val_loss": float(loss), "val_cer": m["cer"], "val_seq_accuracy": m["seq_accuracy"]}
 
@@ -457,7 +443,7 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
             "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
     model = Labeller(cfg, net, scaler, alphabet, list(train_set.labels), meta)
     if run_dir is not None:
-        model.save(Path(run_dir))
+        model.save(run_dir)
     return model
 
 
@@ -488,8 +474,4 @@ def plot_alignment(sequence: np.ndarray, log_probs: np.ndarray, alphabet: Alphab
     ax1.set_ylim(0, 1.12)
     ax1.set_xlabel("output step" + (f" ({stack} input steps each)" if stack > 1 else ""))
     ax1.set_ylabel("p(symbol | step)\n(dashed: blank)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
