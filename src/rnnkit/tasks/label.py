@@ -52,7 +52,7 @@ class LabelModelConfig(SeriesModelOptions):
         bidirectional: read each sequence both ways.
     """
 
-    hidden: int = 64
+    hidden: int = 128
     layers: int = 2
     dropout: float = 0.25
     bidirectional: bool = True
