@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..metrics.text import text_metrics
 from ..train import TrainerConfig
 from .base import fit, load_trained, load_weights, open_run_dir, pyplot, sample_trainer, save_figure, save_trained
-from .decoding import CharNGram, ctc_beam_search, ctc_min_steps, greedy_ctc
+from .decoding import CTC_BLANK, CharNGram, ctc_beam_search, ctc_min_steps, greedy_ctc
 from .encoders import SeriesModelOptions
 
 TASK = "label"
@@ -133,7 +133,7 @@ class CTCTask:
             x = augment(x, batch["lengths"], **self.augmentation)
         logp = model(x, batch["lengths"])
         return F.ctc_loss(logp.transpose(0, 1), batch["targets"], batch["lengths"], batch["target_lengths"],
-                          blank=0, reduction="mean")
+                          blank=CTC_BLANK, reduction="mean")
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -426,7 +426,7 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
             dev = next(model.parameters()).device
             lp = model(val["x"].to(dev), val["lengths"].to(dev))
             loss = F.ctc_loss(lp.transpose(0, 1), val["targets"].to(dev), val["lengths"].to(dev),
-                              val["target_lengths"].to(dev), blank=0, reduction="mean")
+                              val["target_lengths"].to(dev), blank=CTC_BLANK, reduction="mean")
             lp = lp.cpu().numpy()
             hyps = [alphabet.decode(greedy_ctc(p[:n])) for p, n in zip(lp, val["lengths"].tolist())]
             m = text_metrics(val_refs, hyps)
