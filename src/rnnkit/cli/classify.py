@@ -102,11 +102,12 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
 
     if read is None and dataset == DIGITS:
         read = "rows"
-    cfg = ts_config(opts, C.ClassifyConfig, {"data.read": read, "data.permute_seed": permute,
+    cfg = ts_config(opts, C.ClassifyConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
         "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample,
-        "data.jitter": jitter, "data.scale": scale, "data.warp": warp})
+        "data.jitter": jitter, "data.scale": scale, "data.warp": warp, "data.read": read,
+        "data.permute_seed": permute})
     tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill, cfg.data,
                   train_labels, "--train-labels")
     te = None
