@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import Cell
+from .compile import DeclaredCell
+from .declare import Declaration, DeclarationError, declare
 from .gru import GRUCell
 from .lstm import LSTMCell
 from .rnn import ElmanCell
@@ -65,11 +67,19 @@ _SPECS = [
 REGISTRY: dict[str, CellSpec] = {s.name: s for s in _SPECS}
 
 
-def make_cell(family: str, hidden_size: int, **options: Any) -> Cell:
-    """Build the cell definition of ``family`` ("rnn", "lstm", "gru") with variant options."""
+def make_cell(family: str | Declaration, hidden_size: int, **options: Any) -> Cell:
+    """Build the cell of ``family`` (a name of :data:`FAMILIES`) with its variant options, or of a
+    declaration (:func:`declare`; only ``bias`` is an option then)."""
+    if isinstance(family, Declaration):
+        unknown = sorted(set(options) - {"bias"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not an option of the declared cell {family.name!r} "
+                             f"(a declared cell takes only bias)")
+        return DeclaredCell(family, hidden_size, **options)
     if family not in FAMILIES:
-        raise ValueError(f"family: expected one of {sorted(FAMILIES)}, got {family!r}")
+        raise ValueError(f"family: expected one of {sorted(FAMILIES)} or a cell declaration, got {family!r}")
     return FAMILIES[family](hidden_size, **options)
 
 
-__all__ = ["Cell", "CellSpec", "ElmanCell", "LSTMCell", "GRUCell", "REGISTRY", "FAMILIES", "make_cell"]
+__all__ = ["Cell", "CellSpec", "Declaration", "DeclarationError", "DeclaredCell", "declare", "ElmanCell",
+           "LSTMCell", "GRUCell", "REGISTRY", "FAMILIES", "make_cell"]
