@@ -122,9 +122,16 @@ def test_hand_written_backends_refuse_a_new_cell_and_auto_picks_a_derived_one():
     cfg = kernels.LayerConfig()
     assert kernels.working_backends(cell, cfg, torch.device("cpu")) == ["reference", "bptt"]
     # a user cell with exactly the LSTM's declaration runs on the hand-written kernels and on torch's
-    lstm = rnnkit.cells.lstm.lstm_declaration()
-    same = rnnkit.cells.make_cell(lstm, 4)
-    assert {"native", "cpu"} <= set(kernels.working_backends(same, cfg, torch.device("cpu")))
+    same = declare("my_lstm", states="h c", equations=rnnkit.cells.lstm.lstm_declaration().equations)
+    assert {"native", "cpu"} <= set(kernels.working_backends(rnnkit.cells.make_cell(same, 4), cfg,
+                                                             torch.device("cpu")))
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    outs = [rnnkit.Recurrent(same, 4, 5, backend=b, dtype=torch.float64) for b in ("reference", "cpu", "native")]
+    for m in outs[1:]:
+        m.load_state_dict(outs[0].state_dict())
+    ref, *others = [m(x)[0] for m in outs]
+    for o in others:
+        torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_a_backend_without_an_operation_refuses_the_cell_that_uses_it(monkeypatch):

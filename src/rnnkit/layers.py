@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import kernels
-from .cells import REGISTRY, make_cell
+from .cells import make_cell
+from .cells import resolve as resolve_cell
 from .kernels import native
 from .kernels.common import LayerMasks
 
@@ -390,19 +391,22 @@ class LSTM(Recurrent):
     r"""LSTM stack, a drop-in for ``torch.nn.LSTM`` with the studied variants (see :class:`rnnkit.cells.LSTMCell`).
 
     Extra keyword options: ``peephole``, ``coupled``, ``drop_gates``, ``output_activation``,
-    ``forget_bias`` (default 1.0), ``layer_norm``, ``recurrent_dropout``, ``zoneout``, ``backend``.
+    ``forget_bias`` (default 1.0), ``layer_norm``, ``gate_activation``, ``candidate_activation``,
+    ``recurrent_dropout``, ``zoneout``, ``backend``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  peephole: bool = False, coupled: bool = False, drop_gates: Sequence[str] = (),
                  output_activation: bool = True, forget_bias: float = 1.0, layer_norm: bool = False,
+                 gate_activation: str = "sigmoid", candidate_activation: str = "tanh",
                  recurrent_dropout: float = 0.0, zoneout: float = 0.0, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend, device=device,
                          dtype=dtype, peephole=peephole, coupled=coupled, drop_gates=drop_gates,
-                         output_activation=output_activation, forget_bias=forget_bias, layer_norm=layer_norm)
+                         output_activation=output_activation, forget_bias=forget_bias, layer_norm=layer_norm,
+                         gate_activation=gate_activation, candidate_activation=candidate_activation)
 
 
 class GRU(Recurrent):
@@ -424,10 +428,9 @@ LAYERS: dict[str, type[Recurrent]] = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 
 def build(cell: str, input_size: int, hidden_size: int, **kwargs: Any) -> Recurrent:
-    """Build a layer stack from a registry name (``rnnkit.cells.REGISTRY``); ``kwargs`` override."""
-    if cell not in REGISTRY:
-        raise ValueError(f"cell: expected one of {sorted(REGISTRY)}, got {cell!r}")
-    spec = REGISTRY[cell]
+    """Build a layer stack from a registry name (``rnnkit.cells.REGISTRY``) or a user's declaration
+    ``"path/to/file.py:NAME"`` (:func:`rnnkit.cells.resolve`); ``kwargs`` override the entry's options."""
+    spec = resolve_cell(cell)
     options = {**spec.options, **kwargs}
     if spec.family in LAYERS:
         return LAYERS[spec.family](input_size, hidden_size, **options)

@@ -242,22 +242,23 @@ class DeclaredCell(Cell):
         vals, _ = self._evaluate(xg, state, w, project)
         return tuple(vals[i] for i in self.declaration.updates)
 
-    def forward(self, xg, state, rec, w):
+    def _kernel_step(self, xg: Tensor, state: State, rec: Callable[..., Tensor], w: Weights):
+        """Every node's value given the kernel's ``rec(inp, part)`` (raw projection; norm and bias here)."""
         def project(inp: Tensor, part: int) -> tuple[Tensor, tuple]:
             return self.rec_norm(rec(inp, part), w, part)
 
-        vals, stats = self._evaluate(xg, state, w, project)
+        return self._evaluate(xg, state, w, project)
+
+    def forward(self, xg, state, rec, w):
+        vals, stats = self._kernel_step(xg, state, rec, w)
         saved = ({i: vals[i] for i in self._saved_ids}, stats, xg.shape)
         return tuple(vals[i] for i in self.declaration.updates), saved
 
     def values(self, xg: Tensor, state: State, rec: Callable[..., Tensor], w: Weights
                ) -> tuple[State, dict[str, Tensor]]:
         """One step like :meth:`forward`, returning the new state and every named value (gates, ...)."""
-        def project(inp: Tensor, part: int) -> tuple[Tensor, tuple]:
-            return self.rec_norm(rec(inp, part), w, part)
-
-        vals, _ = self._evaluate(xg, state, w, project)
-        named = {n: vals[i] for n, i in self.declaration.symbols if not n.endswith("__next")}
+        vals, _ = self._kernel_step(xg, state, rec, w)
+        named = {n: vals[i] for n, i in self.declaration.symbols if not n.endswith("'")}
         return tuple(vals[i] for i in self.declaration.updates), named
 
     def backward(self, dstate, saved, rec_t, w):

@@ -60,7 +60,7 @@ _NEXT = "__next"
 INITS = ("uniform", "ones", "zeros")
 
 
-class DeclarationError(UserError, ValueError):
+class DeclarationError(UserError):
     """A cell declaration that cannot be compiled; the message names the equation and the symbol."""
 
 
@@ -91,6 +91,9 @@ class Node:
 class Declaration:
     """A compiled cell declaration: the equations as a graph, in evaluation order.
 
+    Equal declarations (``==``) have the same equations, blocks, parameters and options, whatever their
+    names: this is how the hand-written kernels recognise the cells they implement.
+
     Attributes:
         name: the cell's name (for messages and reprs).
         states: state names; the first is the output.
@@ -101,10 +104,11 @@ class Declaration:
         params: per-unit parameter -> its block names; ``init``: parameter -> "uniform"/"ones"/"zeros".
         layer_norm: whether every projection is layer-normalised.
         nodes: the graph in topological order; ``updates``: per state, the node of its new value;
-        ``symbols``: equation name -> node; ``gates``: the names reported as gates (statistics).
+        ``symbols``: equation name (``s'`` for a new state) -> node; ``gates``: the names reported as
+        gates (statistics).
     """
 
-    name: str
+    name: str = field(compare=False)  # two declarations of the same equations are the same cell
     states: tuple[str, ...]
     equations: str
     input_blocks: tuple[str, ...]
@@ -324,7 +328,7 @@ class _Compiler:
             if g not in named:
                 raise self.err(None, f"gates: {g!r} is not a named intermediate value (have {named})")
         text = "\n".join(eq.text for eq in eqs)
-        symbols = tuple((t, self.memo[("sym", t)]) for t in self.defs if ("sym", t) in self.memo)
+        symbols = tuple((_show(t), self.memo[("sym", t)]) for t in self.defs if ("sym", t) in self.memo)
         return Declaration(self.name, self.states, text, tuple(self.input_eq.targets), self.raw_input,
                            tuple(self.projections), tuple(self.params.items()), tuple(self.init.items()),
                            self.layer_norm, tuple(self.nodes), updates, symbols, gates)

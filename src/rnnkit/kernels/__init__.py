@@ -2,7 +2,7 @@
 
 Backends:
     reference  autograd through the cell's plain-torch ``step()``; every cell; the oracle.
-    bptt       explicit BPTT in torch ops with each cell's hand-derived backward; every cell.
+    bptt       explicit BPTT in torch ops with the backward derived from each cell's declaration; every cell.
     native     torch's fused kernels (oneDNN / cuDNN) via ``torch._VF``; plain LSTM, GRU, RNN only.
 
 Each backend states what it can run as a :class:`~rnnkit.kernels.capability.Capability` read from the
