@@ -1,11 +1,14 @@
 """The cells added as declarations: sLSTM, MUT1-3 and an LSTM with chosen activations, computed by hand."""
 
+import json
 import math
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import rnnkit
+from rnnkit.cli.main import app
 
 
 def sig(v):
@@ -140,5 +143,15 @@ def test_new_cells_are_listed_and_refused_by_the_hand_written_backends():
 
     for name in ("slstm", "mut1", "mut2", "mut3", "lstm_hsig_relu"):
         cell = rnnkit.build(name, 4, 4).cell
-        assert working_backends(cell, LayerConfig(), torch.device("cpu")) == ["reference", "bptt"], name
+        assert working_backends(cell, LayerConfig(), torch.device("cpu")) == ["reference", "bptt", "cpu_gen"], name
     assert rnnkit.build("slstm", 4, 4).cell.state_names == ("h", "c", "n", "m")
+
+
+def test_cells_lists_the_declared_cells():
+    res = CliRunner().invoke(app, ["cells", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert rows["slstm"]["states"] == ["h", "c", "n", "m"] and rows["slstm"]["backends_cpu"] == ["reference", "bptt",
+                                                                                           "cpu_gen"]
+    assert rows["mut3"]["gates"] == ["z", "r"] and "cpu" in rows["lstm"]["backends_cpu"]
+    assert {"mut1", "mut2", "lstm_hsig_relu"} <= set(rows)

@@ -155,6 +155,8 @@ class Recurrent(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
+        if type(self) is Recurrent:  # the cell is not implied by the class name
+            s = f"{self.cell.name!r}, " + s
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),

@@ -29,7 +29,7 @@ from .base import LN_EPS, Cell, State, Weights, add_bias, ln_backward, ln_forwar
 from .declare import Declaration, Node
 
 # Which values each operation's derivative reads: "out" (its own value) and/or argument positions.
-_READS: dict[str, tuple[Any, ...]] = {
+DERIVATIVE_READS: dict[str, tuple[Any, ...]] = {
     "sigmoid": ("out",), "tanh": ("out",), "exp": ("out",), "relu": ("out",), "softplus": ("out",),
     "hard_sigmoid": (0,), "mul": (0, 1), "div": (1, "out"), "log": (0,), "abs": (0,),
     "max": (0, 1), "min": (0, 1),
@@ -143,7 +143,7 @@ class DeclaredCell(Cell):
         self._init = dict(d.init)
         reads: set[int] = set()
         for i, n in enumerate(d.nodes):
-            for r in _READS.get(n.op, ()):
+            for r in DERIVATIVE_READS.get(n.op, ()):
                 reads.add(i if r == "out" else n.args[r])
         self._saved_ids = tuple(i for i in sorted(reads) if d.nodes[i].op != "const")
 

@@ -244,7 +244,7 @@ def _runners(cells: list[str], backends: list[str] | None, H: int, device: torch
         cell = make_cell(spec.family, H, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         for b in kernels.working_backends(cell, cfg, device):
-            if backends is not None and b not in backends:
+            if (b not in backends) if backends is not None else kernels.BACKENDS[b].experimental:
                 continue
             if b == "reference" and not with_reference:
                 continue
@@ -341,7 +341,8 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
             cell = make_cell(spec.family, H, **spec.cell_options)
             cfg = kernels.LayerConfig(**spec.layer_options)
             for b in kernels.working_backends(cell, cfg, device):
-                if b == "reference" or (backends is not None and b not in backends):
+                if b == "reference" or ((b not in backends) if backends is not None
+                                        else kernels.BACKENDS[b].experimental):
                     continue
                 layer = build(name, H, H, backend=b).to(device).eval()
                 xt = torch.randn(1, H, device=device)

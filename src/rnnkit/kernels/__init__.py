@@ -49,6 +49,8 @@ class Backend:
     capability: Capability = Capability()
     # ``auto`` tries it before every other backend for the cells this returns True for, per device type.
     preferred: Callable[[Cell, torch.device], bool] | None = None
+    # Not yet tuned: ``auto`` never picks it and ``rnnkit bench`` times it only when named in --backends.
+    experimental: bool = False
 
     def refuses(self, cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
         """None if this backend can run ``cell`` with ``cfg`` on ``device``, else the reason."""
@@ -138,3 +140,5 @@ __all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "Capability", "LayerConfig", "re
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
 
 from . import triton_backend  # noqa: E402,F401  (registers backend="triton"; imports triton lazily)
+
+from . import cpu_generated  # noqa: E402,F401  (registers backend="cpu_gen"; not tried by auto)
