@@ -53,7 +53,7 @@ class Cell(abc.ABC):
     """Base class of a cell definition for a fixed hidden size and variant options.
 
     Attributes:
-        family: "rnn", "lstm" or "gru".
+        family: the family that built it ("rnn", "lstm", "gru", ...; a declared cell's name otherwise).
         gates: G, the number of gate blocks in ``weight_ih`` rows (G * H rows).
         rec_gates: the number of gate blocks in ``weight_hh`` rows (equal to G for torch.nn's cells).
         state_size: the number of state tensors, each (B, H); the first is the output.
@@ -87,13 +87,6 @@ class Cell(abc.ABC):
     @abc.abstractmethod
     def extra_shapes(self) -> dict[str, tuple[int, ...]]:
         """Cell-specific parameters beyond torch.nn's four, by base name (no ``_l{k}`` suffix)."""
-
-    def pointwise_names(self) -> tuple[str, ...]:
-        """Names of weights the pointwise forward/backward read and return gradients for."""
-        names = tuple(self.extra_shapes())
-        if self.layer_norm and self.bias:
-            names += ("bias_hh",)
-        return names
 
     @property
     def native(self) -> str | None:
@@ -175,7 +168,8 @@ class Cell(abc.ABC):
             rec_t: ``rec_t(d_out, part)`` returns the gradient w.r.t. that part's recurrent input
                 (``d_out @ R_part``) and lets the kernel accumulate the weight gradient.
         Returns:
-            (d xg (B, G*H), gradient w.r.t. the previous state, {name: grad} for pointwise_names()).
+            (d xg (B, G*H), gradient w.r.t. the previous state, {name: grad} for the extra parameters, and ``bias_hh``
+            when it is added after a layer norm).
         """
 
     def __repr__(self) -> str:

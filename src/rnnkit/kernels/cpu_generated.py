@@ -263,7 +263,7 @@ def source(d: Declaration) -> str:
             acc(n.args[0], f"{g} * np.sign({a[0]})")
         else:
             raise ValueError(f"no generated derivative for {op!r}")
-    bw.append("    return " + ", ".join(f"g_s{k}" for k in range(S)))
+    bw.append("    return " + (", ".join(f"g_s{k}" for k in range(S)) if S > 1 else "(g_s0,)"))
     return _HELPERS + "\n\n" + "\n".join(fw) + "\n\n\n" + "\n".join(bw) + "\n"
 
 
