@@ -49,7 +49,7 @@ def test_dilated_reader_respects_lengths():
 @pytest.mark.parametrize("shuffle, se, read", [(True, False, "full"), (False, True, "fold"), (False, False, "dilate")])
 def test_lstm_fcn_padding_never_changes_a_prediction(shuffle, se, read):
     torch.manual_seed(2)
-    cfg = LSTMFCNConfig(hidden=8, shuffle=shuffle, squeeze_excite=se, read=read, stride=2)
+    cfg = LSTMFCNConfig(hidden=8, shuffle=shuffle, squeeze_excite=se, reader=read, stride=2)
     net = LSTMFCN(2, 3, cfg, max_len=20).eval()
     a = torch.randn(1, 13, 2)
     batch = torch.cat([torch.cat([a, torch.zeros(1, 7, 2)], 1), torch.randn(1, 20, 2)])
@@ -111,8 +111,8 @@ def test_auto_classifier_chooses_by_cross_validation_and_records_it(tmp_path):
 
 
 def test_plain_classifier_reads_long_series_folded():
-    cfg = C.ClassifyModelConfig(kind="recurrent", hidden=5, read="fold", stride=4)
+    cfg = C.ClassifyModelConfig(kind="recurrent", hidden=5, reader="fold", stride=4)
     net = C.SequenceClassifier(2, 3, cfg)
     assert net.encoder.input_size == 8 and net(torch.randn(2, 17, 2), torch.tensor([17, 9])).shape == (2, 3)
     with pytest.raises(SeriesError, match="needs model.pool 'last'"):
-        C.SequenceClassifier(2, 3, C.ClassifyModelConfig(read="dilate", stride=2, pool="mean"))
+        C.SequenceClassifier(2, 3, C.ClassifyModelConfig(reader="dilate", stride=2, pool="mean"))

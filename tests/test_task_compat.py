@@ -26,7 +26,7 @@ CONFIGS = {"charlm": charlm.CharLMConfig, "wordlm": wordlm.WordLMConfig, "experi
 ADDED = {"backend": "auto", "dropout": 0.0}
 # added later to the classifier: the model choice (old run directories load as "recurrent") and LSTM-FCN's
 # options in [model], the choice's settings in [auto]
-ADDED_CLASSIFY = {"kind": "auto", "shuffle": True, "squeeze_excite": False, "branch_dropout": 0.8, "read": "full",
+ADDED_CLASSIFY = {"kind": "auto", "shuffle": True, "squeeze_excite": False, "branch_dropout": 0.8, "reader": "full",
                   "stride": 1}
 
 

@@ -40,7 +40,7 @@ class ClassifyModelConfig(LSTMFCNConfig):
         cell, hidden, layers, dropout, ...: the recurrent encoder, or LSTM-FCN's recurrent branch
             (:class:`SeriesModelOptions`).
         shuffle, squeeze_excite, branch_dropout: LSTM-FCN's options (:class:`LSTMFCNConfig`).
-        read, stride: how the recurrent encoder reads long series ("fold" / "dilate" with stride k; the
+        reader, stride: how the recurrent encoder reads long series ("fold" / "dilate" with stride k; the
             plain classifier then pools the final state).
         bidirectional: read each sequence both ways (recurrent, full reading).
         pool: "last" (final state at the last valid step), "mean" or "attention".
@@ -67,6 +67,10 @@ class ClassifyDataConfig:
             additive noise, a random gain per sequence and channel, a smooth random gain over time.
             In scaled units; they regularise small training sets (ArrowHead: 36 sequences).
         fill: missing-value policy inside sequences.
+        read: the inputs are images read as sequences in this order ("rows", "columns" or "pixels";
+            :mod:`rnnkit.data.images`); None for series.
+        permute_seed: images read by pixels: reorder the pixels by the fixed random permutation of this
+            seed (the permuted-pixel benchmark).
     """
 
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
@@ -78,6 +82,8 @@ class ClassifyDataConfig:
     scale: float = 0.0
     warp: float = 0.0
     fill: str | None = None
+    read: Literal["rows", "columns", "pixels"] | None = None
+    permute_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,9 +100,9 @@ class SequenceClassifier(nn.Module):
     def __init__(self, n_channels: int, n_classes: int, cfg: ClassifyModelConfig) -> None:
         super().__init__()
         directions = 2 if cfg.bidirectional else 1
-        self.reader = Reader(cfg.read, cfg.stride) if cfg.read != "full" else None
+        self.reader = Reader(cfg.reader, cfg.stride) if cfg.reader != "full" else None
         if self.reader is not None and (cfg.pool != "last" or cfg.bidirectional):
-            raise SeriesError(f"model.read {cfg.read!r}: pools the final state of a forward reading; needs "
+            raise SeriesError(f"model.reader {cfg.reader!r}: pools the final state of a forward reading; needs "
                               f"model.pool 'last' and no bidirectional, got pool {cfg.pool!r}")
         self.encoder = cfg.build_encoder(n_channels if self.reader is None else self.reader.input_size(n_channels),
                                          cfg.bidirectional)

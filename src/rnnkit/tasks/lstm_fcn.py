@@ -43,7 +43,7 @@ class Reader(nn.Module):
     def __init__(self, mode: str, stride: int) -> None:
         super().__init__()
         if mode not in READS:
-            raise SeriesError(f"--read: expected one of {READS}, got {mode!r}")
+            raise SeriesError(f"--reader: expected one of {READS}, got {mode!r}")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise SeriesError(f"--stride: expected an int >= 1, got {stride!r}")
         self.mode, self.k = mode, stride if mode != "full" else 1
@@ -118,13 +118,13 @@ class LSTMFCNConfig(SeriesModelOptions):
         shuffle: the papers' dimension shuffle (the cell reads channels as steps).
         squeeze_excite: the MLSTM-FCN squeeze-and-excite blocks.
         branch_dropout: after the recurrent branch (0.8 in the papers).
-        read, stride: how the recurrent branch reads the steps when not shuffled (:class:`Reader`).
+        reader, stride: how the recurrent branch reads the steps when not shuffled (:class:`Reader`).
     """
 
     shuffle: bool = True
     squeeze_excite: bool = False
     branch_dropout: float = 0.8
-    read: Literal["full", "fold", "dilate"] = "full"
+    reader: Literal["full", "fold", "dilate"] = "full"
     stride: int = 1
 
 
@@ -138,7 +138,7 @@ class LSTMFCN(nn.Module):
     def __init__(self, channels: int, n_classes: int, cfg: LSTMFCNConfig, max_len: int) -> None:
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
-        self.reader = Reader(cfg.read, cfg.stride)
+        self.reader = Reader(cfg.reader, cfg.stride)
         rnn_in = max_len if cfg.shuffle else self.reader.input_size(channels)
         self.rnn = cfg.build_encoder(rnn_in)
         self.drop = nn.Dropout(cfg.branch_dropout)
