@@ -138,7 +138,7 @@ def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, t
                 opts: RunOptions) -> None:
     from ..errors import UserError
     from ..tasks import forecast_auto as A
-    from ..tasks.base import parse_floats
+    from ..tasks.base import open_run_dir, parse_floats
     from ..tasks.forecast_auto import transform_name
     from ..train.config import load_config
 
@@ -158,7 +158,7 @@ def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, t
         ov.pop(k, None)
     cfg = load_config(A.AutoForecastConfig, opts.config, ov)
     panel = _panel(csv_path, target, time_col, id_col, fill)
-    run_dir = opts.run_dir
+    run_dir = open_run_dir(opts.run_dir, resume=False)
     opts.info(f"automatic mode: {len(panel)} series, horizon {cfg.horizon} -> {run_dir}")
     model = A.train_auto(panel.values, cfg, None, log_fn=opts.info)
     model.save(run_dir, {"input": {"target": target, "time": time_col, "id_column": id_col, "fill": fill}})
