@@ -61,8 +61,9 @@ def test_lstm_fcn_padding_never_changes_a_prediction(shuffle, se, read):
 @pytest.mark.parametrize("cell", sorted(REGISTRY))
 def test_any_registered_cell_in_the_recurrent_branch(cell):
     torch.manual_seed(3)
-    net = LSTMFCN(1, 2, LSTMFCNConfig(cell=cell, hidden=4, shuffle=False), max_len=9)
-    x = torch.randn(4, 9, 1)
+    # 4 channels = 4 hidden units: some cells (MUT1, MUT2) use the raw input in their equations
+    net = LSTMFCN(4, 2, LSTMFCNConfig(cell=cell, hidden=4, shuffle=False), max_len=9)
+    x = torch.randn(4, 9, 4)
     loss = net(x, torch.full((4,), 9)).logsumexp(-1).sum()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.rnn.parameters())
