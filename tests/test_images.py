@@ -142,7 +142,8 @@ def test_classify_cli_reads_images_in_the_runs_order(tmp_path):
     run = tmp_path / "run"
     runner = CliRunner()
     r = runner.invoke(app, ["classify", "train", "--train", str(tmp_path / "img"), "--train-labels",
-                            str(tmp_path / "lab"), "--read", "pixels", "--permute", "5", "--hidden", "4",
+                            str(tmp_path / "lab"), "--read", "pixels", "--permute", "5", "--model", "recurrent",
+                            "--hidden", "4",
                             "--epochs", "2", "--out", str(run), "--quiet", "--json"])
     assert r.exit_code == 0, r.output
     assert 'read = "pixels"' in (run / "config.toml").read_text()

@@ -275,9 +275,12 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
 
         choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
         cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
-        t = cfg.trainer  # the final model trains at least as long as one cross-validation fit
+        # with the default budget, the final model trains at least as long as one cross-validation fit
+        # (100 epochs are only 100 steps on a set of 32 sequences or fewer)
+        t, default = cfg.trainer, ClassifyConfig().trainer
         per_epoch = -(-len(data["y"]) // t.batch_size)
-        if t.minutes is None and (t.steps or (t.epochs or 0) * per_epoch) < cfg.auto.steps:
+        if (t.steps, t.epochs, t.minutes) == (default.steps, default.epochs, default.minutes) \
+                and (t.epochs or 0) * per_epoch < cfg.auto.steps:
             cfg = replace_config(cfg, **{"trainer.steps": cfg.auto.steps, "trainer.epochs": None})
             tcfg = replace_config(tcfg, steps=cfg.auto.steps, epochs=None)
     torch.manual_seed(cfg.trainer.seed)

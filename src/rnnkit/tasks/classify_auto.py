@@ -31,8 +31,8 @@ class AutoClassifySettings:
     Args:
         candidates: model kinds compared ("recurrent", "lstm_fcn").
         folds: cross-validation folds (at most the size of the smallest class, at least 2).
-        steps: optimizer steps of each cross-validation fit; the final model trains with ``[trainer]``, but
-            for at least this many steps (small training sets give few steps per epoch).
+        steps: optimizer steps of each cross-validation fit; the final model trains with ``[trainer]`` (with
+            its default budget, for at least this many steps: small sets give few steps per epoch).
         minutes: time budget of the cross-validation; folds not reached are skipped (the record says so).
     """
 
