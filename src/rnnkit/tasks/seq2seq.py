@@ -25,9 +25,9 @@ token with a probability that rises linearly from 0 to ``scheduled_sampling`` ov
 ``scheduled_sampling_steps`` optimizer steps. Training is full backpropagation through time over
 whole padded pairs: the encoder gets the lengths, and padded target steps are left out of the loss.
 
-Decoding (:func:`greedy_decode`, :func:`beam_search`) is batched and stops each sequence at ``</s>`` or
-at ``floor(max_length_ratio * source length) + max_length_extra`` tokens. Beam search keeps finished
-hypotheses in the beam and ranks the final ones by :math:`\log p / \mathrm{lp}(|y|)` with
+Decoding (:func:`greedy_decode`, :func:`beam_search`) is batched, never produces ``<pad>`` or ``<s>``, and
+stops each sequence at ``</s>`` or at ``floor(max_length_ratio * source length) + max_length_extra`` tokens.
+Beam search keeps finished hypotheses in the beam and ranks the final ones by :math:`\log p / \mathrm{lp}(|y|)` with
 :math:`\mathrm{lp}(n) = ((5 + n) / 6)^\alpha` (Wu et al. 2016); with one beam it is greedy decoding.
 """
 
@@ -356,10 +356,9 @@ class Buckets(torch.utils.data.Dataset):
         src_len = data["src_len"][order]
         self.batches: list[Tensor] = []
         start = 0
-        for length, count in zip(*torch.unique_consecutive(src_len, return_counts=True)):
-            idx = order[start:start + int(count)]
-            self.batches += list(idx.split(batch_size))
-            start += int(count)
+        for count in torch.unique_consecutive(src_len, return_counts=True)[1].tolist():
+            self.batches += list(order[start:start + count].split(batch_size))
+            start += count
         self.data = data
 
     def __len__(self) -> int:
@@ -445,6 +444,14 @@ def length_limits(src_len: Tensor, ratio: float, extra: int) -> Tensor:
     return (src_len.double() * ratio).floor().long().add(extra).clamp_min(1)
 
 
+def output_logprobs(logits: Tensor) -> Tensor:
+    """Log-probabilities (N, V) of the next output token: ``<pad>`` and ``<s>`` are never produced."""
+    return torch.log_softmax(logits.float().index_fill(-1, _NEVER.to(logits.device), float("-inf")), -1)
+
+
+_NEVER = torch.tensor([PAD_ID, BOS_ID])
+
+
 def _force_eos(logp: Tensor, rows: Tensor) -> Tensor:
     """``logp`` (N, V) with ``rows`` (N,) made to choose ``</s>`` at zero cost."""
     if not bool(rows.any()):
@@ -487,7 +494,7 @@ def greedy_decode(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfi
     toks, atts = [], []
     for t in range(int(limit.max())):
         logits, state, feed, w = model.step(tok, state, feed, enc)
-        logp = _force_eos(torch.log_softmax(logits.float(), -1), done | (t >= limit - 1))
+        logp = _force_eos(output_logprobs(logits), done | (t >= limit - 1))
         tok = logp.argmax(-1)
         score = score + logp.gather(1, tok.unsqueeze(1)).squeeze(1)
         toks.append(tok)
@@ -511,11 +518,12 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig 
     """Batched beam search with ``cfg.beam_size`` beams per sequence (see the module docstring).
 
     Each step keeps the ``K`` best extensions of the ``K`` beams by total log-probability (the top ``K``
-    of each beam first, then of those ``K * K``); a finished beam stays in the beam, extended by
-    ``</s>`` at zero cost. Decoding stops when every beam has finished or reached its length limit;
-    the hypothesis with the best length-normalised score is returned.
+    of each beam first, then of those ``K * K``, which hold the top ``K`` of all); a finished beam stays
+    in the beam, extended by ``</s>`` at zero cost. Decoding stops when every beam has finished or
+    reached its length limit; the hypothesis with the best length-normalised score is returned.
     """
     K = cfg.beam_size
+    k1 = min(K, model.tgt_vocab_size)  # extensions kept per beam
     B = src.shape[1]
     dev = src.device
     enc = model.encode(src, src_len).select(torch.arange(B, device=dev).repeat_interleave(K))
@@ -531,12 +539,12 @@ def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig 
     toks, backs, atts = [], [], []
     for t in range(int(limit.max())):
         logits, state, feed, w = model.step(tok, state, feed, enc)
-        logp = _force_eos(torch.log_softmax(logits.float(), -1), done.view(-1) | (t >= limit_k - 1))
-        top_lp, top_tok = logp.topk(K, dim=-1)  # (B*K, K)
-        cand = scores.unsqueeze(2) + top_lp.view(B, K, K)  # (B, K, K)
-        scores, idx = cand.view(B, K * K).topk(K, dim=-1)  # (B, K)
-        parent = idx // K
-        tok_bk = top_tok.view(B, K * K).gather(1, idx)  # (B, K)
+        logp = _force_eos(output_logprobs(logits), done.view(-1) | (t >= limit_k - 1))
+        top_lp, top_tok = logp.topk(k1, dim=-1)  # (B*K, k1)
+        cand = scores.unsqueeze(2) + top_lp.view(B, K, k1)  # (B, K, k1)
+        scores, idx = cand.view(B, K * k1).topk(K, dim=-1)  # (B, K)
+        parent = idx // k1
+        tok_bk = top_tok.view(B, K * k1).gather(1, idx)  # (B, K)
         flat = (base + parent).view(-1)
         state = select_state(state, flat)
         feed = None if feed is None else feed.index_select(0, flat)
