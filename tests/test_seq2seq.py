@@ -10,7 +10,10 @@ import torch
 
 from rnnkit.data.pairs import BOS_ID, EOS_ID, PAD_ID, Pair, Vocab, encode_pairs
 from rnnkit.errors import UserError
+from rnnkit.metrics import sequence_metrics, text_metrics
+from rnnkit.tasks.decoding import beam_search, greedy_search, length_penalty, step_logprobs
 from rnnkit.tasks.seq2seq import (
+    NEVER,
     Buckets,
     DecodeConfig,
     ObjectiveConfig,
@@ -18,14 +21,9 @@ from rnnkit.tasks.seq2seq import (
     Seq2SeqModelConfig,
     Seq2SeqTask,
     StackConfig,
-    beam_search,
     build_model,
     decode,
-    greedy_decode,
-    length_penalty,
-    output_logprobs,
-    sequence_metrics,
-    text_metrics,
+    length_limits,
 )
 
 ATTENTIONS = ("none", "additive", "multiplicative")
@@ -49,12 +47,20 @@ def batch(S=6, B=4, lengths=(6, 2, 4, 1), V=9):
 
 
 def step_logits(model, src, lens, tgt_in):
-    enc = model.encode(src, lens)
-    state, feed, out = enc.state, model.initial_feed(enc), []
+    state, out = model.start(src, lens), []
     for t in range(tgt_in.shape[0]):
-        lg, state, feed, _ = model.step(tgt_in[t], state, feed, enc)
+        lg, state, _ = model.decode_step(tgt_in[t], state)
         out.append(lg)
     return torch.stack(out)
+
+
+def greedy(model, src, lens, cfg):
+    return greedy_search(model, src, lens, length_limits(lens, cfg), start=BOS_ID, end=EOS_ID, forbid=NEVER)
+
+
+def beam(model, src, lens, cfg):
+    return beam_search(model, src, lens, length_limits(lens, cfg), beam_size=cfg.beam_size, start=BOS_ID,
+                       end=EOS_ID, forbid=NEVER, alpha=cfg.length_penalty)
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -102,8 +108,8 @@ def test_beam_size_one_equals_greedy_exactly(attention, input_feeding, cell):
         model.out.bias[EOS_ID] = model.out.bias.max() - 0.3
     src, lens = batch(S=7, B=6, lengths=(7, 3, 5, 1, 6, 2))
     cfg = DecodeConfig(beam_size=1, max_length_ratio=1.5, max_length_extra=3)
-    g = greedy_decode(model, src, lens, cfg)
-    b = beam_search(model, src, lens, cfg)
+    g = greedy(model, src, lens, cfg)
+    b = beam(model, src, lens, cfg)
     assert g.ids == b.ids and g.scores == b.scores
     assert any(len(x) > 0 for x in g.ids)
     for ga, ba in zip(g.attention, b.attention):
@@ -114,7 +120,8 @@ def test_beam_size_one_equals_greedy_exactly(attention, input_feeding, cell):
 def sequence_logprob(model, src, lens, out):
     """log p(out </s> | src) by teacher forcing (one pair)."""
     tgt = torch.tensor([BOS_ID, *out, EOS_ID]).view(-1, 1)
-    logp = output_logprobs(model(src, lens, tgt[:-1])[0][:, 0])
+    logp = step_logprobs(model(src, lens, tgt[:-1])[0][:, 0], torch.tensor(NEVER), EOS_ID,
+                         torch.zeros(len(out) + 1, dtype=torch.bool))
     return float(logp.gather(1, tgt[1:]).sum())
 
 
@@ -125,7 +132,7 @@ def test_wide_beam_finds_the_best_sequence_by_exhaustive_search(alpha):
     model = tiny("additive", V_tgt=6).eval()
     src, lens = batch(S=3, B=3, lengths=(3, 1, 2))
     cfg = DecodeConfig(beam_size=64, length_penalty=alpha, max_length_ratio=0.0, max_length_extra=3)
-    got = beam_search(model, src, lens, cfg)
+    got = beam(model, src, lens, cfg)
     non_eos = [t for t in range(6) if t not in (EOS_ID, PAD_ID, BOS_ID)]
     for b in range(3):
         s, n = src[:lens[b], b:b + 1], lens[b:b + 1]

@@ -15,6 +15,7 @@ import typer
 
 from .charlm import _device, resolve_config, stream_writer
 from .common import RunOptions, run_command
+from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "seq2seq"
 app = typer.Typer(help="Sequence-to-sequence: encoder-decoder with attention, greedy and beam decoding.",
@@ -57,6 +58,11 @@ def train(
                                                     help="Hidden units of encoder (per direction) and decoder.")
                            ] = None,
     layers: Annotated[int | None, typer.Option(help="Layers of encoder and decoder.")] = None,
+    forget_bias: ForgetBias = None,
+    layer_norm: LayerNorm = None,
+    zoneout: Zoneout = None,
+    recurrent_dropout: RecDrop = None,
+    backend: Backend = None,
     embedding_size: Annotated[int | None, typer.Option(help="Token embedding width (128).")] = None,
     bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--unidirectional",
                                                        help="Bidirectional encoder (yes).")] = None,
@@ -80,9 +86,10 @@ def train(
     """Train an encoder-decoder (default budget 10 minutes); final validation loss and error rates."""
     from ..tasks import seq2seq
 
-    both = {"model.encoder.cell": cell, "model.decoder.cell": cell, "model.encoder.hidden_size": hidden_size,
-            "model.decoder.hidden_size": hidden_size, "model.encoder.num_layers": layers,
-            "model.decoder.num_layers": layers}
+    shared = {"model.cell": cell, "model.hidden_size": hidden_size, "model.num_layers": layers,
+              **variant_flags(forget_bias=forget_bias, layer_norm=layer_norm, zoneout=zoneout,
+                              recurrent_dropout=recurrent_dropout, backend=backend)}
+    both = {k.replace("model.", f"model.{side}.", 1): v for k, v in shared.items() for side in ("encoder", "decoder")}
     flags = {
         "data.train": str(train_file) if train_file is not None else None,
         "data.valid": str(valid) if valid is not None else None, "data.source_tokens": source_tokens,

@@ -135,11 +135,6 @@ def read_pairs(path: str | Path, *, source_tokens: Tokens = "char", target_token
     return pairs
 
 
-def read_sources(path: str | Path, tokens: Tokens = "char", encoding: str = "utf-8") -> list[tuple[str, ...]]:
-    """The non-blank lines of a file as token tuples (the input of ``translate``)."""
-    return [tokenize(s, tokens) for _, s in read_lines(path, encoding) if s.strip()]
-
-
 def limit_length(pairs: list[Pair], max_source: int, max_target: int, too_long: str,
                  name: str) -> tuple[list[Pair], int]:
     """Pairs within the length limits (0 = none) and how many were dropped; ``too_long="error"`` raises
@@ -216,6 +211,46 @@ class Vocab:
         return cls(itos[4:])
 
 
+@dataclass(frozen=True)
+class PairVocabs:
+    """The source and target vocabularies of a run (one JSON object: ``{"source": ..., "target": ...}``).
+
+    ``itos`` / ``stoi`` list both sides' tokens as ``"source:TOKEN"`` / ``"target:TOKEN"`` (for messages
+    that compare two of them).
+    """
+
+    source: Vocab
+    target: Vocab
+
+    @classmethod
+    def build(cls, pairs: Sequence[Pair], shared: bool = False) -> PairVocabs:
+        """From training pairs; ``shared``: one vocabulary of both sides' tokens."""
+        if shared:
+            v = Vocab.build([p.source for p in pairs] + [p.target for p in pairs])
+            return cls(v, v)
+        return cls(Vocab.build(p.source for p in pairs), Vocab.build(p.target for p in pairs))
+
+    @property
+    def itos(self) -> list[str]:
+        return [f"source:{t}" for t in self.source.itos] + [f"target:{t}" for t in self.target.itos]
+
+    @property
+    def stoi(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.source) + len(self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source.to_dict(), "target": self.target.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairVocabs:
+        if not isinstance(d, dict) or set(d) != {"source", "target"}:
+            raise UserError("vocabulary: expected a seq2seq vocabulary ({'source': ..., 'target': ...})")
+        return cls(Vocab.from_dict(d["source"]), Vocab.from_dict(d["target"]))
+
+
 def encode_pairs(pairs: Sequence[Pair], src_vocab: Vocab, tgt_vocab: Vocab) -> dict[str, Tensor]:
     """Padded id tensors of ``pairs``, a leading sample axis on each (the Trainer's sample data).
 
@@ -282,6 +317,6 @@ def cmudict_pairs(split: str, stress: bool = False) -> list[Pair]:
             if split_of(w) == split]
 
 
-__all__ = ["Pair", "PairsError", "Vocab", "tokenize", "detokenize", "read_lines", "decode_line", "read_pairs",
-           "read_sources", "limit_length", "encode_pairs", "split_of", "cmudict_lexicon", "cmudict_pairs",
+__all__ = ["Pair", "PairsError", "Vocab", "PairVocabs", "tokenize", "detokenize", "read_lines", "decode_line",
+           "read_pairs", "limit_length", "encode_pairs", "split_of", "cmudict_lexicon", "cmudict_pairs",
            "SPECIALS", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID", "SPLITS"]

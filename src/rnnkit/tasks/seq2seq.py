@@ -25,20 +25,20 @@ token with a probability that rises linearly from 0 to ``scheduled_sampling`` ov
 ``scheduled_sampling_steps`` optimizer steps. Training is full backpropagation through time over
 whole padded pairs: the encoder gets the lengths, and padded target steps are left out of the loss.
 
-Decoding (:func:`greedy_decode`, :func:`beam_search`) is batched, never produces ``<pad>`` or ``<s>``, and
-stops each sequence at ``</s>`` or at ``floor(max_length_ratio * source length) + max_length_extra`` tokens.
-Beam search keeps finished hypotheses in the beam and ranks the final ones by :math:`\log p / \mathrm{lp}(|y|)` with
-:math:`\mathrm{lp}(n) = ((5 + n) / 6)^\alpha` (Wu et al. 2016); with one beam it is greedy decoding.
+Decoding (:func:`decode`) is the greedy and beam search of :mod:`rnnkit.tasks.decoding`: batched, never
+producing ``<pad>`` or ``<s>``, stopping each sequence at ``</s>`` or after
+``floor(max_length_ratio * source length) + max_length_extra`` tokens. The scores are those of
+:mod:`rnnkit.metrics.sequence`; run directories, checkpoints and model options are the shared ones of
+:mod:`rnnkit.tasks.base` and :mod:`rnnkit.tasks.options`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +57,8 @@ from ..data.pairs import (
     EOS_ID,
     PAD_ID,
     Pair,
+    PairVocabs,
     Tokens,
-    Vocab,
     cmudict_pairs,
     detokenize,
     encode_pairs,
@@ -66,9 +66,24 @@ from ..data.pairs import (
     read_pairs,
 )
 from ..errors import UserError
-from ..layers import build
-from ..train.checkpoint import atomic_write_bytes, list_checkpoints
+from ..metrics.sequence import sequence_metrics, text_metrics
+from ..train.checkpoint import atomic_write_bytes
 from ..train.config import OptimConfig, ScheduleConfig, TrainerConfig
+from . import decoding
+from .base import (
+    as_user_error,
+    atomic_json,
+    check_saved_vocab,
+    load_checkpoint_into,
+    open_run_dir,
+    pyplot,
+    reporter,
+    restore_best,
+    save_figure,
+    with_budget,
+)
+from .decoding import Decoded
+from .options import RecurrentOptions
 
 TASK = "seq2seq"
 VOCAB_FILE = "vocab.json"
@@ -77,27 +92,17 @@ ATTENTION_PNG = "attention.png"
 
 # ---- model ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class StackConfig:
-    """One recurrent stack (``[model.encoder]`` / ``[model.decoder]``).
+class StackConfig(RecurrentOptions):
+    """One recurrent stack (``[model.encoder]`` / ``[model.decoder]``): the shared model options (cell,
+    variant options, ``dropout`` between layers, backend) and its size.
 
     Args:
-        cell: a name from ``rnnkit.cells.REGISTRY``.
         hidden_size: units per layer (and per direction for a bidirectional encoder).
-        num_layers: stacked layers; ``dropout`` between them.
-        backend: kernel ("auto" or a name from ``rnnkit.kernels.BACKENDS``).
+        num_layers: stacked layers.
     """
 
-    cell: str = "lstm"
     hidden_size: int = 256
     num_layers: int = 1
-    dropout: float = 0.0
-    backend: str = "auto"
-
-    def build(self, input_size: int, **layer_args: Any) -> nn.Module:
-        if self.cell not in REGISTRY:
-            raise ValueError(f"model cell: expected one of {sorted(REGISTRY)}, got {self.cell!r}")
-        return build(self.cell, input_size, self.hidden_size, num_layers=self.num_layers,
-                     dropout=self.dropout if self.num_layers > 1 else 0.0, backend=self.backend, **layer_args)
 
     @property
     def state_size(self) -> int:
@@ -153,6 +158,20 @@ class Encoded:
         """The rows ``index`` of the batch (beam expansion)."""
         return Encoded(self.memory[index], None if self.keys is None else self.keys[index], self.mask[index],
                        self.summary[index], select_state(self.state, index))
+
+
+@dataclass
+class DecoderState:
+    """What the decoder carries between steps: the encoding, the recurrent state and the input feed
+    (the previous attentional vector (B, Hd), or None without input feeding)."""
+
+    enc: Encoded
+    rnn: Any
+    feed: Tensor | None
+
+    def select(self, index: Tensor) -> DecoderState:
+        return DecoderState(self.enc.select(index), select_state(self.rnn, index),
+                            None if self.feed is None else self.feed.index_select(0, index))
 
 
 def select_state(state: Any, index: Tensor) -> Any:
@@ -225,8 +244,8 @@ class Seq2Seq(nn.Module):
         self.src_embedding = nn.Embedding(src_vocab_size, E, padding_idx=PAD_ID)
         self.tgt_embedding = self.src_embedding if cfg.share_embeddings else \
             nn.Embedding(tgt_vocab_size, E, padding_idx=PAD_ID)
-        self.encoder = cfg.encoder.build(E, bidirectional=cfg.bidirectional)
-        self.decoder = cfg.decoder.build(E + (Hd if cfg.input_feeding else 0))
+        self.encoder = cfg.encoder.build_stack(E, bidirectional=cfg.bidirectional)
+        self.decoder = cfg.decoder.build_stack(E + (Hd if cfg.input_feeding else 0))
         self.bridge = nn.ModuleList(nn.Linear(De, cfg.decoder.num_layers * Hd)
                                     for _ in range(cfg.decoder.state_size))
         self.attention = None if cfg.attention == "none" else \
@@ -271,21 +290,22 @@ class Seq2Seq(nn.Module):
             h = self.proj(h)
         return self.out(h)
 
-    def step(self, tok: Tensor, state: Any, feed: Tensor | None, enc: Encoded
-             ) -> tuple[Tensor, Any, Tensor, Tensor | None]:
-        """One decoder step: tokens (B,) -> logits (B, Vt), new state, attentional vector (B, Hd) (the
-        next step's input feed), attention weights (B, S) or None."""
-        x = self.drop(self.tgt_embedding(tok))  # (B, E)
-        if self.config.input_feeding:
-            x = torch.cat([x, feed], dim=-1)
-        h, state = self.decoder.step(x, state)  # (B, Hd)
-        h_att, w = self.attend(h.unsqueeze(1), enc)
-        return self.logits(h_att[:, 0]), state, h_att[:, 0], None if w is None else w[:, 0]
+    def start(self, src: Tensor, src_len: Tensor) -> DecoderState:
+        """Encode ``src`` (S, B) and return the decoder's state before its first step."""
+        enc = self.encode(src, src_len)
+        feed = enc.memory.new_zeros(enc.memory.shape[0], self.config.decoder.hidden_size) \
+            if self.config.input_feeding else None
+        return DecoderState(enc, enc.state, feed)
 
-    def initial_feed(self, enc: Encoded) -> Tensor | None:
-        if not self.config.input_feeding:
-            return None
-        return enc.memory.new_zeros(enc.memory.shape[0], self.config.decoder.hidden_size)
+    def decode_step(self, tok: Tensor, st: DecoderState) -> tuple[Tensor, DecoderState, Tensor | None]:
+        """One decoder step: tokens (B,) -> logits (B, Vt), the next state, attention weights (B, S) or None."""
+        x = self.drop(self.tgt_embedding(tok))  # (B, E)
+        if st.feed is not None:
+            x = torch.cat([x, st.feed], dim=-1)
+        h, rnn = self.decoder.step(x, st.rnn)  # (B, Hd)
+        h_att, w = self.attend(h.unsqueeze(1), st.enc)
+        feed = h_att[:, 0] if st.feed is not None else None
+        return self.logits(h_att[:, 0]), DecoderState(st.enc, rnn, feed), None if w is None else w[:, 0]
 
     def forward(self, src: Tensor, src_len: Tensor, tgt_in: Tensor, sample_prob: float = 0.0
                 ) -> tuple[Tensor, Tensor | None]:
@@ -294,20 +314,19 @@ class Seq2Seq(nn.Module):
         With input feeding or ``sample_prob > 0`` the decoder runs step by step (each step needs the
         previous one's output); otherwise over all steps in one call.
         """
-        enc = self.encode(src, src_len)
+        st = self.start(src, src_len)
         if not self.config.input_feeding and sample_prob <= 0:
             emb = self.drop(self.tgt_embedding(tgt_in))  # (T, B, E)
-            h, _ = self.decoder(emb, enc.state)  # (T, B, Hd)
-            h_att, w = self.attend(h.transpose(0, 1), enc)  # (B, T, Hd)
+            h, _ = self.decoder(emb, st.rnn)  # (T, B, Hd)
+            h_att, w = self.attend(h.transpose(0, 1), st.enc)  # (B, T, Hd)
             return self.logits(h_att).transpose(0, 1), w
-        state, feed = enc.state, self.initial_feed(enc)
         logits, weights = [], []
         for t in range(tgt_in.shape[0]):
             tok = tgt_in[t]
             if t > 0 and sample_prob > 0:
                 own = logits[-1].detach().argmax(-1)
                 tok = torch.where(torch.rand(tok.shape, device=tok.device) < sample_prob, own, tok)
-            lg, state, feed, w = self.step(tok, state, feed, enc)
+            lg, st, w = self.decode_step(tok, st)
             logits.append(lg)
             weights.append(w)
         attn = None if weights[0] is None else torch.stack(weights, 1)
@@ -319,7 +338,7 @@ def build_model(src_vocab_size: int, tgt_vocab_size: int, cfg: Seq2SeqModelConfi
     try:
         return Seq2Seq(src_vocab_size, tgt_vocab_size, cfg)
     except (ValueError, TypeError) as e:
-        raise e if isinstance(e, UserError) else UserError(str(e)) from None
+        raise as_user_error(e) from None
 
 
 # ---- training objective ---------------------------------------------------------------------------
@@ -430,35 +449,9 @@ class DecodeConfig:
     batch_size: int = 256
 
 
-@dataclass
-class Decoded:
-    """Output ids (without ``</s>``) per sequence, their log-probability, and attention (T_out, S) each."""
-
-    ids: list[list[int]]
-    scores: list[float]
-    attention: list[Tensor | None]
-
-
-def length_limits(src_len: Tensor, ratio: float, extra: int) -> Tensor:
-    """Per-sequence maximum number of output steps (``</s>`` included), at least 1."""
-    return (src_len.double() * ratio).floor().long().add(extra).clamp_min(1)
-
-
-def output_logprobs(logits: Tensor) -> Tensor:
-    """Log-probabilities (N, V) of the next output token: ``<pad>`` and ``<s>`` are never produced."""
-    return torch.log_softmax(logits.float().index_fill(-1, _NEVER.to(logits.device), float("-inf")), -1)
-
-
-_NEVER = torch.tensor([PAD_ID, BOS_ID])
-
-
-def _force_eos(logp: Tensor, rows: Tensor) -> Tensor:
-    """``logp`` (N, V) with ``rows`` (N,) made to choose ``</s>`` at zero cost."""
-    if not bool(rows.any()):
-        return logp
-    forced = torch.full_like(logp, float("-inf"))
-    forced[:, EOS_ID] = 0.0
-    return torch.where(rows.unsqueeze(1), forced, logp)
+def length_limits(src_len: Tensor, cfg: DecodeConfig) -> Tensor:
+    """Per-sequence maximum number of output tokens (``</s>`` included), at least 1."""
+    return (src_len.double() * cfg.max_length_ratio).floor().long().add(cfg.max_length_extra).clamp_min(1)
 
 
 def _check_decode(cfg: DecodeConfig) -> None:
@@ -471,114 +464,20 @@ def _check_decode(cfg: DecodeConfig) -> None:
         raise UserError(f"decode.batch_size: expected >= 1, got {cfg.batch_size}")
 
 
-def _finish(ids: list[list[int]], attn: list[Tensor] | None, S_len: Tensor) -> tuple[list[list[int]], list]:
-    """Cut each output at its first ``</s>`` (and its attention rows, and columns at the source length)."""
-    out, atts = [], []
-    for b, seq in enumerate(ids):
-        n = seq.index(EOS_ID) if EOS_ID in seq else len(seq)
-        out.append(seq[:n])
-        atts.append(None if attn is None else attn[b][:n + 1, :int(S_len[b])])
-    return out, atts
-
-
-@torch.no_grad()
-def greedy_decode(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
-    """The most probable token at every step, for a batch ``src`` (S, B) with lengths ``src_len`` (B,)."""
-    B = src.shape[1]
-    enc = model.encode(src, src_len)
-    limit = length_limits(src_len, cfg.max_length_ratio, cfg.max_length_extra).to(src.device)
-    tok = torch.full((B,), BOS_ID, dtype=torch.int64, device=src.device)
-    state, feed = enc.state, model.initial_feed(enc)
-    done = torch.zeros(B, dtype=torch.bool, device=src.device)
-    score = torch.zeros(B, dtype=torch.float32, device=src.device)
-    toks, atts = [], []
-    for t in range(int(limit.max())):
-        logits, state, feed, w = model.step(tok, state, feed, enc)
-        logp = _force_eos(output_logprobs(logits), done | (t >= limit - 1))
-        tok = logp.argmax(-1)
-        score = score + logp.gather(1, tok.unsqueeze(1)).squeeze(1)
-        toks.append(tok)
-        atts.append(w)
-        done = done | (tok == EOS_ID)
-        if bool(done.all()):
-            break
-    ids = torch.stack(toks, 1).tolist()
-    attn = None if atts[0] is None else list(torch.stack(atts, 1).cpu())
-    ids, attn = _finish(ids, attn, src_len)
-    return Decoded(ids, score.tolist(), attn)
-
-
-def length_penalty(n: Tensor, alpha: float) -> Tensor:
-    """:math:`((5 + n) / 6)^\\alpha` (Wu et al. 2016)."""
-    return ((5.0 + n.double()) / 6.0) ** alpha
-
-
-@torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
-    """Batched beam search with ``cfg.beam_size`` beams per sequence (see the module docstring).
-
-    Each step keeps the ``K`` best extensions of the ``K`` beams by total log-probability (the top ``K``
-    of each beam first, then of those ``K * K``, which hold the top ``K`` of all); a finished beam stays
-    in the beam, extended by ``</s>`` at zero cost. Decoding stops when every beam has finished or
-    reached its length limit; the hypothesis with the best length-normalised score is returned.
-    """
-    K = cfg.beam_size
-    k1 = min(K, model.tgt_vocab_size)  # extensions kept per beam
-    B = src.shape[1]
-    dev = src.device
-    enc = model.encode(src, src_len).select(torch.arange(B, device=dev).repeat_interleave(K))
-    limit = length_limits(src_len, cfg.max_length_ratio, cfg.max_length_extra).to(dev)
-    limit_k = limit.repeat_interleave(K)
-    tok = torch.full((B * K,), BOS_ID, dtype=torch.int64, device=dev)
-    state, feed = enc.state, model.initial_feed(enc)
-    scores = torch.full((B, K), float("-inf"), device=dev)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    done = torch.zeros(B, K, dtype=torch.bool, device=dev)
-    length = torch.zeros(B, K, dtype=torch.int64, device=dev)
-    base = (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 1)
-    toks, backs, atts = [], [], []
-    for t in range(int(limit.max())):
-        logits, state, feed, w = model.step(tok, state, feed, enc)
-        logp = _force_eos(output_logprobs(logits), done.view(-1) | (t >= limit_k - 1))
-        top_lp, top_tok = logp.topk(k1, dim=-1)  # (B*K, k1)
-        cand = scores.unsqueeze(2) + top_lp.view(B, K, k1)  # (B, K, k1)
-        scores, idx = cand.view(B, K * k1).topk(K, dim=-1)  # (B, K)
-        parent = idx // k1
-        tok_bk = top_tok.view(B, K * k1).gather(1, idx)  # (B, K)
-        flat = (base + parent).view(-1)
-        state = select_state(state, flat)
-        feed = None if feed is None else feed.index_select(0, flat)
-        was_done = done.gather(1, parent)
-        length = length.gather(1, parent) + (~was_done).long()
-        done = was_done | (tok_bk == EOS_ID)
-        toks.append(tok_bk)
-        backs.append(parent)
-        atts.append(None if w is None else w.index_select(0, flat).view(B, K, -1))
-        tok = tok_bk.view(-1)
-        if bool(done.all()):
-            break
-    norm = scores.double() / length_penalty(length, cfg.length_penalty)
-    best = norm.argmax(1, keepdim=True)  # (B, 1)
-    k = best
-    seq, att = [], []
-    for t in range(len(toks) - 1, -1, -1):  # follow the back-pointers from the last step
-        seq.append(toks[t].gather(1, k))
-        if atts[t] is not None:
-            att.append(atts[t].gather(1, k.unsqueeze(2).expand(-1, -1, atts[t].shape[2])))
-        k = backs[t].gather(1, k)
-    ids = torch.cat(seq[::-1], 1).tolist()
-    attn = list(torch.cat(att[::-1], 1).cpu()) if att else None
-    ids, attn = _finish(ids, attn, src_len)
-    return Decoded(ids, scores.gather(1, best).squeeze(1).tolist(), attn)
+NEVER = (PAD_ID, BOS_ID)  # symbols a decoder never outputs
 
 
 def decode(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
-    """Greedy decoding for ``beam_size`` 1, beam search otherwise."""
+    """Greedy search for ``beam_size`` 1, beam search otherwise, of a batch ``src`` (S, B), ``src_len`` (B,)."""
     _check_decode(cfg)
     was_training = model.training
     model.eval()
+    limit = length_limits(src_len, cfg)
     try:
-        return greedy_decode(model, src, src_len, cfg) if cfg.beam_size == 1 else beam_search(model, src, src_len, cfg)
+        if cfg.beam_size == 1:
+            return decoding.greedy_search(model, src, src_len, limit, start=BOS_ID, end=EOS_ID, forbid=NEVER)
+        return decoding.beam_search(model, src, src_len, limit, beam_size=cfg.beam_size, start=BOS_ID, end=EOS_ID,
+                                    forbid=NEVER, alpha=cfg.length_penalty)
     finally:
         model.train(was_training)
 
@@ -604,29 +503,6 @@ def decode_all(model: Seq2Seq, sources: Sequence[Sequence[int]], cfg: DecodeConf
         scores += out.scores
         attn += out.attention
     return Decoded(ids, scores, attn)
-
-
-# ---- metrics --------------------------------------------------------------------------------------
-def sequence_metrics(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Exact-match accuracy, sequence error rate (1 - exact match; WER for G2P) and token error rate
-    (Levenshtein distance over tokens / reference tokens; PER for G2P), via rapidfuzz."""
-    from rapidfuzz.distance import Levenshtein
-
-    if len(refs) != len(hyps) or not refs:
-        raise ValueError(f"sequence_metrics: expected equally many references and hypotheses (>= 1), got "
-                         f"{len(refs)} and {len(hyps)}")
-    exact = sum(list(r) == list(h) for r, h in zip(refs, hyps)) / len(refs)
-    edits = sum(Levenshtein.distance(list(r), list(h)) for r, h in zip(refs, hyps))
-    n_ref = sum(len(r) for r in refs)
-    return {"exact_match": exact, "sequence_error_rate": 1.0 - exact, "token_error_rate": edits / max(n_ref, 1)}
-
-
-def text_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU and chrF of detokenised strings (sacrebleu, default settings)."""
-    import sacrebleu
-
-    return {"bleu": sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score,
-            "chrf": sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score}
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -713,8 +589,7 @@ class Seq2SeqData:
 
     train: list[Pair]
     valid: list[Pair]
-    src_vocab: Vocab
-    tgt_vocab: Vocab
+    vocabs: PairVocabs
     dropped: int
     name: str
 
@@ -740,64 +615,48 @@ def prepare_data(cfg: Seq2SeqDataConfig) -> Seq2SeqData:
     if not train:
         raise UserError(f"--train {name}: every pair is longer than data.max_source_len={cfg.max_source_len} / "
                         f"max_target_len={cfg.max_target_len}")
-    if cfg.shared_vocab:
-        src_vocab = tgt_vocab = Vocab.build([p.source for p in train] + [p.target for p in train])
-    else:
-        src_vocab, tgt_vocab = Vocab.build(p.source for p in train), Vocab.build(p.target for p in train)
-    return Seq2SeqData(train, valid, src_vocab, tgt_vocab, dropped + dropped_v, name)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"))
-
-
-def _vocab_dict(src: Vocab, tgt: Vocab) -> dict[str, Any]:
-    return {"source": src.to_dict(), "target": tgt.to_dict()}
+    return Seq2SeqData(train, valid, PairVocabs.build(train, cfg.shared_vocab), dropped + dropped_v, name)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
-def evaluate_pairs(model: Seq2Seq, pairs: Sequence[Pair], src_vocab: Vocab, tgt_vocab: Vocab, cfg: DecodeConfig,
-                   tgt_kind: Tokens, text: bool) -> tuple[dict[str, Any], Decoded]:
+def evaluate_pairs(model: Seq2Seq, pairs: Sequence[Pair], vocabs: PairVocabs, cfg: DecodeConfig, tgt_kind: Tokens,
+                   text: bool) -> tuple[dict[str, Any], Decoded]:
     """Decode the sources of ``pairs`` and score them against the targets (tokens as written, so an
     unseen target token always counts as an error). Also counts source and target tokens outside the
-    vocabularies (``unknown_*_tokens``; the unseen target tokens are ``<unk>`` for the loss)."""
-    out = decode_all(model, [src_vocab.encode(p.source) for p in pairs], cfg)
-    hyps = [tgt_vocab.decode(ids) for ids in out.ids]
+    vocabularies (``unknown_*_tokens``; unseen tokens are ``<unk>`` for the model)."""
+    out = decode_all(model, [vocabs.source.encode(p.source) for p in pairs], cfg)
+    hyps = [vocabs.target.decode(ids) for ids in out.ids]
     refs = [list(p.target) for p in pairs]
     m: dict[str, Any] = sequence_metrics(refs, hyps)
     if text:
         m.update(text_metrics([detokenize(r, tgt_kind) for r in refs], [detokenize(h, tgt_kind) for h in hyps]))
     m["pairs"] = len(pairs)
-    m["unknown_source_tokens"] = sum(src_vocab.unknown(p.source) for p in pairs)
-    m["unknown_target_tokens"] = sum(tgt_vocab.unknown(p.target) for p in pairs)
+    m["unknown_source_tokens"] = sum(vocabs.source.unknown(p.source) for p in pairs)
+    m["unknown_target_tokens"] = sum(vocabs.target.unknown(p.target) for p in pairs)
     return m, out
 
 
 @torch.no_grad()
 def pairs_loss(model: Seq2Seq, data: dict[str, Tensor], batch_size: int = 256) -> float:
     """Mean teacher-forced cross-entropy (nats per target token) over encoded pairs."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    n = data["src"].shape[0]
     task = Seq2SeqTask()
-    for i in range(0, n, batch_size):
-        batch = {k: v[i:i + batch_size].to(device) for k, v in data.items()}
-        loss, k = task.loss(model, batch)
+    for i in range(0, data["src"].shape[0], batch_size):
+        loss, k = task.loss(model, {key: v[i:i + batch_size].to(device) for key, v in data.items()})
         total += float(loss) * k
         count += k
+    model.train(was_training)
     return total / max(count, 1)
 
 
 def plot_attention(items: Sequence[tuple[Sequence[str], Sequence[str], Tensor]], path: str | Path,
                    columns: int = 2) -> Path:
-    """Heat maps of attention weights: ``items`` of (source tokens, output tokens, weights (T_out + 1, S)),
-    the last row being the step that produced ``</s>``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Heat maps of attention weights: ``items`` of (source tokens, output tokens, weights
+    (len(output) + 1, len(source))), the last row being the step that produced ``</s>``."""
+    plt = pyplot()
     n = len(items)
     cols = min(columns, n)
     rows = math.ceil(n / cols)
@@ -805,28 +664,19 @@ def plot_attention(items: Sequence[tuple[Sequence[str], Sequence[str], Tensor]],
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (src, out, w) in zip(axes.flat, items):
-        w = w.float().numpy()
-        ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(src)), [_show(t) for t in src], fontsize=8)
-        ax.set_yticks(range(w.shape[0]), [*[_show(t) for t in out], "</s>"][:w.shape[0]], fontsize=8)
+        ax.imshow(w.float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(src)), ["␣" if t == " " else t for t in src], fontsize=8)
+        ax.set_yticks(range(len(out) + 1), ["␣" if t == " " else t for t in out] + ["</s>"], fontsize=8)
         ax.set_xlabel("source")
         ax.set_ylabel("output")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _show(token: str) -> str:
-    return "␣" if token == " " else token
+    return save_figure(fig, Path(path))
 
 
 # ---- train ----------------------------------------------------------------------------------------
 def train(cfg: Seq2SeqConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
           progress: bool | None = None) -> dict[str, Any]:
-    """Train an encoder-decoder into ``run_dir``; return the final validation metrics.
+    """Train an encoder-decoder into ``run_dir``; return the final validation metrics of the best
+    evaluation's weights (which the model ends with).
 
     Nothing in an existing run directory is touched unless the inputs check out (``--resume`` with the
     same vocabularies, or a directory without checkpoints).
@@ -834,45 +684,33 @@ def train(cfg: Seq2SeqConfig, run_dir: str | Path, *, resume: bool = False, quie
     from ..train import Trainer, seed_everything
     from ..train.config import replace_config
 
-    t = cfg.trainer
-    if t.steps is None and t.epochs is None and t.minutes is None:
-        cfg = replace_config(cfg, **{"trainer.minutes": DEFAULT_MINUTES})
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {str(run_dir)!r}: exists and is not a directory")
-    if list_checkpoints(run_dir / "checkpoints") and not resume:
-        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
-                        f"continue it or choose another directory")
+    cfg = with_budget(cfg, DEFAULT_MINUTES)
+    run_dir = open_run_dir(run_dir, resume)
     _check_decode(cfg.decode)
     data = prepare_data(cfg.data)
     vocab_path = run_dir / VOCAB_FILE
-    if resume and vocab_path.is_file():
-        saved = json.loads(vocab_path.read_text(encoding="utf-8"))
-        if saved != _vocab_dict(data.src_vocab, data.tgt_vocab):
-            raise UserError(f"--resume {str(run_dir)!r}: the training pairs give other vocabularies than the "
-                            f"run's {VOCAB_FILE}; resume with the same --train")
+    if resume:
+        check_saved_vocab(vocab_path, data.vocabs, "tokens")
     seed_everything(cfg.trainer.seed)
-    model = build_model(len(data.src_vocab), len(data.tgt_vocab), cfg.model)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    model = build_model(len(data.vocabs.source), len(data.vocabs.target), cfg.model)
+    say = reporter(quiet)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"data {data.name}: {len(data.train):,} training / {len(data.valid):,} validation pairs"
         f"{f' ({data.dropped} over the length limits dropped)' if data.dropped else ''}; vocabularies "
-        f"{len(data.src_vocab)} source / {len(data.tgt_vocab)} target tokens (with 4 specials)")
+        f"{len(data.vocabs.source)} source / {len(data.vocabs.target)} target tokens (with 4 specials)")
     m = cfg.model
     say(f"model: {m.encoder.cell} encoder {m.encoder.num_layers}x{m.encoder.hidden_size}"
         f"{' bidirectional' if m.bidirectional else ''}, {m.decoder.cell} decoder {m.decoder.num_layers}x"
         f"{m.decoder.hidden_size}, attention {m.attention}{', input feeding' if m.input_feeding else ''}; "
         f"{n_params:,} parameters")
-    train_t = encode_pairs(data.train, data.src_vocab, data.tgt_vocab)
+    train_t = encode_pairs(data.train, data.vocabs.source, data.vocabs.target)
     valid = data.valid[:cfg.data.eval_pairs] if cfg.data.eval_pairs else data.valid
-    valid_t = encode_pairs(valid, data.src_vocab, data.tgt_vocab) if valid else None
-    greedy = DecodeConfig(**{**cfg.decode.__dict__, "beam_size": 1})
+    valid_t = encode_pairs(valid, data.vocabs.source, data.vocabs.target) if valid else None
+    greedy = replace(cfg.decode, beam_size=1)
     _, tgt_kind = cfg.data.sides()
 
     def evaluate(mdl: nn.Module) -> dict[str, float]:
-        if valid_t is None:
-            return {}
-        res, _ = evaluate_pairs(mdl, valid, data.src_vocab, data.tgt_vocab, greedy, tgt_kind, text=False)
+        res, _ = evaluate_pairs(mdl, valid, data.vocabs, greedy, tgt_kind, text=False)
         return {"loss": pairs_loss(mdl, valid_t, cfg.decode.batch_size), "ser": res["sequence_error_rate"],
                 "ter": res["token_error_rate"]}
 
@@ -886,30 +724,26 @@ def train(cfg: Seq2SeqConfig, run_dir: str | Path, *, resume: bool = False, quie
                       resume=resume, quiet=quiet, progress=progress, full_config=cfg)
     task.trainer = trainer
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(vocab_path, _vocab_dict(data.src_vocab, data.tgt_vocab))
+    atomic_json(vocab_path, data.vocabs.to_dict())
     result = trainer.fit()
     out = {"steps": result["step"], "epochs_done": result["epochs_done"], "train_loss": result.get("train_loss"),
            "elapsed_s": result["elapsed_s"], "stop_reason": result["stop_reason"],
            "train_pairs": len(data.train), "valid_pairs": len(data.valid), "dropped_pairs": data.dropped,
            "parameters": n_params, "run_dir": str(run_dir)}
-    for k in ("loss", "ser", "ter"):
-        if k in result:
-            out[f"valid_{k}"] = result[k]
-    if "best_step" in result:
-        out[f"best_valid_{cfg.trainer.metric}"] = result[f"best_{cfg.trainer.metric}"]
-        out["best_step"] = result["best_step"]
     if valid:
-        _write_attention(model.eval(), valid[:4], data.src_vocab, data.tgt_vocab, run_dir / ATTENTION_PNG)
-    _atomic_json(run_dir / "final_metrics.json", out)
+        out["restored_step"] = restore_best(trainer, model) or trainer.step
+        model.eval()
+        out.update({f"valid_{k}": v for k, v in evaluate(model).items()})
+        _write_attention(model, valid[:4], data.vocabs, run_dir / ATTENTION_PNG)
+    atomic_json(run_dir / "final_metrics.json", out)
     return out
 
 
-def _write_attention(model: Seq2Seq, pairs: Sequence[Pair], src_vocab: Vocab, tgt_vocab: Vocab,
-                     path: Path) -> Path | None:
+def _write_attention(model: Seq2Seq, pairs: Sequence[Pair], vocabs: PairVocabs, path: Path) -> Path | None:
     if model.attention is None:
         return None
-    out = decode_all(model, [src_vocab.encode(p.source) for p in pairs], DecodeConfig(beam_size=1))
-    items = [(p.source, tgt_vocab.decode(ids), a) for p, ids, a in zip(pairs, out.ids, out.attention)]
+    out = decode_all(model, [vocabs.source.encode(p.source) for p in pairs], DecodeConfig(beam_size=1))
+    items = [(p.source, vocabs.target.decode(ids), a) for p, ids, a in zip(pairs, out.ids, out.attention)]
     return plot_attention(items, path)
 
 
@@ -920,16 +754,15 @@ class LoadedRun:
 
     run_dir: Path
     config: Seq2SeqConfig
-    src_vocab: Vocab
-    tgt_vocab: Vocab
+    vocabs: PairVocabs
     model: Seq2Seq
     step: int
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
     """Rebuild the model of a run directory from ``config.toml``, ``vocab.json`` and a checkpoint
-    ("latest", "best" or a step number)."""
-    from ..train import config_from_dict, latest_good_checkpoint, load_checkpoint
+    ("best", "latest" or a step number)."""
+    from ..train import config_from_dict
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -938,36 +771,17 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu")
     for p in (cfg_path, vocab_path):
         if not p.is_file():
             raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained seq2seq run (no {p.name})")
-    v = json.loads(vocab_path.read_text(encoding="utf-8"))
-    if set(v) != {"source", "target"}:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: {VOCAB_FILE} is not a seq2seq vocabulary")
-    src_vocab, tgt_vocab = Vocab.from_dict(v["source"]), Vocab.from_dict(v["target"])
+    try:
+        vocabs = PairVocabs.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    except UserError:
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: not a seq2seq run ({VOCAB_FILE} holds another task's "
+                        f"vocabulary)") from None
     with cfg_path.open("rb") as f:
         cfg = config_from_dict(Seq2SeqConfig, tomllib.load(f))
-    ckdir = run_dir / "checkpoints"
-    steps = dict(list_checkpoints(ckdir))
-    good = latest_good_checkpoint(ckdir)
-    if checkpoint == "latest":
-        found = good
-    elif checkpoint == "best":
-        best = good.meta.get("best_step") if good is not None else None
-        found = load_checkpoint(steps[best]) if best in steps else good
-    elif checkpoint.isdigit() and int(checkpoint) in steps:
-        found = load_checkpoint(steps[int(checkpoint)])
-    else:
-        raise UserError(f"--checkpoint: expected 'latest', 'best' or one of the steps {sorted(steps)}, "
-                        f"got {checkpoint!r}")
-    if found is None:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first)")
-    model = build_model(len(src_vocab), len(tgt_vocab), cfg.model)
-    sd = {k[len("model."):]: t for k, t in found.tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
-                        f"its config.toml ({str(e).splitlines()[0]})") from None
+    model = build_model(len(vocabs.source), len(vocabs.target), cfg.model)
+    step = load_checkpoint_into(model, run_dir, checkpoint)
     model.to(device).eval()
-    return LoadedRun(run_dir, cfg, src_vocab, tgt_vocab, model, found.step)
+    return LoadedRun(run_dir, cfg, vocabs, model, step)
 
 
 def evaluate_run(run: LoadedRun, path: str | None = None, split: str = "test", decode_cfg: DecodeConfig | None = None,
@@ -980,13 +794,13 @@ def evaluate_run(run: LoadedRun, path: str | None = None, split: str = "test", d
     _, tgt_kind = run.config.data.sides()
     text = not run.config.data.builtin
     t0 = time.perf_counter()
-    m, out = evaluate_pairs(run.model, pairs, run.src_vocab, run.tgt_vocab, cfg, tgt_kind, text)
+    m, out = evaluate_pairs(run.model, pairs, run.vocabs, cfg, tgt_kind, text)
     m.update({"data": name, "beam_size": cfg.beam_size, "checkpoint_step": run.step,
               "decode_s": round(time.perf_counter() - t0, 3)})
     if predictions is not None:
         src_kind = run.config.data.sides()[0]
         lines = [f"{detokenize(p.source, src_kind)}\t{detokenize(p.target, tgt_kind)}\t"
-                 f"{detokenize(run.tgt_vocab.decode(ids), tgt_kind)}\n" for p, ids in zip(pairs, out.ids)]
+                 f"{detokenize(run.vocabs.target.decode(ids), tgt_kind)}\n" for p, ids in zip(pairs, out.ids)]
         atomic_write_bytes(Path(predictions), "".join(lines).encode("utf-8"))
     return m
 
@@ -1005,9 +819,9 @@ def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], deco
     pending: list[Sequence[str]] = []
 
     def flush() -> None:
-        dec = decode_all(run.model, [run.src_vocab.encode(s) for s in pending], cfg)
+        dec = decode_all(run.model, [run.vocabs.source.encode(s) for s in pending], cfg)
         for toks_in, ids, att in zip(pending, dec.ids, dec.attention):
-            toks = run.tgt_vocab.decode(ids)
+            toks = run.vocabs.target.decode(ids)
             outputs.append(detokenize(toks, tgt_kind))
             if write is not None:
                 write(outputs[-1] + "\n")
@@ -1026,7 +840,7 @@ def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], deco
     return outputs
 
 
-__all__ = ["StackConfig", "Seq2SeqModelConfig", "Seq2Seq", "Attention", "Encoded", "ObjectiveConfig", "Seq2SeqTask",
-           "DecodeConfig", "Decoded", "greedy_decode", "beam_search", "decode", "decode_all", "sequence_metrics",
-           "text_metrics", "Seq2SeqDataConfig", "Seq2SeqConfig", "prepare_data", "load_split", "train", "load_run",
-           "evaluate_run", "translate", "plot_attention", "evaluate_pairs", "build_model", "trim"]
+__all__ = ["StackConfig", "Seq2SeqModelConfig", "Seq2Seq", "Attention", "Encoded", "DecoderState", "ObjectiveConfig",
+           "Buckets", "Seq2SeqTask", "DecodeConfig", "decode", "decode_all", "length_limits", "Seq2SeqDataConfig",
+           "Seq2SeqConfig", "prepare_data", "load_split", "evaluate_pairs", "pairs_loss", "plot_attention", "train",
+           "LoadedRun", "load_run", "evaluate_run", "translate", "build_model", "trim"]
