@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from test_charlm_cli import assert_user_error, snapshot
 from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
@@ -19,19 +20,6 @@ TINY = ["--hidden-size", "16", "--layers", "1", "--embedding-size", "8", "--batc
 
 def invoke(*argv, input=None):
     return runner.invoke(app, [str(a) for a in argv], input=input)
-
-
-def assert_user_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-
-
-def snapshot(run_dir):
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 def reverse_pairs(n, seed, alphabet="abcd", lo=2, hi=5):

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .charlm import _device, resolve_config, stream_writer
+from .charlm import _NOT_TRAINING, _device, resolve_config, stream_writer
 from .common import RunOptions, run_command
 from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
@@ -21,7 +21,6 @@ NAME = "seq2seq"
 app = typer.Typer(help="Sequence-to-sequence: encoder-decoder with attention, greedy and beam decoding.",
                   no_args_is_help=True)
 
-_NOT_TRAINING = ("out", "config", "set", "steps", "epochs", "minutes", "resume", "checkpoint_every", "quiet")
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `seq2seq train --out`.")]
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="best (by validation), latest or a step number.")]
 BeamOpt = Annotated[int | None, typer.Option("--beam-size", help="Beams; 1 = greedy (the run's decode.beam_size).")]

@@ -34,18 +34,12 @@ producing ``<pad>`` or ``<s>``, stopping each sequence at ``</s>`` or after
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +71,7 @@ from .base import (
     load_checkpoint_into,
     open_run_dir,
     pyplot,
+    read_run,
     reporter,
     restore_best,
     save_figure,
@@ -762,22 +757,14 @@ class LoadedRun:
 def load_run(run_dir: str | Path, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
     """Rebuild the model of a run directory from ``config.toml``, ``vocab.json`` and a checkpoint
     ("best", "latest" or a step number)."""
-    from ..train import config_from_dict
+    def read_vocab(d: Any, run_dir: Path) -> PairVocabs:
+        try:
+            return PairVocabs.from_dict(d)
+        except UserError:
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a seq2seq run ({VOCAB_FILE} holds another task's "
+                            f"vocabulary)") from None
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
-    cfg_path, vocab_path = run_dir / "config.toml", run_dir / VOCAB_FILE
-    for p in (cfg_path, vocab_path):
-        if not p.is_file():
-            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained seq2seq run (no {p.name})")
-    try:
-        vocabs = PairVocabs.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-    except UserError:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: not a seq2seq run ({VOCAB_FILE} holds another task's "
-                        f"vocabulary)") from None
-    with cfg_path.open("rb") as f:
-        cfg = config_from_dict(Seq2SeqConfig, tomllib.load(f))
+    run_dir, vocabs, cfg = read_run(run_dir, Seq2SeqConfig, read_vocab, VOCAB_FILE)
     model = build_model(len(vocabs.source), len(vocabs.target), cfg.model)
     step = load_checkpoint_into(model, run_dir, checkpoint)
     model.to(device).eval()
