@@ -80,7 +80,6 @@ from .base import (
 from .decoding import Decoded
 from .options import RecurrentOptions
 
-TASK = "seq2seq"
 VOCAB_FILE = "vocab.json"
 ATTENTION_PNG = "attention.png"
 
@@ -477,26 +476,23 @@ def decode(model: Seq2Seq, src: Tensor, src_len: Tensor, cfg: DecodeConfig = Dec
         model.train(was_training)
 
 
-def decode_all(model: Seq2Seq, sources: Sequence[Sequence[int]], cfg: DecodeConfig = DecodeConfig(),
-               on_batch: Callable[[int, Decoded], None] | None = None) -> Decoded:
-    """Decode token-id sequences in batches of ``cfg.batch_size`` (sorted by length inside the call, results
-    in input order); ``on_batch(first_index, decoded)`` sees each batch in input order as it is done."""
+def decode_all(model: Seq2Seq, sources: Sequence[Sequence[int]], cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    """Decode token-id sequences, ``cfg.batch_size`` at a time in order of length (less padding, and
+    sequences of a batch finish together); the results are in input order."""
     device = next(model.parameters()).device
-    ids: list[list[int]] = []
-    scores: list[float] = []
-    attn: list[Tensor | None] = []
-    for start in range(0, len(sources), cfg.batch_size):
-        chunk = sources[start:start + cfg.batch_size]
-        lens = torch.tensor([len(s) for s in chunk])
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    ids: list[list[int]] = [[] for _ in sources]
+    scores = [0.0] * len(sources)
+    attn: list[Tensor | None] = [None] * len(sources)
+    for start in range(0, len(order), cfg.batch_size):
+        chunk = order[start:start + cfg.batch_size]
+        lens = torch.tensor([len(sources[i]) for i in chunk])
         src = torch.full((int(lens.max()), len(chunk)), PAD_ID, dtype=torch.int64)
-        for b, s in enumerate(chunk):
-            src[:len(s), b] = torch.tensor(s, dtype=torch.int64)
+        for b, i in enumerate(chunk):
+            src[:len(sources[i]), b] = torch.tensor(sources[i], dtype=torch.int64)
         out = decode(model, src.to(device), lens.to(device), cfg)
-        if on_batch is not None:
-            on_batch(start, out)
-        ids += out.ids
-        scores += out.scores
-        attn += out.attention
+        for b, i in enumerate(chunk):
+            ids[i], scores[i], attn[i] = out.ids[b], out.scores[b], out.attention[b]
     return Decoded(ids, scores, attn)
 
 
