@@ -81,7 +81,12 @@ def test_translate_streams_from_stdin_and_file_and_plots_attention(trained, tmp_
     res = invoke("seq2seq", "translate", out, "--input", src, "--attention-dir", tmp_path / "att")
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == lines
-    assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["00001.png", "00002.png"]
+    assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["00001.json", "00001.png", "00002.json",
+                                                                     "00002.png"]
+    saved = json.loads((tmp_path / "att" / "00002.json").read_text(encoding="utf-8"))
+    assert saved["source"] == list("dcb") and saved["output"] == list("bcd") + ["</s>"]
+    w = torch.tensor(saved["weights"])
+    assert w.shape == (4, 3) and torch.allclose(w.sum(1), torch.ones(4), atol=1e-4)
     html = tmp_path / "report.html"
     res = invoke("report", out, "--out", html)
     assert res.exit_code == 0, res.output

@@ -136,8 +136,8 @@ def translate(
     beam_size: BeamOpt = None,
     length_penalty: PenaltyOpt = None,
     decode_batch_size: DecodeBatchOpt = None,
-    attention_dir: Annotated[Path | None, typer.Option(help="Write each line's attention heat map as "
-                                                       "DIR/NNNNN.png.")] = None,
+    attention_dir: Annotated[Path | None, typer.Option(help="Write each line's attention as DIR/NNNNN.png "
+                                                       "(heat map) and DIR/NNNNN.json (weights).")] = None,
     encoding: Annotated[str, typer.Option(help="Encoding of --input.")] = "utf-8",
     checkpoint: CheckpointOpt = "best",
     *,

@@ -791,8 +791,9 @@ def evaluate_run(run: LoadedRun, path: str | None = None, split: str = "test", d
 def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], decode_cfg: DecodeConfig | None = None,
               write: Callable[[str], None] | None = None, attention_dir: str | Path | None = None) -> list[str]:
     """Decode ``(where, tokens)`` items as they arrive, ``decode_cfg.batch_size`` at a time, and write each
-    output line to ``write`` as soon as its batch is done; optionally plot each item's attention as
-    ``attention_dir/NNNNN.png`` (numbered from 1 in input order). Returns the output lines."""
+    output line to ``write`` as soon as its batch is done; optionally save each item's attention as
+    ``attention_dir/NNNNN.png`` (heat map) and ``.json`` (source and output tokens, weights with one row per
+    output token and ``</s>``), numbered from 1 in input order. Returns the output lines."""
     cfg = decode_cfg or run.config.decode
     _check_decode(cfg)
     src_kind, tgt_kind = run.config.data.sides()
@@ -809,7 +810,10 @@ def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], deco
             if write is not None:
                 write(outputs[-1] + "\n")
             if attention_dir is not None:
-                plot_attention([(toks_in, toks, att)], Path(attention_dir) / f"{len(outputs):05d}.png", columns=1)
+                stem = Path(attention_dir) / f"{len(outputs):05d}"
+                plot_attention([(toks_in, toks, att)], stem.with_suffix(".png"), columns=1)
+                atomic_json(stem.with_suffix(".json"), {"source": list(toks_in), "output": toks + ["</s>"],
+                                                        "weights": att.round(decimals=5).tolist()})
         pending.clear()
 
     for where, toks in sources:
