@@ -121,7 +121,7 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
 
 
 def read_run(run_dir: str | Path, config_cls: type[C], read_vocab: Callable[[Any, Path], V],
-             vocab_file: str = "vocab.json") -> tuple[Path, C, V]:
+             vocab_file: str = "vocab.json") -> tuple[Path, V, C]:
     """(run directory, its vocabulary, its ``config.toml`` as ``config_cls``) of a checkpointed training run.
 
     ``read_vocab(parsed JSON of vocab_file, run_dir)`` builds the vocabulary (and raises a
