@@ -10,7 +10,7 @@ import torch
 
 from rnnkit.data.pairs import BOS_ID, EOS_ID, PAD_ID, Pair, Vocab, encode_pairs
 from rnnkit.errors import UserError
-from rnnkit.metrics import sequence_metrics, text_metrics
+from rnnkit.metrics import sequence_metrics, translation_metrics
 from rnnkit.tasks.decoding import beam_search, greedy_search, length_penalty, step_logprobs
 from rnnkit.tasks.seq2seq import (
     NEVER,
@@ -214,6 +214,6 @@ def test_sequence_and_text_metrics():
     assert m["exact_match"] == 0.5 and m["sequence_error_rate"] == 0.5
     assert m["token_error_rate"] == pytest.approx(1 / 5)
     assert sequence_metrics([["a", "b"]], [["c", "d", "e"]])["token_error_rate"] == pytest.approx(3 / 2)
-    t = text_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
+    t = translation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert t["bleu"] == pytest.approx(100.0) and t["chrf"] == pytest.approx(100.0)
-    assert text_metrics(["the cat sat on the mat"], ["a dog"])["bleu"] < 10
+    assert translation_metrics(["the cat sat on the mat"], ["a dog"])["bleu"] < 10

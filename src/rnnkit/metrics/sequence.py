@@ -26,7 +26,7 @@ def sequence_metrics(refs: Sequence[Sequence[str]], hyps: Sequence[Sequence[str]
     return {"exact_match": exact, "sequence_error_rate": 1.0 - exact, "token_error_rate": edits / max(n_ref, 1)}
 
 
-def text_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
+def translation_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
     """Corpus ``bleu`` and ``chrf`` (0-100) of detokenised strings, sacrebleu's default settings."""
     import sacrebleu
 
@@ -34,4 +34,4 @@ def text_metrics(refs: Sequence[str], hyps: Sequence[str]) -> dict[str, float]:
             "chrf": sacrebleu.corpus_chrf(list(hyps), [list(refs)]).score}
 
 
-__all__ = ["sequence_metrics", "text_metrics"]
+__all__ = ["sequence_metrics", "translation_metrics"]

@@ -60,7 +60,7 @@ from ..data.pairs import (
     read_pairs,
 )
 from ..errors import UserError
-from ..metrics.sequence import sequence_metrics, text_metrics
+from ..metrics.sequence import sequence_metrics, translation_metrics
 from ..train.checkpoint import atomic_write_bytes
 from ..train.config import OptimConfig, ScheduleConfig, TrainerConfig
 from . import decoding
@@ -620,7 +620,7 @@ def evaluate_pairs(model: Seq2Seq, pairs: Sequence[Pair], vocabs: PairVocabs, cf
     refs = [list(p.target) for p in pairs]
     m: dict[str, Any] = sequence_metrics(refs, hyps)
     if text:
-        m.update(text_metrics([detokenize(r, tgt_kind) for r in refs], [detokenize(h, tgt_kind) for h in hyps]))
+        m.update(translation_metrics([detokenize(r, tgt_kind) for r in refs], [detokenize(h, tgt_kind) for h in hyps]))
     m["pairs"] = len(pairs)
     m["unknown_source_tokens"] = sum(vocabs.source.unknown(p.source) for p in pairs)
     m["unknown_target_tokens"] = sum(vocabs.target.unknown(p.target) for p in pairs)
