@@ -122,7 +122,11 @@ def eval_(
 @app.command()
 @run_command("charlm", exclude=_NOT_TRAINING + ("json",))
 def sample(
-    run_dir: RunDirArg,
+    run_dir: Annotated[Path | None, typer.Argument(help="Run directory written by `charlm train --out` "
+                                                   "(not needed with --onnx).")] = None,
+    onnx: Annotated[Path | None, typer.Option(
+        "--onnx", help="Generate with onnxruntime from a streaming graph written by `rnnkit export RUN_DIR "
+                       "--streaming` instead of the run's PyTorch model.")] = None,
     prime: Annotated[str, typer.Option(help="Text to start from (default: a newline).")] = "",
     length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
     temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 = always the most likely.")] = 0.8,
@@ -133,11 +137,20 @@ def sample(
     opts: RunOptions,
 ) -> None:
     """Generate text, streamed to stdout as it is produced (one recurrent step per character)."""
+    from ..errors import UserError
     from ..tasks import charlm
 
-    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
-    charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
-                      write=stream_writer)
+    if (run_dir is None) == (onnx is None):
+        raise UserError("RUN_DIR / --onnx: give one of them (a run directory, or an exported streaming graph)")
+    if onnx is not None:
+        from ..export.runner import sample_onnx
+
+        sample_onnx(onnx, "charlm", prime, length, temperature=temperature, top_k=top_k, top_p=top_p,
+                    seed=opts.seed, write=stream_writer)
+    else:
+        run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+        charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
+                          write=stream_writer)
     stream_writer("\n")
 
 

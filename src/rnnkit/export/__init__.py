@@ -19,5 +19,6 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the installed 
 
 from .graph import DEFAULT_OPSET, ExportResult, to_onnx
 from .recurrent import LayerMapping, operator_for
+from .runner import OnnxRunner
 
-__all__ = ["to_onnx", "ExportResult", "LayerMapping", "operator_for", "DEFAULT_OPSET"]
+__all__ = ["to_onnx", "ExportResult", "LayerMapping", "OnnxRunner", "operator_for", "DEFAULT_OPSET"]

@@ -220,7 +220,7 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
             cells are written inline instead of as a Scan; a bidirectional stack is an error.
         opset: ONNX opset of the file (default 18; lower ones are converted, if every operator
             the model needs exists there).
-        metadata: extra ``key: value`` pairs stored in the file (values JSON-encoded unless strings).
+        metadata: extra ``key: value`` pairs stored in the file (values JSON-encoded).
     Returns:
         an :class:`ExportResult` whose ``mappings`` say which mapping each stack got.
     """
@@ -251,9 +251,10 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
             mappings = _splice(model, dict(enumerate(stacks)), streaming)
     finally:
         module.train(was_training)
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    meta = dict(metadata or {})
     meta["rnnkit.graph"] = "streaming" if streaming else "sequence"
-    meta["rnnkit.mapping"] = json.dumps([m.describe() for m in mappings])
+    meta["rnnkit.mapping"] = [m.describe() for m in mappings]
+    meta = {k: json.dumps(v) for k, v in meta.items()}
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     model = convert_opset(model, opset, mappings)

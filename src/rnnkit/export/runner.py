@@ -1,0 +1,186 @@
+"""``OnnxRunner``: an exported file in onnxruntime, for whole sequences, streaming and generation.
+
+A streaming graph written by ``rnnkit export --streaming`` records in its metadata which inputs carry
+the recurrent state and which outputs return it (``rnnkit.state``: pairs ``[input, output]``), so the
+runner can keep the state between calls: ``step`` feeds one time step and carries the state on, and
+``generate`` runs the character/word sampler of the language-model tasks on top of it with the same
+sampling rule (``rnnkit.tasks.charlm.sample_next``) and random generator as ``rnnkit charlm sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from ..errors import UserError
+
+_NP_DTYPE = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options for low latency: every graph optimisation, sequential execution, ``threads`` intra-op
+    threads (None: onnxruntime's default, one per core) and one inter-op thread."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # errors only
+    return opts
+
+
+class OnnxRunner:
+    """An ONNX file written by :func:`rnnkit.export.to_onnx`, loaded in onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file (or its bytes).
+        threads: intra-op threads; None = 1 for a streaming graph (one small step gains nothing from
+            more), onnxruntime's default for a sequence graph.
+    """
+
+    def __init__(self, path: str | os.PathLike | bytes, threads: int | None = None) -> None:
+        if isinstance(path, bytes):
+            data, self.path = path, None
+        else:
+            self.path = Path(path)
+            if not self.path.is_file():
+                raise UserError(f"--onnx {str(self.path)!r}: no such file (expected a file written by "
+                                f"`rnnkit export`)")
+            data = self.path.read_bytes()
+        try:
+            model = onnx.load_model_from_string(data)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise UserError(f"--onnx {str(self.path)!r}: not an ONNX model ({type(e).__name__})") from None
+        self.metadata: dict[str, str] = {p.key: p.value for p in model.metadata_props}
+        try:
+            self.graph: str = self.meta("graph", "sequence")
+            self.state_pairs: list[tuple[str, str]] = [tuple(p) for p in self.meta("state", [])]
+        except ValueError:
+            raise UserError(f"--onnx {str(self.path)!r}: malformed rnnkit metadata in the file") from None
+        if threads is None and self.graph == "streaming":
+            threads = 1
+        try:
+            self.session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's Fail / InvalidGraph
+            raise UserError(f"--onnx {str(self.path)!r}: onnxruntime cannot load it ({str(e).splitlines()[0]})"
+                            ) from None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        """A JSON metadata entry (``rnnkit.<key>``) of the file, decoded."""
+        raw = self.metadata.get(f"rnnkit.{key}")
+        return default if raw is None else json.loads(raw)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """One call of the graph: ``{input name: array}`` -> ``{output name: array}``."""
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise UserError(f"inputs: missing {missing}; the graph takes {sorted(self.inputs)}")
+        arrays = {}
+        for name, value in feeds.items():
+            if name not in self.inputs:
+                raise UserError(f"inputs: unknown {name!r}; the graph takes {sorted(self.inputs)}")
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            arrays[name] = np.asarray(value, dtype=_NP_DTYPE.get(self.inputs[name].type))
+        return dict(zip(self.outputs, self.session.run(self.outputs, arrays)))
+
+    # ---- streaming -------------------------------------------------------------------------------
+    def initial_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Zero state for ``batch`` streams, keyed by the graph's state inputs."""
+        state = {}
+        for name, _ in self.state_pairs:
+            info = self.inputs[name]
+            shape = [d if isinstance(d, int) else batch for d in info.shape]
+            state[name] = np.zeros(shape, dtype=_NP_DTYPE[info.type])
+        return state
+
+    def step(self, feeds: Mapping[str, Any], state: Mapping[str, np.ndarray] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One step of a streaming graph: returns (outputs, the state for the next step)."""
+        if not self.state_pairs:
+            raise UserError(f"--onnx {str(self.path)!r}: a {self.graph} graph; streaming needs a file written "
+                            f"with `rnnkit export --streaming`")
+        if state is None:
+            first = next(iter(feeds.values()))
+            state = self.initial_state(int(np.shape(first)[0]) if np.ndim(first) else 1)
+        out = self.run({**feeds, **state})
+        return out, {i: out[o] for i, o in self.state_pairs}
+
+    def generate(self, prime: Sequence[int], length: int, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None, forbid: Sequence[int] = (),
+                 on_token: Callable[[int], None] | None = None, keep_logits: list[torch.Tensor] | None = None
+                 ) -> list[int]:
+        """Continue ``prime`` by ``length`` symbols with a language model's streaming graph.
+
+        The prime is fed one symbol per step; each new symbol is drawn with the sampling rule of the
+        language-model tasks (temperature, top-k, top-p; ``forbid`` never drawn), from the same
+        ``generator``, so a run with the same seed writes the same text as ``rnnkit charlm sample``
+        up to float rounding in the logits.
+        """
+        from ..tasks.charlm import check_sampling, sample_next
+
+        check_sampling(temperature, top_k, top_p)
+        io = self.meta("stream")
+        if io is None:
+            raise UserError(f"--onnx {str(self.path)!r}: not a language model's streaming graph (export it with "
+                            f"`rnnkit export RUN_DIR --streaming` from a charlm or wordlm run)")
+        if len(prime) == 0:
+            raise UserError("prime: expected at least one symbol to start from")
+        if length < 0:
+            raise UserError(f"--length: expected >= 0, got {length}")
+        prime = [int(t) for t in prime]
+        token_name, logits_name = io["input"], io["output"]
+        state = self.initial_state(1)
+        logits = None
+        for tok in prime:
+            out, state = self.step({token_name: np.array([tok], dtype=np.int64)}, state)
+            logits = out[logits_name]
+        forbid_idx = torch.as_tensor(list(forbid), dtype=torch.int64)
+        result: list[int] = []
+        for _ in range(length):
+            lg = torch.from_numpy(np.array(logits[0]))
+            if forbid_idx.numel():
+                lg = lg.index_fill(0, forbid_idx, float("-inf"))
+            if keep_logits is not None:
+                keep_logits.append(lg)
+            tok = sample_next(lg, temperature, top_k, top_p, generator)
+            result.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            out, state = self.step({token_name: np.array([tok], dtype=np.int64)}, state)
+            logits = out[logits_name]
+        return result
+
+
+def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, temperature: float = 1.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                write: Callable[[str], None] | None = None) -> str:
+    """``rnnkit charlm sample --onnx FILE``: the task's sampler, drawing with the exported streaming graph."""
+    from ..data.text import vocab_from_dict
+    from ..tasks import charlm
+
+    runner = OnnxRunner(path)
+    found = runner.meta("task")
+    if found != task:
+        what = f"a {found} model" if found else "not a model exported from an rnnkit run"
+        raise UserError(f"--onnx {str(path)!r}: {what}; `rnnkit {task} sample --onnx` needs a {task} run's "
+                        f"streaming graph (rnnkit export RUN_DIR --streaming)")
+    vocab = vocab_from_dict(runner.meta("vocab"))
+    run = charlm.LoadedRun(Path(path), None, vocab, None, runner.meta("checkpoint_step", 0))
+    return charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             write=write, sampler=runner.generate)
+
+
+__all__ = ["OnnxRunner", "session_options", "sample_onnx"]
