@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UserError
 from ..layers import Recurrent
-from .recurrent import LayerMapping, Nodes, Weights, quiet_exporter, stack_nodes
+from .recurrent import LayerMapping, Nodes, Weights, operators, quiet_exporter, stack_nodes
 
 DEFAULT_OPSET = 18  # torch's exporter writes this opset; others are converted from it
 DOMAIN = "rnnkit.export"
@@ -233,7 +233,7 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
     dims: dict[str, Any] = {}
     specs = [{axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in
               dynamic_axes.get(n, {}).items()} or None for n in input_names]
-    dynamic_shapes = _by_parameter(module, specs)
+    dynamic_shapes = {f"arg{i}": spec for i, spec in enumerate(specs)}
     was_training = module.training
     module.eval()
     try:
@@ -243,7 +243,7 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
                     if m.bidirectional:
                         raise UserError(f"layer {name!r} is bidirectional: a streaming graph steps forward in "
                                         f"time only; export the sequence graph (without --streaming) instead")
-            prog = torch.onnx.export(module, tuple(args), dynamo=True, input_names=list(input_names),
+            prog = torch.onnx.export(_Positional(module, len(args)), tuple(args), dynamo=True, input_names=list(input_names),
                                      output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                      custom_translation_table=table, opset_version=DEFAULT_OPSET,
                                      verbose=False)
@@ -262,13 +262,20 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
     return ExportResult(model, mappings, opset, streaming, meta)
 
 
-def _by_parameter(module: nn.Module, specs: list[Any]) -> dict[str, Any]:
-    """Per-argument shape specs keyed as torch.export wants them: by parameter name, a tuple for *args."""
-    bound = inspect.signature(module.forward).bind(*range(len(specs)))
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        out[name] = tuple(specs[i] for i in value) if isinstance(value, tuple) else specs[value]
-    return out
+class _Positional(nn.Module):
+    """``module`` behind a forward with one named parameter per graph input, so torch.export can match
+    each input with its dynamic axes whatever the module's own signature (``*args``, defaults)."""
+
+    def __init__(self, module: nn.Module, n_inputs: int) -> None:
+        super().__init__()
+        self.inner = module
+
+        def forward(*args: Tensor) -> Any:
+            return self.inner(*args)
+
+        forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(f"arg{i}", inspect.Parameter.POSITIONAL_OR_KEYWORD) for i in range(n_inputs)])
+        self.forward = forward
 
 
 def _splice(model: onnx.ModelProto, stacks: dict[int, tuple[Recurrent, str]], streaming: bool
@@ -324,14 +331,6 @@ def _first_version() -> dict[str, int]:
     return first
 
 
-def _ops(graph: onnx.GraphProto) -> Iterator[str]:
-    for node in graph.node:
-        yield node.op_type
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _ops(a.g)
-
-
 def convert_opset(model: onnx.ModelProto, opset: int, mappings: Sequence[LayerMapping] = ()) -> onnx.ModelProto:
     """``model`` at ``opset``: unchanged at the default, else converted; an operator that does not exist
     at ``opset`` is a :class:`UserError` naming it and the opset it needs."""
@@ -342,10 +341,10 @@ def convert_opset(model: onnx.ModelProto, opset: int, mappings: Sequence[LayerMa
     if opset == DEFAULT_OPSET:
         return model
     first = _first_version()
-    needs = sorted({(first.get(op, 1), op) for op in _ops(model.graph)}, reverse=True)
+    needs = sorted({(first.get(op, 1), op) for op in operators(model.graph.node)}, reverse=True)
     if needs and needs[0][0] > opset:
         version, op = needs[0]
-        users = [m.describe() for m in mappings if op in ("LayerNormalization", "Scan") and "Scan" in m.mapping]
+        users = [m.describe() for m in mappings if op in m.operators]
         where = f" (used by {'; '.join(users)})" if users else ""
         raise UserError(f"--opset {opset}: too old for the ONNX operator {op}, which exists from opset {version}"
                         f"{where}; use --opset {version} or later (default {DEFAULT_OPSET})")
@@ -354,5 +353,6 @@ def convert_opset(model: onnx.ModelProto, opset: int, mappings: Sequence[LayerMa
 
         return version_converter.convert_version(model, opset)
     except Exception as e:  # the converter raises plain RuntimeErrors with its adapter's message
-        raise UserError(f"--opset {opset}: the model cannot be converted from opset {DEFAULT_OPSET} "
-                        f"({str(e).strip().splitlines()[-1]}); use --opset {DEFAULT_OPSET}") from None
+        why = str(e).strip().splitlines()[-1].rpartition("failed: ")[2]
+        raise UserError(f"--opset {opset}: onnx's version converter cannot take this model from opset "
+                        f"{DEFAULT_OPSET} to {opset} ({why}); use --opset {DEFAULT_OPSET}") from None

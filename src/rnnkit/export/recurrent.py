@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,12 +61,14 @@ class LayerMapping:
         mapping: "LSTM operator", "GRU operator", "RNN operator" or "Scan of the cell's step()"
             ("the cell's step(), inline" in a streaming graph).
         reason: why the operator could not be used (empty when it was).
+        operators: the ONNX operators its nodes use (with those inside a Scan's body).
     """
 
     module: str
     cell: str
     mapping: str
     reason: str = ""
+    operators: frozenset[str] = frozenset()
 
     def describe(self) -> str:
         where = self.module or "(model)"
@@ -410,7 +413,16 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
         mapping = f"{op} operator"
     else:
         mapping = "the cell's step(), inline" if streaming else "Scan of the cell's step()"
-    return LayerMapping(path, cell_label(layer), mapping, reason)
+    return LayerMapping(path, cell_label(layer), mapping, reason, frozenset(operators(b.nodes)))
+
+
+def operators(nodes: Iterable[onnx.NodeProto]) -> Iterator[str]:
+    """The op types of ``nodes`` and of the nodes of their subgraphs."""
+    for node in nodes:
+        yield node.op_type
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from operators(a.g.node)
 
 
 def _param_name(layer: Recurrent, path: str, k: int, d: int, base: str) -> str:

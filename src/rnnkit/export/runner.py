@@ -109,7 +109,7 @@ class OnnxRunner:
     def step(self, feeds: Mapping[str, Any], state: Mapping[str, np.ndarray] | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One step of a streaming graph: returns (outputs, the state for the next step)."""
-        if not self.state_pairs:
+        if self.graph != "streaming" or not self.state_pairs:
             raise UserError(f"--onnx {str(self.path)!r}: a {self.graph} graph; streaming needs a file written "
                             f"with `rnnkit export --streaming`")
         if state is None:
@@ -136,6 +136,9 @@ class OnnxRunner:
         if io is None:
             raise UserError(f"--onnx {str(self.path)!r}: not a language model's streaming graph (export it with "
                             f"`rnnkit export RUN_DIR --streaming` from a charlm or wordlm run)")
+        if self.graph != "streaming":
+            raise UserError(f"--onnx {str(self.path)!r}: a {self.graph} graph; generation needs the streaming "
+                            f"graph (rnnkit export RUN_DIR --streaming)")
         if len(prime) == 0:
             raise UserError("prime: expected at least one symbol to start from")
         if length < 0:

@@ -1,0 +1,266 @@
+"""ONNX export: every registry cell in onnxruntime equals PyTorch (sequence and streaming graphs, lengths,
+2 layers, both directions), the exported char-LM writes the same text, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+
+import rnnkit  # noqa: E402
+from rnnkit.cells import REGISTRY  # noqa: E402
+from rnnkit.cli.main import app  # noqa: E402
+from rnnkit.errors import UserError  # noqa: E402
+from rnnkit.export import DEFAULT_OPSET, OnnxRunner, to_onnx  # noqa: E402
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+I, H, L = 3, 5, 2
+# registry cells that the standard operators compute exactly (recurrent dropout is off in inference)
+ON_OPERATOR = {"rnn", "rnn_relu", "lstm", "lstm_fb0", "lstm_peephole", "lstm_cifg", "lstm_rdrop", "gru",
+               "gru_cho", "gru_rdrop"}
+# a few cells of each mapping for the default suite's streaming test; the rest run with -m slow
+STREAM_FAST = {"lstm_cifg", "gru_cho", "rnn_relu", "lstm_peephole_ln", "gru_zoneout"}
+
+
+def _stack(name: str, bidirectional: bool) -> rnnkit.Recurrent:
+    torch.manual_seed(0)
+    layer = rnnkit.build(name, I, H, num_layers=L, bidirectional=bidirectional)
+    with torch.no_grad():  # move every parameter off its init (layer-norm gains of 1, zero biases)
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer.eval()
+
+
+def _flat(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+class Both(nn.Module):
+    """The stack run twice, without and with lengths: both code paths in one graph."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x, lengths, *state):
+        s = state if len(state) == 2 else state[0]
+        y, f = self.stack(x, s)
+        y_len, f_len = self.stack(x, s, lengths=lengths)
+        return (y, *_flat(f), y_len, *_flat(f_len))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_sequence_graph_equals_pytorch(name):
+    stack = _stack(name, bidirectional=True)
+    S = stack.cell.state_size
+    model = Both(stack).eval()
+    T, B = 6, 4
+    state_names = ["h0", "c0"][:S]
+    outs = ["y", "h", "c"][:S + 1]
+    example = (torch.randn(T, B, I), torch.tensor([6, 2, 5, 3])) + tuple(torch.randn(2 * L, B, H) for _ in range(S))
+    res = to_onnx(model, example, input_names=["x", "lengths", *state_names],
+                  output_names=outs + [o + "_len" for o in outs],
+                  dynamic_axes={"x": {0: "T", 1: "B"}, "lengths": {0: "B"}, **{s: {1: "B"} for s in state_names}})
+    onnx.checker.check_model(res.model, full_check=True)
+    assert [o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")] == [DEFAULT_OPSET]
+    assert len(res.mappings) == 1
+    assert res.mappings[0].mapping == ("LSTM GRU RNN".split()[["lstm", "gru", "rnn"].index(stack.cell.family)]
+                                       + " operator" if name in ON_OPERATOR else "Scan of the cell's step()")
+    runner = OnnxRunner(res.model.SerializeToString())
+    for T2, lens in ((6, [6, 2, 5, 1]), (3, [1, 3, 2]), (1, [1])):  # other sizes than traced: dynamic axes
+        B2 = len(lens)
+        x = torch.randn(T2, B2, I)
+        state = tuple(torch.randn(2 * L, B2, H) for _ in range(S))
+        lengths = torch.tensor(lens)
+        got = runner.run({"x": x, "lengths": lengths, **dict(zip(state_names, state))})
+        with torch.no_grad():
+            want = model(x, lengths, *state)
+        for n, w in zip(res.model.graph.output, want):
+            torch.testing.assert_close(torch.from_numpy(got[n.name]), w, **TOL, msg=lambda m, n=n: f"{n.name}: {m}")
+
+
+class Steps(nn.Module):
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x_t, *state):
+        y, f = self.stack.step(x_t, state if len(state) == 2 else state[0])
+        return (y, *_flat(f))
+
+
+@pytest.mark.parametrize("name", [n if n in STREAM_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(REGISTRY)])
+def test_streaming_graph_equals_step(name):
+    stack = _stack(name, bidirectional=False)
+    S = stack.cell.state_size
+    names = ["h0", "c0"][:S]
+    res = to_onnx(Steps(stack), (torch.randn(2, I),) + tuple(torch.randn(L, 2, H) for _ in range(S)),
+                  input_names=["x", *names], output_names=["y", "h", "c"][:S + 1],
+                  dynamic_axes={"x": {0: "B"}, **{n: {1: "B"} for n in names}}, streaming=True,
+                  metadata={"rnnkit.state": [["h0", "h"], ["c0", "c"]][:S]})
+    assert res.mappings[0].mapping in ("LSTM operator", "GRU operator", "RNN operator", "the cell's step(), inline")
+    assert not any(n.op_type == "Scan" for n in res.model.graph.node)
+    runner = OnnxRunner(res.model.SerializeToString())
+    xs = torch.randn(5, 3, I)
+    state, ort_state = None, runner.initial_state(3)
+    for t in range(5):
+        with torch.no_grad():
+            y, state = stack.step(xs[t], state)
+        out, ort_state = runner.step({"x": xs[t]}, ort_state)
+        torch.testing.assert_close(torch.from_numpy(out["y"]), y, **TOL)
+        for k, s in zip(("h", "c"), _flat(state)):
+            torch.testing.assert_close(torch.from_numpy(out[k]), s, **TOL)
+    with torch.no_grad():
+        y_seq, _ = stack(xs)
+    torch.testing.assert_close(torch.from_numpy(out["y"]), y_seq[-1], **TOL)
+
+
+def test_streaming_bidirectional_is_an_error():
+    stack = _stack("lstm", bidirectional=True)
+    with pytest.raises(UserError, match=r"layer 'stack' is bidirectional.*sequence graph"):
+        to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(4, 2, H), torch.zeros(4, 2, H)),
+                input_names=["x", "h0", "c0"], output_names=["y", "h", "c"], streaming=True)
+
+
+def test_opset_too_old_names_the_operator():
+    stack = _stack("lstm_ln", bidirectional=False)
+    with pytest.raises(UserError, match=r"--opset 16: too old for the ONNX operator LayerNormalization, which "
+                                        r"exists from opset 17 \(used by stack: lstm\(layer_norm=True\)"):
+        to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H), torch.zeros(2, 2, H)),
+                input_names=["x", "h0", "c0"], output_names=["y", "h", "c"], streaming=True, opset=16)
+
+
+def test_lower_opset_converts_and_runs():
+    stack = _stack("gru", bidirectional=False)
+    res = to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H)), input_names=["x", "h0"],
+                  output_names=["y", "h"], streaming=True, opset=16)
+    assert [o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")] == [16]
+    x, h = torch.randn(2, I), torch.randn(2, 2, H)
+    got = OnnxRunner(res.model.SerializeToString()).run({"x": x, "h0": h})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got["y"]), stack.step(x, h)[0], **TOL)
+
+
+# ---- a trained char-LM end to end --------------------------------------------------------------------
+cli = CliRunner()
+TINY = ["--hidden-size", "8", "--layers", "2", "--embedding-size", "4", "--batch-size", "4", "--tbptt", "10",
+        "--sample-length", "20", "--quiet", "--set", "trainer.tensorboard=false"]
+
+
+def invoke(*argv):
+    return cli.invoke(app, [str(a) for a in argv])
+
+
+def assert_user_error(res, *fragments):
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("charlm")
+    text = d / "tiny.txt"
+    text.write_text("KING:\nTo be or not to be, that is the question.\n\n" * 40, encoding="utf-8")
+    res = invoke("charlm", "train", "--text", text, "--out", d / "run", *TINY, "--steps", 6, "--eval-every", 3,
+                 "--checkpoint-every", 3)
+    assert res.exit_code == 0, res.output
+    return d / "run"
+
+
+def test_charlm_onnx_sampler_writes_the_same_text(trained, tmp_path):
+    out = tmp_path / "lm.onnx"
+    res = invoke("export", trained, "--streaming", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["graph"] == "streaming" and info["opset"] == DEFAULT_OPSET and info["bytes"] == out.stat().st_size
+    assert info["layers"] == ["lm.rnn: lstm(forget_bias=0.0) -> LSTM operator"]
+    for rule in (["--temperature", "0.8"], ["--temperature", "1.2", "--top-k", "5"], ["--top-p", "0.9"]):
+        args = ["--prime", "KING:", "--length", "60", "--seed", "7", *rule]
+        torch_text = invoke("charlm", "sample", trained, *args)
+        onnx_text = invoke("charlm", "sample", "--onnx", out, *args)
+        assert torch_text.exit_code == 0 and onnx_text.exit_code == 0, (torch_text.output, onnx_text.output)
+        assert onnx_text.stdout == torch_text.stdout and len(torch_text.stdout) > 60
+
+
+def test_charlm_onnx_distributions_match(trained, tmp_path):
+    """Per-step logits of the streaming graph against the PyTorch model's, over a sampled text."""
+    from rnnkit.export.models import export_run
+    from rnnkit.tasks import charlm
+
+    _, path, _ = export_run(trained, tmp_path / "lm.onnx", streaming=True)
+    run = charlm.load_run(trained)
+    prime = charlm.encode_prime(run.vocab, "KING:")
+    a, b = [], []
+    ids = charlm.generate(run.model, prime, 40, generator=torch.Generator().manual_seed(3), keep_logits=a)
+    ids_onnx = OnnxRunner(path).generate(prime, 40, generator=torch.Generator().manual_seed(3), keep_logits=b)
+    assert ids == ids_onnx
+    torch.testing.assert_close(torch.stack(b), torch.stack(a), **TOL)
+
+
+def test_sequence_graph_of_a_run_equals_the_model(trained):
+    from rnnkit.tasks import charlm
+
+    res = invoke("export", trained)
+    assert res.exit_code == 0, res.output
+    assert "lm.rnn: lstm(forget_bias=0.0) -> LSTM operator" in res.stdout
+    runner = OnnxRunner(trained / "model.onnx")
+    assert runner.meta("task") == "charlm" and runner.meta("graph") == "sequence"
+    model = charlm.load_run(trained).model
+    tokens = torch.randint(1, model.vocab_size, (7, 3))
+    got = runner.run({"tokens": tokens, **runner.initial_state(3)})
+    with torch.no_grad():
+        logits, (h, c) = model(tokens)
+    torch.testing.assert_close(torch.from_numpy(got["logits"]), logits, **TOL)
+    torch.testing.assert_close(torch.from_numpy(got["c"]), c, **TOL)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+def test_run_dir_without_a_model(tmp_path):
+    assert_user_error(invoke("export", tmp_path), "holds no trained model")
+    assert_user_error(invoke("export", tmp_path / "missing"), "no such directory")
+
+
+def test_damaged_checkpoints(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpts = sorted((run / "checkpoints").glob("step-*.safetensors"))
+    assert len(ckpts) >= 2
+    data = bytearray(ckpts[-1].read_bytes())
+    data[-1] ^= 0xFF
+    ckpts[-1].write_bytes(bytes(data))
+    with pytest.warns(RuntimeWarning, match="skipping damaged checkpoint"):  # the fallback rule: previous one
+        res = invoke("export", run, "--streaming")
+    assert res.exit_code == 0, res.output
+    older = int(ckpts[-2].stem.split("-")[1])
+    assert OnnxRunner(run / "model.streaming.onnx").meta("checkpoint_step") == older
+    for p in ckpts[:-1]:
+        p.write_bytes(p.read_bytes()[:-3])
+    assert_user_error(invoke("export", run), "every checkpoint fails its checks", "checksum mismatch")
+
+
+def test_bad_flags_and_files(trained, tmp_path):
+    assert_user_error(invoke("export", trained, "--format", "tflite"), "--format", "'tflite'")
+    assert_user_error(invoke("export", trained, "--opset", "99"), "--opset")
+    assert_user_error(invoke("charlm", "sample", "--onnx", tmp_path / "none.onnx"), "no such file")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert_user_error(invoke("charlm", "sample", "--onnx", bad), "bad.onnx")
+    res = invoke("export", trained, "--out", tmp_path / "seq.onnx")
+    assert res.exit_code == 0, res.output
+    assert_user_error(invoke("charlm", "sample", "--onnx", tmp_path / "seq.onnx"), "--streaming")
+    assert_user_error(invoke("charlm", "sample"), "RUN_DIR / --onnx")
+    with pytest.raises(UserError, match="streaming needs a file written with"):
+        OnnxRunner(tmp_path / "seq.onnx").step({"tokens": np.ones((2, 1), dtype=np.int64)})
