@@ -12,13 +12,11 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-pytest.importorskip("onnxruntime")
-
-import rnnkit  # noqa: E402
-from rnnkit.cells import REGISTRY  # noqa: E402
-from rnnkit.cli.main import app  # noqa: E402
-from rnnkit.errors import UserError  # noqa: E402
-from rnnkit.export import DEFAULT_OPSET, OnnxRunner, to_onnx  # noqa: E402
+import rnnkit
+from rnnkit.cells import REGISTRY
+from rnnkit.cli.main import app
+from rnnkit.errors import UserError
+from rnnkit.export import DEFAULT_OPSET, OnnxRunner, to_onnx
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 I, H, L = 3, 5, 2
@@ -106,6 +104,7 @@ def test_streaming_graph_equals_step(name):
                   input_names=["x", *names], output_names=["y", "h", "c"][:S + 1],
                   dynamic_axes={"x": {0: "B"}, **{n: {1: "B"} for n in names}}, streaming=True,
                   metadata={"rnnkit.state": [["h0", "h"], ["c0", "c"]][:S]})
+    assert not stack.training, "to_onnx must leave each submodule in the mode it found it"
     assert res.mappings[0].mapping in ("LSTM operator", "GRU operator", "RNN operator", "the cell's step(), inline")
     assert not any(n.op_type == "Scan" for n in res.model.graph.node)
     runner = OnnxRunner(res.model.SerializeToString())

@@ -210,7 +210,7 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
     """Export ``module(*args)`` to ONNX, every :class:`rnnkit.Recurrent` in it mapped per layer.
 
     Args:
-        module: the model (exported in eval mode; its mode is restored afterwards).
+        module: the model (exported in eval mode; each submodule's mode is restored afterwards).
         args: example inputs, one tensor per graph input (their sizes only serve tracing; give
             dynamic axes an example size of at least 2).
         input_names, output_names: names of the graph's inputs and outputs.
@@ -234,7 +234,7 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
     specs = [{axis: dims.setdefault(sym, torch.export.Dim(sym, min=1)) for axis, sym in
               dynamic_axes.get(n, {}).items()} or None for n in input_names]
     dynamic_shapes = {f"arg{i}": spec for i, spec in enumerate(specs)}
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each its own: a child may be in eval already
     module.eval()
     try:
         with _placeholders(module) as stacks, quiet_exporter(), _exporter_registry() as table:
@@ -243,14 +243,15 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
                     if m.bidirectional:
                         raise UserError(f"layer {name!r} is bidirectional: a streaming graph steps forward in "
                                         f"time only; export the sequence graph (without --streaming) instead")
-            prog = torch.onnx.export(_Positional(module, len(args)), tuple(args), dynamo=True, input_names=list(input_names),
-                                     output_names=list(output_names), dynamic_shapes=dynamic_shapes,
-                                     custom_translation_table=table, opset_version=DEFAULT_OPSET,
-                                     verbose=False)
+            prog = torch.onnx.export(_Positional(module, len(args)), tuple(args), dynamo=True,
+                                     input_names=list(input_names), output_names=list(output_names),
+                                     dynamic_shapes=dynamic_shapes, custom_translation_table=table,
+                                     opset_version=DEFAULT_OPSET, verbose=False)
             model = prog.model_proto
             mappings = _splice(model, dict(enumerate(stacks)), streaming)
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     meta = dict(metadata or {})
     meta["rnnkit.graph"] = "streaming" if streaming else "sequence"
     meta["rnnkit.mapping"] = [m.describe() for m in mappings]

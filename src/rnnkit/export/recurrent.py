@@ -355,9 +355,6 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
         raise UserError(f"{path or 'model'}: parameters of dtype {dtype}; ONNX export takes float32 or float64 "
                         f"(convert the model with .float())")
     D, L, H = layer.num_directions, layer.num_layers, layer.hidden_size
-    if streaming and D == 2:
-        raise UserError(f"layer {path!r} ({cell_label(layer)}) is bidirectional: a streaming graph steps "
-                        f"forward in time only; export the sequence graph (without --streaming) instead")
     op, reason = operator_for(layer)
     lens32 = mask = None
     if lengths is not None:
