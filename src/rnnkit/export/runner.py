@@ -3,15 +3,15 @@
 A streaming graph written by ``rnnkit export --streaming`` records in its metadata which inputs carry
 the recurrent state and which outputs return it (``rnnkit.state``: pairs ``[input, output]``), so the
 runner can keep the state between calls: ``step`` feeds one time step and carries the state on, and
-``generate`` runs the character/word sampler of the language-model tasks on top of it with the same
-sampling rule (``rnnkit.tasks.charlm.sample_next``) and random generator as ``rnnkit charlm sample``.
+``generate`` runs the language models' sampler (:func:`rnnkit.tasks.decoding.generate`) with the graph
+as its model, so the same seed and sampling options write the same text as ``rnnkit charlm sample``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,53 +118,55 @@ class OnnxRunner:
         out = self.run({**feeds, **state})
         return out, {i: out[o] for i, o in self.state_pairs}
 
-    def generate(self, prime: Sequence[int], length: int, *, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None, forbid: Sequence[int] = (),
-                 on_token: Callable[[int], None] | None = None, keep_logits: list[torch.Tensor] | None = None
-                 ) -> list[int]:
-        """Continue ``prime`` by ``length`` symbols with a language model's streaming graph.
+    def language_model(self) -> OnnxLM:
+        """This streaming graph as a next-symbol model for :func:`rnnkit.tasks.decoding.generate`."""
+        return OnnxLM(self)
 
-        The prime is fed one symbol per step; each new symbol is drawn with the sampling rule of the
-        language-model tasks (temperature, top-k, top-p; ``forbid`` never drawn), from the same
-        ``generator``, so a run with the same seed writes the same text as ``rnnkit charlm sample``
-        up to float rounding in the logits.
-        """
-        from ..tasks.charlm import check_sampling, sample_next
+    def generate(self, prime: Sequence[int] | torch.Tensor, length: int, **options: Any) -> list[int]:
+        """:func:`rnnkit.tasks.decoding.generate` (the language models' sampler, same options and rule)
+        with this streaming graph as the model."""
+        from ..tasks.decoding import generate
 
-        check_sampling(temperature, top_k, top_p)
-        io = self.meta("stream")
-        if io is None:
-            raise UserError(f"--onnx {str(self.path)!r}: not a language model's streaming graph (export it with "
+        return generate(self.language_model(), prime, length, **options)
+
+
+class OnnxLM:
+    """A language model's streaming graph as a :class:`rnnkit.tasks.decoding.StepModel`.
+
+    ``step`` is one call of the graph; calling it on a prefix (T, B) runs the steps one after another
+    (the streaming graph has no time axis), so the prime costs T calls.
+    """
+
+    training = False
+
+    def __init__(self, runner: OnnxRunner) -> None:
+        io = runner.meta("stream")
+        if runner.graph != "streaming" or io is None:
+            raise UserError(f"--onnx {str(runner.path)!r}: not a language model's streaming graph (export it with "
                             f"`rnnkit export RUN_DIR --streaming` from a charlm or wordlm run)")
-        if self.graph != "streaming":
-            raise UserError(f"--onnx {str(self.path)!r}: a {self.graph} graph; generation needs the streaming "
-                            f"graph (rnnkit export RUN_DIR --streaming)")
-        if len(prime) == 0:
-            raise UserError("prime: expected at least one symbol to start from")
-        if length < 0:
-            raise UserError(f"--length: expected >= 0, got {length}")
-        prime = [int(t) for t in prime]
-        token_name, logits_name = io["input"], io["output"]
-        state = self.initial_state(1)
-        logits = None
-        for tok in prime:
-            out, state = self.step({token_name: np.array([tok], dtype=np.int64)}, state)
-            logits = out[logits_name]
-        forbid_idx = torch.as_tensor(list(forbid), dtype=torch.int64)
-        result: list[int] = []
-        for _ in range(length):
-            lg = torch.from_numpy(np.array(logits[0]))
-            if forbid_idx.numel():
-                lg = lg.index_fill(0, forbid_idx, float("-inf"))
-            if keep_logits is not None:
-                keep_logits.append(lg)
-            tok = sample_next(lg, temperature, top_k, top_p, generator)
-            result.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            out, state = self.step({token_name: np.array([tok], dtype=np.int64)}, state)
-            logits = out[logits_name]
-        return result
+        self.runner = runner
+        self.token, self.logits = io["input"], io["output"]
+        self._device = torch.zeros(0)
+
+    def step(self, x_t: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        out, state = self.runner.step({self.token: x_t}, state)
+        return torch.from_numpy(out[self.logits]), state
+
+    def __call__(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        logits = []
+        for x_t in x:
+            lg, state = self.step(x_t, state)
+            logits.append(lg)
+        return torch.stack(logits), state
+
+    def parameters(self) -> Iterator[torch.Tensor]:  # where inputs live: the CPU
+        yield self._device
+
+    def train(self, mode: bool = True) -> OnnxLM:
+        return self
+
+    def eval(self) -> OnnxLM:
+        return self
 
 
 def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, temperature: float = 1.0,
@@ -173,6 +175,7 @@ def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, 
     """``rnnkit charlm sample --onnx FILE``: the task's sampler, drawing with the exported streaming graph."""
     from ..data.text import vocab_from_dict
     from ..tasks import charlm
+    from ..tasks.lm import LoadedRun
 
     runner = OnnxRunner(path)
     found = runner.meta("task")
@@ -181,9 +184,9 @@ def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, 
         raise UserError(f"--onnx {str(path)!r}: {what}; `rnnkit {task} sample --onnx` needs a {task} run's "
                         f"streaming graph (rnnkit export RUN_DIR --streaming)")
     vocab = vocab_from_dict(runner.meta("vocab"))
-    run = charlm.LoadedRun(Path(path), None, vocab, None, runner.meta("checkpoint_step", 0))
+    run = LoadedRun(Path(path), None, vocab, runner.language_model(), runner.meta("checkpoint_step", 0))
     return charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             write=write, sampler=runner.generate)
+                             write=write)
 
 
 __all__ = ["OnnxRunner", "session_options", "sample_onnx"]

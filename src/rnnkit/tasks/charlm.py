@@ -235,13 +235,8 @@ def evaluate_text(run: LoadedRun, text_path: str | Path | None, encoding: str = 
 
 
 def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, write: Callable[[str], None] | None = None,
-               sampler: Callable[..., list[int]] | None = None) -> str:
-    """Generate ``length`` characters after ``prime`` and stream each to ``write`` as it is drawn.
-
-    ``sampler(prime_ids, length, **options)`` draws the symbols; default :func:`generate` with the
-    run's model (an exported model's runner brings its own, with the same options and rule).
-    """
+               top_p: float = 1.0, seed: int | None = None, write: Callable[[str], None] | None = None) -> str:
+    """Generate ``length`` characters after ``prime`` and stream each to ``write`` as it is drawn."""
     check_sampling(temperature, top_k, top_p)
     if length < 0:
         raise UserError(f"--length: expected >= 0, got {length}")
@@ -250,11 +245,8 @@ def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 
     if write is not None:
         write(run.vocab.decode(ids))
     on_token = (lambda i: write(run.vocab.itos[i])) if write is not None else None
-    if sampler is None:
-        def sampler(ids: Tensor, n: int, **options: Any) -> list[int]:
-            return generate(run.model, ids, n, **options)
-    out = sampler(ids, length, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
-                  forbid=[run.vocab.unk_index], on_token=on_token)
+    out = generate(run.model, ids, length, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+                   forbid=[run.vocab.unk_index], on_token=on_token)
     return run.vocab.decode(ids) + run.vocab.decode(out)
 
 
