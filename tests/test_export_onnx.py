@@ -9,12 +9,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_charlm_cli import assert_user_error, invoke, train
 from torch import nn
-from typer.testing import CliRunner
 
 import rnnkit
 from rnnkit.cells import REGISTRY
-from rnnkit.cli.main import app
 from rnnkit.errors import UserError
 from rnnkit.export import DEFAULT_OPSET, OnnxRunner, to_onnx
 
@@ -149,31 +148,13 @@ def test_lower_opset_converts_and_runs():
 
 
 # ---- a trained char-LM end to end --------------------------------------------------------------------
-cli = CliRunner()
-TINY = ["--hidden-size", "8", "--layers", "2", "--embedding-size", "4", "--batch-size", "4", "--tbptt", "10",
-        "--sample-length", "20", "--quiet", "--set", "trainer.tensorboard=false"]
-
-
-def invoke(*argv):
-    return cli.invoke(app, [str(a) for a in argv])
-
-
-def assert_user_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """The CLI tests' tiny char-LM with 2 layers and two checkpoints."""
     d = tmp_path_factory.mktemp("charlm")
     text = d / "tiny.txt"
     text.write_text("KING:\nTo be or not to be, that is the question.\n\n" * 40, encoding="utf-8")
-    res = invoke("charlm", "train", "--text", text, "--out", d / "run", *TINY, "--steps", 6, "--eval-every", 3,
-                 "--checkpoint-every", 3)
-    assert res.exit_code == 0, res.output
+    train(text, d / "run", "--layers", 2, "--steps", 6, "--eval-every", 3, "--checkpoint-every", 3)
     return d / "run"
 
 
@@ -292,7 +273,7 @@ TASK_CASES = {  # table case -> (streaming graph too?, the model call the graph 
 }
 
 
-TASK_FAST = {"classify", "anomaly-prediction"}  # each case trains a small model first; the rest run with -m slow
+TASK_FAST = {"anomaly-prediction"}  # each case trains a small model first; the rest run with -m slow
 
 
 @pytest.mark.parametrize("case", [c if c in TASK_FAST else pytest.param(c, marks=pytest.mark.slow)
