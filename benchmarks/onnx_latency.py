@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-repeats", type=int, default=30)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch's intra-op threads (default: torch's own; onnxruntime streams on one)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     I, H, L = args.input, args.hidden, args.layers
     ours = rnnkit.build(args.cell, I, H, num_layers=L).eval()

@@ -314,3 +314,14 @@ def test_every_task_model_exports(case, tmp_path):
         out, state = stream.step({next(iter(stream.inputs)): x_t}, state)
         seq_t = got[runner.outputs[0]][t] if seq_in == "tokens" else got[runner.outputs[0]][:, t]
         torch.testing.assert_close(torch.from_numpy(out[stream.outputs[0]]), torch.from_numpy(seq_t), **TOL)
+    if case == "anomaly-prediction":  # online scoring with the streaming graph, in two chunks
+        from rnnkit.data.series import load_series
+        from rnnkit.export.runner import anomaly_detector
+        from rnnkit.tasks.anomaly import Detector
+
+        values = load_series(tmp_path / "test.csv", "y", time="t").target
+        ours, theirs = Detector.load(run).stream(), anomaly_detector(spath).stream()
+        for part in (values[:100], values[100:]):
+            a, b = ours.update(part), theirs.update(part)
+            np.testing.assert_allclose(b["score"], a["score"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(b["flag"], a["flag"])

@@ -169,6 +169,51 @@ class OnnxLM:
         return self
 
 
+class OnnxPredictor:
+    """An anomaly prediction detector's graph called like its network: ``(x (1, T, C), state) ->
+    (predictions (1, T, C), state)`` with the state in torch.nn layout; a streaming graph runs the T steps
+    one after another, a sequence graph in one call."""
+
+    def __init__(self, runner: OnnxRunner) -> None:
+        self.runner = runner
+        self.x, self.out = next(iter(runner.inputs)), runner.outputs[0]
+
+    def __call__(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        r = self.runner
+        names = [i for i, _ in r.state_pairs]
+        feed_state = r.initial_state(x.shape[0]) if state is None else dict(zip(names, _parts(state)))
+        if r.graph == "streaming":
+            preds = []
+            for t in range(x.shape[1]):
+                out, feed_state = r.step({self.x: x[:, t]}, feed_state)
+                preds.append(torch.from_numpy(out[self.out]))
+            pred = torch.stack(preds, 1)
+        else:
+            out = r.run({self.x: x, **feed_state})
+            feed_state = {i: out[o] for i, o in r.state_pairs}
+            pred = torch.from_numpy(out[self.out])
+        parts = tuple(torch.from_numpy(feed_state[n]) for n in names)
+        return pred, (parts if len(parts) == 2 else parts[0])
+
+
+def _parts(state: Any) -> tuple[Any, ...]:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def anomaly_detector(path: str | os.PathLike) -> Any:
+    """The :class:`rnnkit.tasks.anomaly.Detector` of an exported prediction detector, scoring with
+    onnxruntime; ``.stream()`` scores points as they arrive (with the streaming graph: one step each)."""
+    from ..tasks.anomaly import AnomalyConfig, Detector
+    from ..train import config_from_dict
+
+    runner = OnnxRunner(path)
+    info = runner.meta("model") or {}
+    if runner.meta("task") != "anomaly" or info.get("config", {}).get("model", {}).get("detector") == "reconstruction":
+        raise UserError(f"--onnx {str(path)!r}: not an exported anomaly prediction detector (export the run of "
+                        f"`rnnkit anomaly fit` with model.detector='prediction')")
+    return Detector.from_meta(info, config_from_dict(AnomalyConfig, info["config"]), OnnxPredictor(runner))
+
+
 def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, temperature: float = 1.0,
                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                 write: Callable[[str], None] | None = None) -> str:
@@ -189,4 +234,4 @@ def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, 
                              write=write)
 
 
-__all__ = ["OnnxRunner", "session_options", "sample_onnx"]
+__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "session_options", "sample_onnx", "anomaly_detector"]
