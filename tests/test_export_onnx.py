@@ -131,7 +131,7 @@ def test_streaming_bidirectional_is_an_error():
 def test_opset_too_old_names_the_operator():
     stack = _stack("lstm_ln", bidirectional=False)
     with pytest.raises(UserError, match=r"--opset 16: too old for the ONNX operator LayerNormalization, which "
-                                        r"exists from opset 17 \(used by stack: lstm\(layer_norm=True\)"):
+                                        r"exists from opset 17 \(used by stack layers 0-1: lstm\(layer_norm=True\)"):
         to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H), torch.zeros(2, 2, H)),
                 input_names=["x", "h0", "c0"], output_names=["y", "h", "c"], streaming=True, opset=16)
 
@@ -164,7 +164,7 @@ def test_charlm_onnx_sampler_writes_the_same_text(trained, tmp_path):
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info["graph"] == "streaming" and info["opset"] == DEFAULT_OPSET and info["bytes"] == out.stat().st_size
-    assert info["layers"] == ["lm.rnn: lstm(forget_bias=0.0) -> LSTM operator"]
+    assert info["layers"] == ["lm.rnn layers 0-1: lstm(forget_bias=0.0) -> LSTM operator"]
     for rule in (["--temperature", "0.8"], ["--temperature", "1.2", "--top-k", "5"], ["--top-p", "0.9"]):
         args = ["--prime", "KING:", "--length", "60", "--seed", "7", *rule]
         torch_text = invoke("charlm", "sample", trained, *args)
@@ -194,7 +194,7 @@ def test_sequence_graph_of_a_run_equals_the_model(trained):
 
     res = invoke("export", trained)
     assert res.exit_code == 0, res.output
-    assert "lm.rnn: lstm(forget_bias=0.0) -> LSTM operator" in res.stdout
+    assert "lm.rnn layers 0-1: lstm(forget_bias=0.0) -> LSTM operator" in res.stdout
     runner = OnnxRunner(trained / "model.onnx")
     assert runner.meta("task") == "charlm" and runner.meta("graph") == "sequence"
     model = charlm.load_run(trained).model

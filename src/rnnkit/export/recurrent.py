@@ -32,6 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor
 
+from ..cells import make_cell
 from ..errors import UserError
 from ..layers import Recurrent
 
@@ -53,7 +54,7 @@ _OPERATOR_OPTIONS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class LayerMapping:
-    """How one recurrent stack was exported.
+    """How one recurrent stack was exported (all its layers share the cell, so they share the mapping).
 
     Attributes:
         module: the stack's path in the exported model ("" for the model itself).
@@ -62,6 +63,7 @@ class LayerMapping:
             ("the cell's step(), inline" in a streaming graph).
         reason: why the operator could not be used (empty when it was).
         operators: the ONNX operators its nodes use (with those inside a Scan's body).
+        layers, bidirectional: the stack's shape.
     """
 
     module: str
@@ -69,9 +71,13 @@ class LayerMapping:
     mapping: str
     reason: str = ""
     operators: frozenset[str] = frozenset()
+    layers: int = 1
+    bidirectional: bool = False
 
     def describe(self) -> str:
-        where = self.module or "(model)"
+        """One line, e.g. ``rnn layers 0-1 (bidirectional): lstm(peephole=True) -> LSTM operator``."""
+        where = (self.module or "(model)") + (f" layers 0-{self.layers - 1}" if self.layers > 1 else " layer 0")
+        where += " (bidirectional)" if self.bidirectional else ""
         return f"{where}: {self.cell} -> {self.mapping}" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -95,7 +101,7 @@ def operator_for(layer: Recurrent) -> tuple[str | None, str]:
 
 
 def cell_label(layer: Recurrent) -> str:
-    defaults = type(layer.cell)(1, bias=layer.bias).options()
+    defaults = make_cell(layer.cell.family, 1, bias=layer.bias).options()  # as the layer's repr
     opts = [f"{k}={v!r}" for k, v in layer.cell.options().items() if defaults.get(k) != v]
     for name in ("zoneout", "recurrent_dropout"):
         if getattr(layer, name):
@@ -410,7 +416,7 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
         mapping = f"{op} operator"
     else:
         mapping = "the cell's step(), inline" if streaming else "Scan of the cell's step()"
-    return LayerMapping(path, cell_label(layer), mapping, reason, frozenset(operators(b.nodes)))
+    return LayerMapping(path, cell_label(layer), mapping, reason, frozenset(operators(b.nodes)), L, D == 2)
 
 
 def operators(nodes: Iterable[onnx.NodeProto]) -> Iterator[str]:
