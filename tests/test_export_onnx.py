@@ -314,6 +314,12 @@ def test_every_task_model_exports(case, tmp_path):
         out, state = stream.step({next(iter(stream.inputs)): x_t}, state)
         seq_t = got[runner.outputs[0]][t] if seq_in == "tokens" else got[runner.outputs[0]][:, t]
         torch.testing.assert_close(torch.from_numpy(out[stream.outputs[0]]), torch.from_numpy(seq_t), **TOL)
+    if case == "wordlm":  # the word sampler writes the same text from the graph
+        args = ["--prime", "a b", "--length", 30, "--seed", 5, "--temperature", 1.5]
+        torch_text, onnx_text = invoke("wordlm", "sample", run, *args), invoke("wordlm", "sample", "--onnx", spath,
+                                                                              *args)
+        assert torch_text.exit_code == 0 and onnx_text.exit_code == 0, (torch_text.output, onnx_text.output)
+        assert onnx_text.stdout == torch_text.stdout and len(torch_text.stdout.split()) > 30
     if case == "anomaly-prediction":  # online scoring with the streaming graph, in two chunks
         from rnnkit.data.series import load_series
         from rnnkit.export.runner import anomaly_detector

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,10 @@ def anomaly_detector(path: str | os.PathLike) -> Any:
     return Detector.from_meta(info, config_from_dict(AnomalyConfig, info["config"]), OnnxPredictor(runner))
 
 
-def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, temperature: float = 1.0,
-                top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                write: Callable[[str], None] | None = None) -> str:
-    """``rnnkit charlm sample --onnx FILE``: the task's sampler, drawing with the exported streaming graph."""
+def lm_run(path: str | os.PathLike, task: str) -> Any:
+    """An exported language model as a :class:`rnnkit.tasks.lm.LoadedRun` whose model is its streaming
+    graph, for the task's ``sample_run`` (``rnnkit charlm sample --onnx FILE``)."""
     from ..data.text import vocab_from_dict
-    from ..tasks import charlm
     from ..tasks.lm import LoadedRun
 
     runner = OnnxRunner(path)
@@ -228,10 +226,8 @@ def sample_onnx(path: str | os.PathLike, task: str, prime: str, length: int, *, 
         what = f"a {found} model" if found else "not a model exported from an rnnkit run"
         raise UserError(f"--onnx {str(path)!r}: {what}; `rnnkit {task} sample --onnx` needs a {task} run's "
                         f"streaming graph (rnnkit export RUN_DIR --streaming)")
-    vocab = vocab_from_dict(runner.meta("vocab"))
-    run = LoadedRun(Path(path), None, vocab, runner.language_model(), runner.meta("checkpoint_step", 0))
-    return charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                             write=write)
+    return LoadedRun(Path(path), None, vocab_from_dict(runner.meta("vocab")), runner.language_model(),
+                     runner.meta("checkpoint_step", 0))
 
 
-__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "session_options", "sample_onnx", "anomaly_detector"]
+__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "session_options", "lm_run", "anomaly_detector"]
