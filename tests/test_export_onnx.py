@@ -319,7 +319,7 @@ def test_every_task_model_exports(case, tmp_path):
         torch_text, onnx_text = invoke("wordlm", "sample", run, *args), invoke("wordlm", "sample", "--onnx", spath,
                                                                               *args)
         assert torch_text.exit_code == 0 and onnx_text.exit_code == 0, (torch_text.output, onnx_text.output)
-        assert onnx_text.stdout == torch_text.stdout and len(torch_text.stdout.split()) > 30
+        assert onnx_text.stdout == torch_text.stdout and len(torch_text.stdout.split()) >= 25  # <eos>: newline
     if case == "anomaly-prediction":  # online scoring with the streaming graph, in two chunks
         from rnnkit.data.series import load_series
         from rnnkit.export.runner import anomaly_detector

@@ -328,9 +328,9 @@ def _scan_direction(b: Nodes, layer: Recurrent, in_size: int, dtype: torch.dtype
     """One direction of one layer as a Scan over the cell's step: returns (output (T, B, H), final state)."""
     onnx_t = _ONNX_DTYPE[dtype]
     body = Nodes(b.prefix + "/body")
-    s_in = [f"{b.prefix}/body_s{i}_{id(body)}" for i in range(len(state0))]
-    x_in = f"{b.prefix}/body_x_{id(body)}"
-    m_in = f"{b.prefix}/body_m_{id(body)}" if mask is not None else None
+    s_in = [b.name(f"body_s{i}") for i in range(len(state0))]
+    x_in = b.name("body_x")
+    m_in = b.name("body_m") if mask is not None else None
     new, y = _step_nodes(body, layer, in_size, dtype, w, x_in, s_in, m_in)
     outs = [body.one("Identity", [s]) for s in new] + [y]
     inputs = [helper.make_tensor_value_info(s, onnx_t, ["B", H]) for s in s_in]
