@@ -23,12 +23,21 @@ I, H, L = 3, 5, 2
 ON_OPERATOR = {"rnn", "rnn_relu", "lstm", "lstm_fb0", "lstm_peephole", "lstm_cifg", "lstm_rdrop", "gru",
                "gru_cho", "gru_rdrop"}
 # a few cells of each mapping for the default suite's streaming test; the rest run with -m slow
-STREAM_FAST = {"lstm_cifg", "gru_cho", "rnn_relu", "lstm_peephole_ln", "gru_zoneout"}
+STREAM_FAST = {"lstm_cifg", "gru_cho", "rnn_relu", "lstm_peephole_ln", "gru_zoneout", "slstm"}
+
+
+def _needs_square(name: str) -> bool:
+    """Cells whose equations use the raw input take input size = hidden size (so no bidirectional stack)."""
+    try:
+        rnnkit.build(name, I, H)
+        return False
+    except ValueError:
+        return True
 
 
 def _stack(name: str, bidirectional: bool) -> rnnkit.Recurrent:
     torch.manual_seed(0)
-    layer = rnnkit.build(name, I, H, num_layers=L, bidirectional=bidirectional)
+    layer = rnnkit.build(name, H if _needs_square(name) else I, H, num_layers=L, bidirectional=bidirectional)
     with torch.no_grad():  # move every parameter off its init (layer-norm gains of 1, zero biases)
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -47,7 +56,7 @@ class Both(nn.Module):
         self.stack = stack
 
     def forward(self, x, lengths, *state):
-        s = state if len(state) == 2 else state[0]
+        s = state if len(state) > 1 else state[0]
         y, f = self.stack(x, s)
         y_len, f_len = self.stack(x, s, lengths=lengths)
         return (y, *_flat(f), y_len, *_flat(f_len))
@@ -55,13 +64,14 @@ class Both(nn.Module):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_sequence_graph_equals_pytorch(name):
-    stack = _stack(name, bidirectional=True)
-    S = stack.cell.state_size
+    bidirectional = not _needs_square(name)
+    stack = _stack(name, bidirectional)
+    S, D, In = stack.cell.state_size, stack.num_directions, stack.input_size
     model = Both(stack).eval()
     T, B = 6, 4
-    state_names = ["h0", "c0"][:S]
-    outs = ["y", "h", "c"][:S + 1]
-    example = (torch.randn(T, B, I), torch.tensor([6, 2, 5, 3])) + tuple(torch.randn(2 * L, B, H) for _ in range(S))
+    state_names = [f"{n}0" for n in stack.cell.state_names]
+    outs = ["y", *stack.cell.state_names]
+    example = (torch.randn(T, B, In), torch.tensor([6, 2, 5, 3])) + tuple(torch.randn(D * L, B, H) for _ in range(S))
     res = to_onnx(model, example, input_names=["x", "lengths", *state_names],
                   output_names=outs + [o + "_len" for o in outs],
                   dynamic_axes={"x": {0: "T", 1: "B"}, "lengths": {0: "B"}, **{s: {1: "B"} for s in state_names}})
@@ -73,8 +83,8 @@ def test_sequence_graph_equals_pytorch(name):
     runner = OnnxRunner(res.model.SerializeToString())
     for T2, lens in ((6, [6, 2, 5, 1]), (3, [1, 3, 2]), (1, [1])):  # other sizes than traced: dynamic axes
         B2 = len(lens)
-        x = torch.randn(T2, B2, I)
-        state = tuple(torch.randn(2 * L, B2, H) for _ in range(S))
+        x = torch.randn(T2, B2, In)
+        state = tuple(torch.randn(D * L, B2, H) for _ in range(S))
         lengths = torch.tensor(lens)
         got = runner.run({"x": x, "lengths": lengths, **dict(zip(state_names, state))})
         with torch.no_grad():
@@ -89,7 +99,7 @@ class Steps(nn.Module):
         self.stack = stack
 
     def forward(self, x_t, *state):
-        y, f = self.stack.step(x_t, state if len(state) == 2 else state[0])
+        y, f = self.stack.step(x_t, state if len(state) > 1 else state[0])
         return (y, *_flat(f))
 
 
@@ -97,24 +107,24 @@ class Steps(nn.Module):
                                   for n in sorted(REGISTRY)])
 def test_streaming_graph_equals_step(name):
     stack = _stack(name, bidirectional=False)
-    S = stack.cell.state_size
-    names = ["h0", "c0"][:S]
-    res = to_onnx(Steps(stack), (torch.randn(2, I),) + tuple(torch.randn(L, 2, H) for _ in range(S)),
-                  input_names=["x", *names], output_names=["y", "h", "c"][:S + 1],
+    S, In, outs = stack.cell.state_size, stack.input_size, stack.cell.state_names
+    names = [f"{n}0" for n in outs]
+    res = to_onnx(Steps(stack), (torch.randn(2, In),) + tuple(torch.randn(L, 2, H) for _ in range(S)),
+                  input_names=["x", *names], output_names=["y", *outs],
                   dynamic_axes={"x": {0: "B"}, **{n: {1: "B"} for n in names}}, streaming=True,
-                  metadata={"rnnkit.state": [["h0", "h"], ["c0", "c"]][:S]})
+                  metadata={"rnnkit.state": [[i, o] for i, o in zip(names, outs)]})
     assert not stack.training, "to_onnx must leave each submodule in the mode it found it"
     assert res.mappings[0].mapping in ("LSTM operator", "GRU operator", "RNN operator", "the cell's step(), inline")
     assert not any(n.op_type == "Scan" for n in res.model.graph.node)
     runner = OnnxRunner(res.model.SerializeToString())
-    xs = torch.randn(5, 3, I)
+    xs = torch.randn(5, 3, In)
     state, ort_state = None, runner.initial_state(3)
     for t in range(5):
         with torch.no_grad():
             y, state = stack.step(xs[t], state)
         out, ort_state = runner.step({"x": xs[t]}, ort_state)
         torch.testing.assert_close(torch.from_numpy(out["y"]), y, **TOL)
-        for k, s in zip(("h", "c"), _flat(state)):
+        for k, s in zip(outs, _flat(state)):
             torch.testing.assert_close(torch.from_numpy(out[k]), s, **TOL)
     with torch.no_grad():
         y_seq, _ = stack(xs)

@@ -36,42 +36,26 @@ _LAYERS: dict[int, tuple[Recurrent, str]] = {}  # placeholder id -> (stack, its 
 
 
 # ---- the placeholder -------------------------------------------------------------------------------
-def _fake_outputs(x: Tensor, h0: Tensor, out_size: int) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape[0], x.shape[1], out_size), h0.new_empty(h0.shape)
+# One op for any cell: the states travel stacked, (S, L*D, B, H), so the signature does not depend on S.
+@torch.library.custom_op("rnnkit_export::recurrent", mutates_args=())
+def _recurrent(x: Tensor, states: Tensor, lengths: Tensor | None, layer_id: int, out_size: int
+               ) -> tuple[Tensor, Tensor]:
+    raise RuntimeError("rnnkit_export::recurrent is a placeholder for ONNX export; it never runs")
 
 
-@torch.library.custom_op("rnnkit_export::recurrent_h", mutates_args=())
-def _recurrent_h(x: Tensor, h0: Tensor, lengths: Tensor | None, layer_id: int, out_size: int
-                 ) -> tuple[Tensor, Tensor]:
-    raise RuntimeError("rnnkit_export::recurrent_h is a placeholder for ONNX export; it never runs")
-
-
-@_recurrent_h.register_fake
-def _(x, h0, lengths, layer_id, out_size):
-    return _fake_outputs(x, h0, out_size)
-
-
-@torch.library.custom_op("rnnkit_export::recurrent_hc", mutates_args=())
-def _recurrent_hc(x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None, layer_id: int, out_size: int
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    raise RuntimeError("rnnkit_export::recurrent_hc is a placeholder for ONNX export; it never runs")
-
-
-@_recurrent_hc.register_fake
-def _(x, h0, c0, lengths, layer_id, out_size):
-    y, h = _fake_outputs(x, h0, out_size)
-    return y, h, c0.new_empty(c0.shape)
+@_recurrent.register_fake
+def _(x, states, lengths, layer_id, out_size):
+    return x.new_empty(x.shape[0], x.shape[1], out_size), states.new_empty(states.shape)
 
 
 def _register_schema() -> None:
     if onnx.defs.has("Recurrent", DOMAIN):
         return
     F, S = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema
-    opt = S.FormalParameterOption.Optional
     schema = S("Recurrent", DOMAIN, 1,
-               inputs=[F("X", "T"), F("initial_h", "T"), F("initial_c", "T", param_option=opt),
-                       F("lengths", "I", param_option=opt)],
-               outputs=[F("Y", "T"), F("Y_h", "T"), F("Y_c", "T", param_option=opt)],
+               inputs=[F("X", "T"), F("states", "T"),
+                       F("lengths", "I", param_option=S.FormalParameterOption.Optional)],
+               outputs=[F("Y", "T"), F("final_states", "T")],
                type_constraints=[("T", ["tensor(float)", "tensor(double)"], ""), ("I", ["tensor(int64)"], "")],
                attributes=[S.Attribute("layer_id", S.AttrType.INT, "")])
     onnx.defs.register_schema(schema)
@@ -115,14 +99,10 @@ def _translations() -> dict[Any, Any]:
     _register_schema()
     ops = onnxscript.values.Opset(DOMAIN, 1)
 
-    def h_only(x, h0, lengths, layer_id: int, out_size: int):
-        return ops.Recurrent(x, h0, None, lengths, layer_id=layer_id, _num_outputs=2)
+    def recurrent(x, states, lengths, layer_id: int, out_size: int):
+        return ops.Recurrent(x, states, lengths, layer_id=layer_id, _num_outputs=2)
 
-    def h_and_c(x, h0, c0, lengths, layer_id: int, out_size: int):
-        return ops.Recurrent(x, h0, c0, lengths, layer_id=layer_id, _num_outputs=3)
-
-    return {torch.ops.rnnkit_export.recurrent_h.default: h_only,
-            torch.ops.rnnkit_export.recurrent_hc.default: h_and_c}
+    return {torch.ops.rnnkit_export.recurrent.default: recurrent}
 
 
 def _placeholder_forward(self: Recurrent, input: Tensor | PackedSequence, state: Any = None,
@@ -138,30 +118,20 @@ def _placeholder_forward(self: Recurrent, input: Tensor | PackedSequence, state:
     elif self.batch_first:
         x = x.transpose(0, 1)
     B = x.shape[1]
-    LD, H = self.num_layers * self.num_directions, self.hidden_size
-    lstm = self.cell.state_size == 2
+    LD, H, S = self.num_layers * self.num_directions, self.hidden_size, self.cell.state_size
     if state is None:
-        h0 = x.new_zeros(LD, B, H)
-        c0 = x.new_zeros(LD, B, H) if lstm else None
+        states = x.new_zeros(S, LD, B, H)
     else:
-        h0, c0 = (state[0], state[1]) if lstm else (state, None)
-        if unbatched:
-            h0 = h0.unsqueeze(1)
-            c0 = c0.unsqueeze(1) if c0 is not None else None
+        parts = tuple(state) if S > 1 else (state,)
+        states = torch.stack([p.unsqueeze(1) if unbatched else p for p in parts])  # (S, L*D, B, H)
     lens = None if lengths is None else torch.as_tensor(lengths).to(torch.int64)
-    D = self.num_directions
-    if lstm:
-        y, h, c = torch.ops.rnnkit_export.recurrent_hc(x, h0, c0, lens, self._export_id, D * H)
-        final: Any = (h, c)
-    else:
-        y, h = torch.ops.rnnkit_export.recurrent_h(x, h0, lens, self._export_id, D * H)
-        final = h
+    y, finals = torch.ops.rnnkit_export.recurrent(x, states, lens, self._export_id, self.num_directions * H)
+    final = tuple(f.squeeze(1) if unbatched else f for f in finals.unbind(0))
     if unbatched:
         y = y.squeeze(1)
-        final = (final[0].squeeze(1), final[1].squeeze(1)) if lstm else final.squeeze(1)
     elif self.batch_first:
         y = y.transpose(0, 1)
-    return y, final
+    return y, (final if S > 1 else final[0])
 
 
 @contextlib.contextmanager
@@ -288,7 +258,6 @@ def _splice(model: onnx.ModelProto, stacks: dict[int, tuple[Recurrent, str]], st
     initializers: list[onnx.TensorProto] = []
     mappings: list[LayerMapping] = []
     calls: dict[str, int] = {}
-    dropped: set[str] = set()  # unused optional outputs of placeholders
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -297,22 +266,15 @@ def _splice(model: onnx.ModelProto, stacks: dict[int, tuple[Recurrent, str]], st
         layer, path = stacks[layer_id]
         calls[path] = calls.get(path, 0) + 1
         b = Nodes(f"{path or 'rnn'}#{calls[path]}")
-        ins = list(node.input) + [""] * (4 - len(node.input))
-        x, h0 = ins[0], ins[1]
-        c0 = ins[2] or None
-        lengths = ins[3] or None
-        outs = list(node.output[:1 + layer.cell.state_size])
-        dropped.update(node.output[1 + layer.cell.state_size:])
-        mapping = stack_nodes(b, weights, layer, path, x, h0, c0, lengths, outs, streaming)
+        ins = list(node.input) + [""] * (3 - len(node.input))
+        mapping = stack_nodes(b, weights, layer, path, ins[0], ins[1], ins[2] or None, list(node.output),
+                              streaming)
         if calls[path] == 1:
             mappings.append(mapping)
         nodes.extend(b.nodes)
         initializers.extend(b.initializers)
     del graph.node[:]
     graph.node.extend(nodes)
-    infos = [v for v in graph.value_info if v.name not in dropped]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
     graph.initializer.extend(initializers)
     graph.initializer.extend(weights.initializers.values())
     keep = [o for o in model.opset_import if o.domain != DOMAIN]

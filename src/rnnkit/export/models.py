@@ -43,7 +43,8 @@ class ModelSpec:
 
 
 def _state_names(stack: Recurrent) -> list[tuple[str, str]]:
-    return [("h0", "h"), ("c0", "c")][:stack.cell.state_size]
+    """(input, output) names of the cell's states: ``h0`` -> ``h``, ``c0`` -> ``c``, ... (the cell's names)."""
+    return [(f"{n}0", n) for n in stack.cell.state_names]
 
 
 def _state_args(stack: Recurrent, B: int) -> tuple[Tensor, ...]:
@@ -57,7 +58,7 @@ def _pack(state: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 def _unpack(state: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
-    return state if len(state) == 2 else state[0]
+    return state if len(state) > 1 else state[0]
 
 
 # ---- language models (charlm, wordlm) ----------------------------------------------------------------

@@ -46,7 +46,8 @@ _ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUB
 # sends the layer to the Scan of its cell's step().
 _OPERATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "lstm": {"peephole": (False, True), "coupled": (False, True), "forget_bias": None,
-             "drop_gates": ((),), "output_activation": (True,), "layer_norm": (False,)},
+             "drop_gates": ((),), "output_activation": (True,), "gate_activation": ("sigmoid",),
+             "candidate_activation": ("tanh",), "layer_norm": (False,)},
     "gru": {"reset_after": (False, True), "layer_norm": (False,)},
     "rnn": {"nonlinearity": ("tanh", "relu"), "layer_norm": (False,)},
 }
@@ -247,8 +248,10 @@ def step_graph(layer: Recurrent, in_size: int, dtype: torch.dtype) -> onnx.Graph
     w0 = layer.layer_weights(0)
     names = tuple(sorted(n for n, v in w0.items() if v is not None))
     cell = layer.cell
-    key = (type(cell).__module__, type(cell).__qualname__, repr(sorted(cell.options().items())),
-           cell.hidden_size, cell.bias, in_size, dtype, names)
+    # the cell's identity: its class and, for declared cells, the declaration itself (two declared cells
+    # share a class and may share options)
+    key = (type(cell).__module__, type(cell).__qualname__, cell.family, repr(getattr(cell, "declaration", None)),
+           repr(sorted(cell.options().items())), cell.hidden_size, cell.bias, in_size, dtype, names)
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
     H, S = layer.hidden_size, cell.state_size
@@ -350,17 +353,22 @@ def _scan_direction(b: Nodes, layer: Recurrent, in_size: int, dtype: torch.dtype
 
 
 # ---- a whole stack -----------------------------------------------------------------------------------
-def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str, h0: str, c0: str | None,
+def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str, states: str,
                 lengths: str | None, outputs: list[str], streaming: bool) -> LayerMapping:
-    """Nodes computing ``layer(x, (h0, c0), lengths)`` (time-major x) into ``outputs`` (y, h_n[, c_n]).
+    """Nodes computing ``layer(x, states, lengths)`` into ``outputs`` (y, final states).
 
-    ``lengths`` is an int64 (B,) name or None. With ``streaming`` the call is one step (T = 1).
+    ``x`` is time-major (T, B, I); ``states`` stacks the cell's initial states, (S, L*D, B, H), and so
+    does the second output; ``lengths`` is an int64 (B,) name or None. With ``streaming`` the call is
+    one step (T = 1).
     """
     dtype = layer.layer_weights(0)["weight_ih"].dtype
     if dtype not in _ONNX_DTYPE:
         raise UserError(f"{path or 'model'}: parameters of dtype {dtype}; ONNX export takes float32 or float64 "
                         f"(convert the model with .float())")
-    D, L, H = layer.num_directions, layer.num_layers, layer.hidden_size
+    D, L, H, S = layer.num_directions, layer.num_layers, layer.hidden_size, layer.cell.state_size
+    state0 = [b.one("Gather", [states, b.const(np.array(i, dtype=np.int64), "index")], axis=0)
+              for i in range(S)]  # each (L*D, B, H)
+    h0, c0 = state0[0], (state0[1] if S > 1 else None)
     op, reason = operator_for(layer)
     lens32 = mask = None
     if lengths is not None:
@@ -372,7 +380,7 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
             t = b.one("Range", [b.const(np.array(0, dtype=np.int64)), T, b.const(np.array(1, dtype=np.int64))])
             active = b.one("Less", [b.one("Unsqueeze", [t, b.ints(1)]), b.one("Unsqueeze", [lengths, b.ints(0)])])
             mask = b.one("Unsqueeze", [b.one("Cast", [active], to=_ONNX_DTYPE[dtype]), b.ints(2)])  # (T, B, 1)
-    finals: list[list[str]] = [[], []]
+    finals: list[list[str]] = [[] for _ in range(S)]
     layer_in = x
     for k in range(L):
         in_size = layer.input_size if k == 0 else D * H
@@ -390,7 +398,7 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
             wd = {n: (None if v is None else weights.add(_param_name(layer, path, k, d, n), _np(v)))
                   for n, v in layer.layer_weights(k, d).items()}
             idx = b.const(np.array(k * D + d, dtype=np.int64), "index")
-            s0 = [b.one("Gather", [s, idx], axis=0) for s in ([h0] if c0 is None else [h0, c0])]  # (B, H)
+            s0 = [b.one("Gather", [s, idx], axis=0) for s in state0]  # (B, H)
             if streaming:
                 xs = b.one("Squeeze", [layer_in, b.ints(0)])
                 new, y = _step_nodes(b, layer, in_size, dtype, wd, xs, s0, None)
@@ -408,10 +416,8 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
                 finals[i].append(b.one("Unsqueeze", [s, b.ints(0)]))
         layer_in = outs[0] if D == 1 else b.one("Concat", outs, axis=-1)
     b.add("Identity", [layer_in], outputs=[outputs[0]])
-    for i, out in enumerate(outputs[1:]):
-        parts = finals[i]
-        b.add("Concat" if len(parts) > 1 else "Identity", parts, outputs=[out], **({"axis": 0} if len(parts) > 1
-                                                                                     else {}))
+    per_state = [b.one("Unsqueeze", [b.one("Concat", parts, axis=0), b.ints(0)]) for parts in finals]
+    b.add("Concat", per_state, outputs=[outputs[1]], axis=0)
     if op is not None:
         mapping = f"{op} operator"
     else:

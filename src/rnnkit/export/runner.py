@@ -193,7 +193,7 @@ class OnnxPredictor:
             feed_state = {i: out[o] for i, o in r.state_pairs}
             pred = torch.from_numpy(out[self.out])
         parts = tuple(torch.from_numpy(feed_state[n]) for n in names)
-        return pred, (parts if len(parts) == 2 else parts[0])
+        return pred, (parts if len(parts) > 1 else parts[0])
 
 
 def _parts(state: Any) -> tuple[Any, ...]:
