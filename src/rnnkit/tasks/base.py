@@ -22,6 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -33,6 +38,7 @@ from ..train.checkpoint import (
 )
 
 C = TypeVar("C")
+V = TypeVar("V")
 MODEL_FILE, META_FILE = "model.safetensors", "model.json"
 
 
@@ -115,6 +121,29 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
         raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
                         f"its config.toml ({str(e).splitlines()[0]})") from None
     return found.step
+
+
+def read_run(run_dir: str | Path, config_cls: type[C], read_vocab: Callable[[Any, Path], V],
+             vocab_file: str = "vocab.json") -> tuple[Path, V, C]:
+    """(run directory, its vocabulary, its ``config.toml`` as ``config_cls``) of a checkpointed training run.
+
+    ``read_vocab(parsed JSON of vocab_file, run_dir)`` builds the vocabulary (and raises a
+    :class:`UserError` for another task's run) before the config is read. A missing directory or file is a
+    one-line error.
+    """
+    from ..train import config_from_dict
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
+    cfg_path, vocab_path = run_dir / "config.toml", run_dir / vocab_file
+    for p in (cfg_path, vocab_path):
+        if not p.is_file():
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
+                            f"directory of a finished or checkpointed training")
+    vocab = read_vocab(json.loads(vocab_path.read_text(encoding="utf-8")), run_dir)
+    with cfg_path.open("rb") as f:
+        return run_dir, vocab, config_from_dict(config_cls, tomllib.load(f))
 
 
 def restore_best(trainer: Any, model: nn.Module) -> int | None:
@@ -246,6 +275,6 @@ def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = floa
 
 
 __all__ = ["open_run_dir", "with_budget", "reporter", "atomic_json", "check_saved_vocab", "as_user_error",
-           "load_checkpoint_into", "restore_best", "fit", "save_model", "load_meta", "load_weights",
+           "load_checkpoint_into", "read_run", "restore_best", "fit", "save_model", "load_meta", "load_weights",
            "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats", "MODEL_FILE",
            "META_FILE"]

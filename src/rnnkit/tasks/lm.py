@@ -17,16 +17,10 @@ one step per new symbol.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +28,7 @@ from torch import Tensor, nn
 
 from ..data.text import CharVocab, vocab_from_dict
 from ..errors import UserError
-from .base import as_user_error, atomic_json, load_checkpoint_into
+from .base import as_user_error, atomic_json, load_checkpoint_into, read_run
 from .options import RecurrentOptions
 
 State = Tensor | tuple[Tensor, Tensor] | None
@@ -243,22 +237,14 @@ def load_run(run_dir: str | Path, config_cls: type, checkpoint: str = "latest", 
     ``config_cls``: the task's config dataclass; its ``VOCAB_KIND`` ("char" or "word") must match the
     run's vocabulary. ``checkpoint``: "latest" (newest good one), "best" (the best evaluation) or a step number.
     """
-    from ..train import config_from_dict
+    def read_vocab(d: Any, run_dir: Path) -> Any:
+        vocab = vocab_from_dict(d)
+        kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
+        if kind != wanted:
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
+        return vocab
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
-    cfg_path, vocab_path = run_dir / "config.toml", run_dir / VOCAB_FILE
-    for p in (cfg_path, vocab_path):
-        if not p.is_file():
-            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
-                            f"directory of a finished or checkpointed training")
-    vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-    kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
-    if kind != wanted:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
-    with cfg_path.open("rb") as f:
-        cfg = config_from_dict(config_cls, tomllib.load(f))
+    run_dir, vocab, cfg = read_run(run_dir, config_cls, read_vocab, VOCAB_FILE)
     model = build_model(len(vocab), cfg.model)
     step = load_checkpoint_into(model, run_dir, checkpoint)
     model.to(device).eval()
