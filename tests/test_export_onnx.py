@@ -276,6 +276,7 @@ def _task_inputs(task, runner, streaming):
 TASK_CASES = {  # table case -> (streaming graph too?, the model call the graph must equal)
     "wordlm": (True, lambda m, f: (m(f["tokens"], (f["h0"], f["c0"]))[0],)),
     "classify": (False, lambda m, f: (m(f["x"], f["lengths"]),)),
+    "label": (False, lambda m, f: (m(f["x"], f["lengths"]),)),
     "embed": (False, lambda m, f: (m.embed(f["x"], f["lengths"]),)),
     "forecast": (False, lambda ms, f: (torch.stack([m(f["x"], f["xf"]) for m in ms]),)),
     "anomaly-prediction": (True, lambda m, f: (m(f["x"], (f["h0"], f["c0"]))[0],)),

@@ -133,6 +133,15 @@ def classify_spec(net: nn.Module, channels: int, streaming: bool) -> ModelSpec:
                      ["logits"], {"x": {0: "B", 1: "T"}, "lengths": {0: "B"}})
 
 
+def label_spec(net: nn.Module, features: int, streaming: bool) -> ModelSpec:
+    """CTC labeller: x (B, T, F) padded, lengths (B,) -> per-step log-probabilities (B, T, K+1), blank
+    included (decoding, greedy or beam, stays in the task's code)."""
+    if streaming:
+        raise _no_stream("label", "is decoded over each whole sequence")
+    return ModelSpec(_Call(net, "forward"), (torch.zeros(2, 3, features), torch.tensor([3, 2])), ["x", "lengths"],
+                     ["log_probs"], {"x": {0: "B", 1: "T"}, "lengths": {0: "B"}})
+
+
 def embed_spec(net: nn.Module, channels: int, streaming: bool) -> ModelSpec:
     """Embedder: x (B, T, C) padded, lengths (B,) -> embedding (B, H)."""
     if streaming:
@@ -208,8 +217,14 @@ def _sample_run(run_dir: Path, task: str) -> tuple[nn.Module, Any]:
 
         f = ForecastModel.load(run_dir)
         return f.nets[0], lambda streaming: forecast_spec(f.nets, f.cfg.data.lookback, streaming)
+    if task == "label":
+        from ..tasks.label import Labeller
+
+        lab = Labeller.load(run_dir)
+        features = lab.meta["features"] * lab.cfg.data.stack
+        return lab.net, lambda streaming: label_spec(lab.net, features, streaming)
     raise UserError(f"RUN_DIR {str(run_dir)!r}: a {task!r} run; ONNX export covers charlm, wordlm, classify, "
-                    f"embed, anomaly and forecast runs")
+                    f"embed, anomaly, forecast and label runs (seq2seq: call rnnkit.export.to_onnx on its model)")
 
 
 def load_run_spec(run_dir: str | Path, checkpoint: str = "latest") -> tuple[Callable[[bool], ModelSpec],
@@ -252,5 +267,5 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, streaming:
     return result, path, seconds
 
 
-__all__ = ["ModelSpec", "lm_spec", "classify_spec", "embed_spec", "anomaly_spec", "forecast_spec",
+__all__ = ["ModelSpec", "lm_spec", "classify_spec", "label_spec", "embed_spec", "anomaly_spec", "forecast_spec",
            "load_run_spec", "export_run"]
