@@ -4,7 +4,7 @@
     rnnkit export runs/shakespeare --streaming              # runs/shakespeare/model.streaming.onnx
     rnnkit charlm sample --onnx runs/shakespeare/model.streaming.onnx --seed 1
 
-Any task's run directory (charlm, wordlm, classify, embed, anomaly, forecast). Prints the file, its
+The run directory of charlm, wordlm, classify, embed, anomaly, forecast or label. Prints the file, its
 size, the opset and the mapping chosen for each recurrent layer (an ONNX LSTM/GRU/RNN operator, or a
 Scan of the cell's own step).
 """
