@@ -110,6 +110,9 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
     except UserError as e:
         raise UserError(f"--{e}") from None  # find_checkpoint names its argument "checkpoint"
     if found is None:
+        if list_checkpoints(run_dir / "checkpoints"):
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: every checkpoint fails its checks (truncated or corrupted; "
+                            f"see the warnings above); the run has no usable model")
         raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first, or wait for its first "
                         f"checkpoint)")
     try:
