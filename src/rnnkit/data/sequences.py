@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .series import SeriesError, _convert_column, fill_missing, read_table
+from .series import SeriesError, _convert_column, fill_missing, load_numpy, read_table, read_text_file
 
 
 @dataclass
@@ -121,12 +121,15 @@ def _read_ts(path: Path) -> SequenceSet:
         from aeon.datasets import load_from_ts_file
     except ImportError as e:
         raise SeriesError(f"{path}: reading .ts files needs aeon (pip install 'rnnkit[datasets]')") from e
-    X, y = load_from_ts_file(str(path))
+    try:
+        X, y = load_from_ts_file(str(path))
+    except Exception as e:  # aeon's parser raises many types (IOError, ValueError, IndexError, ...) on bad files
+        raise SeriesError(f"{path}: not a readable .ts file ({type(e).__name__}: {str(e)[:160]})") from None
     return SequenceSet(_from_3d(X), None if y is None or len(y) == 0 else np.asarray(y))
 
 
 def _read_ucr_tsv(path: Path) -> SequenceSet:
-    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if line.strip()]
+    rows = [line.rstrip("\n").split("\t") for line in read_text_file(path).splitlines() if line.strip()]
     labels, seqs = [], []
     for n, r in enumerate(rows, start=1):
         vals = _convert_column(r[1:])
@@ -172,15 +175,13 @@ def read_sequences(source: Any, *, label: str | None = None, id_col: str | None 
         return SequenceSet([fill_missing(x, fill, name) for x in s.sequences], s.labels)
     if suffix in (".npz", ".npy"):
         if suffix == ".npy":
-            X, y, lengths = np.load(path, allow_pickle=False), None, None
+            X, y, lengths = load_numpy(path, name), None, None
         else:
-            with np.load(path, allow_pickle=False) as z:
-                if "X" not in z.files:
-                    raise SeriesError(f"{name}: {path} has arrays {z.files}; expected 'X' (and optionally "
-                                      "'y', 'lengths')")
-                X = z["X"]
-                y = z["y"] if "y" in z.files else None
-                lengths = z["lengths"] if "lengths" in z.files else None
+            z = load_numpy(path, name)
+            if "X" not in z:
+                raise SeriesError(f"{name}: {path} has arrays {list(z)}; expected 'X' (and optionally "
+                                  "'y', 'lengths')")
+            X, y, lengths = z["X"], z.get("y"), z.get("lengths")
         seqs = read_sequences(X.astype(np.float64), fill=fill, name=name).sequences
         if lengths is not None:
             seqs = [s[: int(n)] for s, n in zip(seqs, lengths)]

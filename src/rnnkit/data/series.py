@@ -10,6 +10,7 @@ Shapes: ``T`` time steps, ``C`` channels, ``L`` lookback, ``H`` horizon, ``N`` w
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +48,41 @@ def _convert_column(raw: Sequence[str]) -> np.ndarray:
     return out
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark dropped); undecodable bytes are a SeriesError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SeriesError(f"{path}: not valid UTF-8 at byte offset {e.start} (bytes {data[e.start:e.end].hex(' ')}: "
+                          f"{e.reason}); save the file as UTF-8") from None
+
+
+def load_numpy(path: Path, name: str) -> Any:
+    """``np.load`` without pickles; a damaged or foreign file is a SeriesError. An ``.npz`` is read whole."""
+    import tokenize
+    import zipfile
+    import zlib
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: loaded[k] for k in loaded.files}
+        return loaded
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile, zlib.error,
+            KeyError) as e:  # (a damaged .npy header fails numpy's literal parsing)
+        raise SeriesError(f"{name}: {str(path)!r} is not a readable NumPy file ({type(e).__name__}: "
+                          f"{str(e)[:120]})") from None
+
+
 def _read_csv(path: Path) -> Table:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+    text = read_text_file(path)
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if r]
+    except csv.Error as e:
+        raise SeriesError(f"{path}: not a valid CSV file ({e})") from None
     if not rows:
         raise SeriesError(f"{path}: the file is empty; expected a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
@@ -117,13 +149,14 @@ def read_table(source: Any, name: str = "input") -> Table:
             except ImportError as e:  # pragma: no cover
                 raise SeriesError(f"{name}: reading Parquet needs pyarrow or fastparquet: {e}") from e
         if suffix == ".npy":
-            return _from_array(np.load(path, allow_pickle=False), name)
+            return _from_array(load_numpy(path, name), name)
         if suffix == ".npz":
             table: Table = {}
-            with np.load(path, allow_pickle=False) as z:
-                for k in z.files:  # a 1-D array is one column; a 2-D one gives columns k_0, k_1, ...
-                    cols = _from_array(z[k], f"{name} [{k}]")
-                    table.update({k if c == "value" else f"{k}_{c[1:]}": v for c, v in cols.items()})
+            for k, a in load_numpy(path, name).items():  # a 1-D array is one column; a 2-D one k_0, k_1, ...
+                cols = _from_array(a, f"{name} [{k}]")
+                table.update({k if c == "value" else f"{k}_{c[1:]}": v for c, v in cols.items()})
+            if not table:
+                raise SeriesError(f"{name}: {str(path)!r} holds no arrays")
             return table
         raise SeriesError(f"{name}: unsupported file type {suffix!r} for {str(path)!r}; expected .csv, .tsv, "
                           ".parquet, .npy or .npz")

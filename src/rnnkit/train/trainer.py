@@ -652,8 +652,8 @@ class Trainer:
             if self.state.nonfinite_in_a_row >= c.max_nonfinite:
                 raise TrainingError(
                     f"training stopped at step {self.state.step + 1}: {self.state.nonfinite_in_a_row} non-finite "
-                    f"steps in a row (loss {loss}, gradient norm {gnorm}; limit trainer.max_nonfinite={c.max_nonfinite}); "
-                    f"try a lower learning rate or gradient clipping")
+                    f"steps in a row (loss {loss}, gradient norm {gnorm}; limit "
+                    f"trainer.max_nonfinite={c.max_nonfinite}); try a lower learning rate or gradient clipping")
         else:
             self.state.nonfinite_in_a_row = 0
             if c.clip_value is not None:
