@@ -368,6 +368,7 @@ class Trainer:
         self.state = TrainState()
         self.carry: Any = None  # recurrent state at the next window start (stream data)
         self.last_checkpoint_step: int | None = None
+        self._opened, self._resume_from, self._lock = False, None, None  # see open_run_dir
         self.stop_reason: str | None = None
         self._stop_requested: str | None = None
         self._log_acc = [0.0, 0.0, 0, 0.0]  # loss sum, loss count, units, seconds since last log
@@ -433,12 +434,22 @@ class Trainer:
             totals.append(c.epochs * self.steps_per_epoch)
         return min(totals) if totals else None
 
-    def _setup_run_dir(self) -> ckpt.Checkpoint | None:
-        """Take the run directory: lock it, check a resume, then write ``config.toml``.
+    def open_run_dir(self) -> None:
+        """Take the run directory: lock it, check a resume against its checkpoint, write ``config.toml``.
 
-        Nothing in the directory changes before the resume checks out. Returns the checkpoint to resume
-        from (None: start fresh).
+        Nothing in the directory changes before the resume checks out. :meth:`fit` does this first; a task
+        that writes files of its own into the run directory calls it before writing them. The lock is
+        held until :meth:`fit` ends.
+
+        Raises:
+            UserError: the directory is another process's, has checkpoints but no resume was asked for,
+                or the checkpoint does not fit this run (the message names the settings that differ).
         """
+        if not self._opened:
+            self._resume_from = self._setup_run_dir()
+            self._opened = True
+
+    def _setup_run_dir(self) -> ckpt.Checkpoint | None:
         if self.run_dir is None:
             return None
         if self.run_dir.exists() and not self.run_dir.is_dir():
@@ -457,7 +468,8 @@ class Trainer:
         return found
 
     def _release_run_dir(self) -> None:
-        lock, self._lock = getattr(self, "_lock", None), None
+        lock, self._lock = self._lock, None
+        self._opened, self._resume_from = False, None
         if lock is not None:
             lock.__exit__(None, None, None)
 
@@ -490,9 +502,9 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         try:
-            found = self._setup_run_dir()
-            if found is not None:
-                self.load_checkpoint(found)
+            self.open_run_dir()
+            if self._resume_from is not None:
+                self.load_checkpoint(self._resume_from)
             return self._loop()
         finally:
             self._release_run_dir()
