@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnkit.data.text import CharVocab, load_corpus, split_text
-from rnnkit.tasks.charlm import stream_loss
+from rnnkit.tasks.lm import stream_loss
 
 
 class CharLSTM(nn.Module):

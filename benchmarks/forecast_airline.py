@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from rnnkit.data.series import load_series
+from rnnkit.metrics import forecast_metrics
 from rnnkit.tasks import forecast as F
-from rnnkit.tasks.timeseries_common import forecast_metrics
 from rnnkit.train.config import load_config
 
 DEFAULTS = {"data.horizon": 36, "data.season": 12, "data.lookback": 24, "data.log": True, "data.difference": [12],

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
 from rnnkit.data.series import SeriesError
+from rnnkit.metrics import point_adjusted_prf, pointwise_prf, segments, ucr_hit
 from rnnkit.tasks import anomaly as A
-from rnnkit.tasks.timeseries_common import point_adjusted_prf, pointwise_prf, segments, ucr_hit
 from rnnkit.train import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier

@@ -8,16 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnkit.tasks.charlm import (
-    LMConfig,
-    LMTask,
-    RecurrentLM,
-    filter_logits,
-    generate,
-    lm_metrics,
-    sample_next,
-    stream_loss,
-)
+from rnnkit.metrics import lm_metrics
+from rnnkit.tasks.decoding import filter_logits, generate, sample_next
+from rnnkit.tasks.lm import LMConfig, LMTask, RecurrentLM, stream_loss
 
 V = 11
 

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
 from rnnkit.data.sequences import SequenceSet
+from rnnkit.metrics import classification_metrics, confusion_matrix
 from rnnkit.tasks import classify as C
-from rnnkit.tasks.timeseries_common import classification_metrics, confusion_matrix
 from rnnkit.train import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from rnnkit.cli.main import app
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import embed as E
+from rnnkit.tasks.encoders import reverse_within
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier
 
@@ -48,7 +49,7 @@ def test_pca_projection_keeps_the_main_direction():
 def test_reverse_within_and_masked_loss_ignore_padding():
     x = torch.arange(1.0, 7.0).view(1, 6, 1).repeat(2, 1, 1)
     lengths = torch.tensor([6, 3])
-    r = E.reverse_within(x, lengths)
+    r = reverse_within(x, lengths)
     assert r[0, :, 0].tolist() == [6, 5, 4, 3, 2, 1] and r[1, :3, 0].tolist() == [3, 2, 1]
     torch.manual_seed(0)
     net = E.SequenceAutoencoder(1, E.EmbedModelConfig(hidden=5))

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from rnnkit.cli.main import app
 from rnnkit.data.series import Series, SeriesError, load_series
+from rnnkit.metrics import mape, mase, rmse, smape
 from rnnkit.tasks import forecast as F
-from rnnkit.tasks.timeseries_common import mape, mase, rmse, smape
 from rnnkit.train import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: 1 thread is faster and steadier

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import RunOptions, run_command
+from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "charlm"
 app = typer.Typer(help="Character-level language models: train on text, evaluate bits/char, generate text.",
@@ -64,12 +65,11 @@ def train(
     dropout: Annotated[float | None, typer.Option(help="Dropout on non-recurrent connections (0).")] = None,
     tie_weights: Annotated[bool | None, typer.Option("--tie-weights/--no-tie-weights",
                                                      help="Share embedding and decoder weights.")] = None,
-    forget_bias: Annotated[float | None, typer.Option(help="LSTM forget-gate bias at init.")] = None,
-    layer_norm: Annotated[bool | None, typer.Option("--layer-norm/--no-layer-norm", help="Layer-normalised cell.")
-                          ] = None,
-    zoneout: Annotated[float | None, typer.Option(help="Zoneout probability.")] = None,
-    recurrent_dropout: Annotated[float | None, typer.Option(help="Variational dropout on h.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Kernel: auto, native, bptt, ... (auto).")] = None,
+    forget_bias: ForgetBias = None,
+    layer_norm: LayerNorm = None,
+    zoneout: Zoneout = None,
+    recurrent_dropout: RecDrop = None,
+    backend: Backend = None,
     batch_size: Annotated[int | None, typer.Option(help="Parallel streams per step (32).")] = None,
     tbptt: Annotated[int | None, typer.Option(help="Characters per truncated-BPTT chunk (100).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (2e-3).")] = None,
@@ -90,8 +90,8 @@ def train(
         "data.val_fraction": val_fraction, "data.encoding": encoding,
         "model.cell": cell, "model.hidden_size": hidden_size, "model.num_layers": layers,
         "model.embedding_size": embedding_size, "model.dropout": dropout, "model.tie_weights": tie_weights,
-        "model.forget_bias": forget_bias, "model.layer_norm": layer_norm, "model.zoneout": zoneout,
-        "model.recurrent_dropout": recurrent_dropout, "model.backend": backend,
+        **variant_flags(forget_bias=forget_bias, layer_norm=layer_norm, zoneout=zoneout,
+                        recurrent_dropout=recurrent_dropout, backend=backend),
         "trainer.batch_size": batch_size, "trainer.tbptt": tbptt, "trainer.optim.lr": lr,
         "trainer.optim.name": optimizer, "trainer.clip_norm": clip, "trainer.eval_every": eval_every,
         "sample.length": sample_length, "sample.temperature": temperature,

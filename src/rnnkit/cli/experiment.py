@@ -19,6 +19,20 @@ import tomllib
 import typer
 
 from .common import RunOptions, emit, run_command, user_errors
+from .model_flags import (
+    Backend,
+    Coupled,
+    DropGate,
+    ForgetBias,
+    LayerNorm,
+    Nonlin,
+    OutAct,
+    Peephole,
+    RecDrop,
+    ResetAfter,
+    Zoneout,
+    variant_flags,
+)
 
 NAME = "experiment"
 app = typer.Typer(help="Long-term-dependency experiments: adding, copy, temporal order, agreement; gradient flow; "
@@ -35,22 +49,6 @@ StopAt = Annotated[float | None, typer.Option(
 EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Evaluate every N steps (default 200).")]
 TestSamples = Annotated[int | None, typer.Option("--test-samples", help="Fresh test sequences (default 1000).")]
 NoAnalysis = Annotated[bool, typer.Option("--no-analysis", help="Skip gradient flow and gate statistics.")]
-Backend = Annotated[str | None, typer.Option("--backend", help="Kernel: auto, native, bptt, reference.")]
-Peephole = Annotated[bool | None, typer.Option("--peephole/--no-peephole", help="LSTM peepholes.")]
-Coupled = Annotated[bool | None, typer.Option("--coupled/--no-coupled", help="LSTM CIFG (f = 1 - i).")]
-DropGate = Annotated[list[str] | None, typer.Option(
-    "--drop-gate", help="LSTM gate fixed at 1: input, forget or output (repeatable).")]
-OutAct = Annotated[bool | None, typer.Option(
-    "--output-activation/--no-output-activation", help="LSTM tanh on the cell output.")]
-ForgetBias = Annotated[float | None, typer.Option("--forget-bias", help="LSTM forget-gate bias at init.")]
-LayerNorm = Annotated[bool | None, typer.Option("--layer-norm/--no-layer-norm", help="Layer normalisation.")]
-Nonlin = Annotated[str | None, typer.Option("--nonlinearity", help="Elman RNN: tanh or relu.")]
-ResetAfter = Annotated[bool | None, typer.Option(
-    "--reset-after/--reset-before", help="GRU: reset after the matmul (torch) or before (Cho et al.).")]
-Zoneout = Annotated[float | None, typer.Option("--zoneout", help="Zoneout probability.")]
-RecDrop = Annotated[float | None, typer.Option("--recurrent-dropout", help="Variational recurrent dropout.")]
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -112,12 +110,11 @@ def _task_command(task: str, doc: str):
         flags = {"model.cell": cell, "data.length": length, "model.hidden_size": hidden,
                  "model.num_layers": layers, "trainer.batch_size": batch, "trainer.optim.lr": lr,
                  "stop_at": stop_at, "trainer.eval_every": eval_every, "data.test_samples": test_samples,
-                 "model.backend": backend, "model.peephole": peephole, "model.coupled": coupled,
-                 "model.drop_gates": list(drop_gate) if drop_gate else None,
-                 "model.output_activation": output_activation, "model.forget_bias": forget_bias,
-                 "model.layer_norm": layer_norm, "model.nonlinearity": nonlinearity,
-                 "model.reset_after": reset_after, "model.zoneout": zoneout,
-                 "model.recurrent_dropout": recurrent_dropout, "data.variant": variant}
+                 "data.variant": variant,
+                 **variant_flags(backend=backend, peephole=peephole, coupled=coupled, drop_gates=drop_gate,
+                                 output_activation=output_activation, forget_bias=forget_bias,
+                                 layer_norm=layer_norm, nonlinearity=nonlinearity, reset_after=reset_after,
+                                 zoneout=zoneout, recurrent_dropout=recurrent_dropout)}
         cfg = load_experiment_config(opts, task, flags)
         if cfg.trainer.steps is None and cfg.trainer.epochs is None and cfg.trainer.minutes is None:
             cfg = load_experiment_config(opts, task, {**flags, "trainer.steps": 2000})

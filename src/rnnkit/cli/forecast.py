@@ -48,7 +48,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 def _model_flags(horizon, lookback, cell, hidden, layers, decoder, head, quantiles, interval, scaler, log,
                  window_norm, season, fill, ensemble, difference) -> dict[str, Any]:
-    from ..tasks.timeseries_common import parse_floats
+    from ..tasks.base import parse_floats
 
     return {"data.horizon": horizon, "data.lookback": lookback, "model.cell": cell, "model.hidden": hidden,
             "model.layers": layers, "model.decoder": decoder, "model.head": head,

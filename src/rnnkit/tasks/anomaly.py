@@ -31,46 +31,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.series import Scaler, SeriesError, sliding_windows
-from ..train import OptimConfig, TrainerConfig
-from .timeseries_common import (
-    EncoderConfig,
-    fit,
-    load_meta,
-    load_weights,
-    point_adjusted_prf,
-    pointwise_prf,
-    pyplot,
-    save_model,
-    segments,
-    ucr_hit,
-)
+from ..metrics.anomaly import point_adjusted_prf, pointwise_prf, segments, ucr_hit
+from ..train import TrainerConfig
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
+from .encoders import SequenceAutoencoder, SeriesModelOptions
 
 TASK = "anomaly"
 STREAM_FILE = "stream_state.safetensors"
 
 
 @dataclass(frozen=True)
-class AnomalyModelConfig:
+class AnomalyModelConfig(SeriesModelOptions):
     """Model settings (``[model]``).
 
     Args:
-        detector: "prediction" (one-step prediction error) or "reconstruction" (LSTM encoder-decoder).
-        cell, hidden, layers, dropout: the recurrent layers (reconstruction uses the LSTM family of ``cell``
-            for both encoder and decoder).
+        detector: "prediction" (one-step prediction error) or "reconstruction" (encoder-decoder).
+        cell, hidden, layers, dropout, ...: the recurrent layers (:class:`SeriesModelOptions`); the
+            reconstruction detector builds its encoder and decoder alike.
         window: training chunk length (prediction) or window length W (reconstruction).
         stride: step between training windows (and between scored windows, reconstruction).
     """
 
     detector: Literal["prediction", "reconstruction"] = "prediction"
-    cell: str = "lstm"
     hidden: int = 32
-    layers: int = 1
-    dropout: float = 0.0
     window: int = 64
     stride: int = 8
-
-    def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, False)
 
 
 @dataclass(frozen=True)
@@ -107,9 +92,7 @@ class AnomalyDataConfig:
 class AnomalyConfig:
     model: AnomalyModelConfig = field(default_factory=AnomalyModelConfig)
     data: AnomalyDataConfig = field(default_factory=AnomalyDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=30, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -118,46 +101,12 @@ class Predictor(nn.Module):
 
     def __init__(self, channels: int, cfg: AnomalyModelConfig) -> None:
         super().__init__()
-        enc = cfg.encoder()
-        self.encoder = enc.build(channels)
-        self.head = nn.Linear(enc.out_size, channels)
+        self.encoder = cfg.build_encoder(channels)
+        self.head = nn.Linear(cfg.hidden, channels)
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         out, state = self.encoder(x, state)
         return self.head(out), state
-
-
-class EncDec(nn.Module):
-    """LSTM encoder-decoder reconstructing a window in reverse order (Malhotra et al. 2016)."""
-
-    def __init__(self, channels: int, cfg: AnomalyModelConfig) -> None:
-        super().__init__()
-        enc = cfg.encoder()
-        self.encoder = enc.build(channels)
-        self.decoder = enc.build(channels)
-        self.head = nn.Linear(enc.out_size, channels)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """The final hidden state of the last layer, (B, H): the window's embedding."""
-        _, state = self.encoder(x)
-        h = state[0] if isinstance(state, tuple) else state
-        return h[-1]
-
-    def forward(self, x: Tensor, teacher_forcing: bool = False) -> Tensor:
-        """Reconstruction (B, W, C) of ``x`` (B, W, C), produced last step first."""
-        _, state = self.encoder(x)
-        h = state[0] if isinstance(state, tuple) else state
-        W = x.shape[1]
-        if teacher_forcing:  # inputs x_W, ..., x_2 -> outputs x'_{W-1}, ..., x'_1
-            first = self.head(h[-1])
-            out, _ = self.decoder(x.flip(1)[:, :-1], state)
-            rec = torch.cat([first.unsqueeze(1), self.head(out)], 1)  # (B, W, C) reversed
-            return rec.flip(1)
-        rec = [self.head(h[-1])]
-        for _ in range(W - 1):
-            o, state = self.decoder.step(rec[-1], state)
-            rec.append(self.head(o))
-        return torch.stack(rec[::-1], 1)
 
 
 class PredictionTask:
@@ -173,7 +122,7 @@ class PredictionTask:
 
 
 class ReconstructionTask:
-    def loss(self, model: EncDec, batch: dict[str, Tensor]) -> Tensor:
+    def loss(self, model: SequenceAutoencoder, batch: dict[str, Tensor]) -> Tensor:
         return F.mse_loss(model(batch["x"], teacher_forcing=True), batch["x"])
 
 
@@ -338,24 +287,20 @@ class Detector:
 
     # files ---------------------------------------------------------------------------------------
     def save(self, run_dir: Path) -> None:
-        from ..train import config_to_dict
-
-        save_model(run_dir, self.net, {**self.meta, "config": config_to_dict(self.cfg),
-                                       "scaler": self.scaler.state(), "errors": self.errors.state()})
+        save_trained(run_dir, self.net, self.meta, self.cfg, scaler=self.scaler.state(), errors=self.errors.state())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Detector:
-        from ..train import config_from_dict
-
-        meta = load_meta(run_dir, TASK)
-        cfg = config_from_dict(AnomalyConfig, meta["config"])
+        meta, cfg = load_trained(run_dir, TASK, AnomalyConfig)
         net = _network(meta["channels"], cfg.model)
         return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]),
                    ErrorModel.from_state(meta["errors"]), meta)
 
 
 def _network(channels: int, cfg: AnomalyModelConfig) -> nn.Module:
-    return Predictor(channels, cfg) if cfg.detector == "prediction" else EncDec(channels, cfg)
+    if cfg.detector == "prediction":
+        return Predictor(channels, cfg)
+    return SequenceAutoencoder(channels, cfg, start="state")
 
 
 class StreamScorer:
@@ -497,8 +442,4 @@ def plot_scores(values: np.ndarray, scores: dict[str, np.ndarray], path: Path, l
     a2.set_yscale("symlog")
     a2.legend(loc="upper right", fontsize=8)
     a1.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -19,39 +19,26 @@ from torch import Tensor, nn
 
 from ..data.sequences import SequenceSet, augment, pad
 from ..data.series import Scaler, SeriesError
-from ..train import OptimConfig, TrainerConfig
-from .timeseries_common import (
-    EncoderConfig,
-    Pool,
-    classification_metrics,
-    fit,
-    load_meta,
-    load_weights,
-    pyplot,
-    save_model,
-)
+from ..metrics.classification import classification_metrics
+from ..train import TrainerConfig
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
+from .encoders import Pool, SeriesModelOptions
 
 TASK = "classify"
 
 
 @dataclass(frozen=True)
-class ClassifyModelConfig:
+class ClassifyModelConfig(SeriesModelOptions):
     """Model settings (``[model]``).
 
     Args:
-        cell, hidden, layers, dropout, bidirectional: the recurrent encoder (:class:`EncoderConfig`).
+        cell, hidden, layers, dropout, ...: the recurrent encoder (:class:`SeriesModelOptions`).
+        bidirectional: read each sequence both ways.
         pool: "last" (final state at the last valid step), "mean" or "attention".
     """
 
-    cell: str = "lstm"
-    hidden: int = 64
-    layers: int = 1
-    dropout: float = 0.0
     bidirectional: bool = False
     pool: Literal["last", "mean", "attention"] = "last"
-
-    def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, self.bidirectional)
 
 
 @dataclass(frozen=True)
@@ -87,9 +74,7 @@ class ClassifyDataConfig:
 class ClassifyConfig:
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=100, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=100, batch_size=32))
 
 
 class SequenceClassifier(nn.Module):
@@ -97,10 +82,10 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, n_channels: int, n_classes: int, cfg: ClassifyModelConfig) -> None:
         super().__init__()
-        enc = cfg.encoder()
-        self.encoder = enc.build(n_channels)
-        self.pool = Pool(cfg.pool, enc.out_size, 2 if cfg.bidirectional else 1)
-        self.head = nn.Linear(enc.out_size, n_classes)
+        directions = 2 if cfg.bidirectional else 1
+        self.encoder = cfg.build_encoder(n_channels, cfg.bidirectional)
+        self.pool = Pool(cfg.pool, cfg.hidden * directions, directions)
+        self.head = nn.Linear(cfg.hidden * directions, n_classes)
 
     def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The pooled encoding (B, D*H) that the head classifies."""
@@ -206,17 +191,11 @@ class Classifier:
         return classification_metrics(y, p, len(self.classes))
 
     def save(self, run_dir: Path) -> None:
-        from ..train import config_to_dict
-
-        save_model(run_dir, self.net, {**self.meta, "config": config_to_dict(self.cfg), "classes": self.classes,
-                                       "scaler": self.scaler.state()})
+        save_trained(run_dir, self.net, self.meta, self.cfg, classes=self.classes, scaler=self.scaler.state())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Classifier:
-        from ..train import config_from_dict
-
-        meta = load_meta(run_dir, TASK)
-        cfg = config_from_dict(ClassifyConfig, meta["config"])
+        meta, cfg = load_trained(run_dir, TASK, ClassifyConfig)
         net = SequenceClassifier(meta["channels"], len(meta["classes"]), cfg.model)
         return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), meta["classes"], meta)
 
@@ -300,11 +279,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_confusion(cm: np.ndarray, classes: list[str]) -> str:

@@ -18,77 +18,38 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..data.sequences import SequenceSet, length_mask
+from ..data.sequences import SequenceSet
 from ..data.series import Scaler, SeriesError
-from ..train import OptimConfig, TrainerConfig
+from ..train import TrainerConfig
+from . import encoders
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
 from .classify import tensors
-from .timeseries_common import EncoderConfig, final_hidden, fit, load_meta, load_weights, pyplot, save_model
+from .encoders import SeriesModelOptions
 
 TASK = "embed"
 
 
 @dataclass(frozen=True)
-class EmbedModelConfig:
-    """Autoencoder settings (``[model]``): the recurrent encoder/decoder (see :class:`EncoderConfig`)."""
+class EmbedModelConfig(SeriesModelOptions):
+    """Autoencoder settings (``[model]``): the recurrent encoder/decoder (see :class:`SeriesModelOptions`)."""
 
-    cell: str = "lstm"
     hidden: int = 32
-    layers: int = 1
-    dropout: float = 0.0
-
-    def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, False)
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
     model: EmbedModelConfig = field(default_factory=EmbedModelConfig)
     scaler: str = "standard"
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
-        epochs=30, batch_size=32, tensorboard=False, log_every=50, clip_norm=1.0,
-        optim=OptimConfig(name="adam", lr=3e-3)))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
-def reverse_within(x: Tensor, lengths: Tensor) -> Tensor:
-    """Reverse each (B, T, C) sequence within its length; padding stays in place (zeros)."""
-    T = x.shape[1]
-    t = torch.arange(T, device=x.device)[None, :]
-    L = lengths.to(x.device)[:, None]
-    idx = torch.where(t < L, L - 1 - t, t)  # (B, T)
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-class SequenceAutoencoder(nn.Module):
-    """Encoder + reverse-order decoder for (B, T, C) padded sequences with (B,) lengths."""
+class SequenceAutoencoder(encoders.SequenceAutoencoder):
+    """The autoencoder of this task: its decoder starts from a zero input (Srivastava et al. 2015)."""
 
     def __init__(self, channels: int, cfg: EmbedModelConfig) -> None:
-        super().__init__()
-        enc = cfg.encoder()
-        self.encoder = enc.build(channels)
-        self.decoder = enc.build(channels)
-        self.head = nn.Linear(enc.out_size, channels)
-
-    def _encode(self, x: Tensor, lengths: Tensor) -> tuple[Any, Tensor, Tensor]:
-        T = int(lengths.max())
-        x = x[:, :T]
-        _, state = self.encoder(x, lengths=None if int(lengths.min()) == T else lengths)
-        return state, x, lengths
-
-    def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
-        state, _, _ = self._encode(x, lengths)
-        return final_hidden(state, 1)
-
-    def loss(self, x: Tensor, lengths: Tensor) -> Tensor:
-        """Masked MSE of the teacher-forced reverse reconstruction."""
-        state, x, lengths = self._encode(x, lengths)
-        rev = reverse_within(x, lengths)  # x_T, ..., x_1, 0...
-        dec_in = torch.cat([torch.zeros_like(rev[:, :1]), rev[:, :-1]], 1)
-        T = x.shape[1]
-        out, _ = self.decoder(dec_in, state, lengths=None if int(lengths.min()) == T else lengths)
-        mask = length_mask(lengths.to(x.device), T).unsqueeze(-1).to(x.dtype)
-        return (((self.head(out) - rev) ** 2) * mask).sum() / (mask.sum() * x.shape[-1])
+        super().__init__(channels, cfg, start="zeros")
 
 
 class EmbedTask:
@@ -112,16 +73,11 @@ class Embedder:
                           for i in range(0, len(data), batch_size)]).numpy()
 
     def save(self, run_dir: Path) -> None:
-        from ..train import config_to_dict
-
-        save_model(run_dir, self.net, {**self.meta, "config": config_to_dict(self.cfg), "scaler": self.scaler.state()})
+        save_trained(run_dir, self.net, self.meta, self.cfg, scaler=self.scaler.state())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Embedder:
-        from ..train import config_from_dict
-
-        meta = load_meta(run_dir, TASK)
-        cfg = config_from_dict(EmbedConfig, meta["config"])
+        meta, cfg = load_trained(run_dir, TASK, EmbedConfig)
         net = SequenceAutoencoder(meta["channels"], cfg.model)
         return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), meta)
 
@@ -146,9 +102,10 @@ def encode(data: SequenceSet, run_dir: str | Path) -> tuple[np.ndarray, str]:
     """Embeddings (N, D) of ``data`` from a trained ``classify`` or ``embed`` run, and the kind used."""
     import json
 
+    from .base import META_FILE
     from .classify import Classifier
 
-    meta_path = Path(run_dir) / "model.json"
+    meta_path = Path(run_dir) / META_FILE
     if not meta_path.is_file():
         raise SeriesError(f"--model: {str(run_dir)!r} has no model.json; expected a `rnnkit classify train` or "
                           "`rnnkit embed` run directory")
@@ -241,8 +198,4 @@ def plot_projection(p: np.ndarray, clusters: np.ndarray, path: Path, labels: np.
         ax.set_title(f"PCA of embeddings, by {name}")
         if len(set(c.tolist())) <= 12:
             ax.legend(fontsize=7, markerscale=1.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

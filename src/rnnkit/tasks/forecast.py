@@ -34,28 +34,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.series import Scaler, Series, SeriesError, check_length, make_windows
+from ..metrics.forecast import forecast_metrics
 from ..train import TrainerConfig
-from .timeseries_common import (
-    EncoderConfig,
-    final_hidden,
-    fit,
-    forecast_metrics,
-    load_meta,
-    load_weights,
-    pyplot,
-    save_model,
-)
+from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_model, save_trained
+from .encoders import SeriesModelOptions, final_hidden
 
 TASK = "forecast"
 
 
 # ---- configuration -----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ForecastModelConfig:
+class ForecastModelConfig(SeriesModelOptions):
     """Model settings (``[model]`` in the TOML config).
 
     Args:
-        cell, hidden, layers, dropout: the recurrent encoder (see :class:`EncoderConfig`).
+        cell, hidden, layers, dropout, ...: the recurrent encoder (see :class:`SeriesModelOptions`).
         decoder: "direct" (all H steps from the encoder state) or "recursive" (one step, fed back).
         head: "point", "gaussian" or "quantile".
         quantiles: the quantile levels of the quantile head (must include a level for the point forecast,
@@ -63,17 +56,10 @@ class ForecastModelConfig:
         ensemble: train this many models (seeds seed, seed+1, ...) and average their outputs.
     """
 
-    cell: str = "lstm"
-    hidden: int = 64
-    layers: int = 1
-    dropout: float = 0.0
     decoder: Literal["direct", "recursive"] = "direct"
     head: Literal["point", "gaussian", "quantile"] = "point"
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     ensemble: int = 1
-
-    def encoder(self) -> EncoderConfig:
-        return EncoderConfig(self.cell, self.hidden, self.layers, self.dropout, False)
 
 
 @dataclass(frozen=True)
@@ -115,9 +101,7 @@ class ForecastConfig:
 
     model: ForecastModelConfig = field(default_factory=ForecastModelConfig)
     data: ForecastDataConfig = field(default_factory=ForecastDataConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(epochs=200, batch_size=16,
-                                                                         tensorboard=False, log_every=50,
-                                                                         clip_norm=1.0))
+    trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=200, batch_size=16, lr=1e-3))
 
 
 def check_config(cfg: ForecastConfig, series: Series | None = None) -> None:
@@ -168,13 +152,12 @@ class Forecaster(nn.Module):
         self.n_target, self.n_past, self.n_future, self.horizon = n_target, n_past, n_future, horizon
         self.decoder, self.head_kind = cfg.decoder, cfg.head
         self.K = _n_params(cfg.head, cfg.quantiles)
-        enc = cfg.encoder()
         if cfg.decoder == "direct":
-            self.encoder = enc.build(n_target + n_past + n_future)
-            self.head = nn.Linear(enc.out_size + horizon * n_future, horizon * n_target * self.K)
+            self.encoder = cfg.build_encoder(n_target + n_past + n_future)
+            self.head = nn.Linear(cfg.hidden + horizon * n_future, horizon * n_target * self.K)
         else:
-            self.encoder = enc.build(n_target + n_future)
-            self.head = nn.Linear(enc.out_size, n_target * self.K)
+            self.encoder = cfg.build_encoder(n_target + n_future)
+            self.head = nn.Linear(cfg.hidden, n_target * self.K)
 
     def point(self, params: Tensor) -> Tensor:
         """The point forecast from head parameters (..., K) -> (...)."""
@@ -405,20 +388,14 @@ class ForecastModel:
         return res
 
     def save(self, run_dir: Path) -> None:
-        from ..train import config_to_dict
-
         for k, net in enumerate(self.nets):
             save_model(run_dir / (f"member{k}" if k else ""), net, {**self.meta, "member": k})
-        meta = {**self.meta, "config": config_to_dict(self.cfg), "transform": self.tf.state()}
-        save_model(run_dir, self.nets[0], meta)
+        save_trained(run_dir, self.nets[0], self.meta, self.cfg, transform=self.tf.state())
 
     @classmethod
     def load(cls, run_dir: str | Path) -> ForecastModel:
-        from ..train import config_from_dict
-
         run_dir = Path(run_dir)
-        meta = load_meta(run_dir, TASK)
-        cfg = config_from_dict(ForecastConfig, meta["config"])
+        meta, cfg = load_trained(run_dir, TASK, ForecastConfig)
         tf = Transform.from_state(cfg.data, meta["transform"])
         nets = []
         for k in range(cfg.model.ensemble):
@@ -552,10 +529,7 @@ def plot_forecast(history: Series, pred: dict[str, np.ndarray], path: Path, actu
                         label=f"{interval:.0%} interval")
     ax.set_title(history.target_names[0])
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_backtest(folds: list[dict[str, Any]], series: Series, path: Path) -> Path:
@@ -570,11 +544,7 @@ def plot_backtest(folds: list[dict[str, Any]], series: Series, path: Path) -> Pa
             ax.fill_between(x, f["lo"][:, 0], f["hi"][:, 0], color="C0", alpha=0.2)
     ax.set_title(f"backtest: {series.target_names[0]}")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def forecast_rows(model: ForecastModel, pred: dict[str, np.ndarray], future_time: np.ndarray | None

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..layers import build
 from ..train.config import TrainerConfig
+from .options import RecurrentOptions
 
 Batch = dict[str, Tensor]
 
@@ -392,39 +393,22 @@ def make_task(name: str, length: int, **options: Any) -> SyntheticTask:
 
 # ---- experiments: config, data feeding, run ---------------------------------------------------
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(RecurrentOptions):
     """The recurrent model of an experiment; ``None`` options keep the registry cell's own setting.
 
     Args:
-        cell: a registry name (``rnnkit cells``), e.g. "lstm", "lstm_nfg", "gru", "rnn".
+        cell, dropout, backend, forget_bias ... zoneout: the recurrent stack (:class:`RecurrentOptions`),
+            e.g. cell "lstm", "lstm_nfg", "gru", "rnn"; backend "auto", "native", "bptt", "reference".
         hidden_size, num_layers: of the recurrent stack.
-        backend: kernel ("auto", "native", "bptt", "reference").
-        peephole, coupled, drop_gates, output_activation, forget_bias, layer_norm: LSTM variant options.
-        nonlinearity: Elman RNN "tanh" or "relu"; reset_after: GRU form.
-        zoneout, recurrent_dropout: recurrent regularisers.
     """
 
-    cell: str = "lstm"
     hidden_size: int = 128
     num_layers: int = 1
-    backend: str = "auto"
-    peephole: bool | None = None
-    coupled: bool | None = None
-    drop_gates: tuple[str, ...] | None = None
-    output_activation: bool | None = None
-    forget_bias: float | None = None
-    layer_norm: bool | None = None
-    nonlinearity: str | None = None
-    reset_after: bool | None = None
-    zoneout: float | None = None
-    recurrent_dropout: float | None = None
 
-    def cell_options(self) -> dict[str, Any]:
-        """The variant options that were set (not None), plus the backend."""
-        names = ("peephole", "coupled", "drop_gates", "output_activation", "forget_bias", "layer_norm",
-                 "nonlinearity", "reset_after", "zoneout", "recurrent_dropout")
-        opts = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        return {**opts, "backend": self.backend}
+    def layer_options(self) -> dict[str, Any]:
+        """Keyword arguments of the recurrent layer besides its sizes: variant options, dropout, backend."""
+        return {**self.cell_options(), "dropout": self.dropout if self.num_layers > 1 else 0.0,
+                "backend": self.backend}
 
 
 @dataclass(frozen=True)
@@ -498,7 +482,7 @@ def task_from_config(data: DataConfig) -> SyntheticTask:
 
 def build_model(cfg: ExperimentConfig, task: SyntheticTask) -> SyntheticModel:
     m = cfg.model
-    return task.model(hidden_size=m.hidden_size, cell=m.cell, num_layers=m.num_layers, **m.cell_options())
+    return task.model(hidden_size=m.hidden_size, cell=m.cell, num_layers=m.num_layers, **m.layer_options())
 
 
 def gradient_flow_of(model: SyntheticModel, task: SyntheticTask, batch: Batch) -> dict[str, list[float]]:

@@ -12,32 +12,21 @@ their SGD learning rate of 1.0 assumes (``trainer.loss_reduction = "sum_time"``)
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..data.text import WordVocab, penn_treebank, read_text, split_text, tokenize_lines
 from ..errors import UserError
+from ..metrics.lm import lm_metrics
 from ..train.config import OptimConfig, TrainerConfig
-from .charlm import (
-    DEFAULT_MINUTES,
-    VOCAB_FILE,
-    LMConfig,
-    LMTask,
-    LoadedRun,
-    _atomic_json,
-    build_model,
-    check_sampling,
-    generate,
-    lm_metrics,
-    load_run,
-    stream_loss,
-)
+from . import lm
+from .base import atomic_json, check_saved_vocab, open_run_dir, reporter, with_budget
+from .decoding import check_sampling, generate, sampling_generator
+from .lm import DEFAULT_MINUTES, VOCAB_FILE, LMConfig, LoadedRun, stream_loss
 
 # Zaremba et al. 2014, section 4.1 (lr schedule: multiply by `decay` every epoch from `start_epoch` on).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -103,6 +92,8 @@ def _default_trainer() -> TrainerConfig:
 @dataclass(frozen=True)
 class WordLMConfig:
     """Everything a ``wordlm train`` run is made of; saved as the run's ``config.toml``."""
+
+    VOCAB_KIND: ClassVar[str] = "word"
 
     preset: str = ""
     model: LMConfig = field(default_factory=lambda: LMConfig(hidden_size=200, embedding_size=200))
@@ -179,27 +170,13 @@ def _ppl_metrics(model: torch.nn.Module, ids: torch.Tensor, cfg: WordDataConfig)
 def train(cfg: WordLMConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
           progress: bool | None = None) -> dict[str, Any]:
     """Train a word LM into ``run_dir``; evaluate validation perplexity (each epoch) and test at the end."""
-    from ..train import StreamData, Trainer, seed_everything
-    from ..train.checkpoint import list_checkpoints
-    from ..train.config import replace_config
-
-    t = cfg.trainer
-    if t.steps is None and t.epochs is None and t.minutes is None:
-        cfg = replace_config(cfg, **{"trainer.minutes": DEFAULT_MINUTES})
-    run_dir = Path(run_dir)
-    if list_checkpoints(run_dir / "checkpoints") and not resume:
-        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
-                        f"continue it or choose another directory")
+    cfg = with_budget(cfg, DEFAULT_MINUTES)
+    run_dir = open_run_dir(run_dir, resume)
     corpus = prepare_corpus(cfg.data, cfg.trainer)
-    vocab_path = run_dir / VOCAB_FILE
-    if resume and vocab_path.is_file():
-        saved = WordVocab.from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-        if saved != corpus.vocab:
-            raise UserError(f"--resume {str(run_dir)!r}: vocabulary mismatch: the run has {len(saved)} words, "
-                            f"this training text gives {len(corpus.vocab)}; resume with the same corpus")
-    seed_everything(cfg.trainer.seed)
-    model = build_model(len(corpus.vocab), cfg.model)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if resume:
+        check_saved_vocab(run_dir / VOCAB_FILE, corpus.vocab, "words")
+    model = lm.new_model(len(corpus.vocab), cfg.model, cfg.trainer.seed)
+    say = reporter(quiet)
     n_params = sum(p.numel() for p in model.parameters())
     cov = ", ".join(f"{k} {v:.2%}" for k, v in corpus.coverage.items())
     say(f"corpus {corpus.name}: {corpus.train_ids.numel():,} training tokens, "
@@ -212,13 +189,9 @@ def train(cfg: WordLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
         r = _ppl_metrics(m, corpus.splits["valid"], cfg.data)
         return {"loss": r["loss_nats"], "perplexity": r["perplexity"]}
 
-    trainer = Trainer(model, LMTask(), StreamData(corpus.train_ids[:-1], corpus.train_ids[1:]), cfg.trainer,
-                      run_dir, evaluate=evaluate, resume=resume, quiet=quiet, progress=progress,
-                      full_config=cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(vocab_path, corpus.vocab.to_dict())
     t0 = time.perf_counter()
-    result = trainer.fit()
+    _, result = lm.fit_stream(model, corpus.train_ids, cfg, run_dir, corpus.vocab, evaluate=evaluate, resume=resume,
+                              quiet=quiet, progress=progress)
     train_loss = result.get("train_loss")
     if train_loss is not None and cfg.trainer.loss_reduction == "sum_time":
         train_loss = train_loss / cfg.trainer.tbptt  # summed over the unrolled steps -> per word
@@ -235,13 +208,13 @@ def train(cfg: WordLMConfig, run_dir: str | Path, *, resume: bool = False, quiet
         out["published_valid_perplexity"], out["published_test_perplexity"] = PUBLISHED[cfg.preset]
     out["wall_s"] = round(time.perf_counter() - t0, 3)
     out["run_dir"] = str(run_dir)
-    _atomic_json(run_dir / "final_metrics.json", out)
+    atomic_json(run_dir / "final_metrics.json", out)
     return out
 
 
 def load_word_run(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu") -> LoadedRun:
-    """:func:`rnnkit.tasks.charlm.load_run` for a word-level run."""
-    return load_run(run_dir, WordLMConfig, checkpoint, device)
+    """:func:`rnnkit.tasks.lm.load_run` of a word-level run (``checkpoint``: "latest", "best" or a step)."""
+    return lm.load_run(run_dir, WordLMConfig, checkpoint, device)
 
 
 def evaluate_run(run: LoadedRun, text: str | Path | None = None, encoding: str = "utf-8") -> dict[str, Any]:
@@ -277,8 +250,7 @@ def sample_run(run: LoadedRun, prime: str, length: int, *, temperature: float = 
     unseen = [w for w in words if w not in vocab.stoi]
     if unseen:
         raise UserError(f"--prime: word(s) not in the model's vocabulary: {unseen[:10]!r}")
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+    g = sampling_generator(seed)
 
     def show(i: int) -> str:
         return "\n" if i == vocab.eos_index else vocab.itos[i] + " "
