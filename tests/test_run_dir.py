@@ -214,3 +214,33 @@ def test_progress_state_is_saved_and_restored_whole(tmp_path):
     assert math.isnan(got.pop("train_loss")) and got.pop("elapsed_s") >= 12.5
     want = {k: v for k, v in distinct.items() if k not in ("train_loss", "elapsed_s")}
     assert got == want
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+
+def test_cli_rejected_resume_is_one_line_and_the_run_still_works(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rnnkit.cli.main import app
+
+    monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "small.txt"
+    text.write_text("the cat sat on the mat. " * 200, encoding="utf-8")
+    out = tmp_path / "R"
+    tiny = ["--layers", "1", "--embedding-size", "4", "--batch-size", "4", "--tbptt", "10", "--quiet",
+            "--set", "trainer.tensorboard=false", "--out", str(out)]
+    runner = CliRunner()
+    ok = runner.invoke(app, ["charlm", "train", "--text", str(text), "--steps", "4", "--hidden-size", "8", *tiny])
+    assert ok.exit_code == 0, ok.output
+    before = snapshot(out)
+    for change, shown in ((["--hidden-size", "16"], "model.hidden_size: 8 -> 16"),
+                          (["--hidden-size", "8", "--cell", "gru"], "model.cell: "),
+                          (["--hidden-size", "8", "--batch-size", "2"], "trainer.batch_size: 4 -> 2")):
+        res = runner.invoke(app, ["charlm", "train", "--text", str(text), "--resume", "--steps", "6", *tiny, *change])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and shown in lines[0], res.output
+        assert "Traceback" not in res.output
+        assert snapshot(out) == before
+    res = runner.invoke(app, ["charlm", "sample", str(out), "--length", "5", "--seed", "1"])
+    assert res.exit_code == 0, res.output

@@ -25,12 +25,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.checkpoint import (
-    atomic_write_bytes,
-    find_checkpoint,
-    list_checkpoints,
-    model_state_dict,
-)
+from ..train.checkpoint import atomic_write_bytes, find_checkpoint, model_state_dict
 
 C = TypeVar("C")
 MODEL_FILE, META_FILE = "model.safetensors", "model.json"
@@ -38,18 +33,11 @@ MODEL_FILE, META_FILE = "model.safetensors", "model.json"
 
 # ---- run directories and the training preamble ---------------------------------------------------
 def open_run_dir(run_dir: str | Path, resume: bool) -> Path:
-    """``run_dir`` as a Path, after checking that this run may write into it.
+    """``run_dir`` as a Path, after checking that this run may write into it (see
+    :func:`rnnkit.train.rundir.check_run_dir`); the trainer then locks it and checks a resume."""
+    from ..train.rundir import check_run_dir
 
-    Raises:
-        UserError: it exists and is not a directory, or it holds checkpoints and ``resume`` is False.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {str(run_dir)!r}: exists and is not a directory")
-    if list_checkpoints(run_dir / "checkpoints") and not resume:
-        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
-                        f"continue it or choose another directory")
-    return run_dir
+    return check_run_dir(run_dir, resume)
 
 
 def with_budget(cfg: C, minutes: float) -> C:

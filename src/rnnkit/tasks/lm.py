@@ -213,7 +213,7 @@ def fit_stream(model: RecurrentLM, train_ids: Tensor, cfg: Any, run_dir: Path, v
     """Train ``model`` on next-symbol prediction over the token stream ``train_ids`` (N,).
 
     The Trainer runs ``cfg.trainer`` (TBPTT over contiguous streams) into ``run_dir``; the vocabulary is
-    written to ``run_dir/vocab.json`` once the trainer has accepted the directory. Returns
+    written to ``run_dir/vocab.json`` once the trainer has taken the directory (:meth:`Trainer.open_run_dir`). Returns
     (the trainer, its final metrics).
     """
     from ..train import StreamData, Trainer
@@ -221,7 +221,7 @@ def fit_stream(model: RecurrentLM, train_ids: Tensor, cfg: Any, run_dir: Path, v
     trainer = Trainer(model, LMTask(), StreamData(train_ids[:-1], train_ids[1:]), cfg.trainer, run_dir,
                       evaluate=evaluate, callbacks=callbacks or {}, resume=resume, quiet=quiet, progress=progress,
                       full_config=cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.open_run_dir()  # locked, and a resume checked against its checkpoint, before anything is written
     atomic_json(run_dir / VOCAB_FILE, vocab.to_dict())
     return trainer, trainer.fit()
 

@@ -71,6 +71,23 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
             os.close(entry[0])  # closing the descriptor releases the flock
 
 
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path:
+    """``run_dir`` as a Path, after checking that a run may write into it (changes nothing).
+
+    Raises:
+        UserError: it exists and is not a directory, or it holds checkpoints and ``resume`` is False.
+    """
+    from .checkpoint import list_checkpoints
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {str(run_dir)!r}: exists and is not a directory")
+    if list_checkpoints(run_dir / "checkpoints") and not resume:
+        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
+                        f"continue it or choose another directory")
+    return run_dir
+
+
 def read_saved_config(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The parsed ``config.toml`` of a run (None when there is none).
 
@@ -110,4 +127,4 @@ def setting_differences(old: Mapping[str, Any], new: Mapping[str, Any], *, limit
     return shown
 
 
-__all__ = ["lock_run_dir", "read_saved_config", "setting_differences", "LOCK_FILE", "RESUMABLE"]
+__all__ = ["lock_run_dir", "check_run_dir", "read_saved_config", "setting_differences", "LOCK_FILE", "RESUMABLE"]

@@ -48,7 +48,7 @@ from . import distributed as dist_util
 from .config import TrainerConfig, config_to_dict, save_config
 from .monitor import MetricsLog, Progress, restore_record, strict_record
 from .optim import Schedule, build_optimizer
-from .rundir import lock_run_dir, read_saved_config, setting_differences
+from .rundir import check_run_dir, lock_run_dir, read_saved_config, setting_differences
 
 EVENTS = ("step_end", "eval", "checkpoint", "epoch_end", "fit_end")
 Callback = Callable[["Trainer", dict[str, Any]], None]
@@ -452,11 +452,7 @@ class Trainer:
     def _setup_run_dir(self) -> ckpt.Checkpoint | None:
         if self.run_dir is None:
             return None
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"--out {str(self.run_dir)!r}: exists and is not a directory")
-        if ckpt.list_checkpoints(self.checkpoint_dir) and not self.resume:
-            raise UserError(f"--out {str(self.run_dir)!r}: the run directory already has checkpoints; pass "
-                            f"--resume to continue it or choose another directory")
+        check_run_dir(self.run_dir, self.resume)
         if self.is_main:
             self._lock = lock_run_dir(self.run_dir)
             self._lock.__enter__()
@@ -874,7 +870,10 @@ class Trainer:
 
     def _mismatch(self, r: _Resumed) -> str | None:
         """Why the checkpoint cannot continue this trainer's model, optimizer and data (None: it can)."""
-        if r.data_kind != self.data.kind or r.n_batches != self.data.n_batches:
+        if r.data_kind != self.data.kind:
+            return (f"it was trained on {r.data_kind} data by another kind of task; this one trains on "
+                    f"{self.data.kind} data")
+        if r.n_batches != self.data.n_batches:
             return (f"the training data is laid out differently ({r.data_kind} data, {r.n_batches} batches per "
                     f"epoch in the checkpoint; now {self.data.kind}, {self.data.n_batches})")
         if len(r.ranks) != self.world_size and self.data.kind == "stream":
@@ -897,14 +896,17 @@ class Trainer:
 
     def _check_resume(self, found: ckpt.Checkpoint) -> None:
         """Raise UserError naming the changed settings when ``found`` cannot continue this run."""
-        reason = self._mismatch(self._decode(found))
+        r = self._decode(found)
+        reason = self._mismatch(r)
         if reason is None:
             return
         saved = read_saved_config(self.run_dir)
-        changed = setting_differences(saved, config_to_dict(self.full_config)) if saved is not None else []
-        what = f"settings differ from the run's ({'; '.join(changed)})" if changed else reason
+        changed = setting_differences(saved, config_to_dict(self.full_config), limit=5) if saved is not None else []
+        same_task = r.data_kind == self.data.kind
+        what = f"settings that differ from its config.toml: {'; '.join(changed)}" if changed and same_task \
+            else reason
         raise UserError(f"--resume {str(self.run_dir)!r}: the checkpoint of step {found.step} does not fit this "
-                        f"run: {what}; resume with the run's settings or choose another --out")
+                        f"run ({what}); resume with the run's settings or choose another --out")
 
     def load_checkpoint(self, found: ckpt.Checkpoint) -> None:
         """Restore model, optimizer, schedule, RNG, data position and carried state from a checkpoint."""
