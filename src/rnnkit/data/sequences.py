@@ -12,6 +12,7 @@ Padding: :func:`pad` returns (N, T, C) with zeros past each length plus the leng
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,17 @@ def augment(x: Tensor, lengths: Tensor, jitter: float = 0.0, scale: float = 0.0,
     if jitter:
         out = out + jitter * torch.randn_like(out)
     return out * length_mask(lengths.to(x.device), T)[..., None].to(x.dtype)
+
+
+def label_name(value: Any) -> str:
+    """A class label as text; numbers that are whole print without a decimal point (0.0 and "0.0" -> "0"),
+    so a label column read as floats names its classes as written."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if math.isfinite(number) and number.is_integer() else text
 
 
 # ---- readers -----------------------------------------------------------------------------------

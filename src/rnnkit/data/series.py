@@ -343,6 +343,9 @@ class Scaler:
         self.names, self.arg = list(names) if names is not None else None, arg
         with np.errstate(over="ignore", invalid="ignore"):
             self._fit(x)
+        spread_overflows = ~(np.isfinite(self.center) & np.isfinite(self.scale))
+        if spread_overflows.any():
+            self._too_large(np.broadcast_to(spread_overflows, x.shape) & ~np.isnan(x), x)
         self.transform(x)  # checks that the training values stay in range once scaled
         return self
 
@@ -372,14 +375,17 @@ class Scaler:
             z = (x - self.center) / self.scale
         bad = ~np.isnan(x) & ~(np.abs(z) <= np.finfo(np.float32).max)
         if bad.any():
-            rows = bad.reshape(-1, bad.shape[-1])
-            flat = x.reshape(-1, x.shape[-1])
-            j = int(np.argmax(rows.any(0)))
-            i = int(np.argmax(np.where(rows[:, j], np.abs(flat[:, j]), -1.0)))
-            column = repr(self.names[j]) if self.names is not None and j < len(self.names) else str(j)
-            raise SeriesError(f"{self.arg}: value too large at row {i}, column {column}: {flat[i, j]:.6g} overflows "
-                              f"once scaled ({self.kind} scaling); expected values well within ±1e38")
+            self._too_large(bad, x)
         return z
+
+    def _too_large(self, bad: np.ndarray, x: np.ndarray) -> None:
+        """Raise naming the largest value of the first column with a ``bad`` entry."""
+        rows, flat = bad.reshape(-1, bad.shape[-1]), x.reshape(-1, x.shape[-1])
+        j = int(np.argmax(rows.any(0)))
+        i = int(np.argmax(np.where(rows[:, j], np.abs(flat[:, j]), -1.0)))
+        column = repr(self.names[j]) if self.names is not None and j < len(self.names) else str(j)
+        raise SeriesError(f"{self.arg}: value too large at row {i}, column {column}: {flat[i, j]:.6g} overflows "
+                          f"once scaled ({self.kind} scaling); expected values well within ±1e38")
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
         self._check()

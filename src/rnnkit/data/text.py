@@ -262,8 +262,9 @@ class CharVocab:
 
     @property
     def compact_dtype(self) -> torch.dtype:
-        """The narrowest index dtype that ``cross_entropy`` takes as targets: uint8 up to 256 symbols."""
-        return torch.uint8 if len(self.itos) <= 256 else torch.int64
+        """The narrowest dtype that holds every index: uint8 up to 256 symbols, else int32 (models and
+        losses take them as int64 one window at a time)."""
+        return torch.uint8 if len(self.itos) <= 256 else torch.int32
 
     def encode(self, text: str, dtype: torch.dtype = torch.int64) -> Tensor:
         """(N,) indices of ``dtype``; characters outside the vocabulary map to the unknown symbol.

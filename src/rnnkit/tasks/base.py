@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.checkpoint import atomic_write_bytes, find_checkpoint, model_state_dict
+from ..train.checkpoint import Checkpoint, atomic_write_bytes, find_checkpoint, model_state_dict
 
 C = TypeVar("C")
 MODEL_FILE, META_FILE = "model.safetensors", "model.json"
@@ -81,10 +81,11 @@ def as_user_error(exc: Exception) -> UserError:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int = "latest") -> int:
-    """Load the weights of a checkpoint of ``run_dir`` into ``model``; return its step.
+def choose_checkpoint(run_dir: str | Path, which: str | int = "latest") -> Checkpoint:
+    """The checkpoint "latest" (newest good one), "best" (the best evaluation) or of a step, of ``run_dir``.
 
-    ``which``: "latest" (newest good one), "best" (the best evaluation) or a step number.
+    Raises:
+        UserError: an unknown ``which``, or the run holds no checkpoint.
     """
     run_dir = Path(run_dir)
     try:
@@ -94,11 +95,20 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
     if found is None:
         raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first, or wait for its first "
                         f"checkpoint)")
+    return found
+
+
+def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int | Checkpoint = "latest") -> int:
+    """Load the weights of a checkpoint of ``run_dir`` (chosen by :func:`choose_checkpoint`, or given) into
+    ``model``; return its step. A checkpoint that does not fit is an error quoting torch's reasons."""
+    found = which if isinstance(which, Checkpoint) else choose_checkpoint(run_dir, which)
     try:
         model.load_state_dict(model_state_dict(found), strict=True)
     except RuntimeError as e:
+        lines = [ln.strip().rstrip(".") for ln in str(e).splitlines()[1:] if ln.strip()]  # [0]: a bare heading
+        shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
         raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
-                        f"its config.toml ({str(e).splitlines()[0]})") from None
+                        f"its config.toml ({shown or str(e)})") from None
     return found.step
 
 
@@ -231,6 +241,6 @@ def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = floa
 
 
 __all__ = ["open_run_dir", "with_budget", "reporter", "atomic_json", "check_saved_vocab", "as_user_error",
-           "load_checkpoint_into", "restore_best", "fit", "save_model", "load_meta", "load_weights",
-           "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats", "MODEL_FILE",
-           "META_FILE"]
+           "choose_checkpoint", "load_checkpoint_into", "restore_best", "fit", "save_model", "load_meta",
+           "load_weights", "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats",
+           "MODEL_FILE", "META_FILE"]

@@ -23,18 +23,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.text import CharVocab, vocab_from_dict
 from ..errors import UserError
-from .base import as_user_error, atomic_json, load_checkpoint_into
+from .base import as_user_error, atomic_json, choose_checkpoint, load_checkpoint_into
 from .options import RecurrentOptions
 
 State = Tensor | tuple[Tensor, Tensor] | None
@@ -112,6 +107,7 @@ class RecurrentLM(nn.Module):
                 nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
 
     def embed(self, x: Tensor) -> Tensor:
+        x = x.long()  # token ids may be stored narrower (see CharVocab.compact_dtype); no copy when int64
         if self.embedding is None:
             return F.one_hot(x, self.vocab_size).to(self.decoder.weight.dtype)
         return self.embedding(x)
@@ -145,7 +141,7 @@ class LMTask:
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Unreduced cross-entropy in nats, shape (T, B)."""
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="none").view(y.shape)
 
 
 def build_model(vocab_size: int, cfg: LMConfig) -> RecurrentLM:
@@ -181,7 +177,7 @@ def stream_loss(model: RecurrentLM, ids: Tensor, batch_size: int = 16, chunk: in
             s = 0.0
             for t0 in range(0, x.shape[0], chunk):
                 logits, state = model(x[t0:t0 + chunk].to(device), state)
-                s += F.cross_entropy(logits.flatten(0, 1), y[t0:t0 + chunk].to(device).flatten(),
+                s += F.cross_entropy(logits.flatten(0, 1), y[t0:t0 + chunk].to(device).flatten().long(),
                                      reduction="sum").item()
             return s, state
 
@@ -243,7 +239,8 @@ def load_run(run_dir: str | Path, config_cls: type, checkpoint: str = "latest", 
     ``config_cls``: the task's config dataclass; its ``VOCAB_KIND`` ("char" or "word") must match the
     run's vocabulary. ``checkpoint``: "latest" (newest good one), "best" (the best evaluation) or a step number.
     """
-    from ..train import config_from_dict
+    from ..train import config_from_dict, model_state_dict
+    from ..train.rundir import read_saved_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -253,14 +250,26 @@ def load_run(run_dir: str | Path, config_cls: type, checkpoint: str = "latest", 
         if not p.is_file():
             raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
                             f"directory of a finished or checkpointed training")
-    vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    try:
+        vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, AttributeError, KeyError) as e:  # bad JSON (a ValueError) or entries
+        raise UserError(f"{str(vocab_path)!r}: not a valid vocabulary file ({e}); restore the run's "
+                        f"{VOCAB_FILE}") from None
     kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
     if kind != wanted:
         raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
-    with cfg_path.open("rb") as f:
-        cfg = config_from_dict(config_cls, tomllib.load(f))
+    try:
+        cfg = config_from_dict(config_cls, read_saved_config(run_dir))
+    except UserError as e:
+        msg = str(e)
+        raise UserError(msg if str(cfg_path) in msg else f"{str(cfg_path)!r}: {msg}") from None
+    found = choose_checkpoint(run_dir, checkpoint)
+    trained = model_state_dict(found).get("decoder.bias")
+    if trained is not None and trained.shape[0] != len(vocab):
+        raise UserError(f"{str(vocab_path)!r}: holds {len(vocab)} symbols, but the model of checkpoint step "
+                        f"{found.step} was trained on {trained.shape[0]}; restore the run's {VOCAB_FILE}")
     model = build_model(len(vocab), cfg.model)
-    step = load_checkpoint_into(model, run_dir, checkpoint)
+    step = load_checkpoint_into(model, run_dir, found)
     model.to(device).eval()
     return LoadedRun(run_dir, cfg, vocab, model, step)
 
