@@ -30,6 +30,7 @@ import math
 import random
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
@@ -122,7 +123,7 @@ class TrainState:
 def _is_instance(value: Any, tp: Any) -> bool:
     """isinstance for the annotations of :class:`TrainState` (an int is a float, a bool is not an int)."""
     origin = get_origin(tp)
-    if origin is Union or type(tp).__name__ == "UnionType":
+    if origin in (Union, types.UnionType):
         return any(_is_instance(value, a) for a in get_args(tp))
     if origin is dict:
         kt, vt = get_args(tp)
