@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -129,8 +130,6 @@ def test_mutated_valid_files_give_a_parse_or_a_user_error(tmp_path, suffix, data
     """A valid file with random bytes overwritten, inserted or cut off."""
     import io
 
-    import numpy as np
-
     path = tmp_path / f"f{suffix}"
     if suffix == ".npy":
         buf = io.BytesIO()
@@ -150,14 +149,28 @@ def test_mutated_valid_files_give_a_parse_or_a_user_error(tmp_path, suffix, data
     _only_user_errors(lambda: _read_all(path, suffix))
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+@READERS
+@given(array=st.one_of(
+    st.lists(st.floats(), max_size=12).map(lambda v: np.array(v)),
+    st.lists(st.text(max_size=3), max_size=6).map(lambda v: np.array(v, dtype=str)),
+    st.tuples(st.integers(0, 3), st.integers(0, 4), st.integers(0, 2)).map(
+        lambda s: np.ones(s, dtype="int8"))))
+def test_any_array_file_gives_a_parse_or_a_user_error(tmp_path, suffix, array):
+    path = tmp_path / f"a{suffix}"
+    if suffix == ".npy":
+        np.save(path, array)
+    else:
+        np.savez(path, X=array, y=np.arange(len(array)))
+    _only_user_errors(lambda: _read_all(path, suffix))
+
+
 @READERS
 @given(rows=st.lists(st.lists(CELL, min_size=1, max_size=4), min_size=1, max_size=6),
        header=st.lists(st.text("abcxyz_", min_size=1, max_size=3), min_size=1, max_size=4, unique=True))
 def test_csv_tables_parse_exactly_or_give_a_user_error(tmp_path, rows, header):
     """Random rows under a header: a parse gives each numeric column's values exactly, else a UserError."""
     import csv
-
-    import numpy as np
 
     path = tmp_path / "t.csv"
     with path.open("w", newline="") as f:

@@ -194,6 +194,9 @@ def read_sequences(source: Any, *, label: str | None = None, id_col: str | None 
                 raise SeriesError(f"{name}: {path} has arrays {list(z)}; expected 'X' (and optionally "
                                   "'y', 'lengths')")
             X, y, lengths = z["X"], z.get("y"), z.get("lengths")
+        if not isinstance(X, np.ndarray) or X.dtype.kind not in "biuf":
+            raise SeriesError(f"{name}: {path} holds a {getattr(X, 'dtype', type(X).__name__)} array; expected "
+                              f"numbers (N, T) or (N, T, C)")
         seqs = read_sequences(X.astype(np.float64), fill=fill, name=name).sequences
         if lengths is not None:
             seqs = [s[: int(n)] for s, n in zip(seqs, lengths)]
