@@ -40,7 +40,8 @@ from rnnkit.cells import REGISTRY
 
 DEFAULT_CELLS = ["lstm", "lstm_peephole", "lstm_cifg", "lstm_ln", "lstm_zoneout", "lstm_rdrop",
                  "gru", "gru_cho", "gru_ln", "rnn", "rnn_ln"]
-TORCH_NN = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+TORCH_NN = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN, "slstm": torch.nn.LSTM,
+            "mut1": torch.nn.GRU, "mut2": torch.nn.GRU, "mut3": torch.nn.GRU}
 
 
 def _sync(device: torch.device) -> None:
@@ -118,11 +119,15 @@ def run_grid(args: argparse.Namespace) -> tuple[list[dict], bool]:
                         rec = {"cell": cell, "family": family, "dtype": str(dtype).removeprefix("torch."),
                                "T": args.steps, "B": B, "H": H, "I": H, "mode": mode}
                         kinds = ["ours", "auto", "cudnn"]
+                        spec = REGISTRY[cell]
+                        probe = rnnkit.build(cell, H, H)
+                        cfg = rnnkit.kernels.LayerConfig(**spec.layer_options)
+                        refused = rnnkit.kernels.BACKENDS[args.ours].refuses(probe.cell, cfg, device)
+                        if refused is not None:  # e.g. the hand-written triton kernels and the sLSTM
+                            kinds.remove("ours")
+                            rec["ours_error"] = f"refused: {refused}"
                         for extra in args.also:
-                            spec = REGISTRY[cell]
-                            probe = rnnkit.build(cell, 1, H)
-                            cfg = rnnkit.kernels.LayerConfig(**spec.layer_options)
-                            if rnnkit.kernels.BACKENDS[extra].unsupported(probe.cell, cfg, device) is None:
+                            if rnnkit.kernels.BACKENDS[extra].refuses(probe.cell, cfg, device) is None:
                                 kinds.append(extra)
                         if B <= args.loop_max_b:
                             kinds.append("loop")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cellcases import input_size
 
 import rnnkit
 from rnnkit.analysis.ablation import aggregate, harm, markdown, parse_lengths
@@ -20,8 +21,9 @@ from rnnkit.analysis.gradflow import decay_per_step, gradient_flow
 def test_trace_matches_forward(name: str, num_layers: int) -> None:
     torch.manual_seed(0)
     # the reference kernel (the oracle; no JIT warm-up) gives the numbers trace() must reproduce
-    layer = rnnkit.build(name, 3, 5, num_layers=num_layers, batch_first=True, backend="reference").eval()
-    x = torch.randn(3, 6, 3)
+    I = input_size(name, 3, 5)
+    layer = rnnkit.build(name, I, 5, num_layers=num_layers, batch_first=True, backend="reference").eval()
+    x = torch.randn(3, 6, I)
     lengths = [6, 1, 4]
     out, state = layer(x, lengths=lengths)
     tr = trace(layer, x, lengths=lengths)
@@ -30,8 +32,9 @@ def test_trace_matches_forward(name: str, num_layers: int) -> None:
     h_final = state[0] if isinstance(state, tuple) else state
     for k in range(num_layers):  # the state at the last step equals each layer's final state
         torch.testing.assert_close(tr.get("h", k)[-1], h_final[k])
-    if isinstance(state, tuple):
-        torch.testing.assert_close(tr.get("c", 0)[-1], state[1][0])
+    if isinstance(state, tuple):  # every further state (c; c, n, m for the sLSTM), by its declared name
+        for name_k, s in zip(layer.cell.state_names[1:], state[1:]):
+            torch.testing.assert_close(tr.get(name_k, 0)[-1], s[0])
 
 
 def test_trace_gates_follow_the_variants() -> None:

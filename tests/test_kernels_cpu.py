@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from cellcases import HAND_WRITTEN
 
 from rnnkit import kernels
 from rnnkit.cells import REGISTRY, make_cell
@@ -44,10 +45,10 @@ def _run(name: str, backend: str, dtype: torch.dtype, *, T: int, B: int, I: int,
     state = None
     leaves = [x]
     if init_state:
-        n = REGISTRY[name].family == "lstm"
-        parts = [torch.randn(LD, B, H, dtype=dtype, generator=gen).requires_grad_() for _ in range(1 + n)]
+        parts = [torch.randn(LD, B, H, dtype=dtype, generator=gen).requires_grad_()
+                 for _ in range(layer.cell.state_size)]
         leaves += parts
-        state = tuple(parts) if n else parts[0]
+        state = tuple(parts) if len(parts) > 1 else parts[0]
     torch.manual_seed(2)  # the masks
     out, final = layer(x, state, lengths=lengths)
     finals = final if isinstance(final, tuple) else (final,)
@@ -77,7 +78,7 @@ def _assert_same(ref, got, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", HAND_WRITTEN)
 def test_matches_reference_full_config(name, dtype):
     """2 layers, bidirectional, odd sizes, variable lengths, given initial states, train mode."""
     kw = dict(T=5, B=3, I=5, H=7, layers=2, bidirectional=True, lengths=[5, 2, 4], init_state=True, train=True)
@@ -115,7 +116,7 @@ SPLITS = {"units": dict(units=True, team=True), "rows-team": dict(units=False, t
 
 
 @pytest.mark.parametrize("how", list(SPLITS))
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", HAND_WRITTEN)
 def test_matches_reference_split_over_threads(name, how, monkeypatch):
     """Three threads, with uneven parts: units (1, 2, 2 of H = 5 each; layer norm and the reset-before GRU
     fall back to rows) or rows (1, 2, 2 of B = 5), in torch's team or on threads of our own."""
@@ -242,14 +243,15 @@ def test_step_matches_reference(name):
 
 
 def test_auto_on_cpu():
-    """auto: native for the plain LSTM, cpu for every other cell (also the plain RNN and GRU, which it runs
-    faster than torch); for a dtype cpu cannot run, native where it applies, else bptt."""
+    """auto: native for the plain LSTM, cpu for every other hand-written cell (also the plain RNN and GRU,
+    which it runs faster than torch), bptt for the others; for a dtype cpu cannot run, native where it
+    applies, else bptt."""
     cpu = torch.device("cpu")
     for name, spec in REGISTRY.items():
         cell = make_cell(spec.family, 8, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         native = kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None
-        expected = "native" if native and spec.family == "lstm" else "cpu"
+        expected = "native" if native and spec.family == "lstm" else "cpu" if name in HAND_WRITTEN else "bptt"
         assert kernels.resolve("auto", cell, cfg, cpu) == expected, name
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.float64) == kernels.resolve("auto", cell, cfg, cpu)
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.bfloat16) == ("native" if native else "bptt")

@@ -130,3 +130,21 @@ def test_viewer_payload_is_quantized_per_unit_and_decodes_back() -> None:
     back = (codes / 127 * np.array(q["scale"])[:, None]).T
     assert np.all(np.abs(back - a) <= np.abs(a).max(0) / 254 + 1e-9)  # half a quantization step per unit
     assert codes[3].tolist() == [0] * 50 and np.abs(codes).max() == 127
+
+
+def test_validation_metrics_get_their_own_figure(tmp_path: Path) -> None:
+    from rnnkit.analysis.report import figures
+
+    d = tmp_path / "run"
+    d.mkdir()
+    recs = [{"kind": "train", "step": 1, "loss": 2.0}, {"kind": "eval", "step": 1, "eval/val_loss": 1.5,
+                                                       "eval/val_cer": 0.4, "eval/val_seq_accuracy": 0.1}]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    figs = figures(d)
+    curve_labels = {name: [line.get_label() for line in f.axes[0].get_lines()] for name, f in figs.items()}
+    import matplotlib.pyplot as plt
+
+    for f in figs.values():
+        plt.close(f)
+    assert curve_labels == {"learning_curve": ["train/loss", "eval/val_loss"],
+                            "validation_curve": ["eval/val_cer", "eval/val_seq_accuracy"]}

@@ -125,6 +125,36 @@ def embed_case(tmp: Path, path: Path) -> Outcome:
     return Outcome(mse, 0.5, (_state(model.net), model.embed(data)), (_state(back.net), back.embed(data)))
 
 
+def label_inputs(tmp: Path) -> list[Path]:
+    """Feature sequences for CTC: symbol 'a' is two steps of (1, 0), 'b' two steps of (0, 1), gaps (0, 0)."""
+    rng = np.random.default_rng(0)
+    arrays, labels = [], []
+    for _ in range(48):
+        lab = "".join(rng.choice(list("ab"), rng.integers(1, 4)))
+        steps = [[0.0, 0.0]] + [v for c in lab for v in ([[1.0, 0.0]] * 2 if c == "a" else [[0.0, 1.0]] * 2)
+                                + [[0.0, 0.0]]]
+        arrays.append(np.array(steps) + rng.normal(0, 0.05, (len(steps), 2)))
+        labels.append(lab)
+    T = max(len(a) for a in arrays)
+    X = np.stack([np.pad(a, ((0, T - len(a)), (0, 0))) for a in arrays])
+    path = tmp / "lines.npz"
+    np.savez(path, X=X, lengths=np.array([len(a) for a in arrays]), labels=np.array(labels))
+    return [path]
+
+
+def label_case(tmp: Path, path: Path) -> Outcome:
+    from rnnkit.tasks import label as L
+
+    data = L.read_label_set(path)
+    cfg = load_config(L.LabelConfig, None, {"model.hidden": 12, "model.layers": 1, "data.stack": 1,
+                                            "data.val_fraction": 0.0, "trainer.steps": 120, "trainer.epochs": None,
+                                            "trainer.batch_size": 16, "trainer.optim.lr": 0.02})
+    model = L.train(data, cfg, tmp / "run")
+    back = L.Labeller.load(tmp / "run")
+    return Outcome(model.evaluate(data)["greedy_cer"], 0.1, (_state(model.net), np.concatenate(model.log_probs(data))),
+                   (_state(back.net), np.concatenate(back.log_probs(data))))
+
+
 def _sine_csv(path: Path, n: int = 240, spike: int | None = None) -> Path:
     t = np.arange(n)
     y = 10 + np.sin(2 * np.pi * t / 12) + np.random.default_rng(1).normal(0, 0.02, n)
@@ -205,6 +235,7 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], Callable[..., Outcome]]] = 
     "anomaly-reconstruction": (anomaly_inputs,
                                lambda tmp, *paths: anomaly_case(tmp, *paths, detector="reconstruction")),
     "experiment": (experiment_inputs, experiment_case),
+    "label": (label_inputs, label_case),
 }
 
 

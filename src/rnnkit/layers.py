@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import kernels
-from .cells import REGISTRY, make_cell
+from .cells import make_cell
+from .cells import resolve as resolve_cell
 from .kernels import native
 from .kernels.common import LayerMasks
 
-StateArg = Tensor | tuple[Tensor, Tensor] | None
+StateArg = Tensor | tuple[Tensor, ...] | None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -43,10 +44,14 @@ def _check_prob(name: str, value: Any) -> float:
 
 
 class Recurrent(nn.Module):
-    """A stack of recurrent layers of one cell family; see :class:`LSTM`, :class:`GRU`, :class:`RNN`.
+    """A stack of recurrent layers of one cell; see :class:`LSTM`, :class:`GRU`, :class:`RNN`.
+
+    The state is one tensor h for a cell with one state, else a tuple with one tensor per state of the
+    cell's declaration (``(h, c)`` for the LSTM; ``layer.cell.state_names``).
 
     Args:
-        family: "rnn", "lstm" or "gru".
+        family: a cell family of :data:`rnnkit.cells.FAMILIES` ("rnn", "lstm", "gru", "slstm", ...) or
+            a :class:`rnnkit.cells.Declaration` (a cell written with :func:`rnnkit.cells.declare`).
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as torch.nn.
         recurrent_dropout: variational dropout on h inside the recurrence (one mask per sequence,
             Gal & Ghahramani 2016), training only.
@@ -72,6 +77,11 @@ class Recurrent(nn.Module):
         self.recurrent_dropout = _check_prob("recurrent_dropout", recurrent_dropout)
         self.zoneout = _check_prob("zoneout", zoneout)
         self.cell = make_cell(family, hidden_size, bias=self.bias, **cell_options)
+        self._default_options = make_cell(family, 1, bias=self.bias).options()
+        for k in range(self.num_layers):
+            reason = self.cell.check_input_size(input_size if k == 0 else hidden_size * self.num_directions)
+            if reason is not None:
+                raise ValueError(f"{'input_size' if k == 0 else f'layer {k} input'}: {reason}")
         self.layer_config = kernels.LayerConfig(self.recurrent_dropout, self.zoneout)
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {backend!r}")
@@ -89,15 +99,15 @@ class Recurrent(nn.Module):
         else:
             raise errors[0]
         factory = {"device": device, "dtype": dtype}
-        G, H, D = self.cell.gates, hidden_size, self.num_directions
+        G, GR, H, D = self.cell.gates, self.cell.rec_gates, hidden_size, self.num_directions
         self._param_names: list[dict[str, str]] = []
         for k in range(self.num_layers):
             for d in range(D):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
                 in_size = input_size if k == 0 else H * D
-                shapes = {"weight_ih": (G * H, in_size), "weight_hh": (G * H, H)}
+                shapes = {"weight_ih": (G * H, in_size), "weight_hh": (GR * H, H)}
                 if self.bias:
-                    shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
+                    shapes.update(bias_ih=(G * H,), bias_hh=(GR * H,))
                 shapes.update(self.cell.extra_shapes())
                 names = {}
                 for base, shape in shapes.items():
@@ -145,15 +155,15 @@ class Recurrent(nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
+        if type(self) is Recurrent:  # the cell is not implied by the class name
+            s = f"{self.cell.name!r}, " + s
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0),
                               ("bidirectional", False), ("recurrent_dropout", 0.0), ("zoneout", 0.0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
-        opts = self.cell.options()
-        defaults = make_cell(self.cell.family, 1, bias=self.bias).options()
-        s += "".join(f", {k}={v!r}" for k, v in opts.items() if defaults.get(k) != v)
+        s += "".join(f", {k}={v!r}" for k, v in self.cell.options().items() if self._default_options.get(k) != v)
         try:
             device = next(self.parameters()).device
             resolved = self.backend_for(device)
@@ -169,7 +179,8 @@ class Recurrent(nn.Module):
 
         Args:
             input: (T, B, I), (B, T, I) if ``batch_first``, unbatched (T, I), or a ``PackedSequence``.
-            state: initial state in torch.nn layout ((h0, c0) for LSTM, h0 otherwise), zeros if None.
+            state: initial state in torch.nn layout: h0 for a one-state cell, else a tuple with one tensor
+                per state ((h0, c0) for LSTM), each (L*D, B, H); zeros if None.
             lengths: (B,) valid lengths in any order (CPU or the input's device); outputs past each
                 length are zero and the final state is the state at each sequence's last valid step.
         Returns:
@@ -193,12 +204,12 @@ class Recurrent(nn.Module):
             # 0 * nan is nan: zero the padding so nothing it holds reaches outputs, states or gradients
             valid = torch.arange(T).unsqueeze(1) < lens.unsqueeze(0)  # (T, B)
             x = torch.where(valid.to(x.device).unsqueeze(-1), x, x.new_zeros(()))
-        h0, c0 = self._check_state(state, x, B, unbatched)
+        state0 = self._check_state(state, x, B, unbatched)
         name = self.backend_for(x.device, variable_lengths=lens is not None, dtype=x.dtype)
         if name == "native":
-            out, final = self._run_native(x, h0, c0, lens)
+            out, final = self._run_native(x, state0, lens)
         else:
-            out, final = self._run_layers(kernels.BACKENDS[name].run, x, h0, c0, lens)
+            out, final = self._run_layers(kernels.BACKENDS[name].run, x, state0, lens)
         if packed:
             out = pack_padded_sequence(out, pack_lens, enforce_sorted=False)
         elif self.batch_first:
@@ -206,7 +217,7 @@ class Recurrent(nn.Module):
         if unbatched:
             out = out.squeeze(1)
             final = tuple(s.squeeze(1) for s in final)
-        return out, (final if self.cell.state_size == 2 else final[0])
+        return out, (final if self.cell.state_size > 1 else final[0])
 
     def step(self, x_t: Tensor, state: StateArg = None) -> tuple[Tensor, StateArg]:
         """One time step for streaming inference: ``x_t`` (B, I) or (I,); same numbers as ``forward``."""
@@ -272,16 +283,18 @@ class Recurrent(nn.Module):
                              f"got {lens[bad].tolist()} at positions {bad.nonzero().flatten().tolist()}")
         return lens
 
-    def _check_state(self, state: StateArg, x: Tensor, B: int, unbatched: bool) -> tuple[Tensor, Tensor | None]:
+    def _check_state(self, state: StateArg, x: Tensor, B: int, unbatched: bool) -> tuple[Tensor, ...]:
+        """The initial state as one (L*D, B, H) tensor per state of the cell."""
         LD, H = self.num_layers * self.num_directions, self.hidden_size
-        is_lstm = self.cell.state_size == 2
+        names = self.cell.state_names
         if state is None:
-            z = x.new_zeros(LD, B, H)
-            return z, (x.new_zeros(LD, B, H) if is_lstm else None)
-        if is_lstm:
-            if not (isinstance(state, (tuple, list)) and len(state) == 2):
-                raise TypeError(f"state: expected a tuple (h0, c0) for an LSTM, got {type(state).__name__}")
-            parts = {"state[0] (h0)": state[0], "state[1] (c0)": state[1]}
+            return tuple(x.new_zeros(LD, B, H) for _ in names)
+        if len(names) > 1:
+            if not (isinstance(state, (tuple, list)) and len(state) == len(names)):
+                raise TypeError(f"state: expected a tuple of {len(names)} tensors ({', '.join(n + '0' for n in names)})"
+                                f" for cell {self.cell.name!r}, got {type(state).__name__}"
+                                + (f" of length {len(state)}" if isinstance(state, (tuple, list)) else ""))
+            parts = {f"state[{k}] ({n}0)": s for k, (n, s) in enumerate(zip(names, state))}
         else:
             if not isinstance(state, Tensor):
                 raise TypeError(f"state: expected a Tensor h0, got {type(state).__name__}")
@@ -299,15 +312,15 @@ class Recurrent(nn.Module):
             if s.device != x.device:
                 raise ValueError(f"{name}: on {s.device} but the input is on {x.device}")
             out.append(s.unsqueeze(1) if unbatched else s)
-        return out[0], (out[1] if is_lstm else None)
+        return tuple(out)
 
     # ---- running -----------------------------------------------------------------------------
-    def _run_native(self, x: Tensor, h0: Tensor, c0: Tensor | None, lens: Tensor | None):
+    def _run_native(self, x: Tensor, state0: tuple[Tensor, ...], lens: Tensor | None):
         flat = []
         for names in self._param_names:
             flat += [getattr(self, names[b]) for b in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                      if b in names]
-        hx = (h0, c0) if c0 is not None else h0
+        hx = state0 if len(state0) > 1 else state0[0]
         out, final = native.run_stack(self.cell.native, x, hx, flat, bias=self.bias, num_layers=self.num_layers,
                                       dropout=self.dropout, training=self.training,
                                       bidirectional=self.bidirectional, lengths=lens)
@@ -331,7 +344,7 @@ class Recurrent(nn.Module):
             keep = tuple(keep)
         return LayerMasks(hmask, keep, active)
 
-    def _run_layers(self, run, x: Tensor, h0: Tensor, c0: Tensor | None, lens: Tensor | None):
+    def _run_layers(self, run, x: Tensor, state0: tuple[Tensor, ...], lens: Tensor | None):
         T, B = x.shape[0], x.shape[1]
         D = self.num_directions
         active = rev = None
@@ -353,7 +366,7 @@ class Recurrent(nn.Module):
             outs = []
             for d in range(D):
                 i = k * D + d
-                s0 = (h0[i], c0[i]) if c0 is not None else (h0[i],)
+                s0 = tuple(s[i] for s in state0)
                 masks = self._masks(T, B, active, x)
                 xin = layer_in if d == 0 else flip(layer_in)
                 out, sT = run(self.cell, xin, s0, self.layer_weights(k, d), masks)
@@ -385,19 +398,22 @@ class LSTM(Recurrent):
     r"""LSTM stack, a drop-in for ``torch.nn.LSTM`` with the studied variants (see :class:`rnnkit.cells.LSTMCell`).
 
     Extra keyword options: ``peephole``, ``coupled``, ``drop_gates``, ``output_activation``,
-    ``forget_bias`` (default 1.0), ``layer_norm``, ``recurrent_dropout``, ``zoneout``, ``backend``.
+    ``forget_bias`` (default 1.0), ``layer_norm``, ``gate_activation``, ``candidate_activation``,
+    ``recurrent_dropout``, ``zoneout``, ``backend``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, *,
                  peephole: bool = False, coupled: bool = False, drop_gates: Sequence[str] = (),
                  output_activation: bool = True, forget_bias: float = 1.0, layer_norm: bool = False,
+                 gate_activation: str = "sigmoid", candidate_activation: str = "tanh",
                  recurrent_dropout: float = 0.0, zoneout: float = 0.0, backend: str = "auto",
                  device=None, dtype=None) -> None:
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout, backend=backend, device=device,
                          dtype=dtype, peephole=peephole, coupled=coupled, drop_gates=drop_gates,
-                         output_activation=output_activation, forget_bias=forget_bias, layer_norm=layer_norm)
+                         output_activation=output_activation, forget_bias=forget_bias, layer_norm=layer_norm,
+                         gate_activation=gate_activation, candidate_activation=candidate_activation)
 
 
 class GRU(Recurrent):
@@ -419,9 +435,10 @@ LAYERS: dict[str, type[Recurrent]] = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 
 def build(cell: str, input_size: int, hidden_size: int, **kwargs: Any) -> Recurrent:
-    """Build a layer stack from a registry name (``rnnkit.cells.REGISTRY``); ``kwargs`` override."""
-    if cell not in REGISTRY:
-        raise ValueError(f"cell: expected one of {sorted(REGISTRY)}, got {cell!r}")
-    spec = REGISTRY[cell]
+    """Build a layer stack from a registry name (``rnnkit.cells.REGISTRY``) or a user's declaration
+    ``"path/to/file.py:NAME"`` (:func:`rnnkit.cells.resolve`); ``kwargs`` override the entry's options."""
+    spec = resolve_cell(cell)
     options = {**spec.options, **kwargs}
-    return LAYERS[spec.family](input_size, hidden_size, **options)
+    if spec.family in LAYERS:
+        return LAYERS[spec.family](input_size, hidden_size, **options)
+    return Recurrent(spec.family, input_size, hidden_size, **options)

@@ -24,28 +24,23 @@ from torch import Tensor
 from ..cells.base import Cell
 from ..layers import Recurrent
 
-#: Which entries of each cell family's pointwise ``saved`` tuple are gate activations.
-_GATES = {
-    "lstm": {"i": 1, "f": 2, "g": 3, "o": 4},
-    "gru": {"r": 1, "z": 2, "n": 3},
-    "rnn": {},
-}
-#: Gates whose values lie in (0, 1) (sigmoids), for saturation statistics.
-SIGMOID_GATES = ("i", "f", "o", "r", "z")
-
 
 @dataclass
 class Trace:
     """What :func:`trace` recorded.
 
     Attributes:
-        family: "rnn", "lstm" or "gru".
-        steps: per layer, per step, ``{name: (B, H) tensor}`` for the states ``h`` (and ``c``) and gates.
-            Dropped LSTM gates (fixed at 1) are absent; with ``coupled`` ``f`` is ``1 - i``.
+        family: the cell's name ("rnn", "lstm", "gru", or a declared cell's).
+        steps: per layer, per step, ``{name: (B, H) tensor}`` for every state (``h``, ``c``, ...) and gate.
+            The gates are the declaration's (``Declaration.gates``): dropped LSTM gates (fixed at 1) are
+            absent; with ``coupled`` ``f`` is ``1 - i``.
+        gate_names: the declaration's gates; ``unit_gates``: those with values in [0, 1] (sigmoids).
     """
 
     family: str
     steps: list[list[dict[str, Tensor]]] = field(default_factory=list)
+    gate_names: tuple[str, ...] = ()
+    unit_gates: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -64,7 +59,7 @@ class Trace:
 
     def gates(self, layer: int = -1) -> dict[str, Tensor]:
         """The gate activations of one layer, (T, B, H) each."""
-        return {g: self.get(g, layer) for g in _GATES[self.family] if g in self.steps[layer][0]}
+        return {g: self.get(g, layer) for g in self.gate_names if g in self.steps[layer][0]}
 
 
 def _rec(cell: Cell, w: dict) -> Callable[..., Tensor]:
@@ -103,32 +98,29 @@ def trace(layer: Recurrent, x: Tensor, state=None, *, lengths: Tensor | Sequence
     xt, unbatched = layer._check_input(x)
     T, B = xt.shape[0], xt.shape[1]
     lens = None if lengths is None else layer._check_lengths(lengths, B, T, xt.device)
-    h0, c0 = layer._check_state(state, xt, B, unbatched)
+    state0 = layer._check_state(state, xt, B, unbatched)
     cell = layer.cell
     zoneout = layer.zoneout
     active = None
     if lens is not None:
         active = (torch.arange(T).unsqueeze(1) < lens.unsqueeze(0)).to(xt.device, xt.dtype).unsqueeze(-1)
-    out = Trace(cell.family)
+    out = Trace(cell.family, gate_names=cell.declaration.gates, unit_gates=cell.declaration.sigmoid_gates())
     layer_in = xt
     for k in range(layer.num_layers):
         w = layer.layer_weights(k)
         xg = cell.project_input(layer_in, w)  # (T, B, G*H)
         rec = _rec(cell, w)
-        st = (h0[k], c0[k]) if c0 is not None else (h0[k],)
+        st = tuple(s[k] for s in state0)
         steps: list[dict[str, Tensor]] = []
         outs = []
         for t in range(T):
-            new, saved = cell.forward(xg[t], st, rec, w)
+            new, named = cell.values(xg[t], st, rec, w)
             keep = zoneout if active is None else 1 - active[t] * (1 - zoneout)
             if not (isinstance(keep, float) and keep == 0.0):
                 new = tuple(keep * p + (1 - keep) * n for p, n in zip(st, new))
-            rec_t = {"h": new[0]}
-            if len(new) == 2:
-                rec_t["c"] = new[1]
-            for g, idx in _GATES[cell.family].items():
-                if saved[idx] is not None:
-                    rec_t[g] = saved[idx].detach()
+            rec_t = dict(zip(cell.state_names, new))
+            for g in out.gate_names:
+                rec_t[g] = named[g].detach()
             if retain_grad:
                 for s in new:
                     if s.requires_grad:
@@ -239,7 +231,7 @@ def capture_text_run(run_dir, text: str, max_chars: int = 4000) -> tuple[dict, d
         raise ValueError(f"text: {len(text)} characters; at most {max_chars} fit in the viewer")
     layer, x = _text_run_inputs(run_dir, text)
     tr = trace(layer, x)
-    stats = None if layer.cell.family == "rnn" else gate_statistics(layer, x, traced=tr)
+    stats = gate_statistics(layer, x, traced=tr) if tr.unit_gates else None
     return text_activations(text, tr), stats
 
 
@@ -259,5 +251,4 @@ def _text_run_inputs(run_dir, text: str) -> tuple[Recurrent, Tensor]:
     return layer, (x.transpose(0, 1) if layer.batch_first else x)
 
 
-__all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "capture_text_run",
-           "SIGMOID_GATES"]
+__all__ = ["Trace", "trace", "text_features", "correlated_units", "text_activations", "capture_text_run"]

@@ -1,6 +1,7 @@
 r"""Gate statistics (Karpathy, Johnson & Fei-Fei 2015): how often each gate is saturated.
 
-For every sigmoid gate (LSTM ``i, f, o``; GRU ``r, z``) and every unit, the fraction of time steps
+For every gate with values in [0, 1] (named in the cell's declaration: LSTM ``i, f, o``; GRU ``r, z``;
+any declared cell's sigmoid gates) and every unit, the fraction of time steps
 (over a batch of sequences) at which the gate is *left-saturated* (value < 0.1) and
 *right-saturated* (value > 0.9), plus a histogram of all its values. A gate that is mostly
 saturated acts as a switch; a forget gate right-saturated most of the time is a memory unit.
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..layers import Recurrent
-from .capture import SIGMOID_GATES, Trace, trace
+from .capture import Trace, trace
 
 LEFT, RIGHT = 0.1, 0.9
 
@@ -65,7 +66,7 @@ def gate_statistics(layer: Recurrent, x: Tensor, *, lengths: Tensor | Sequence[i
     for k in range(tr.num_layers):
         entry = {}
         for g, v in tr.gates(k).items():
-            if g not in SIGMOID_GATES:
+            if g not in tr.unit_gates:
                 continue
             lf, rf = saturation(v, mask=mask)
             flat = v.detach().double().flatten(0, 1)  # (T*B, H)

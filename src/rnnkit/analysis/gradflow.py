@@ -31,7 +31,7 @@ from .capture import trace
 
 def gradient_flow(layer: Recurrent, x: Tensor, loss_fn: Callable[[Tensor], Tensor], *,
                   lengths: Tensor | Sequence[int] | None = None, layer_index: int = -1) -> dict[str, list[float]]:
-    r"""Per-step gradient norms :math:`\lVert\partial L / \partial h_t\rVert` (and ``c_t``) of one layer.
+    r"""Per-step gradient norms :math:`\lVert\partial L / \partial s_t\rVert` of every state of one layer.
 
     Args:
         layer: a unidirectional rnnkit layer stack.
@@ -41,7 +41,8 @@ def gradient_flow(layer: Recurrent, x: Tensor, loss_fn: Callable[[Tensor], Tenso
         lengths: optional valid lengths, as for ``layer.forward``.
         layer_index: which layer's states to report.
     Returns:
-        ``{"h": [g_0, ..., g_{T-1}], "c": [...] (LSTM only)}``: geometric means over the batch of the
+        ``{"h": [g_0, ..., g_{T-1}], "c": [...], ...}`` (one entry per state of the cell's declaration:
+        ``c`` for the LSTM, ``c, n, m`` for the sLSTM): geometric means over the batch of the
         per-sequence L2 norms (zeros count as 1e-30 so the logarithm exists).
     """
     params = [p for p in layer.parameters()]
@@ -55,7 +56,7 @@ def gradient_flow(layer: Recurrent, x: Tensor, loss_fn: Callable[[Tensor], Tenso
             loss = loss_fn(out)
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn: expected a scalar loss, got shape {tuple(loss.shape)}")
-            names = [n for n in ("h", "c") if n in tr.steps[layer_index][0]]
+            names = list(layer.cell.state_names)
             states = [s[n] for s in tr.steps[layer_index] for n in names]
             grads = torch.autograd.grad(loss, states, allow_unused=True)
     finally:

@@ -60,10 +60,11 @@ def learning_curve(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
 
 def gradient_flow(curves: Mapping[str, Mapping[str, Sequence[float]]], *, title: str = "") -> Figure:
-    r"""Norm of dL_T/dh_t (solid) and dL_T/dc_t (dashed) against t, log scale, one colour per model.
+    r"""Norm of dL_T/dh_t (solid), dL_T/dc_t (dashed) and of any further state (dotted, dash-dot) against t,
+    log scale, one colour per model.
 
     Args:
-        curves: ``{label: {"h": [...], "c": [...]}}``; a label starting with a family name
+        curves: ``{label: {"h": [...], "c": [...], ...}}`` (one entry per state); a label starting with a family name
             ("rnn", "lstm", "gru") gets that family's colour; "untrained" in it gives a faint line.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -71,7 +72,9 @@ def gradient_flow(curves: Mapping[str, Mapping[str, Sequence[float]]], *, title:
         fam = next((f for f in ("lstm", "gru", "rnn") if label.lower().startswith(f)), None)
         color = _COLORS.get(fam)
         alpha = 0.45 if "untrained" in label else 1.0
-        for name, ls in (("h", "-"), ("c", "--")):
+        others = [n for n in g if n not in ("h", "c")]
+        styles = [("h", "-"), ("c", "--"), *zip(others, [":", "-."] * len(others))]
+        for name, ls in styles:
             if name in g and len(g[name]):
                 y = np.maximum(np.asarray(g[name], dtype=float), 1e-30)
                 ax.plot(np.arange(len(y)), y, ls=ls, color=color, alpha=alpha,

@@ -2,7 +2,8 @@
 
 :func:`build_report` reads what a run directory holds and renders every section it can:
 
-* learning curves from ``metrics.jsonl`` (with the task's baseline from ``experiment.json``),
+* learning curves from ``metrics.jsonl`` (with the task's baseline from ``experiment.json``), and the
+  validation metrics that are not losses (error rates, accuracies) in a figure of their own,
 * the gradient-flow plot from ``gradient_flow.json``,
 * gate histograms and saturation scatter from ``gate_stats.json``,
 * the cell-activation viewer from ``activations.json`` (a (text, activations) pair, see
@@ -96,6 +97,12 @@ def figures(run_dir: Path) -> dict[str, Any]:
         figs["learning_curve"] = plots.learning_curve(main or series, ylabel=exp.get("metric", "value"),
                                                       baseline=exp.get("baseline"),
                                                       title=f"{exp.get('task', run_dir.name)}: learning curve")
+        # the validation metrics that are not losses (error rates, accuracies), on their own scale
+        scores = {k: v for k, v in series.items() if k.startswith("eval/") and not k.endswith("loss")
+                  and k not in main}
+        if scores:
+            figs["validation_curve"] = plots.learning_curve(scores, ylabel="value", log_y=False,
+                                                            title=f"{exp.get('task', run_dir.name)}: validation")
     gf = _read_json(run_dir / "gradient_flow.json")
     if gf:
         figs["gradient_flow"] = plots.gradient_flow(gf.get("curves", gf), title=gf.get("title", ""))
@@ -258,14 +265,14 @@ def build_report(run_dir: str | Path) -> str:
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
                        for k, v in final.items())
         parts.append(f"<h2>Result</h2><table>{rows}</table>")
-    titles = {"learning_curve": "Learning curve", "gradient_flow": "Gradient flow through time",
-              "gate_statistics": "Gate statistics"}
+    titles = {"learning_curve": "Learning curve", "validation_curve": "Validation metrics",
+              "gradient_flow": "Gradient flow through time", "gate_statistics": "Gate statistics"}
     for name, fig in figures(run_dir).items():
         parts.append(f'<h2 id="{name}">{titles.get(name, name)}</h2>' + _img(plots.to_png_bytes(fig), name))
     act = _read_json(run_dir / "activations.json")
     if act:
         parts.append(_viewer(act))
-    own = {"learning_curve.png", "gradient_flow.png", "gate_statistics.png"}
+    own = {f"{name}.png" for name in titles}
     for png in sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png")):
         if png.name not in own:
             parts.append(f"<h2>{html.escape(png.stem)}</h2>" + _img(png.read_bytes(), png.stem))

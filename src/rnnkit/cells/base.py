@@ -4,7 +4,8 @@ A cell is pure math: it owns no parameters and no time loop. It declares the sha
 parameters, computes one step in plain torch (``step``, the oracle used by the ``reference``
 kernel), and provides the pointwise forward/backward that the BPTT kernels call around their
 matmuls. Kernels own the time loop, the matmuls (through the ``rec`` callables below) and what
-is kept for the backward pass.
+is kept for the backward pass. Every cell of rnnkit is a :class:`~rnnkit.cells.compile.DeclaredCell`,
+which derives all three from the cell's declaration.
 
 Names follow the equations: ``x`` input, ``h``/``c`` states, ``W`` = ``weight_ih``,
 ``R`` = ``weight_hh``, ``G`` gates per cell, ``H`` hidden size, ``B`` batch.
@@ -23,7 +24,7 @@ from torch import Tensor
 State = tuple[Tensor, ...]
 Weights = dict[str, Tensor | None]
 
-# Layer-norm epsilon shared by the plain-torch step and the hand-derived kernels.
+# Layer-norm epsilon shared by the derived step and backward and the hand-written kernels.
 LN_EPS = 1e-5
 
 
@@ -52,9 +53,11 @@ class Cell(abc.ABC):
     """Base class of a cell definition for a fixed hidden size and variant options.
 
     Attributes:
-        family: "rnn", "lstm" or "gru".
-        gates: G, the number of gate blocks in ``weight_ih`` / ``weight_hh`` rows (G * H rows).
-        state_size: 1 for (h,), 2 for (h, c).
+        family: the family that built it ("rnn", "lstm", "gru", ...; a declared cell's name otherwise).
+        gates: G, the number of gate blocks in ``weight_ih`` rows (G * H rows).
+        rec_gates: the number of gate blocks in ``weight_hh`` rows (equal to G for torch.nn's cells).
+        state_size: the number of state tensors, each (B, H); the first is the output.
+        state_names: their names.
         rec_parts: gate counts of the recurrent projections, in row order.
         rec_bias: whether the kernel's ``rec`` adds ``bias_hh`` (False for layer-norm cells,
             which add it after normalising, inside the pointwise math).
@@ -63,6 +66,8 @@ class Cell(abc.ABC):
     family: str = ""
     gates: int = 1
     state_size: int = 1
+    rec_gates: int = 1
+    state_names: tuple[str, ...] = ("h",)
     rec_parts: tuple[int, ...] = (1,)
 
     def __init__(self, hidden_size: int, *, bias: bool = True, layer_norm: bool = False) -> None:
@@ -79,19 +84,9 @@ class Cell(abc.ABC):
         """The variant options that define this cell (for repr, registry and configs)."""
         return {"layer_norm": self.layer_norm}
 
+    @abc.abstractmethod
     def extra_shapes(self) -> dict[str, tuple[int, ...]]:
         """Cell-specific parameters beyond torch.nn's four, by base name (no ``_l{k}`` suffix)."""
-        GH = self.gates * self.hidden_size
-        if self.layer_norm:
-            return {"ln_weight_ih": (GH,), "ln_weight_hh": (GH,)}
-        return {}
-
-    def pointwise_names(self) -> tuple[str, ...]:
-        """Names of weights the pointwise forward/backward read and return gradients for."""
-        names = tuple(self.extra_shapes())
-        if self.layer_norm and self.bias:
-            names += ("bias_hh",)
-        return names
 
     @property
     def native(self) -> str | None:
@@ -99,27 +94,18 @@ class Cell(abc.ABC):
         return None
 
     # ---- initialisation ----------------------------------------------------------------------
+    @abc.abstractmethod
     def init_extra(self, name: str, p: Tensor) -> None:
-        if name.startswith("ln_weight"):
-            torch.nn.init.ones_(p)
-        elif name.startswith("ln_bias"):
-            torch.nn.init.zeros_(p)
-        else:
-            k = self.hidden_size**-0.5
-            torch.nn.init.uniform_(p, -k, k)
+        """Initialise the extra parameter ``name`` (see :meth:`extra_shapes`) in place."""
 
     def init_biases(self, bias_ih: Tensor, bias_hh: Tensor) -> None:
         """Adjust the torch-style U(-k, k) bias init (e.g. the forget-gate bias). Default: keep."""
         return None
 
     # ---- math --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def project_input(self, x: Tensor, w: Weights) -> Tensor:
         """Input pre-activations for all steps at once, with autograd: (T, B, I) -> (T, B, G*H)."""
-        if self.layer_norm:
-            GH = self.gates * self.hidden_size
-            xg = F.layer_norm(F.linear(x, w["weight_ih"]), (GH,), w["ln_weight_ih"], None, LN_EPS)
-            return add_bias(xg, w["bias_ih"])
-        return F.linear(x, w["weight_ih"], w["bias_ih"])
 
     def rec_plain(self, h: Tensor, w: Weights, part: int, hmask: Tensor | None) -> Tensor:
         """Plain-torch recurrent projection of one part (including layer norm), for ``step``."""
@@ -156,9 +142,9 @@ class Cell(abc.ABC):
         stop = start + self.rec_parts[part] * H
         u_hat, rstd = ln_saved
         du, dgain = ln_backward(dy, u_hat, rstd, w["ln_weight_hh"][start:stop])
-        _accumulate(grads, "ln_weight_hh", dgain, start, stop, self.gates * H)
+        _accumulate(grads, "ln_weight_hh", dgain, start, stop, self.rec_gates * H)
         if w["bias_hh"] is not None:
-            _accumulate(grads, "bias_hh", dy.sum(0), start, stop, self.gates * H)
+            _accumulate(grads, "bias_hh", dy.sum(0), start, stop, self.rec_gates * H)
         return du
 
     @abc.abstractmethod
@@ -182,7 +168,8 @@ class Cell(abc.ABC):
             rec_t: ``rec_t(d_out, part)`` returns the gradient w.r.t. that part's recurrent input
                 (``d_out @ R_part``) and lets the kernel accumulate the weight gradient.
         Returns:
-            (d xg (B, G*H), gradient w.r.t. the previous state, {name: grad} for pointwise_names()).
+            (d xg (B, G*H), gradient w.r.t. the previous state, {name: grad} for the extra parameters, and ``bias_hh``
+            when it is added after a layer norm).
         """
 
     def __repr__(self) -> str:

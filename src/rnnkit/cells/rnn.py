@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from .base import Cell, State, Weights
+from .compile import DeclaredCell
+from .declare import Declaration, declare
 
 
-class ElmanCell(Cell):
+@functools.cache
+def elman_declaration(*, nonlinearity: str = "tanh", layer_norm: bool = False) -> Declaration:
+    """The equation of an Elman RNN (see :class:`ElmanCell`)."""
+    return declare("rnn", states="h", equations=f"xa = W(x); ha = R(h); h' = {nonlinearity}(xa + ha)",
+                   layer_norm=layer_norm)
+
+
+class ElmanCell(DeclaredCell):
     r"""Elman recurrent cell.
 
     .. math::
@@ -25,45 +30,14 @@ class ElmanCell(Cell):
     """
 
     family = "rnn"
-    gates = 1
-    state_size = 1
-    rec_parts = (1,)
 
     def __init__(self, hidden_size: int, *, bias: bool = True, nonlinearity: str = "tanh",
                  layer_norm: bool = False) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
-        super().__init__(hidden_size, bias=bias, layer_norm=layer_norm)
         self.nonlinearity = nonlinearity
+        super().__init__(elman_declaration(nonlinearity=nonlinearity, layer_norm=bool(layer_norm)), hidden_size,
+                         bias=bias)
 
     def options(self) -> dict[str, Any]:
-        return {"nonlinearity": self.nonlinearity, **super().options()}
-
-    @property
-    def native(self) -> str | None:
-        return None if self.layer_norm else f"rnn_{self.nonlinearity}"
-
-    def _act(self, a: Tensor) -> Tensor:
-        return torch.tanh(a) if self.nonlinearity == "tanh" else F.relu(a)
-
-    def step(self, x: Tensor, state: State, w: Weights, hmask: Tensor | None = None) -> State:
-        (h,) = state
-        a = self.project_input(x, w) + self.rec_plain(h, w, 0, hmask)
-        return (self._act(a),)
-
-    def forward(self, xg, state, rec, w):
-        (h,) = state
-        hg, ln = self.rec_norm(rec(h), w, 0)
-        h_new = self._act(xg + hg)
-        return (h_new,), (h_new, ln)
-
-    def backward(self, dstate, saved, rec_t, w):
-        (dh,) = dstate
-        h_new, ln = saved
-        if self.nonlinearity == "tanh":
-            da = dh * (1 - h_new * h_new)
-        else:
-            da = dh * (h_new > 0).to(dh.dtype)
-        grads: dict[str, Tensor] = {}
-        dh_prev = rec_t(self.rec_norm_backward(da, ln, w, 0, grads), 0)
-        return da, (dh_prev,), grads
+        return {"nonlinearity": self.nonlinearity, "layer_norm": self.layer_norm}

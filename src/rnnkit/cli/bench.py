@@ -47,7 +47,14 @@ app = typer.Typer(help="Benchmark the kernels: every cell and backend against to
 FULL_GRID = {"T": (50, 200), "B": (1, 8, 32, 64), "H": (64, 128, 256, 512, 1024)}
 QUICK_GRID = {"T": (50,), "B": (8, 32), "H": (128, 256)}
 MODES = ("fwd", "fwdbwd")
-TORCH_BASELINES = {"lstm": "torch.nn.LSTM", "gru": "torch.nn.GRU", "rnn": "torch.nn.RNN"}
+TORCH_BASELINES = {"lstm": "torch.nn.LSTM", "gru": "torch.nn.GRU", "rnn": "torch.nn.RNN", "slstm": "torch.nn.LSTM",
+                   "mut1": "torch.nn.GRU", "mut2": "torch.nn.GRU", "mut3": "torch.nn.GRU"}
+LOOP_FAMILIES = ("lstm", "gru", "rnn")  # the families with a plain Python loop baseline (``loop:<family>``)
+
+
+def _torch_baseline(family: str) -> str:
+    """The torch.nn module a cell family is compared with (torch.nn.LSTM for a user's cell)."""
+    return TORCH_BASELINES.get(family, "torch.nn.LSTM")
 # The issue's variant targets (at most 1.5x torch.nn.LSTM, >= 4x faster than the loop) cover these.
 VARIANTS = ("lstm_peephole", "lstm_cifg", "lstm_nfg", "lstm_nig", "lstm_nog", "lstm_noact", "lstm_ln",
             "lstm_peephole_ln", "lstm_rdrop", "lstm_zoneout")
@@ -223,25 +230,26 @@ def _time_round_robin(calls: list[Callable[[], None]], device: torch.device, war
 def _runners(cells: list[str], backends: list[str] | None, H: int, device: torch.device,
              with_reference: bool) -> list[Runner]:
     from .. import kernels
-    from ..cells import REGISTRY, make_cell
+    from ..cells import make_cell
+    from ..cells import resolve as resolve_cell
     from ..layers import build
 
     out = [Runner("torch.nn.LSTM", "torch.nn.LSTM", "torch", "lstm", nn.LSTM(H, H)),
            Runner("torch.nn.GRU", "torch.nn.GRU", "torch", "gru", nn.GRU(H, H)),
            Runner("torch.nn.RNN", "torch.nn.RNN", "torch", "rnn", nn.RNN(H, H))]
-    families = sorted({REGISTRY[c].family for c in cells})
+    families = sorted({resolve_cell(c).family_name for c in cells} & set(LOOP_FAMILIES))
     out += [Runner(f"loop:{f}", f"loop:{f}", "loop", f, _Loop(f, H)) for f in families]
     for name in cells:
-        spec = REGISTRY[name]
+        spec = resolve_cell(name)
         cell = make_cell(spec.family, H, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         for b in kernels.working_backends(cell, cfg, device):
-            if backends is not None and b not in backends:
+            if (b not in backends) if backends is not None else kernels.BACKENDS[b].experimental:
                 continue
             if b == "reference" and not with_reference:
                 continue
             module = build(name, H, H, backend=b)
-            out.append(Runner(f"{name}/{b}", name, b, spec.family, module))
+            out.append(Runner(f"{name}/{b}", name, b, spec.family_name, module))
     for r in out:
         r.module.to(device).train(True)
     return out
@@ -250,9 +258,10 @@ def _runners(cells: list[str], backends: list[str] | None, H: int, device: torch
 def auto_choice(cell_name: str, device: torch.device) -> str:
     """The backend ``auto`` picks for a registry cell on ``device``."""
     from .. import kernels
-    from ..cells import REGISTRY, make_cell
+    from ..cells import make_cell
+    from ..cells import resolve as resolve_cell
 
-    spec = REGISTRY[cell_name]
+    spec = resolve_cell(cell_name)
     cell = make_cell(spec.family, 8, **spec.cell_options)
     return kernels.resolve("auto", cell, kernels.LayerConfig(**spec.layer_options), device)
 
@@ -284,7 +293,7 @@ def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tup
                         rows.append({
                             "kind": "seq", "label": r.label, "cell": r.cell, "backend": r.backend,
                             "family": r.family, "T": T, "B": B, "H": H, "mode": mode, "ms": t,
-                            "x_lstm": t / lstm_ms, "x_torch_family": t / by[TORCH_BASELINES[r.family]],
+                            "x_lstm": t / lstm_ms, "x_torch_family": t / by[_torch_baseline(r.family)],
                             "speedup_vs_loop": (loop_ms / t) if loop_ms else None,
                             "peak_mib": None, "mem_x_lstm": None})
                     log(f"T={T} B={B} H={H} {mode}: {len(runners)} runners in {time.perf_counter() - t0:.1f}s "
@@ -316,7 +325,8 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
                      backends: list[str] | None, calls: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Median latency of one ``step()`` at B = 1 (eval, no_grad), and of torch.nn.LSTM on a length-1 sequence."""
     from .. import kernels
-    from ..cells import REGISTRY, make_cell
+    from ..cells import make_cell
+    from ..cells import resolve as resolve_cell
     from ..layers import build
 
     rows = []
@@ -327,11 +337,12 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
         st = (torch.zeros(1, 1, H, device=device), torch.zeros(1, 1, H, device=device))
         fns.append(("torch.nn.LSTM", "torch.nn.LSTM", "torch", lambda m=lstm, x1=x1, st=st: m(x1, st)))
         for name in cells:
-            spec = REGISTRY[name]
+            spec = resolve_cell(name)
             cell = make_cell(spec.family, H, **spec.cell_options)
             cfg = kernels.LayerConfig(**spec.layer_options)
             for b in kernels.working_backends(cell, cfg, device):
-                if b == "reference" or (backends is not None and b not in backends):
+                if b == "reference" or ((b not in backends) if backends is not None
+                                        else kernels.BACKENDS[b].experimental):
                     continue
                 layer = build(name, H, H, backend=b).to(device).eval()
                 xt = torch.randn(1, H, device=device)
@@ -557,6 +568,8 @@ def run_benchmark(*, quick: bool = False, device: str = "cpu", cells: str | None
     """Run the suite and return the result dict (see the module docstring)."""
     from .. import kernels
     from ..cells import REGISTRY
+    from ..cells import resolve as resolve_cell
+    from ..errors import UserError
 
     log = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
@@ -568,9 +581,15 @@ def run_benchmark(*, quick: bool = False, device: str = "cpu", cells: str | None
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
     cell_list = list(REGISTRY) if cells is None else [c.strip() for c in cells.split(",") if c.strip()]
-    unknown = [c for c in cell_list if c not in REGISTRY]
+    unknown = [c for c in cell_list if c not in REGISTRY and ":" not in c]
     if unknown or not cell_list:
-        raise BenchError(f"--cells: unknown cell(s) {unknown or cells!r}; expected names from {sorted(REGISTRY)}")
+        raise BenchError(f"--cells: unknown cell(s) {unknown or cells!r}; expected names from {sorted(REGISTRY)} "
+                         f"or 'path/to/file.py:NAME'")
+    try:
+        for c in cell_list:
+            resolve_cell(c)
+    except UserError as e:
+        raise BenchError(f"--cells: {e}") from None
     backend_list = None if backends is None else [b.strip() for b in backends.split(",") if b.strip()]
     if backend_list is not None:
         bad = [b for b in backend_list if b not in kernels.BACKENDS]
@@ -612,7 +631,8 @@ def run_benchmark(*, quick: bool = False, device: str = "cpu", cells: str | None
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small grid: T=50, B in {8,32}, H in {128,256}, 3 runs."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
-    cells: str | None = typer.Option(None, "--cells", help="Comma-separated registry names (default: all)."),
+    cells: str | None = typer.Option(
+        None, "--cells", help="Comma-separated registry names or path/to/file.py:NAME (default: all registry cells)."),
     backends: str | None = typer.Option(None, "--backends", help="Comma-separated backends (default: all "
                                         "registered that run the cell, except reference)."),
     T: str | None = typer.Option(None, "--T", help="Override the grid's sequence lengths, e.g. 50,200."),

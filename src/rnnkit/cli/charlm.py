@@ -58,7 +58,8 @@ def train(
     val: Annotated[Path | None, typer.Option("--val", help="Separate validation text file.")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Last fraction of the text held out (0.05).")] = None,
     encoding: Annotated[str | None, typer.Option(help="Encoding of the text files (utf-8).")] = None,
-    cell: Annotated[str | None, typer.Option(help="Recurrent cell, any of `rnnkit cells` (lstm_fb0).")] = None,
+    cell: Annotated[str | None, typer.Option(
+        help="Recurrent cell: any of `rnnkit cells`, or path/to/file.py:NAME (lstm_fb0).")] = None,
     hidden_size: Annotated[int | None, typer.Option("--hidden-size", "--hidden", help="Hidden units (256).")] = None,
     layers: Annotated[int | None, typer.Option(help="Stacked layers (2).")] = None,
     embedding_size: Annotated[int | None, typer.Option(help="Embedding width, 0 = one-hot (64).")] = None,

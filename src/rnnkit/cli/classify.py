@@ -17,18 +17,31 @@ LabelOpt = Annotated[str | None, typer.Option("--label", help="CSV label column 
 IdOpt = Annotated[str | None, typer.Option("--id-column", help="CSV long format: the sequence id column.")]
 TimeOpt = Annotated[str | None, typer.Option("--time", help="CSV long format: the column ordering the steps.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", help="A bundled set (GunPoint, ItalyPowerDemand, "
-                                                "ArrowHead, BasicMotions, JapaneseVowels, MNIST1D, ...).")]
+                                                "ArrowHead, BasicMotions, JapaneseVowels, MNIST1D, ...) or "
+                                                "'digits' (8x8 handwritten digit images).")]
+ImageLabelsOpt = Annotated[Path | None, typer.Option(
+    "--image-labels", help="Images in IDX format: the labels IDX file of --train/--test/--input.")]
 
 
 def read_set(path: Path | None, dataset: str | None, split: str, arg: str, label: str | None, id_col: str | None,
-             time_col: str | None, fill: str | None):
-    """A SequenceSet from a file (any supported format) or a bundled set."""
+             time_col: str | None, fill: str | None, data_cfg: Any = None, image_labels: Path | None = None,
+             labels_flag: str = "--image-labels"):
+    """A SequenceSet from a file (any supported format) or a bundled set; images (``data_cfg.read`` set)
+    are read as sequences in that order."""
+    from ..data import images
     from ..data.sequences import load_bundled, read_sequences
     from ..errors import UserError
 
     if (path is None) == (dataset is None):
         raise UserError(f"{arg}: give either {arg} FILE or --dataset NAME (got "
                         f"{'both' if path is not None else 'neither'})")
+    read = getattr(data_cfg, "read", None)
+    if read is not None or dataset == images.DIGITS:
+        pics = images.load_digits(split) if dataset == images.DIGITS else \
+            images.read_images(path, image_labels, arg, labels_flag) if path is not None else None
+        if pics is None:
+            raise UserError(f"--dataset: {dataset!r} is not an image set; with --read use {images.DIGITS!r} or files")
+        return images.as_sequence_set(pics, read or "rows", data_cfg.permute_seed)
     if dataset is not None:
         return load_bundled(dataset, split)
     return read_sequences(path, label=label, id_col=id_col, time_col=time_col, fill=fill, name=arg)
@@ -71,21 +84,36 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
               "--scale", help="Augment: random gain N(1, s^2) per sequence and channel while training.")] = None,
           warp: Annotated[float | None, typer.Option(
               "--warp", help="Augment: smooth random gain over time, knots N(1, w^2), while training.")] = None,
+          read: Annotated[str | None, typer.Option(
+              "--read", help="The inputs are images (IDX, PNG class folders, NPY/NPZ (N, H, W)) read as "
+              "rows, columns or pixels (default rows for --dataset digits).")] = None,
+          permute: Annotated[int | None, typer.Option(
+              "--permute", help="With --read pixels: a fixed random pixel order from this seed.")] = None,
+          train_labels: Annotated[Path | None, typer.Option(
+              "--train-labels", help="Images in IDX format: the labels IDX file of --train.")] = None,
+          test_labels: Annotated[Path | None, typer.Option(
+              "--test-labels", help="Images in IDX format: the labels IDX file of --test.")] = None,
           label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
           opts: RunOptions) -> None:
     """Train a sequence classifier; with --test (or --dataset) report accuracy, balanced accuracy, macro F1
     and the confusion matrix (printed and PNG)."""
+    from ..data.images import DIGITS
     from ..tasks import classify as C
 
+    if read is None and dataset == DIGITS:
+        read = "rows"
     cfg = ts_config(opts, C.ClassifyConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
         "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample,
-        "data.jitter": jitter, "data.scale": scale, "data.warp": warp})
-    tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill)
+        "data.jitter": jitter, "data.scale": scale, "data.warp": warp, "data.read": read,
+        "data.permute_seed": permute})
+    tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill, cfg.data,
+                  train_labels, "--train-labels")
     te = None
     if test_path is not None or dataset is not None:
-        te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, cfg.data.fill)
+        te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, cfg.data.fill, cfg.data,
+                      test_labels, "--test-labels")
         C.encode_labels(te.labels, C.class_names(tr.labels), "--test")  # an unseen test label: say so now
     run_dir = opts.run_dir
     opts.info(f"training on {len(tr)} sequences ({tr.n_channels} channel(s), lengths {tr.lengths.min()}-"
@@ -106,12 +134,14 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
 def evaluate(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit classify train`.")],
              test_path: Annotated[Path | None, typer.Option("--test", help="Labelled test file.")] = None,
              dataset: DatasetOpt = None, label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None,
-             fill: FillOpt = None, *, opts: RunOptions) -> None:
-    """Evaluate a trained classifier on a labelled set: accuracy, balanced accuracy, macro F1, confusion matrix."""
+             fill: FillOpt = None, image_labels: ImageLabelsOpt = None, *, opts: RunOptions) -> None:
+    """Evaluate a trained classifier on a labelled set: accuracy, balanced accuracy, macro F1, confusion matrix.
+    A model trained on images reads --test as images in its training order (and permutation)."""
     from ..tasks.classify import Classifier
 
     model = Classifier.load(run_dir)
-    te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, fill or model.cfg.data.fill)
+    te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, fill or model.cfg.data.fill,
+                  model.cfg.data, image_labels)
     metrics = model.evaluate(te)
     opts.emit({"n": len(te), **_report(opts, model, metrics, Path(run_dir), "eval")})
 
@@ -122,15 +152,16 @@ def evaluate(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnn
 def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit classify train`.")],
             input_path: Annotated[Path, typer.Option("--input", help="Sequences to classify (any format).")],
             out: Annotated[Path, typer.Option("--out", help="Predictions CSV: id, predicted class, probabilities.")],
-            label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None, *,
-            opts: RunOptions) -> None:
-    """Predict the class of every sequence in --input; one CSV row per sequence with class probabilities."""
-    from ..data.sequences import label_name, read_sequences
+            label: LabelOpt = None, id_column: IdOpt = None, time_col: TimeOpt = None, fill: FillOpt = None,
+            image_labels: ImageLabelsOpt = None, *, opts: RunOptions) -> None:
+    """Predict the class of every sequence in --input; one CSV row per sequence with class probabilities.
+    A model trained on images reads --input as images in its training order (and permutation)."""
+    from ..data.sequences import label_name
     from ..tasks.classify import Classifier
 
     model = Classifier.load(run_dir)
-    data = read_sequences(input_path, label=label, id_col=id_column, time_col=time_col,
-                          fill=fill or model.cfg.data.fill, name="--input")
+    data = read_set(input_path, None, "test", "--input", label, id_column, time_col, fill or model.cfg.data.fill,
+                    model.cfg.data, image_labels)
     proba = model.predict_proba(data)
     pred = proba.argmax(1)
     header = ["id", "predicted"] + [f"p_{c}" for c in model.classes]

@@ -36,7 +36,8 @@ def train(
     max_vocab: Annotated[int | None, typer.Option(help="Vocabulary cap with <unk> and <eos> (10000).")] = None,
     fraction: Annotated[float | None, typer.Option(help="Use the first fraction of each split (1).")] = None,
     encoding: Annotated[str | None, typer.Option(help="Encoding of the text files (utf-8).")] = None,
-    cell: Annotated[str | None, typer.Option(help="Recurrent cell, any of `rnnkit cells` (lstm).")] = None,
+    cell: Annotated[str | None, typer.Option(
+        help="Recurrent cell: any of `rnnkit cells`, or path/to/file.py:NAME (lstm).")] = None,
     hidden_size: Annotated[int | None, typer.Option("--hidden-size", "--hidden", help="Hidden units.")] = None,
     layers: Annotated[int | None, typer.Option(help="Stacked layers.")] = None,
     embedding_size: Annotated[int | None, typer.Option(help="Embedding width.")] = None,

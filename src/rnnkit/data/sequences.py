@@ -40,7 +40,7 @@ class SequenceSet:
         if len(C) != 1:
             raise SeriesError(f"sequences: every sequence needs the same number of channels, got {sorted(C)}")
         if self.labels is not None:
-            self.labels = np.asarray([str(v) for v in self.labels], dtype=object)
+            self.labels = np.asarray([label_name(v) for v in self.labels], dtype=object)
             if len(self.labels) != len(self.sequences):
                 raise SeriesError(f"labels: {len(self.labels)} labels for {len(self.sequences)} sequences")
         if self.ids is None:

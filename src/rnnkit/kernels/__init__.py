@@ -2,11 +2,14 @@
 
 Backends:
     reference  autograd through the cell's plain-torch ``step()``; every cell; the oracle.
-    bptt       explicit BPTT in torch ops with each cell's hand-derived backward; every cell.
+    bptt       explicit BPTT in torch ops with the backward derived from each cell's declaration; every cell.
     native     torch's fused kernels (oneDNN / cuDNN) via ``torch._VF``; plain LSTM, GRU, RNN only.
 
-``auto`` picks the fastest correct backend. An unsupported (configuration, backend) pair raises a
-``ValueError`` that lists the backends that would work: there is no silent fallback.
+Each backend states what it can run as a :class:`~rnnkit.kernels.capability.Capability` read from the
+cell's declaration (operations, state count, layer norm; the hand-written ``cpu``/``triton`` kernels:
+exactly the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
+fastest correct backend. An unsupported (configuration, backend) pair raises a ``ValueError`` that lists
+the backends that would work: there is no silent fallback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from ..cells.base import Cell
 from . import bptt, reference
+from .capability import Capability
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,16 @@ class Backend:
     run: Callable | None = None
     # The dtypes it runs (None: any); ``auto`` passes over it for others, an explicit request raises when run.
     dtypes: tuple[torch.dtype, ...] | None = None
+    # What it can run, from the cell's declaration.
+    capability: Capability = Capability()
+    # ``auto`` tries it before every other backend for the cells this returns True for, per device type.
+    preferred: Callable[[Cell, torch.device], bool] | None = None
+    # Not yet tuned: ``auto`` never picks it and ``rnnkit bench`` times it only when named in --backends.
+    experimental: bool = False
+
+    def refuses(self, cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+        """None if this backend can run ``cell`` with ``cfg`` on ``device``, else the reason."""
+        return self.capability.refuses(cell) or self.unsupported(cell, cfg, device)
 
 
 def _always(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
@@ -58,7 +72,8 @@ def _native_unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> s
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "autograd through step() (oracle)", _always, reference.run),
     "bptt": Backend("bptt", "explicit BPTT in torch ops", _always, bptt.run),
-    "native": Backend("native", "torch fused kernels (oneDNN / cuDNN)", _native_unsupported, None),
+    "native": Backend("native", "torch fused kernels (oneDNN / cuDNN)", _native_unsupported, None,
+                      capability=Capability(hand_written=True)),
 }
 
 # Preference order of ``auto`` per device type; the first backend that supports the configuration wins.
@@ -72,18 +87,10 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # than the fused ``cpu`` backend at T=100, B=32, H=128 fwd+bwd).
 AUTO_AVOID_WITH_LENGTHS: dict[str, tuple[str, ...]] = {"cpu": ("native",)}
 
-# Backends ``auto`` tries first for a cell family, per device type: (device type, family) -> backends.
-AUTO_FIRST: dict[tuple[str, str], tuple[str, ...]] = {}
-
-
-def register(backend: Backend, *, auto_before: dict[str, str] | None = None,
-             auto_first_for: dict[str, tuple[str, ...]] | None = None) -> None:
-    """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend, and
-    ``auto_first_for={"cpu": ("gru",)}`` before any other for those cell families on that device type."""
+def register(backend: Backend, *, auto_before: dict[str, str] | None = None) -> None:
+    """Add a backend; ``auto_before={"cpu": "bptt"}`` makes ``auto`` try it before that backend (and
+    ``backend.preferred`` before any other for the cells it selects)."""
     BACKENDS[backend.name] = backend
-    for dev, families in (auto_first_for or {}).items():
-        for family in families:
-            AUTO_FIRST[(dev, family)] = (backend.name, *AUTO_FIRST.get((dev, family), ()))
     for dev, before in (auto_before or {}).items():
         order = list(AUTO_ORDER.get(dev, ()))
         if backend.name in order:
@@ -93,7 +100,7 @@ def register(backend: Backend, *, auto_before: dict[str, str] | None = None,
 
 
 def working_backends(cell: Cell, cfg: LayerConfig, device: torch.device) -> list[str]:
-    return [n for n, b in BACKENDS.items() if b.unsupported(cell, cfg, device) is None]
+    return [n for n, b in BACKENDS.items() if b.refuses(cell, cfg, device) is None]
 
 
 def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, *,
@@ -105,7 +112,7 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, 
     """
     if requested == "auto":
         order = AUTO_ORDER.get(device.type, ("bptt",))
-        first = AUTO_FIRST.get((device.type, cell.family), ())
+        first = tuple(n for n in order if BACKENDS[n].preferred is not None and BACKENDS[n].preferred(cell, device))
         order = first + tuple(n for n in order if n not in first)
         if variable_lengths:
             avoid = AUTO_AVOID_WITH_LENGTHS.get(device.type, ())
@@ -114,21 +121,24 @@ def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, 
             b = BACKENDS.get(name)
             if b is None or (dtype is not None and b.dtypes is not None and dtype not in b.dtypes):
                 continue
-            if b.unsupported(cell, cfg, device) is None:
+            if b.refuses(cell, cfg, device) is None:
                 log.debug("backend auto -> %s for %r on %s", name, cell, device)
                 return name
         return "bptt"
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {requested!r}")
-    reason = BACKENDS[requested].unsupported(cell, cfg, device)
+    reason = BACKENDS[requested].refuses(cell, cfg, device)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot run {cell!r} with {cfg} on {device}: {reason}. "
                          f"Backends that can: {working_backends(cell, cfg, device)} (or 'auto')")
     return requested
 
 
-__all__ = ["BACKENDS", "AUTO_FIRST", "AUTO_ORDER", "Backend", "LayerConfig", "register", "resolve", "working_backends"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "Backend", "Capability", "LayerConfig", "register", "resolve",
+           "working_backends"]
 
 from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by auto before bptt)
 
 from . import triton_backend  # noqa: E402,F401  (registers backend="triton"; imports triton lazily)
+
+from . import cpu_generated  # noqa: E402,F401  (registers backend="cpu_gen"; not tried by auto)

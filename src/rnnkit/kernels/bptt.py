@@ -2,7 +2,7 @@
 
 Forward: the input projections of all steps come from one matmul (``cell.project_input``, under
 autograd); then per step one recurrent matmul (per recurrent part) and the cell's pointwise forward.
-Backward: the steps run in reverse through the cell's hand-derived pointwise backward; the
+Backward: the steps run in reverse through the cell's derived pointwise backward; the
 recurrent weight and bias gradients are accumulated afterwards with one matmul over all steps.
 Only what the cell's backward needs is kept, plus each recurrent matmul's input.
 """

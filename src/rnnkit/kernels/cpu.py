@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
 from . import BACKENDS, Backend, LayerConfig, register
+from .capability import Capability, hand_written, hand_written_cell
 from .common import LayerMasks
 
 DTYPES = (torch.float32, torch.float64)
@@ -579,6 +580,7 @@ def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> 
     if x.device.type != "cpu":
         raise ValueError(f"backend='cpu': input is on {x.device}; expected the CPU")
     _kernels()
+    cell = hand_written_cell(cell)
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(n for n in _EXTRAS if w.get(n) is not None)
     out, *state = _CpuRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
@@ -613,5 +615,10 @@ def compile_seconds() -> dict[str, float]:
 
 # auto: after native for the LSTM (oneDNN's fused LSTM is faster), before it for the RNN and GRU, which
 # torch runs as a chain of per-step ATen ops on CPU (docs/kernels.md, "Which backend auto picks").
-register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run, DTYPES), auto_before={"cpu": "bptt"},
-         auto_first_for={"cpu": ("rnn", "gru")})
+def _preferred(cell: Cell, device: torch.device) -> bool:
+    found = hand_written(cell.declaration)
+    return device.type == "cpu" and found is not None and found[0] in ("rnn", "gru")
+
+
+register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run, DTYPES,
+                 Capability(hand_written=True), _preferred), auto_before={"cpu": "bptt"})

@@ -36,10 +36,10 @@ from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
 from . import Backend, LayerConfig, register
+from .capability import Capability, hand_written_cell
 from .common import LayerMasks
 
 CPU_ENV = "RNNKIT_TRITON_CPU"
-FAMILIES = ("rnn", "lstm", "gru")
 
 
 def triton_installed() -> bool:
@@ -53,9 +53,8 @@ def cpu_interpreter_requested() -> bool:
 
 
 def unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
-    """None if the Triton backend can run ``cell`` on ``device``, else the reason."""
-    if cell.family not in FAMILIES:
-        return f"no Triton kernel for the cell family {cell.family!r} (have {list(FAMILIES)})"
+    """None if the Triton backend can run ``cell`` on ``device``, else the reason (its declaration is
+    checked by the backend's :class:`~rnnkit.kernels.capability.Capability`)."""
     if not triton_installed():
         return "Triton is not installed (pip install 'rnnkit[triton]')"
     if device.type == "cuda":
@@ -510,6 +509,7 @@ class _TritonRecurrence(torch.autograd.Function):
 
 
 def _apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks):
+    cell = hand_written_cell(cell)
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(cell.extra_shapes())
     out, *state = _TritonRecurrence.apply(run_cls, cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
@@ -539,7 +539,7 @@ def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -
     return None
 
 
-register(Backend("triton", "fused Triton kernels per step (CUDA)", unsupported, run),
-         auto_before={"cuda": "bptt"})
+register(Backend("triton", "fused Triton kernels per step (CUDA)", unsupported, run,
+                 capability=Capability(hand_written=True)), auto_before={"cuda": "bptt"})
 register(Backend("triton_persistent", "Triton, forward in one persistent kernel, R on chip (CUDA, small H)",
-                 unsupported_persistent, run_persistent))
+                 unsupported_persistent, run_persistent, capability=Capability(hand_written=True)))

@@ -57,6 +57,10 @@ class ClassifyDataConfig:
             additive noise, a random gain per sequence and channel, a smooth random gain over time.
             In scaled units; they regularise small training sets (ArrowHead: 36 sequences).
         fill: missing-value policy inside sequences.
+        read: the inputs are images read as sequences in this order ("rows", "columns" or "pixels";
+            :mod:`rnnkit.data.images`); None for series.
+        permute_seed: images read by pixels: reorder the pixels by the fixed random permutation of this
+            seed (the permuted-pixel benchmark).
     """
 
     scaler: Literal["standard", "minmax", "robust", "none"] = "standard"
@@ -68,6 +72,8 @@ class ClassifyDataConfig:
     scale: float = 0.0
     warp: float = 0.0
     fill: str | None = None
+    read: Literal["rows", "columns", "pixels"] | None = None
+    permute_seed: int | None = None
 
 
 @dataclass(frozen=True)

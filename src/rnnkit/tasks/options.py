@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..cells import REGISTRY
+from ..cells import REGULARISERS
+from ..cells import resolve as resolve_cell
+from ..errors import UserError
 from ..layers import LAYERS, build
 
 VARIANT_OPTIONS = ("forget_bias", "peephole", "coupled", "drop_gates", "output_activation", "layer_norm",
@@ -26,7 +28,8 @@ class RecurrentOptions:
     """The recurrent stack of a task's model (fields shared by every ``[model]`` section).
 
     Args:
-        cell: a name from ``rnnkit.cells.REGISTRY`` (``rnnkit cells`` lists them).
+        cell: a name from ``rnnkit.cells.REGISTRY`` (``rnnkit cells`` lists them), or a cell the user
+            declared in a Python file, ``"path/to/file.py:NAME"`` (see ``docs/cells.md``).
         dropout: between stacked layers (tasks may apply it elsewhere too, e.g. the language model).
         backend: kernel of the recurrent stack ("auto" or a name from ``rnnkit.kernels.BACKENDS``).
         forget_bias ... zoneout: variant options passed to :func:`rnnkit.build` when set; None keeps the
@@ -66,11 +69,18 @@ class RecurrentOptions:
         return {k: getattr(self, k) for k in VARIANT_OPTIONS if getattr(self, k) is not None}
 
     def check_cell(self) -> None:
-        """Raise ValueError for an unknown cell or a variant option its family does not take."""
-        if self.cell not in REGISTRY:
-            raise ValueError(f"model.cell: expected one of {sorted(REGISTRY)}, got {self.cell!r}")
-        family = REGISTRY[self.cell].family
-        accepted = set(inspect.signature(LAYERS[family]).parameters)
+        """Raise ValueError for an unknown cell or a variant option its family does not take.
+
+        ``cell`` is a registry name or a user's declaration ``"path/to/file.py:NAME"``
+        (:func:`rnnkit.cells.resolve`); a declared cell takes only the regularisers as options.
+        """
+        try:
+            spec = resolve_cell(self.cell)
+        except UserError as e:
+            raise UserError(f"model.{e}") from None
+        family = spec.family_name
+        layer = LAYERS.get(spec.family) if isinstance(spec.family, str) else None
+        accepted = set(inspect.signature(layer).parameters) if layer is not None else set(REGULARISERS)
         wrong = sorted(k for k in self.cell_options() if k not in accepted)
         if wrong:
             allowed = [k for k in VARIANT_OPTIONS if k in accepted]
