@@ -225,6 +225,29 @@ def experiment_case(tmp: Path, config: Path) -> Outcome:
     return Outcome(result[task.metric], task.baseline() / 4, ({}, result[task.metric]), ({}, again[task.metric]))
 
 
+def seq2seq_inputs(tmp: Path) -> list[Path]:
+    words = [a + b + c for a in "abcd" for b in "abcd" for c in "abc"]
+    return [_write(tmp / "train.tsv", "".join(f"{w}\t{w}\n" for w in words) * 4),
+            _write(tmp / "valid.tsv", "".join(f"{w}\t{w}\n" for w in words[::5]))]
+
+
+def seq2seq_case(tmp: Path, train: Path, valid: Path) -> Outcome:
+    from rnnkit.tasks import seq2seq
+
+    cfg = load_config(seq2seq.Seq2SeqConfig, None, {
+        "data.train": str(train), "data.valid": str(valid), "model.embedding_size": 8, "model.dropout": 0.0,
+        "model.encoder.hidden_size": 16, "model.decoder.hidden_size": 16, "trainer.steps": 150,
+        "trainer.batch_size": 16, "trainer.eval_every": 50, "trainer.tensorboard": False, "trainer.optim.lr": 0.01})
+    out = seq2seq.train(cfg, tmp / "run", quiet=True)
+    run = seq2seq.load_run(tmp / "run", checkpoint="best")
+    pairs, _ = seq2seq.load_split(cfg.data, "valid")
+    greedy = seq2seq.DecodeConfig(beam_size=1)
+    again, _ = seq2seq.evaluate_pairs(run.model, pairs, run.vocabs, greedy, "char", text=False)
+    # the final validation scores of training were computed with the best weights, which the run saved
+    return Outcome(out["valid_ser"], 0.2, ({}, (out["valid_ser"], out["valid_ter"])),
+                   ({}, (again["sequence_error_rate"], again["token_error_rate"])))
+
+
 CASES: dict[str, tuple[Callable[[Path], list[Path]], Callable[..., Outcome]]] = {
     "charlm": (charlm_inputs, charlm_case),
     "wordlm": (wordlm_inputs, wordlm_case),
@@ -236,6 +259,7 @@ CASES: dict[str, tuple[Callable[[Path], list[Path]], Callable[..., Outcome]]] = 
                                lambda tmp, *paths: anomaly_case(tmp, *paths, detector="reconstruction")),
     "experiment": (experiment_inputs, experiment_case),
     "label": (label_inputs, label_case),
+    "seq2seq": (seq2seq_inputs, seq2seq_case),
 }
 
 

@@ -21,6 +21,10 @@ app = typer.Typer(help="Character-level language models: train on text, evaluate
 
 _NOT_TRAINING = ("out", "config", "set", "steps", "epochs", "minutes", "resume", "checkpoint_every", "quiet")
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `charlm train --out`.")]
+SampleRunDirArg = Annotated[Path | None, typer.Argument(help="Run directory written by `train --out` (or --onnx).")]
+OnnxOpt = Annotated[Path | None, typer.Option(
+    "--onnx", help="Generate with onnxruntime from the streaming graph written by `rnnkit export RUN_DIR "
+                   "--streaming` instead of the run's PyTorch model.")]
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")]
 EncodingOpt = Annotated[str, typer.Option("--encoding", help="Encoding of the text files.")]
 
@@ -123,7 +127,8 @@ def eval_(
 @app.command()
 @run_command("charlm", exclude=_NOT_TRAINING + ("json",))
 def sample(
-    run_dir: RunDirArg,
+    run_dir: SampleRunDirArg = None,
+    onnx: OnnxOpt = None,
     prime: Annotated[str, typer.Option(help="Text to start from (default: a newline).")] = "",
     length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
     temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 = always the most likely.")] = 0.8,
@@ -136,10 +141,25 @@ def sample(
     """Generate text, streamed to stdout as it is produced (one recurrent step per character)."""
     from ..tasks import charlm
 
-    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    run = sampling_run("charlm", run_dir, onnx, lambda: charlm.load_run(run_dir, checkpoint=checkpoint,
+                                                                        device=_device(opts.device)))
     charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                       write=stream_writer)
     stream_writer("\n")
+
+
+def sampling_run(task: str, run_dir: Path | None, onnx: Path | None, load: Any) -> Any:
+    """The run to sample from: ``load()`` of RUN_DIR, or the exported streaming graph of ``--onnx``
+    (generation then runs in onnxruntime, through the same sampler)."""
+    from ..errors import UserError
+
+    if (run_dir is None) == (onnx is None):
+        raise UserError("RUN_DIR / --onnx: give one of them (a run directory, or an exported streaming graph)")
+    if onnx is None:
+        return load()
+    from ..export.runner import lm_run
+
+    return lm_run(onnx, task)
 
 
 def _device(name: str | None) -> str:

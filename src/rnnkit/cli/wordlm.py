@@ -11,7 +11,18 @@ from typing import Annotated
 
 import typer
 
-from .charlm import _NOT_TRAINING, CheckpointOpt, EncodingOpt, RunDirArg, _device, resolve_config, stream_writer
+from .charlm import (
+    _NOT_TRAINING,
+    CheckpointOpt,
+    EncodingOpt,
+    OnnxOpt,
+    RunDirArg,
+    SampleRunDirArg,
+    _device,
+    resolve_config,
+    sampling_run,
+    stream_writer,
+)
 from .common import RunOptions, run_command
 
 NAME = "wordlm"
@@ -90,7 +101,8 @@ def eval_(
 @app.command()
 @run_command("wordlm", exclude=_NOT_TRAINING + ("json",))
 def sample(
-    run_dir: RunDirArg,
+    run_dir: SampleRunDirArg = None,
+    onnx: OnnxOpt = None,
     prime: Annotated[str, typer.Option(help="Words to start from (default: a sentence start).")] = "",
     length: Annotated[int, typer.Option(help="Words to generate.")] = 100,
     temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 = always the most likely.")] = 1.0,
@@ -103,7 +115,8 @@ def sample(
     """Generate words, streamed to stdout (``<eos>`` ends a line)."""
     from ..tasks import wordlm
 
-    run = wordlm.load_word_run(run_dir, checkpoint, _device(opts.device))
+    run = sampling_run("wordlm", run_dir, onnx, lambda: wordlm.load_word_run(run_dir, checkpoint,
+                                                                             _device(opts.device)))
     wordlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                       write=stream_writer)
     stream_writer("\n")

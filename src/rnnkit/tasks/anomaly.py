@@ -292,9 +292,13 @@ class Detector:
     @classmethod
     def load(cls, run_dir: str | Path) -> Detector:
         meta, cfg = load_trained(run_dir, TASK, AnomalyConfig)
-        net = _network(meta["channels"], cfg.model)
-        return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]),
-                   ErrorModel.from_state(meta["errors"]), meta)
+        return cls.from_meta(meta, cfg, load_weights(run_dir, _network(meta["channels"], cfg.model)))
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], cfg: AnomalyConfig, net: Any) -> Detector:
+        """A detector from its ``model.json`` entries and a network (or anything called like one, e.g. an
+        exported graph's runner)."""
+        return cls(cfg, net, Scaler.from_state(meta["scaler"]), ErrorModel.from_state(meta["errors"]), meta)
 
 
 def _network(channels: int, cfg: AnomalyModelConfig) -> nn.Module:

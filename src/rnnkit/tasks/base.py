@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.checkpoint import Checkpoint, atomic_write_bytes, find_checkpoint, model_state_dict
+from ..train.checkpoint import Checkpoint, atomic_write_bytes, find_checkpoint, list_checkpoints, model_state_dict
 
 C = TypeVar("C")
+V = TypeVar("V")
 MODEL_FILE, META_FILE = "model.safetensors", "model.json"
 
 
@@ -93,6 +94,9 @@ def choose_checkpoint(run_dir: str | Path, which: str | int = "latest") -> Check
     except UserError as e:
         raise UserError(f"--{e}") from None  # find_checkpoint names its argument "checkpoint"
     if found is None:
+        if list_checkpoints(run_dir / "checkpoints"):
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: every checkpoint fails its checks (truncated or corrupted; "
+                            f"see the warnings above); the run has no usable model")
         raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first, or wait for its first "
                         f"checkpoint)")
     return found
@@ -110,6 +114,38 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
         raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
                         f"its config.toml ({shown or str(e)})") from None
     return found.step
+
+
+def read_run(run_dir: str | Path, config_cls: type[C], read_vocab: Callable[[Any, Path], V],
+             vocab_file: str = "vocab.json") -> tuple[Path, V, C]:
+    """(run directory, its vocabulary, its ``config.toml`` as ``config_cls``) of a checkpointed training run.
+
+    ``read_vocab(parsed JSON of vocab_file, run_dir)`` builds the vocabulary (and raises a
+    :class:`UserError` for another task's run) before the config is read. A missing directory or file is a
+    one-line error.
+    """
+    from ..train import config_from_dict
+    from ..train.rundir import read_saved_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
+    cfg_path, vocab_path = run_dir / "config.toml", run_dir / vocab_file
+    for p in (cfg_path, vocab_path):
+        if not p.is_file():
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
+                            f"directory of a finished or checkpointed training")
+    try:
+        parsed = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON (or not UTF-8)
+        raise UserError(f"{str(vocab_path)!r}: not a valid vocabulary file ({e}); restore the run's "
+                        f"{vocab_file}") from None
+    vocab = read_vocab(parsed, run_dir)
+    try:
+        return run_dir, vocab, config_from_dict(config_cls, read_saved_config(run_dir))
+    except UserError as e:  # a key or value the config class refuses: name the file
+        msg = str(e)
+        raise UserError(msg if str(cfg_path) in msg else f"{str(cfg_path)!r}: {msg}") from None
 
 
 def restore_best(trainer: Any, model: nn.Module) -> int | None:
@@ -241,6 +277,6 @@ def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = floa
 
 
 __all__ = ["open_run_dir", "with_budget", "reporter", "atomic_json", "check_saved_vocab", "as_user_error",
-           "choose_checkpoint", "load_checkpoint_into", "restore_best", "fit", "save_model", "load_meta",
-           "load_weights", "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats",
-           "MODEL_FILE", "META_FILE"]
+           "choose_checkpoint", "load_checkpoint_into", "read_run", "restore_best", "fit", "save_model",
+           "load_meta", "load_weights", "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure",
+           "parse_floats", "MODEL_FILE", "META_FILE"]

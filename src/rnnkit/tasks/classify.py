@@ -95,6 +95,9 @@ class SequenceClassifier(nn.Module):
 
     def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
         """The pooled encoding (B, D*H) that the head classifies."""
+        if torch.compiler.is_exporting():  # traced for ONNX: lengths are a graph input, the mask is exact
+            out, state = self.encoder(x, lengths=lengths)
+            return self.pool(out, state, lengths)
         T = int(lengths.max())
         # equal lengths need no masking (same numbers, and the fused kernels run without it)
         out, state = self.encoder(x[:, :T], lengths=None if int(lengths.min()) == T else lengths)

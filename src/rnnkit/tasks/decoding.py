@@ -1,12 +1,18 @@
-"""Decoding: turning a model's next-symbol logits into symbols.
+r"""Decoding: turning a model's next-symbol logits into symbols.
 
 The pieces work on logits and know nothing of the model: :func:`filter_logits` (temperature, top-k,
 nucleus top-p), :func:`sample_next` (one draw, greedy at temperature 0), :func:`check_sampling` (the
 settings' checks, as one-line errors) and :func:`sampling_generator` (a seeded or fresh generator).
 :func:`generate` drives them with any :class:`StepModel`: ``forward`` reads the prime once, then every new
 symbol is one ``step``, so a symbol costs one step, never a re-run of the prefix, and each is handed to
-``on_token`` as soon as it is drawn (streaming). Decoders of other kinds (greedy and beam search over a
-sequence-to-sequence decoder, CTC) belong in this module, reusing the same filtering.
+``on_token`` as soon as it is drawn (streaming).
+
+Conditional decoders (a sequence-to-sequence model, :class:`CondStepModel`) are searched with
+:func:`greedy_search` and :func:`beam_search`: batched, with per-sequence length limits, never producing
+the ``forbid`` symbols. Beam search keeps finished hypotheses in the beam (extended by the end symbol at
+no cost) and ranks the final ones by :math:`\log p / \mathrm{lp}(n)`,
+:math:`\mathrm{lp}(n) = ((5 + n) / 6)^\alpha` (Wu et al. 2016) with n the tokens including the end
+symbol; with one beam it is greedy search, exactly.
 
 CTC (connectionist temporal classification) decoding of a (T, K+1) matrix of per-step log probabilities
 (blank = index 0): :func:`greedy_ctc` (best path: the per-step argmax, repeats merged, blanks removed);
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -132,6 +139,151 @@ def sampling_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
     return g
+
+
+# ---- conditional decoders: greedy and beam search -------------------------------------------------
+class DecoderState(Protocol):
+    """What a conditional decoder carries from step to step; ``select(index)`` takes the batch rows
+    ``index`` (beams are expanded and reordered with it)."""
+
+    def select(self, index: Tensor) -> DecoderState: ...
+
+
+class CondStepModel(Protocol):
+    """A decoder conditioned on a source: ``start(src (S, B), src_len (B,)) -> state`` and
+    ``decode_step(tok (B,), state) -> (logits (B, V), state, attention weights (B, S) or None)``."""
+
+    training: bool
+
+    def start(self, src: Tensor, src_len: Tensor) -> DecoderState: ...
+
+    def decode_step(self, tok: Tensor, state: Any) -> tuple[Tensor, Any, Tensor | None]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+@dataclass
+class Decoded:
+    """Per sequence: output ids (up to, without, the end symbol), total log-probability, and attention
+    weights (len(ids) + 1, source length) (None without attention)."""
+
+    ids: list[list[int]]
+    scores: list[float]
+    attention: list[Tensor | None]
+
+
+def step_logprobs(logits: Tensor, forbid: Tensor, end: int, stop: Tensor) -> Tensor:
+    """Log-probabilities (N, V) of the next symbol: ``forbid`` symbols never, and rows where ``stop`` (N,)
+    is set choose ``end`` at zero cost."""
+    logp = torch.log_softmax(logits.float().index_fill(-1, forbid, float("-inf")), -1)
+    if not bool(stop.any()):
+        return logp
+    forced = torch.full_like(logp, float("-inf"))
+    forced[:, end] = 0.0
+    return torch.where(stop.unsqueeze(1), forced, logp)
+
+
+def length_penalty(n: Tensor, alpha: float) -> Tensor:
+    """:math:`((5 + n) / 6)^\alpha` (Wu et al. 2016)."""
+    return ((5.0 + n.double()) / 6.0) ** alpha
+
+
+def _finish(ids: list[list[int]], attn: list[Tensor] | None, src_len: Tensor,
+            end: int) -> tuple[list[list[int]], list[Tensor | None]]:
+    """Each sequence cut at its first ``end`` (its attention rows too), attention columns at the source length."""
+    out, atts = [], []
+    for b, seq in enumerate(ids):
+        n = seq.index(end) if end in seq else len(seq)
+        out.append(seq[:n])
+        atts.append(None if attn is None else attn[b][:n + 1, :int(src_len[b])])
+    return out, atts
+
+
+def _search_args(max_len: Tensor, forbid: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    return max_len.to(device).clamp_min(1), torch.as_tensor(list(forbid), dtype=torch.int64, device=device)
+
+
+@torch.no_grad()
+def greedy_search(model: CondStepModel, src: Tensor, src_len: Tensor, max_len: Tensor, *, start: int, end: int,
+                  forbid: Sequence[int] = ()) -> Decoded:
+    """The most probable symbol at every step for a batch ``src`` (S, B), ``src_len`` (B,); sequence b
+    stops at ``end`` or after ``max_len[b]`` symbols (``end`` included)."""
+    B, dev = src.shape[1], src.device
+    limit, never = _search_args(max_len, forbid, dev)
+    state = model.start(src, src_len)
+    tok = torch.full((B,), start, dtype=torch.int64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    score = torch.zeros(B, dtype=torch.float32, device=dev)
+    toks, atts = [], []
+    for t in range(int(limit.max())):
+        logits, state, w = model.decode_step(tok, state)
+        logp = step_logprobs(logits, never, end, done | (t >= limit - 1))
+        tok = logp.argmax(-1)
+        score = score + logp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        toks.append(tok)
+        atts.append(w)
+        done = done | (tok == end)
+        if bool(done.all()):
+            break
+    attn = None if atts[0] is None else list(torch.stack(atts, 1).cpu())
+    ids, attn = _finish(torch.stack(toks, 1).tolist(), attn, src_len, end)
+    return Decoded(ids, score.tolist(), attn)
+
+
+@torch.no_grad()
+def beam_search(model: CondStepModel, src: Tensor, src_len: Tensor, max_len: Tensor, *, beam_size: int, start: int,
+                end: int, forbid: Sequence[int] = (), alpha: float = 0.0) -> Decoded:
+    """Batched beam search with ``beam_size`` beams per sequence (see the module docstring).
+
+    Each step keeps the ``K`` best extensions of the ``K`` beams by total log-probability (the top ``K``
+    of each beam first, then of those ``K * K``, which hold the top ``K`` of all). Decoding stops when
+    every beam has finished or reached its length limit; the hypothesis with the best length-normalised
+    score (``alpha``) is returned.
+    """
+    K = beam_size
+    B, dev = src.shape[1], src.device
+    limit, never = _search_args(max_len, forbid, dev)
+    limit_k = limit.repeat_interleave(K)
+    state = model.start(src, src_len).select(torch.arange(B, device=dev).repeat_interleave(K))
+    tok = torch.full((B * K,), start, dtype=torch.int64, device=dev)
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    length = torch.zeros(B, K, dtype=torch.int64, device=dev)
+    base = (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 1)
+    toks, backs, atts = [], [], []
+    k1 = None
+    for t in range(int(limit.max())):
+        logits, state, w = model.decode_step(tok, state)
+        logp = step_logprobs(logits, never, end, done.view(-1) | (t >= limit_k - 1))
+        k1 = k1 or min(K, logp.shape[-1])  # extensions kept per beam
+        top_lp, top_tok = logp.topk(k1, dim=-1)  # (B*K, k1)
+        cand = scores.unsqueeze(2) + top_lp.view(B, K, k1)
+        scores, idx = cand.view(B, K * k1).topk(K, dim=-1)  # (B, K)
+        parent = idx // k1
+        tok_bk = top_tok.view(B, K * k1).gather(1, idx)  # (B, K)
+        flat = (base + parent).view(-1)
+        state = state.select(flat)
+        was_done = done.gather(1, parent)
+        length = length.gather(1, parent) + (~was_done).long()
+        done = was_done | (tok_bk == end)
+        toks.append(tok_bk)
+        backs.append(parent)
+        atts.append(None if w is None else w.index_select(0, flat).view(B, K, -1))
+        tok = tok_bk.view(-1)
+        if bool(done.all()):
+            break
+    best = (scores.double() / length_penalty(length, alpha)).argmax(1, keepdim=True)  # (B, 1)
+    k, seq, att = best, [], []
+    for t in range(len(toks) - 1, -1, -1):  # follow the back-pointers from the last step
+        seq.append(toks[t].gather(1, k))
+        if atts[t] is not None:
+            att.append(atts[t].gather(1, k.unsqueeze(2).expand(-1, -1, atts[t].shape[2])))
+        k = backs[t].gather(1, k)
+    attn = list(torch.cat(att[::-1], 1).cpu()) if att else None
+    ids, attn = _finish(torch.cat(seq[::-1], 1).tolist(), attn, src_len, end)
+    return Decoded(ids, scores.gather(1, best).squeeze(1).tolist(), attn)
+
 
 # ---- CTC (Graves et al. 2006) ---------------------------------------------------------------------
 # A path (one index per step) maps to a labelling by merging repeats, then removing blanks; a labelling's
@@ -268,4 +420,5 @@ def ctc_beam_search(log_probs: np.ndarray, beam: int = 16, lm: CharNGram | None 
 
 
 __all__ = ["StepModel", "filter_logits", "sample_next", "check_sampling", "generate", "sampling_generator",
-           "CTC_BLANK", "ctc_min_steps", "greedy_ctc", "ctc_scores", "CharNGram", "ctc_beam_search"]
+           "CondStepModel", "DecoderState", "Decoded", "step_logprobs", "length_penalty", "greedy_search",
+           "beam_search", "CTC_BLANK", "ctc_min_steps", "greedy_ctc", "ctc_scores", "CharNGram", "ctc_beam_search"]

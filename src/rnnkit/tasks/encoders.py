@@ -118,6 +118,8 @@ class SequenceAutoencoder(nn.Module):
         fused kernels run without it)."""
         if lengths is None:
             return x, None
+        if torch.compiler.is_exporting():  # traced for ONNX: lengths are a graph input, the mask is exact
+            return x, lengths
         T = int(lengths.max())
         return x[:, :T], (None if int(lengths.min()) == T else lengths)
 

@@ -114,6 +114,9 @@ class CTCModel(nn.Module):
         self.head = nn.Linear(cfg.hidden * (2 if cfg.bidirectional else 1), n_symbols + 1)
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():  # traced for ONNX: lengths are a graph input, the mask is exact
+            out, _ = self.encoder(x, lengths=lengths)
+            return torch.log_softmax(self.head(out), dim=-1)
         T = int(lengths.max())
         # equal lengths need no masking (same numbers, and the fused kernels run without it)
         out, _ = self.encoder(x[:, :T], lengths=None if int(lengths.min()) == T else lengths)

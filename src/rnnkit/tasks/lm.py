@@ -17,7 +17,6 @@ one step per new symbol.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from ..data.text import CharVocab, vocab_from_dict
 from ..errors import UserError
-from .base import as_user_error, atomic_json, choose_checkpoint, load_checkpoint_into
+from .base import as_user_error, atomic_json, choose_checkpoint, load_checkpoint_into, read_run
 from .options import RecurrentOptions
 
 State = Tensor | tuple[Tensor, Tensor] | None
@@ -239,35 +238,25 @@ def load_run(run_dir: str | Path, config_cls: type, checkpoint: str = "latest", 
     ``config_cls``: the task's config dataclass; its ``VOCAB_KIND`` ("char" or "word") must match the
     run's vocabulary. ``checkpoint``: "latest" (newest good one), "best" (the best evaluation) or a step number.
     """
-    from ..train import config_from_dict, model_state_dict
-    from ..train.rundir import read_saved_config
+    from ..train import model_state_dict
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
-    cfg_path, vocab_path = run_dir / "config.toml", run_dir / VOCAB_FILE
-    for p in (cfg_path, vocab_path):
-        if not p.is_file():
-            raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
-                            f"directory of a finished or checkpointed training")
-    try:
-        vocab = vocab_from_dict(json.loads(vocab_path.read_text(encoding="utf-8")))
-    except (ValueError, TypeError, AttributeError, KeyError) as e:  # bad JSON (a ValueError) or entries
-        raise UserError(f"{str(vocab_path)!r}: not a valid vocabulary file ({e}); restore the run's "
-                        f"{VOCAB_FILE}") from None
-    kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
-    if kind != wanted:
-        raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
-    try:
-        cfg = config_from_dict(config_cls, read_saved_config(run_dir))
-    except UserError as e:
-        msg = str(e)
-        raise UserError(msg if str(cfg_path) in msg else f"{str(cfg_path)!r}: {msg}") from None
+    def read_vocab(d: Any, run_dir: Path) -> Any:
+        try:
+            vocab = vocab_from_dict(d)
+        except (UserError, TypeError, AttributeError, KeyError) as e:
+            raise UserError(f"{str(run_dir / VOCAB_FILE)!r}: not a valid vocabulary file ({e}); restore the "
+                            f"run's {VOCAB_FILE}") from None
+        kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
+        if kind != wanted:
+            raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
+        return vocab
+
+    run_dir, vocab, cfg = read_run(run_dir, config_cls, read_vocab, VOCAB_FILE)
     found = choose_checkpoint(run_dir, checkpoint)
     trained = model_state_dict(found).get("decoder.bias")
     if trained is not None and trained.shape[0] != len(vocab):
-        raise UserError(f"{str(vocab_path)!r}: holds {len(vocab)} symbols, but the model of checkpoint step "
-                        f"{found.step} was trained on {trained.shape[0]}; restore the run's {VOCAB_FILE}")
+        raise UserError(f"{str(run_dir / VOCAB_FILE)!r}: holds {len(vocab)} symbols, but the model of checkpoint "
+                        f"step {found.step} was trained on {trained.shape[0]}; restore the run's {VOCAB_FILE}")
     model = build_model(len(vocab), cfg.model)
     step = load_checkpoint_into(model, run_dir, found)
     model.to(device).eval()
