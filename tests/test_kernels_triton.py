@@ -294,3 +294,23 @@ def test_kernels_compile_for_sm90():
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled" in res.stderr and len(res.stdout.splitlines()) >= 40
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["lstm", "gru_ln"])
+def test_nonfinite_padding_never_reaches_valid_steps(name, device):
+    """nan/inf in the padding: valid outputs, final states and gradients equal those of zero padding."""
+    torch.manual_seed(0)
+    layer = rnnkit.build(name, 2, 3, bidirectional=True, backend="triton").to(device)
+    lengths = [2, 4, 1]
+    valid = (torch.arange(4).unsqueeze(1) < torch.tensor(lengths)).unsqueeze(-1).to(device)  # (T, B, 1)
+    x = torch.randn(4, 3, 2, device=device)
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device).repeat(4, 2).view(4, 3, 2)
+    state = tuple(torch.randn(2, 3, 3, device=device) for _ in range(2 if REGISTRY[name].family == "lstm" else 1))
+    zero = _run(layer, torch.where(valid, x, 0.0), state, lengths, seed=3)
+    bad = _run(layer, torch.where(valid, x, junk), state, lengths, seed=3)
+    for key in zero:
+        if zero[key] is None:
+            continue
+        assert torch.isfinite(bad[key]).all(), f"{name}: {key} is not finite"
+        torch.testing.assert_close(bad[key], zero[key], rtol=0, atol=0)

@@ -171,3 +171,33 @@ def test_bundled_sets_are_read_offline():
     assert len(gp) == 150 and gp.lengths.tolist() == [150] * 150
     with pytest.raises(SeriesError, match="not shipped"):
         load_bundled("NoSuchSet", "train")
+
+
+def test_nonfinite_values_are_missing_values_named_by_row_and_column(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text("t,a,b\n0,1,2\n1,2,inf\n2,3,-inf\n3,4,5\n")
+    with pytest.raises(SeriesError, match=r"--target: 2 missing value.*first at row 1, column 'b': inf.*--fill"):
+        load_series(p, "a,b")
+    s = load_series(p, "a,b", fill="ffill")
+    np.testing.assert_array_equal(s.target[:, 1], [2.0, 2.0, 2.0, 5.0])
+
+
+def test_values_that_overflow_once_scaled_are_named(tmp_path):
+    with pytest.raises(SeriesError, match=r"--csv: value too large at row 2, column 'v': 1e\+308"):
+        Scaler("standard").fit(np.array([[1.0], [2.0], [1e308], [1e308]]), ["v"], "--csv")
+    with pytest.raises(SeriesError, match=r"row 1, column 0: 1e\+39"):
+        Scaler("none").fit(np.array([[1.0], [1e39]]))
+    sc = Scaler("standard").fit(np.array([[1.0], [2.0], [3.0]]))
+    with pytest.raises(SeriesError, match="value too large at row 0"):
+        sc.transform(np.array([[1e300]]))
+    assert np.isnan(sc.transform(np.array([[np.nan]]))).all()  # missing stays missing
+
+
+def test_header_only_or_empty_inputs(tmp_path):
+    p = tmp_path / "h.csv"
+    p.write_text("time,value\n")
+    with pytest.raises(SeriesError, match="only a header row"):
+        load_series(p)
+    np.save(tmp_path / "e.npy", np.zeros((0, 2)))
+    with pytest.raises(SeriesError, match="the array is empty"):
+        read_table(tmp_path / "e.npy")

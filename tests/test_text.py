@@ -149,3 +149,17 @@ def test_penn_treebank_sizes():
     assert sizes == {"train": 929_589, "valid": 73_760, "test": 82_430}
     v = WordVocab.from_tokens(tokenize_lines(ptb["train"]))
     assert len(v) == 10_000
+
+
+def test_char_encoding_in_chunks_equals_the_plain_lookup(monkeypatch):
+    import rnnkit.data.text as T
+
+    monkeypatch.setattr(T, "_CHUNK", 7)  # several chunks, a short last one
+    text = "héllo wörld \U0001F600 \ud800 zz" * 3  # astral, lone surrogate and unknown characters
+    v = CharVocab.from_text(text[:-4])
+    want = [v.stoi.get(c, 0) for c in text]
+    for dtype in (torch.int64, torch.int32, v.compact_dtype):
+        ids = v.encode(text, dtype)
+        assert ids.dtype == dtype and ids.tolist() == want
+    assert v.compact_dtype == torch.uint8 and CharVocab(map(chr, range(300, 700))).compact_dtype == torch.int32
+    assert v.encode("").shape == (0,)

@@ -199,6 +199,11 @@ class Recurrent(nn.Module):
         pack_lens = lens if packed else None
         if lens is not None and bool((lens == T).all()):
             lens = None  # every sequence is full length: nothing to mask
+        if lens is not None:
+            # the kernels keep the state through padded steps as keep * old + (1 - keep) * new, and
+            # 0 * nan is nan: zero the padding so nothing it holds reaches outputs, states or gradients
+            valid = torch.arange(T).unsqueeze(1) < lens.unsqueeze(0)  # (T, B)
+            x = torch.where(valid.to(x.device).unsqueeze(-1), x, x.new_zeros(()))
         state0 = self._check_state(state, x, B, unbatched)
         name = self.backend_for(x.device, variable_lengths=lens is not None, dtype=x.dtype)
         if name == "native":

@@ -27,7 +27,7 @@ def _values(path: Path, column: str | None, exclude: list[str], fill: str | None
     cols = names or split_names(column) or [c for c, v in table.items() if c not in exclude and v.dtype.kind == "f"]
     if not cols:
         raise SeriesError(f"--column: no numeric column in {list(table)}")
-    return fill_missing(numeric_columns(table, cols, "--column"), fill, "--csv"), cols, table
+    return fill_missing(numeric_columns(table, cols, "--column"), fill, "--csv", cols), cols, table
 
 
 @app.command("fit")

@@ -125,6 +125,7 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
     if test_path is not None or dataset is not None:
         te = read_set(test_path, dataset, "test", "--test", label, id_column, time_col, cfg.data.fill, cfg.data,
                       test_labels, "--test-labels")
+        C.encode_labels(te.labels, C.class_names(tr.labels), "--test")  # an unseen test label: say so now
     run_dir = opts.run_dir
     opts.info(f"training on {len(tr)} sequences ({tr.n_channels} channel(s), lengths {tr.lengths.min()}-"
               f"{tr.lengths.max()}) -> {run_dir}")
@@ -170,6 +171,7 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnk
             image_labels: ImageLabelsOpt = None, *, opts: RunOptions) -> None:
     """Predict the class of every sequence in --input; one CSV row per sequence with class probabilities.
     A model trained on images reads --input as images in its training order (and permutation)."""
+    from ..data.sequences import label_name
     from ..tasks.classify import Classifier
 
     model = Classifier.load(run_dir)
@@ -181,6 +183,7 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnk
     rows = [[sid, model.classes[k]] + [round(float(v), 6) for v in p] for sid, k, p in zip(data.ids, pred, proba)]
     write_csv(out, header, rows)
     result: dict[str, Any] = {"predictions_csv": str(out), "n": len(rows)}
-    if data.labels is not None and set(map(str, data.labels)) <= set(model.classes):
-        result["accuracy"] = float(sum(model.classes[k] == str(y) for k, y in zip(pred, data.labels)) / len(rows))
+    if data.labels is not None and {label_name(y) for y in data.labels} <= set(model.classes):
+        result["accuracy"] = float(sum(model.classes[k] == label_name(y) for k, y in zip(pred, data.labels))
+                                   / len(rows))
     opts.emit(result)

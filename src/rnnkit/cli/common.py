@@ -31,7 +31,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -195,6 +196,19 @@ class user_errors:
         return False
 
 
+@contextmanager
+def _owning(opts: RunOptions, trains: bool) -> Iterator[None]:
+    """A training command holds the lock of an existing ``--out`` for the whole command, so nothing it
+    writes before or after training meets another process's writes (the trainer locks a new one)."""
+    if trains and opts.out is not None and opts.out.is_dir():
+        from ..train.rundir import lock_run_dir
+
+        with lock_run_dir(opts.out):
+            yield
+    else:
+        yield
+
+
 _SHARED: list[tuple[str, Any, Any]] = [
     ("out", OutOpt, None), ("config", ConfigOpt, None), ("set_", SetOpt, None), ("seed", SeedOpt, None),
     ("steps", StepsOpt, None), ("epochs", EpochsOpt, None), ("minutes", MinutesOpt, None),
@@ -234,7 +248,7 @@ def run_command(group: str, *, exclude: tuple[str, ...] = ()) -> Callable[[Calla
                               checkpoint_every=values.get("checkpoint_every"), json=bool(values.get("json_")),
                               quiet=bool(values.get("quiet")), device=values.get("device"),
                               debug=bool(values.get("debug")))
-            with user_errors(opts.debug):
+            with user_errors(opts.debug), _owning(opts, trains="resume" not in exclude):
                 return fn(*args, opts=opts, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ Padding: :func:`pad` returns (N, T, C) with zeros past each length plus the leng
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .series import SeriesError, _convert_column, fill_missing, read_table
+from .series import SeriesError, _convert_column, fill_missing, load_numpy, read_table, read_text_file
 
 
 @dataclass
@@ -39,7 +40,7 @@ class SequenceSet:
         if len(C) != 1:
             raise SeriesError(f"sequences: every sequence needs the same number of channels, got {sorted(C)}")
         if self.labels is not None:
-            self.labels = np.asarray([str(v) for v in self.labels], dtype=object)
+            self.labels = np.asarray([label_name(v) for v in self.labels], dtype=object)
             if len(self.labels) != len(self.sequences):
                 raise SeriesError(f"labels: {len(self.labels)} labels for {len(self.sequences)} sequences")
         if self.ids is None:
@@ -102,6 +103,17 @@ def augment(x: Tensor, lengths: Tensor, jitter: float = 0.0, scale: float = 0.0,
     return out * length_mask(lengths.to(x.device), T)[..., None].to(x.dtype)
 
 
+def label_name(value: Any) -> str:
+    """A class label as text; numbers that are whole print without a decimal point (0.0 and "0.0" -> "0"),
+    so a label column read as floats names its classes as written."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if math.isfinite(number) and number.is_integer() else text
+
+
 # ---- readers -----------------------------------------------------------------------------------
 def _from_3d(X: Any) -> list[np.ndarray]:
     """aeon layout (N, C, T) array or list of (C, T_i) -> list of (T_i, C) float64, trailing NaNs cut."""
@@ -121,12 +133,15 @@ def _read_ts(path: Path) -> SequenceSet:
         from aeon.datasets import load_from_ts_file
     except ImportError as e:
         raise SeriesError(f"{path}: reading .ts files needs aeon (pip install 'rnnkit[datasets]')") from e
-    X, y = load_from_ts_file(str(path))
+    try:
+        X, y = load_from_ts_file(str(path))
+    except Exception as e:  # aeon's parser raises many types (IOError, ValueError, IndexError, ...) on bad files
+        raise SeriesError(f"{path}: not a readable .ts file ({type(e).__name__}: {str(e)[:160]})") from None
     return SequenceSet(_from_3d(X), None if y is None or len(y) == 0 else np.asarray(y))
 
 
 def _read_ucr_tsv(path: Path) -> SequenceSet:
-    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if line.strip()]
+    rows = [line.rstrip("\n").split("\t") for line in read_text_file(path).splitlines() if line.strip()]
     labels, seqs = [], []
     for n, r in enumerate(rows, start=1):
         vals = _convert_column(r[1:])
@@ -172,15 +187,16 @@ def read_sequences(source: Any, *, label: str | None = None, id_col: str | None 
         return SequenceSet([fill_missing(x, fill, name) for x in s.sequences], s.labels)
     if suffix in (".npz", ".npy"):
         if suffix == ".npy":
-            X, y, lengths = np.load(path, allow_pickle=False), None, None
+            X, y, lengths = load_numpy(path, name), None, None
         else:
-            with np.load(path, allow_pickle=False) as z:
-                if "X" not in z.files:
-                    raise SeriesError(f"{name}: {path} has arrays {z.files}; expected 'X' (and optionally "
-                                      "'y', 'lengths')")
-                X = z["X"]
-                y = z["y"] if "y" in z.files else None
-                lengths = z["lengths"] if "lengths" in z.files else None
+            z = load_numpy(path, name)
+            if "X" not in z:
+                raise SeriesError(f"{name}: {path} has arrays {list(z)}; expected 'X' (and optionally "
+                                  "'y', 'lengths')")
+            X, y, lengths = z["X"], z.get("y"), z.get("lengths")
+        if not isinstance(X, np.ndarray) or X.dtype.kind not in "biuf":
+            raise SeriesError(f"{name}: {path} holds a {getattr(X, 'dtype', type(X).__name__)} array; expected "
+                              f"numbers (N, T) or (N, T, C)")
         seqs = read_sequences(X.astype(np.float64), fill=fill, name=name).sequences
         if lengths is not None:
             seqs = [s[: int(n)] for s, n in zip(seqs, lengths)]

@@ -10,6 +10,7 @@ Shapes: ``T`` time steps, ``C`` channels, ``L`` lookback, ``H`` horizon, ``N`` w
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,16 +48,49 @@ def _convert_column(raw: Sequence[str]) -> np.ndarray:
     return out
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark dropped); undecodable bytes are a SeriesError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SeriesError(f"{path}: not valid UTF-8 at byte offset {e.start} (bytes {data[e.start:e.end].hex(' ')}: "
+                          f"{e.reason}); save the file as UTF-8") from None
+
+
+def load_numpy(path: Path, name: str) -> Any:
+    """``np.load`` without pickles; a damaged or foreign file is a SeriesError. An ``.npz`` is read whole."""
+    import tokenize
+    import zipfile
+    import zlib
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {k: loaded[k] for k in loaded.files}
+        return loaded
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile, zlib.error,
+            KeyError) as e:  # (a damaged .npy header fails numpy's literal parsing)
+        raise SeriesError(f"{name}: {str(path)!r} is not a readable NumPy file ({type(e).__name__}: "
+                          f"{str(e)[:120]})") from None
+
+
 def _read_csv(path: Path) -> Table:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if r]
+    text = read_text_file(path)
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if r]
+    except csv.Error as e:
+        raise SeriesError(f"{path}: not a valid CSV file ({e})") from None
     if not rows:
         raise SeriesError(f"{path}: the file is empty; expected a header row and at least one data row")
     header = [h.strip() for h in rows[0]]
     if len(set(header)) != len(header):
         raise SeriesError(f"{path}: duplicate column names in the header {header}")
     body = rows[1:]
+    if not body:
+        raise SeriesError(f"{path}: only a header row ({header}); expected at least one data row")
     for n, r in enumerate(body, start=2):
         if len(r) != len(header):
             raise SeriesError(f"{path}: line {n} has {len(r)} fields, the header has {len(header)}")
@@ -83,6 +117,8 @@ def _from_array(a: np.ndarray, name: str) -> Table:
         raise SeriesError(f"{name}: expected a 1-D (T,) or 2-D (T, C) array, got shape {a.shape}")
     if a.dtype.kind not in "biuf":
         raise SeriesError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise SeriesError(f"{name}: the array is empty (shape {a.shape}); expected at least one row and column")
     names = ["value"] if a.shape[1] == 1 else [f"c{j}" for j in range(a.shape[1])]
     return {n: a[:, j].astype(np.float64) for j, n in enumerate(names)}
 
@@ -113,13 +149,14 @@ def read_table(source: Any, name: str = "input") -> Table:
             except ImportError as e:  # pragma: no cover
                 raise SeriesError(f"{name}: reading Parquet needs pyarrow or fastparquet: {e}") from e
         if suffix == ".npy":
-            return _from_array(np.load(path, allow_pickle=False), name)
+            return _from_array(load_numpy(path, name), name)
         if suffix == ".npz":
             table: Table = {}
-            with np.load(path, allow_pickle=False) as z:
-                for k in z.files:  # a 1-D array is one column; a 2-D one gives columns k_0, k_1, ...
-                    cols = _from_array(z[k], f"{name} [{k}]")
-                    table.update({k if c == "value" else f"{k}_{c[1:]}": v for c, v in cols.items()})
+            for k, a in load_numpy(path, name).items():  # a 1-D array is one column; a 2-D one k_0, k_1, ...
+                cols = _from_array(a, f"{name} [{k}]")
+                table.update({k if c == "value" else f"{k}_{c[1:]}": v for c, v in cols.items()})
+            if not table:
+                raise SeriesError(f"{name}: {str(path)!r} holds no arrays")
             return table
         raise SeriesError(f"{name}: unsupported file type {suffix!r} for {str(path)!r}; expected .csv, .tsv, "
                           ".parquet, .npy or .npz")
@@ -135,20 +172,26 @@ def read_table(source: Any, name: str = "input") -> Table:
 
 
 # ---- missing values and checks -----------------------------------------------------------------
-def fill_missing(x: np.ndarray, policy: str | None, name: str = "series") -> np.ndarray:
-    """Fill NaNs along time (axis 0) of a (T,) or (T, C) array.
+def fill_missing(x: np.ndarray, policy: str | None, name: str = "series",
+                 columns: Sequence[str] | None = None) -> np.ndarray:
+    """Fill missing values (NaN) and non-finite ones (±inf) along time (axis 0) of a (T,) or (T, C) array.
 
-    ``None`` raises on any NaN; ``ffill`` carries the last valid value forward (leading gaps take the
-    first valid value); ``interpolate`` is linear in the index (edges held constant); ``zero`` fills 0.
+    ``None`` raises on any of them, naming the first one's row and column (``columns``: the column
+    names); ``ffill`` carries the last valid value forward (leading gaps take the first valid value);
+    ``interpolate`` is linear in the index (edges held constant); ``zero`` fills 0.
     """
     x = np.array(x, dtype=np.float64, copy=True)
-    mask = np.isnan(x)
+    mask = ~np.isfinite(x)
     if not mask.any():
         return x
     if policy is None:
-        where = np.argwhere(mask)[0].tolist()
-        raise SeriesError(f"{name}: {int(mask.sum())} missing value(s) (first at row {where[0]}); choose a "
-                          f"policy with --fill {{{'|'.join(FILL_POLICIES)}}}")
+        row, *col = np.argwhere(mask)[0].tolist()
+        j = col[0] if col else 0
+        column = repr(columns[j]) if columns is not None and j < len(columns) else str(j)
+        raise SeriesError(f"{name}: {int(mask.sum())} missing value(s) (empty, NaN or ±inf; first at row {row}, "
+                          f"column {column}: {float(x[(row, *col)])!r}); choose a policy with "
+                          f"--fill {{{'|'.join(FILL_POLICIES)}}}")
+    x[mask] = np.nan
     if policy not in FILL_POLICIES:
         raise SeriesError(f"fill: expected one of {FILL_POLICIES}, got {policy!r}")
     cols = x.reshape(len(x), -1)
@@ -263,11 +306,11 @@ def load_series(source: Any, target: Sequence[str] | str | None = None, *, time:
     y = numeric_columns(table, target, "--target")
     observed = ~np.isnan(y).all(axis=1)
     n_obs = int(np.nonzero(observed)[0].max()) + 1 if (trailing_future and observed.any()) else len(y)
-    y = np.concatenate([fill_missing(y[:n_obs], fill, "--target"), y[n_obs:]])
+    y = np.concatenate([fill_missing(y[:n_obs], fill, "--target", target), y[n_obs:]])
     check_not_constant(y[:n_obs], target, "--target")
-    p = fill_missing(numeric_columns(table, past, "--past-covariates"), fill, "--past-covariates") if past \
+    p = fill_missing(numeric_columns(table, past, "--past-covariates"), fill, "--past-covariates", past) if past \
         else np.zeros((len(y), 0))
-    f = fill_missing(numeric_columns(table, future, "--future-covariates"), fill, "--future-covariates") \
+    f = fill_missing(numeric_columns(table, future, "--future-covariates"), fill, "--future-covariates", future) \
         if future else np.zeros((len(y), 0))
     return Series(y, list(target), p, list(past), f, list(future), None if time is None else table[time])
 
@@ -286,10 +329,27 @@ class Scaler:
         self.kind = kind
         self.center: np.ndarray | None = None
         self.scale: np.ndarray | None = None
+        self.names: list[str] | None = None
+        self.arg = "values"
 
-    def fit(self, x: np.ndarray) -> Scaler:
-        """Fit on (..., C) training values (NaNs ignored)."""
+    def fit(self, x: np.ndarray, names: Sequence[str] | None = None, arg: str = "values") -> Scaler:
+        """Fit on (..., C) training values (NaNs ignored); ``names`` and ``arg`` name columns and input in errors.
+
+        Raises:
+            SeriesError: a column's center or spread overflows float64, or its scaled values overflow
+                float32 (the model's precision); the message names the row and column of its largest value.
+        """
         x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+        self.names, self.arg = list(names) if names is not None else None, arg
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._fit(x)
+        spread_overflows = ~(np.isfinite(self.center) & np.isfinite(self.scale))
+        if spread_overflows.any():
+            self._too_large(np.broadcast_to(spread_overflows, x.shape) & ~np.isnan(x), x)
+        self.transform(x)  # checks that the training values stay in range once scaled
+        return self
+
+    def _fit(self, x: np.ndarray) -> None:
         if self.kind == "standard":
             c, s = np.nanmean(x, 0), np.nanstd(x, 0)
         elif self.kind == "minmax":
@@ -302,15 +362,30 @@ class Scaler:
             c, s = np.zeros(x.shape[1]), np.ones(x.shape[1])
         s = np.where(s > 1e-12, s, 1.0)  # a constant column passes through unscaled, centred
         self.center, self.scale = c, s
-        return self
 
     def _check(self) -> None:
         if self.center is None:
             raise RuntimeError("Scaler: call fit() first")
 
     def transform(self, x: np.ndarray) -> np.ndarray:
+        """Scale (..., C) values; NaNs stay NaN, and a value that overflows float32 once scaled is an error."""
         self._check()
-        return (np.asarray(x, dtype=np.float64) - self.center) / self.scale
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = (x - self.center) / self.scale
+        bad = ~np.isnan(x) & ~(np.abs(z) <= np.finfo(np.float32).max)
+        if bad.any():
+            self._too_large(bad, x)
+        return z
+
+    def _too_large(self, bad: np.ndarray, x: np.ndarray) -> None:
+        """Raise naming the largest value of the first column with a ``bad`` entry."""
+        rows, flat = bad.reshape(-1, bad.shape[-1]), x.reshape(-1, x.shape[-1])
+        j = int(np.argmax(rows.any(0)))
+        i = int(np.argmax(np.where(rows[:, j], np.abs(flat[:, j]), -1.0)))
+        column = repr(self.names[j]) if self.names is not None and j < len(self.names) else str(j)
+        raise SeriesError(f"{self.arg}: value too large at row {i}, column {column}: {flat[i, j]:.6g} overflows "
+                          f"once scaled ({self.kind} scaling); expected values well within ±1e38")
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
         self._check()

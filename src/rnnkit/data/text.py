@@ -23,6 +23,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -231,6 +232,9 @@ def _show(ch: str) -> str:
     return repr(ch)
 
 
+_CHUNK = 1 << 20  # characters encoded at a time
+
+
 class CharVocab:
     """Characters of the training text, sorted, after the unknown symbol at index 0."""
 
@@ -256,10 +260,28 @@ class CharVocab:
     def __hash__(self) -> int:
         return hash(tuple(self.itos))
 
-    def encode(self, text: str) -> Tensor:
-        """(N,) int64 indices; characters outside the vocabulary map to the unknown symbol."""
-        get = self.stoi.get
-        return torch.tensor([get(c, 0) for c in text], dtype=torch.int64)
+    @property
+    def compact_dtype(self) -> torch.dtype:
+        """The narrowest dtype that holds every index: uint8 up to 256 symbols, else int32 (models and
+        losses take them as int64 one window at a time)."""
+        return torch.uint8 if len(self.itos) <= 256 else torch.int32
+
+    def encode(self, text: str, dtype: torch.dtype = torch.int64) -> Tensor:
+        """(N,) indices of ``dtype``; characters outside the vocabulary map to the unknown symbol.
+
+        Encodes a million characters at a time through their code points, so besides the result only
+        one chunk's buffers are held (a 50 MB text costs its N indices, not N Python integers).
+        """
+        codes = np.fromiter((ord(c) for c in self.itos[1:]), dtype=np.int64, count=len(self.itos) - 1)
+        order = np.argsort(codes)  # itos is sorted by code point already; argsort keeps this independent of it
+        codes, ranks = codes[order], order + 1
+        out = torch.empty(len(text), dtype=dtype)
+        view = out.numpy()
+        for start in range(0, len(text), _CHUNK):
+            cp = np.frombuffer(text[start:start + _CHUNK].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            pos = np.minimum(np.searchsorted(codes, cp), len(codes) - 1)
+            view[start:start + len(cp)] = np.where(codes[pos] == cp, ranks[pos], 0)
+        return out
 
     def decode(self, ids: Iterable[int] | Tensor) -> str:
         if isinstance(ids, Tensor):

@@ -386,7 +386,7 @@ def train(values: np.ndarray, cfg: AnomalyConfig, run_dir: str | Path | None, *,
         raise SeriesError(f"--csv: {len(values)} normal rows are too few: the detector needs {need} rows for "
                           f"training windows and {max(need, d.warmup + 2)} held out (val_fraction "
                           f"{d.val_fraction}); use a longer series or a smaller --window")
-    scaler = Scaler(d.scaler).fit(values[:n_fit])
+    scaler = Scaler(d.scaler).fit(values[:n_fit], arg="--csv")
     z = scaler.transform(values).astype(np.float32)
     length = m.window + 1 if m.detector == "prediction" else m.window
     data = {"x": torch.from_numpy(sliding_windows(z[:n_fit], length, m.stride).copy())}

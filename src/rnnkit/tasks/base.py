@@ -22,20 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..train.checkpoint import (
-    atomic_write_bytes,
-    find_checkpoint,
-    list_checkpoints,
-    model_state_dict,
-)
+from ..train.checkpoint import Checkpoint, atomic_write_bytes, find_checkpoint, list_checkpoints, model_state_dict
 
 C = TypeVar("C")
 V = TypeVar("V")
@@ -44,18 +34,11 @@ MODEL_FILE, META_FILE = "model.safetensors", "model.json"
 
 # ---- run directories and the training preamble ---------------------------------------------------
 def open_run_dir(run_dir: str | Path, resume: bool) -> Path:
-    """``run_dir`` as a Path, after checking that this run may write into it.
+    """``run_dir`` as a Path, after checking that this run may write into it (see
+    :func:`rnnkit.train.rundir.check_run_dir`); the trainer then locks it and checks a resume."""
+    from ..train.rundir import check_run_dir
 
-    Raises:
-        UserError: it exists and is not a directory, or it holds checkpoints and ``resume`` is False.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {str(run_dir)!r}: exists and is not a directory")
-    if list_checkpoints(run_dir / "checkpoints") and not resume:
-        raise UserError(f"--out {str(run_dir)!r}: the run directory already has checkpoints; pass --resume to "
-                        f"continue it or choose another directory")
-    return run_dir
+    return check_run_dir(run_dir, resume)
 
 
 def with_budget(cfg: C, minutes: float) -> C:
@@ -99,10 +82,11 @@ def as_user_error(exc: Exception) -> UserError:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int = "latest") -> int:
-    """Load the weights of a checkpoint of ``run_dir`` into ``model``; return its step.
+def choose_checkpoint(run_dir: str | Path, which: str | int = "latest") -> Checkpoint:
+    """The checkpoint "latest" (newest good one), "best" (the best evaluation) or of a step, of ``run_dir``.
 
-    ``which``: "latest" (newest good one), "best" (the best evaluation) or a step number.
+    Raises:
+        UserError: an unknown ``which``, or the run holds no checkpoint.
     """
     run_dir = Path(run_dir)
     try:
@@ -115,11 +99,20 @@ def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int
                             f"see the warnings above); the run has no usable model")
         raise UserError(f"RUN_DIR {str(run_dir)!r}: holds no checkpoint (train it first, or wait for its first "
                         f"checkpoint)")
+    return found
+
+
+def load_checkpoint_into(model: nn.Module, run_dir: str | Path, which: str | int | Checkpoint = "latest") -> int:
+    """Load the weights of a checkpoint of ``run_dir`` (chosen by :func:`choose_checkpoint`, or given) into
+    ``model``; return its step. A checkpoint that does not fit is an error quoting torch's reasons."""
+    found = which if isinstance(which, Checkpoint) else choose_checkpoint(run_dir, which)
     try:
         model.load_state_dict(model_state_dict(found), strict=True)
     except RuntimeError as e:
+        lines = [ln.strip().rstrip(".") for ln in str(e).splitlines()[1:] if ln.strip()]  # [0]: a bare heading
+        shown = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
         raise UserError(f"RUN_DIR {str(run_dir)!r}: checkpoint of step {found.step} does not fit the model of "
-                        f"its config.toml ({str(e).splitlines()[0]})") from None
+                        f"its config.toml ({shown or str(e)})") from None
     return found.step
 
 
@@ -132,6 +125,7 @@ def read_run(run_dir: str | Path, config_cls: type[C], read_vocab: Callable[[Any
     one-line error.
     """
     from ..train import config_from_dict
+    from ..train.rundir import read_saved_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -141,9 +135,17 @@ def read_run(run_dir: str | Path, config_cls: type[C], read_vocab: Callable[[Any
         if not p.is_file():
             raise UserError(f"RUN_DIR {str(run_dir)!r}: not a trained run (no {p.name}); expected the --out "
                             f"directory of a finished or checkpointed training")
-    vocab = read_vocab(json.loads(vocab_path.read_text(encoding="utf-8")), run_dir)
-    with cfg_path.open("rb") as f:
-        return run_dir, vocab, config_from_dict(config_cls, tomllib.load(f))
+    try:
+        parsed = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON (or not UTF-8)
+        raise UserError(f"{str(vocab_path)!r}: not a valid vocabulary file ({e}); restore the run's "
+                        f"{vocab_file}") from None
+    vocab = read_vocab(parsed, run_dir)
+    try:
+        return run_dir, vocab, config_from_dict(config_cls, read_saved_config(run_dir))
+    except UserError as e:  # a key or value the config class refuses: name the file
+        msg = str(e)
+        raise UserError(msg if str(cfg_path) in msg else f"{str(cfg_path)!r}: {msg}") from None
 
 
 def restore_best(trainer: Any, model: nn.Module) -> int | None:
@@ -275,6 +277,6 @@ def parse_floats(text: str | Sequence[float] | None, arg: str, kind: type = floa
 
 
 __all__ = ["open_run_dir", "with_budget", "reporter", "atomic_json", "check_saved_vocab", "as_user_error",
-           "load_checkpoint_into", "read_run", "restore_best", "fit", "save_model", "load_meta", "load_weights",
-           "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure", "parse_floats", "MODEL_FILE",
-           "META_FILE"]
+           "choose_checkpoint", "load_checkpoint_into", "read_run", "restore_best", "fit", "save_model",
+           "load_meta", "load_weights", "save_trained", "load_trained", "sample_trainer", "pyplot", "save_figure",
+           "parse_floats", "MODEL_FILE", "META_FILE"]

@@ -125,7 +125,8 @@ def prepare_corpus(cfg: CharDataConfig, trainer: TrainerConfig) -> CharCorpus:
                         f"batch (batch_size {trainer.batch_size} streams x 2 steps + 1 = {need}); give a longer "
                         f"text or a smaller --batch-size")
     vocab = CharVocab.from_text(train_text)
-    return CharCorpus(name, vocab, vocab.encode(train_text), vocab.encode(val_text), vocab.coverage(val_text))
+    ids = vocab.compact_dtype  # 1 byte per character for up to 256 symbols: a large text stays small
+    return CharCorpus(name, vocab, vocab.encode(train_text, ids), vocab.encode(val_text, ids), vocab.coverage(val_text))
 
 
 def train(cfg: CharLMConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
@@ -227,7 +228,7 @@ def evaluate_text(run: LoadedRun, text_path: str | Path | None, encoding: str = 
         text, name = load_corpus(text_path, encoding)
         if len(text) < 2:
             raise UserError(f"--text {name}: needs at least 2 characters, got {len(text)}")
-        text_ids, cov = run.vocab.encode(text), run.vocab.coverage(text)
+        text_ids, cov = run.vocab.encode(text, run.vocab.compact_dtype), run.vocab.coverage(text)
     total, n = stream_loss(run.model, text_ids, batch_size)
     m = lm_metrics(total, n)
     return {"loss_nats": m["loss_nats"], "bits_per_char": m["bits_per_char"], "chars": n,

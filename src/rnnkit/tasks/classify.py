@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.sequences import SequenceSet, augment, pad
+from ..data.sequences import SequenceSet, augment, label_name, pad
 from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
@@ -148,11 +148,22 @@ def fit_scaler(data: SequenceSet, kind: str) -> Scaler:
 def encode_labels(labels: np.ndarray | None, classes: list[str], arg: str) -> np.ndarray:
     if labels is None:
         raise SeriesError(f"{arg}: the input has no labels; expected a label column/field")
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({str(v) for v in labels} - set(index))
+    index = {label_name(c): i for i, c in enumerate(classes)}
+    names = [label_name(v) for v in labels]
+    unknown = sorted(set(names) - set(index), key=_label_key)
     if unknown:
         raise SeriesError(f"{arg}: labels {unknown[:5]} do not occur in the training set (classes {classes})")
-    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
+def class_names(labels: np.ndarray | None, arg: str = "--train") -> list[str]:
+    """The sorted class names of a training set's labels (at least two)."""
+    if labels is None:
+        raise SeriesError(f"{arg}: the training set has no labels")
+    classes = sorted({label_name(v) for v in labels}, key=_label_key)
+    if len(classes) < 2:
+        raise SeriesError(f"{arg}: expected at least 2 classes, got {classes}")
+    return classes
 
 
 def block_mean(x: np.ndarray, k: int) -> np.ndarray:
@@ -231,7 +242,8 @@ class Classifier:
     def load(cls, run_dir: str | Path) -> Classifier:
         meta, cfg = load_trained(run_dir, TASK, ClassifyConfig)
         net = build_net(cfg.model, meta["channels"], len(meta["classes"]), meta.get("input_len", 0))
-        return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), meta["classes"], meta)
+        classes = [label_name(c) for c in meta["classes"]]  # (runs before whole-number labels were kept whole)
+        return cls(cfg, load_weights(run_dir, net), Scaler.from_state(meta["scaler"]), classes, meta)
 
 
 def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | None, *, resume: bool = False,
@@ -240,11 +252,7 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
     from ..train import replace_config
 
     d = cfg.data
-    if train_set.labels is None:
-        raise SeriesError("--train: the training set has no labels")
-    classes = sorted({str(v) for v in train_set.labels}, key=_label_key)
-    if len(classes) < 2:
-        raise SeriesError(f"--train: expected at least 2 classes, got {classes}")
+    classes = class_names(train_set.labels)
     if not 0 <= d.val_fraction < 1:
         raise SeriesError(f"data.val_fraction: expected a fraction in [0, 1), got {d.val_fraction}")
     for key in ("jitter", "scale", "warp"):

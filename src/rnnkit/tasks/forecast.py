@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.series import Scaler, Series, SeriesError, check_length, make_windows
+from ..errors import TrainingError
 from ..metrics.forecast import forecast_metrics
 from ..train import TrainerConfig
 from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_model, save_trained
@@ -248,6 +249,11 @@ def _levels(y: np.ndarray, cfg: ForecastDataConfig) -> list[np.ndarray]:
     return v
 
 
+def _after_differencing(arg: str, cfg: ForecastDataConfig) -> str:
+    """``arg``, marked as counted after differencing when the config differences the target."""
+    return f"{arg} (after differencing)" if cfg.difference else arg
+
+
 class Transform:
     """Target and covariate transforms fit on training rows; saved in ``model.json``."""
 
@@ -262,8 +268,11 @@ class Transform:
     @classmethod
     def fit(cls, series: Series, cfg: ForecastDataConfig) -> Transform:
         cov = np.concatenate([series.past, series.future], 1)[sum(cfg.difference):]
-        return cls(cfg, Scaler(cfg.scaler).fit(_levels(series.target, cfg)[-1]),
-                   Scaler("standard").fit(cov) if cov.shape[1] else None)
+        with np.errstate(over="ignore", invalid="ignore"):  # (an overflowing difference is named below)
+            levels = _levels(series.target, cfg)[-1]
+        return cls(cfg, Scaler(cfg.scaler).fit(levels, series.target_names, _after_differencing("--csv", cfg)),
+                   Scaler("standard").fit(cov, series.past_names + series.future_names, "--csv covariates")
+                   if cov.shape[1] else None)
 
     def target(self, y: np.ndarray) -> np.ndarray:
         """(T, Ct) data -> (T - lost_rows, Ct) model space."""
@@ -373,7 +382,7 @@ class ForecastModel:
         """Forecast the H steps after the end of ``history``: ``point``, ``lo``, ``hi`` (H, Ct) in data units
         (``lo``/``hi`` absent for the point head)."""
         d, m = self.cfg.data, self.cfg.model
-        check_length(len(history) - self.tf.lost_rows, d.lookback, 1, "history (after differencing)")
+        check_length(len(history) - self.tf.lost_rows, d.lookback, 1, _after_differencing("history", d))
         if history.future.shape[1] and (future_rows is None or len(future_rows) < d.horizon):
             raise SeriesError(f"--csv: the model uses known-future covariates {history.future_names}; the file "
                               f"needs {d.horizon} extra rows after the last target value with those columns filled")
@@ -384,7 +393,11 @@ class ForecastModel:
             if outs[0][i] is None:
                 continue
             z = torch.stack([o[i] for o in outs]).mean(0).double().numpy() + off  # (H, Ct)
-            res[key] = self.tf.inverse_target(z, history.target)
+            with np.errstate(over="ignore", invalid="ignore"):
+                res[key] = self.tf.inverse_target(z, history.target)
+            if not np.isfinite(res[key]).all():
+                raise TrainingError(f"forecast: the {key} forecast overflows in data units (the model's output "
+                                    f"is far outside the training range); check the series' scale")
         return res
 
     def save(self, run_dir: Path) -> None:
@@ -413,7 +426,7 @@ def train(series: Series, cfg: ForecastConfig, run_dir: str | Path, quiet: bool 
 
     check_config(cfg, series)
     d = cfg.data
-    check_length(len(series) - sum(d.difference), d.lookback, d.horizon, "--csv (after differencing)")
+    check_length(len(series) - sum(d.difference), d.lookback, d.horizon, _after_differencing("--csv", d))
     run_dir = Path(run_dir)
     tf = Transform.fit(series, d)
     nets, results = [], []
@@ -482,9 +495,10 @@ def backtest(series: Series, cfg: ForecastConfig, run_dir: str | Path, folds: in
     d = cfg.data
     H, T = d.horizon, len(series)
     first = T - folds * H
+    diff = f" - sum(difference) = {T} - {folds}*{H} - {sum(d.difference)}" if d.difference else \
+        f" = {T} - {folds}*{H}"
     check_length(first - sum(d.difference), d.lookback, H,
-                 f"--csv (first backtest fold after differencing, T - folds*H - sum(difference) = {T} - {folds}*{H}"
-                 f" - {sum(d.difference)})")
+                 f"--csv (first backtest fold{' after differencing' if d.difference else ''}, T - folds*H{diff})")
     run_dir = Path(run_dir)
     methods = ["model", "naive", "seasonal_naive"] + (["sarima"] if with_sarima else [])
     per: dict[str, list[dict[str, float]]] = {m: [] for m in methods}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..data.text import CharVocab, vocab_from_dict
 from ..errors import UserError
-from .base import as_user_error, atomic_json, load_checkpoint_into, read_run
+from .base import as_user_error, atomic_json, choose_checkpoint, load_checkpoint_into, read_run
 from .options import RecurrentOptions
 
 State = Tensor | tuple[Tensor, Tensor] | None
@@ -106,6 +106,7 @@ class RecurrentLM(nn.Module):
                 nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
 
     def embed(self, x: Tensor) -> Tensor:
+        x = x.long()  # token ids may be stored narrower (see CharVocab.compact_dtype); no copy when int64
         if self.embedding is None:
             return F.one_hot(x, self.vocab_size).to(self.decoder.weight.dtype)
         return self.embedding(x)
@@ -139,7 +140,7 @@ class LMTask:
 
     def loss(self, logits: Tensor, y: Tensor) -> Tensor:
         """Unreduced cross-entropy in nats, shape (T, B)."""
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten().long(), reduction="none").view(y.shape)
 
 
 def build_model(vocab_size: int, cfg: LMConfig) -> RecurrentLM:
@@ -175,7 +176,7 @@ def stream_loss(model: RecurrentLM, ids: Tensor, batch_size: int = 16, chunk: in
             s = 0.0
             for t0 in range(0, x.shape[0], chunk):
                 logits, state = model(x[t0:t0 + chunk].to(device), state)
-                s += F.cross_entropy(logits.flatten(0, 1), y[t0:t0 + chunk].to(device).flatten(),
+                s += F.cross_entropy(logits.flatten(0, 1), y[t0:t0 + chunk].to(device).flatten().long(),
                                      reduction="sum").item()
             return s, state
 
@@ -207,7 +208,7 @@ def fit_stream(model: RecurrentLM, train_ids: Tensor, cfg: Any, run_dir: Path, v
     """Train ``model`` on next-symbol prediction over the token stream ``train_ids`` (N,).
 
     The Trainer runs ``cfg.trainer`` (TBPTT over contiguous streams) into ``run_dir``; the vocabulary is
-    written to ``run_dir/vocab.json`` once the trainer has accepted the directory. Returns
+    written to ``run_dir/vocab.json`` once the trainer has taken the directory (:meth:`Trainer.open_run_dir`). Returns
     (the trainer, its final metrics).
     """
     from ..train import StreamData, Trainer
@@ -215,7 +216,7 @@ def fit_stream(model: RecurrentLM, train_ids: Tensor, cfg: Any, run_dir: Path, v
     trainer = Trainer(model, LMTask(), StreamData(train_ids[:-1], train_ids[1:]), cfg.trainer, run_dir,
                       evaluate=evaluate, callbacks=callbacks or {}, resume=resume, quiet=quiet, progress=progress,
                       full_config=cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.open_run_dir()  # locked, and a resume checked against its checkpoint, before anything is written
     atomic_json(run_dir / VOCAB_FILE, vocab.to_dict())
     return trainer, trainer.fit()
 
@@ -237,16 +238,27 @@ def load_run(run_dir: str | Path, config_cls: type, checkpoint: str = "latest", 
     ``config_cls``: the task's config dataclass; its ``VOCAB_KIND`` ("char" or "word") must match the
     run's vocabulary. ``checkpoint``: "latest" (newest good one), "best" (the best evaluation) or a step number.
     """
+    from ..train import model_state_dict
+
     def read_vocab(d: Any, run_dir: Path) -> Any:
-        vocab = vocab_from_dict(d)
+        try:
+            vocab = vocab_from_dict(d)
+        except (UserError, TypeError, AttributeError, KeyError) as e:
+            raise UserError(f"{str(run_dir / VOCAB_FILE)!r}: not a valid vocabulary file ({e}); restore the "
+                            f"run's {VOCAB_FILE}") from None
         kind, wanted = ("char" if isinstance(vocab, CharVocab) else "word"), config_cls.VOCAB_KIND
         if kind != wanted:
             raise UserError(f"RUN_DIR {str(run_dir)!r}: a {kind}-level run; use `rnnkit {kind}lm` for it")
         return vocab
 
     run_dir, vocab, cfg = read_run(run_dir, config_cls, read_vocab, VOCAB_FILE)
+    found = choose_checkpoint(run_dir, checkpoint)
+    trained = model_state_dict(found).get("decoder.bias")
+    if trained is not None and trained.shape[0] != len(vocab):
+        raise UserError(f"{str(run_dir / VOCAB_FILE)!r}: holds {len(vocab)} symbols, but the model of checkpoint "
+                        f"step {found.step} was trained on {trained.shape[0]}; restore the run's {VOCAB_FILE}")
     model = build_model(len(vocab), cfg.model)
-    step = load_checkpoint_into(model, run_dir, checkpoint)
+    step = load_checkpoint_into(model, run_dir, found)
     model.to(device).eval()
     return LoadedRun(run_dir, cfg, vocab, model, step)
 

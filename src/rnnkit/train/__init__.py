@@ -18,9 +18,20 @@ from .config import (
     save_config,
 )
 from .optim import Schedule, build_optimizer
-from .trainer import EVENTS, StreamData, Trainer, detach_state, evaluate_stream, seed_everything, tree_map
+from .rundir import lock_run_dir
+from .trainer import (
+    EVENTS,
+    StreamData,
+    Trainer,
+    TrainState,
+    detach_state,
+    evaluate_stream,
+    seed_everything,
+    tree_map,
+)
 
 __all__ = ["Trainer", "TrainerConfig", "OptimConfig", "ScheduleConfig", "StreamData", "load_config",
            "save_config", "config_to_dict", "config_from_dict", "replace_config", "EVENTS", "seed_everything",
            "detach_state", "tree_map", "build_optimizer", "Schedule", "load_checkpoint", "list_checkpoints",
-           "latest_good_checkpoint", "evaluate_stream", "find_checkpoint", "model_state_dict"]
+           "latest_good_checkpoint", "evaluate_stream", "find_checkpoint", "model_state_dict", "TrainState",
+           "lock_run_dir"]

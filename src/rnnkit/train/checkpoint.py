@@ -7,8 +7,9 @@ A checkpoint of step s is two files in ``run_dir/checkpoints/``::
     step-00000123.json          everything else + the SHA-256 of the .safetensors file and of itself
 
 Each file is written to a temporary name, fsynced and renamed; the JSON is written last, so a checkpoint
-exists only once both files are complete. Loading checks both checksums; a damaged newest checkpoint
-is skipped with a warning and the previous good one is used. Loading never unpickles or runs code:
+exists only once both files are complete (and the metadata is serialized, as strict JSON, before either
+is written). Loading checks both checksums and the metadata's required entries; a damaged newest
+checkpoint is skipped with a warning and the previous good one is used. Loading never unpickles or runs code:
 safetensors holds raw tensors, and the JSON is parsed with :mod:`json`.
 """
 
@@ -20,7 +21,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,12 +148,12 @@ def save_checkpoint(directory: str | os.PathLike, step: int, tensors: Mapping[st
     directory.mkdir(parents=True, exist_ok=True)
     blob = st_save({k: v.contiguous() for k, v in tensors.items()})
     stem = f"step-{step:08d}"
-    atomic_write_bytes(directory / f"{stem}.safetensors", blob)
     body = dict(meta)
     body.update(format=FORMAT_VERSION, step=step, tensors_file=f"{stem}.safetensors",
                 tensors_sha256=_sha256(blob))
-    text = json.dumps(body, sort_keys=True, allow_nan=False)
+    text = json.dumps(body, sort_keys=True, allow_nan=False)  # raises before anything is written
     wrapped = json.dumps({"sha256": _sha256(text.encode()), "body": text})
+    atomic_write_bytes(directory / f"{stem}.safetensors", blob)
     atomic_write_bytes(directory / f"{stem}.json", wrapped.encode())
     return directory / f"{stem}.json"
 
@@ -170,8 +171,13 @@ def load_checkpoint(json_path: str | os.PathLike) -> Checkpoint:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{json_path.name}: unreadable metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{json_path.name}: malformed metadata (a {type(meta).__name__}, not a table)")
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{json_path.name}: unknown format {meta.get('format')!r}")
+    for key, tp in (("step", int), ("tensors_file", str), ("tensors_sha256", str)):
+        if not isinstance(meta.get(key), tp) or isinstance(meta.get(key), bool):
+            raise CheckpointError(f"{json_path.name}: malformed metadata ({key} = {meta.get(key)!r:.40})")
     tfile = json_path.parent / str(meta["tensors_file"])
     if tfile.parent != json_path.parent or "/" in str(meta["tensors_file"]):
         raise CheckpointError(f"{json_path.name}: tensors file outside the checkpoint directory")
@@ -201,11 +207,19 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_good_checkpoint(directory: str | os.PathLike) -> Checkpoint | None:
-    """The newest checkpoint that passes its checks; damaged newer ones are reported with a warning."""
+def latest_good_checkpoint(directory: str | os.PathLike,
+                           decode: Callable[[Checkpoint], Any] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that passes its checks; damaged newer ones are reported with a warning.
+
+    ``decode(checkpoint)``, when given, is a further check (reading the entries its user needs); a
+    :class:`CheckpointError` from it marks the checkpoint damaged as well.
+    """
     for step, path in reversed(list_checkpoints(directory)):
         try:
-            return load_checkpoint(path)
+            found = load_checkpoint(path)
+            if decode is not None:
+                decode(found)
+            return found
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint of step {step}: {e}; trying the previous one",
                           RuntimeWarning, stacklevel=2)

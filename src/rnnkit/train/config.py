@@ -20,6 +20,7 @@ string (``trainer.optim.name=adamw``). Unknown keys and values of the wrong type
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -164,10 +165,11 @@ class TrainerConfig:
 def _positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
         value > 0 or (allow_zero and value == 0))
     if not ok:
-        what = "a number >= 0" if allow_zero else "a number > 0"
+        finite = "finite " if isinstance(value, float) and not math.isfinite(value) else ""
+        what = f"a {finite}number {'>=' if allow_zero else '>'} 0"
         raise UserError(f"trainer.{name}: expected {what}{' or unset' if allow_none else ''}, got {value!r}")
 
 

@@ -31,6 +31,43 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+NONFINITE = "nonfinite"  # the key of a record's non-finite values
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as strict JSON: each non-finite float becomes ``None``, listed under ``"nonfinite"``.
+
+    ``{"loss": inf, "step": 3}`` -> ``{"loss": None, "step": 3, "nonfinite": {"loss": "inf"}}``; values
+    nested in dicts are listed by dotted key. :func:`restore_record` inverts it.
+    """
+    flags: dict[str, str] = {}
+
+    def clean(v: Any, key: str) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            flags[key] = repr(v)
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{key}.{k}") for k, x in v.items()}
+        return v
+
+    out = {k: clean(v, k) for k, v in record.items()}
+    if flags:
+        out[NONFINITE] = flags
+    return out
+
+
+def restore_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`strict_record`: the listed non-finite values put back."""
+    out = {k: v for k, v in record.items() if k != NONFINITE}
+    for key, text in record.get(NONFINITE, {}).items():
+        *path, last = key.split(".")
+        node = out
+        for k in path:
+            node = node[k]
+        node[last] = float(text)
+    return out
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (one JSON object per line) plus TensorBoard scalars."""
 
@@ -61,7 +98,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record, allow_nan=True) + "\n")
+                f.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
@@ -147,4 +184,4 @@ class Progress:
             self._bar = None
 
 
-__all__ = ["MetricsLog", "Progress"]
+__all__ = ["MetricsLog", "Progress", "strict_record", "restore_record", "NONFINITE"]

@@ -30,12 +30,13 @@ import math
 import random
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -46,8 +47,9 @@ from ..errors import TrainingError, UserError
 from . import checkpoint as ckpt
 from . import distributed as dist_util
 from .config import TrainerConfig, config_to_dict, save_config
-from .monitor import MetricsLog, Progress
+from .monitor import MetricsLog, Progress, restore_record, strict_record
 from .optim import Schedule, build_optimizer
+from .rundir import check_run_dir, lock_run_dir, read_saved_config, setting_differences
 
 EVENTS = ("step_end", "eval", "checkpoint", "epoch_end", "fit_end")
 Callback = Callable[["Trainer", dict[str, Any]], None]
@@ -73,6 +75,66 @@ class StreamData:
         if self.inputs.shape[0] != self.targets.shape[0]:
             raise UserError(f"StreamData: inputs and targets must have the same length, got "
                             f"{self.inputs.shape[0]} and {self.targets.shape[0]}")
+
+
+@dataclass
+class TrainState:
+    """The progress of a run: every value besides tensors that a checkpoint saves and a resume restores.
+
+    Saved whole as the checkpoint's ``"progress"`` entry (strict JSON, see
+    :func:`~rnnkit.train.monitor.strict_record`) and restored whole, so a field added here is saved and
+    restored with no other change. Tensors (model, optimizer, carried recurrent state, RNG states) are
+    saved next to it.
+    """
+
+    step: int = 0
+    epoch: int = 1  # 1-based current epoch
+    batch_index: int = 0  # micro-batches consumed in the current epoch
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    best: float | None = None  # best value of config.metric so far
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    elapsed_s: float = 0.0  # training seconds of the sessions before this one
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int | None = None
+    train_loss: float = math.nan  # mean training loss over the last log interval
+
+    def to_json(self) -> dict[str, Any]:
+        return strict_record(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrainState:
+        """Rebuild from :meth:`to_json` output; raises ``ValueError`` naming a missing or mistyped field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"progress: expected a table, got {type(data).__name__}")
+        data = restore_record(dict(data))
+        if data.get("train_loss", 0.0) is None:  # written as null before non-finite values were flagged
+            data["train_loss"] = math.nan
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in data:
+                raise ValueError(f"progress: missing {f.name!r}")
+            if not _is_instance(data[f.name], hints[f.name]):
+                raise ValueError(f"progress.{f.name}: expected {hints[f.name]}, got {data[f.name]!r:.60}")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    """isinstance for the annotations of :class:`TrainState` (an int is a float, a bool is not an int)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_instance(value, a) for a in get_args(tp))
+    if origin is dict:
+        kt, vt = get_args(tp)
+        return isinstance(value, dict) and all(_is_instance(k, kt) and _is_instance(v, vt) for k, v in value.items())
+    if tp is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, tp)
 
 
 # ------------------------------------------------------------------------------------ state helpers
@@ -138,6 +200,22 @@ def evaluate_stream(model: nn.Module, task: Any, data: StreamData, batch_size: i
         count += float(lt.numel() if wt is None else wt.double().sum())
     model.train(was_training)
     return {"loss": total / count if count else float("nan"), "steps": count}
+
+
+@dataclass
+class _Resumed:
+    """A checkpoint decoded for resuming (see :meth:`Trainer._decode`)."""
+
+    progress: TrainState
+    data_kind: str
+    n_batches: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any]
+    ranks: list[dict[str, Any]]
+    rng_numpy: tuple[Any, ...]
+    rng_python: tuple[Any, ...]
+    trainer_config: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------ data sources
@@ -277,29 +355,23 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("model: has no trainable parameters")
+        top = min(torch.finfo(p.dtype).max for p in self.params if p.is_floating_point())
+        if config.optim.lr > top:
+            raise UserError(f"trainer.optim.lr: {config.optim.lr!r} is beyond the range of the model's parameters "
+                            f"(at most {top:.3g} in {self.params[0].dtype}); expected a much smaller rate")
         self.optimizer = build_optimizer(self.params, config.optim)
         self.steps_per_epoch = math.ceil(self.data.n_batches / config.grad_accum)
         self.total_steps = self._total_steps()
         self.schedule = Schedule(config.schedule, config.optim.lr, self.total_steps, config.metric_mode,
                                  budget_s=config.minutes * 60 if config.minutes else None, clock=self._elapsed)
 
-        # progress of the run (all of it is in the checkpoint)
-        self.step = 0
-        self.epoch = 1  # 1-based current epoch
-        self.batch_index = 0  # micro-batches consumed in the current epoch
+        # progress of the run: all of it is in the checkpoint (state whole, carry per process)
+        self.state = TrainState()
         self.carry: Any = None  # recurrent state at the next window start (stream data)
-        self.skipped_steps = 0
-        self.nonfinite_in_a_row = 0
-        self.best: float | None = None
-        self.best_step: int | None = None
-        self.evals_without_improvement = 0
-        self.elapsed_before = 0.0
-        self.last_eval: dict[str, float] = {}
-        self.last_eval_step: int | None = None
         self.last_checkpoint_step: int | None = None
+        self._opened, self._resume_from, self._lock = False, None, None  # see open_run_dir
         self.stop_reason: str | None = None
         self._stop_requested: str | None = None
-        self._train_loss: float = float("nan")
         self._log_acc = [0.0, 0.0, 0, 0.0]  # loss sum, loss count, units, seconds since last log
         self._log_gnorm: float | None = None
 
@@ -318,12 +390,27 @@ class Trainer:
         self._stop_requested = reason
 
     @property
+    def step(self) -> int:
+        """Optimizer steps done (``state.step``)."""
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, 1-based (``state.epoch``)."""
+        return self.state.epoch
+
+    @property
+    def best_step(self) -> int | None:
+        """The step of the best evaluation so far (``state.best_step``)."""
+        return self.state.best_step
+
+    @property
     def checkpoint_dir(self) -> Path | None:
         return self.run_dir / "checkpoints" if self.run_dir is not None else None
 
     @property
     def lr(self) -> float:
-        return self.schedule.lr(self.step, self.epoch)
+        return self.schedule.lr(self.state.step, self.state.epoch)
 
     # ---------------------------------------------------------------- setup
 
@@ -348,16 +435,40 @@ class Trainer:
             totals.append(c.epochs * self.steps_per_epoch)
         return min(totals) if totals else None
 
-    def _setup_run_dir(self) -> None:
+    def open_run_dir(self) -> None:
+        """Take the run directory: lock it, check a resume against its checkpoint, write ``config.toml``.
+
+        Nothing in the directory changes before the resume checks out. :meth:`fit` does this first; a task
+        that writes files of its own into the run directory calls it before writing them. The lock is
+        held until :meth:`fit` ends.
+
+        Raises:
+            UserError: the directory is another process's, has checkpoints but no resume was asked for,
+                or the checkpoint does not fit this run (the message names the settings that differ).
+        """
+        if not self._opened:
+            self._resume_from = self._setup_run_dir()
+            self._opened = True
+
+    def _setup_run_dir(self) -> ckpt.Checkpoint | None:
         if self.run_dir is None:
-            return
-        existing = ckpt.list_checkpoints(self.checkpoint_dir)
-        if existing and not self.resume:
-            raise UserError(f"--out {str(self.run_dir)!r}: the run directory already has checkpoints; pass "
-                            f"--resume to continue it or choose another directory")
+            return None
+        check_run_dir(self.run_dir, self.resume)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_dir(self.run_dir)
+            self._lock.__enter__()
+        found = self._find_resume_point() if self.resume else None
+        if found is not None:
+            self._check_resume(found)
+        if self.is_main:
             save_config(self.full_config, self.run_dir)
+        return found
+
+    def _release_run_dir(self) -> None:
+        lock, self._lock = self._lock, None
+        self._opened, self._resume_from = False, None
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- the loop
 
@@ -387,19 +498,25 @@ class Trainer:
             torch.backends.cudnn.benchmark = previous[1]
 
     def _fit(self) -> dict[str, Any]:
+        try:
+            self.open_run_dir()
+            if self._resume_from is not None:
+                self.load_checkpoint(self._resume_from)
+            return self._loop()
+        finally:
+            self._release_run_dir()
+
+    def _loop(self) -> dict[str, Any]:
         c = self.config
-        self._setup_run_dir()
-        if self.resume and self.run_dir is not None:
-            self._load_latest()
         dist_util.broadcast_module(self.model)
         self.log = MetricsLog(self.run_dir if self.is_main else None, c.tensorboard,
-                              purge_after=self.step if self.resume else None)
+                              purge_after=self.state.step if self.resume else None)
         if self.resume:
-            self.log.truncate_after(self.step)
+            self.log.truncate_after(self.state.step)
         self.progress = Progress(self.total_steps, quiet=self.quiet or not self.is_main, log_every=c.log_every,
                                  unit=self.data.unit, rich=self._progress_mode)
         self._t_start = time.perf_counter()
-        self.progress.start(self.step)
+        self.progress.start(self.state.step)
         try:
             while self._budget_left():
                 self._train_step()
@@ -410,9 +527,9 @@ class Trainer:
                 self.stop_reason = "budget"
             if self._log_acc[2]:  # steps since the last record (a stop between log intervals)
                 self._log_train()
-            if self.evaluate_fn is not None and self.last_eval_step != self.step:
+            if self.evaluate_fn is not None and self.state.last_eval_step != self.state.step:
                 self._run_eval()
-            if self.checkpoint_dir is not None and self.last_checkpoint_step != self.step:
+            if self.checkpoint_dir is not None and self.last_checkpoint_step != self.state.step:
                 self._save()
         finally:
             self.progress.stop()
@@ -427,7 +544,7 @@ class Trainer:
 
     def _elapsed(self) -> float:
         start = getattr(self, "_t_start", None)
-        return self.elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+        return self.state.elapsed_s + (time.perf_counter() - start if start is not None else 0.0)
 
     @property
     def elapsed_s(self) -> float:
@@ -436,9 +553,9 @@ class Trainer:
 
     def _budget_left(self) -> bool:
         c = self.config
-        if c.steps is not None and self.step >= c.steps:
+        if c.steps is not None and self.state.step >= c.steps:
             return False
-        if c.epochs is not None and self.epoch > c.epochs:
+        if c.epochs is not None and self.state.epoch > c.epochs:
             return False
         return True
 
@@ -450,7 +567,7 @@ class Trainer:
     def _micro_stream(self) -> tuple[Tensor, Tensor, int]:
         """Forward/backward of one TBPTT window; returns (loss sum, count, tokens) of this rank."""
         d: _Streams = self.data  # type: ignore[assignment]
-        plan = tbptt_plan(d.length, d.k1, d.k2, self.batch_index)
+        plan = tbptt_plan(d.length, d.k1, d.k2, self.state.batch_index)
         state = self.carry
         new_carry = state if plan.next_window == plan.window else None
         losses, weights = [], []
@@ -487,7 +604,7 @@ class Trainer:
 
     def _micro_samples(self) -> tuple[Tensor, Tensor, int]:
         d: _Samples = self.data  # type: ignore[assignment]
-        batch, n = d.batch(self.epoch, self.batch_index)
+        batch, n = d.batch(self.state.epoch, self.state.batch_index)
         zero = torch.zeros((), dtype=torch.float64)
         if n == 0:  # a last batch smaller than the number of processes leaves this rank without samples
             return zero, zero, 0
@@ -514,14 +631,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, count, units
         for _ in range(c.grad_accum):
-            if self.batch_index >= self.data.n_batches:
+            if self.state.batch_index >= self.data.n_batches:
                 break
             if self.data.kind == "stream":
                 s, n, units = self._micro_stream()
             else:
                 s, n, units = self._micro_samples()
             sums += torch.stack([s, n.double(), torch.tensor(float(units), dtype=torch.float64)])
-            self.batch_index += 1
+            self.state.batch_index += 1
         dist_util.all_reduce_sum(sums)
         dist_util.all_reduce_grads(self.params)
         loss_sum, count, units = float(sums[0]), float(sums[1]), float(sums[2])
@@ -531,23 +648,23 @@ class Trainer:
                 g.div_(count)
         loss = loss_sum / count if count > 0 else float("nan")
         gnorm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        lr = self.schedule.lr(self.step, self.epoch)
+        lr = self.schedule.lr(self.state.step, self.state.epoch)
         if count == 0:  # nothing counted (all items masked): no update, not a divergence
-            self.skipped_steps += 1
+            self.state.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         elif not (math.isfinite(loss) and math.isfinite(gnorm)):
-            self.skipped_steps += 1
-            self.nonfinite_in_a_row += 1
+            self.state.skipped_steps += 1
+            self.state.nonfinite_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.carry is not None and not _finite(tree_tensors(self.carry)):
                 self.carry = None
-            if self.nonfinite_in_a_row >= c.max_nonfinite:
+            if self.state.nonfinite_in_a_row >= c.max_nonfinite:
                 raise TrainingError(
-                    f"training stopped at step {self.step + 1}: {self.nonfinite_in_a_row} non-finite steps in a "
-                    f"row (loss {loss}, gradient norm {gnorm}; limit trainer.max_nonfinite={c.max_nonfinite}); "
-                    f"try a lower learning rate or gradient clipping")
+                    f"training stopped at step {self.state.step + 1}: {self.state.nonfinite_in_a_row} non-finite "
+                    f"steps in a row (loss {loss}, gradient norm {gnorm}; limit "
+                    f"trainer.max_nonfinite={c.max_nonfinite}); try a lower learning rate or gradient clipping")
         else:
-            self.nonfinite_in_a_row = 0
+            self.state.nonfinite_in_a_row = 0
             if c.clip_value is not None:
                 torch.nn.utils.clip_grad_value_(self.params, c.clip_value)
             if c.clip_norm is not None:
@@ -555,7 +672,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        self.step += 1
+        self.state.step += 1
         self._last_loss = loss
         dt = time.perf_counter() - t0
         acc = self._log_acc
@@ -569,24 +686,24 @@ class Trainer:
 
     def _after_step(self) -> None:
         c = self.config
-        epoch_done = self.batch_index >= self.data.n_batches
+        epoch_done = self.state.batch_index >= self.data.n_batches
         if self.callbacks["step_end"]:
-            self._fire("step_end", {"step": self.step, "epoch": self.epoch, "lr": self._last_lr,
+            self._fire("step_end", {"step": self.state.step, "epoch": self.state.epoch, "lr": self._last_lr,
                                     "grad_norm": self._log_gnorm, "loss": self._last_loss})
-        if self.step % c.log_every == 0 or epoch_done or not self._budget_left():
+        if self.state.step % c.log_every == 0 or epoch_done or not self._budget_left():
             self._log_train()
         elif self.is_main:
-            self.progress.update(self.step, None)  # moves the rich bar; plain lines wait for the next record
+            self.progress.update(self.state.step, None)  # moves the rich bar; plain lines wait for the next record
         if epoch_done:
-            self._fire("epoch_end", {"epoch": self.epoch, "step": self.step})
-            finished_epoch = self.epoch
-            self.epoch += 1
-            self.batch_index = 0
+            self._fire("epoch_end", {"epoch": self.state.epoch, "step": self.state.step})
+            finished_epoch = self.state.epoch
+            self.state.epoch += 1
+            self.state.batch_index = 0
             self.carry = None
             if c.eval_each_epoch and self.evaluate_fn is not None:
                 self._run_eval(epoch=finished_epoch)
-        if c.eval_every and self.step % c.eval_every == 0 and self.evaluate_fn is not None \
-                and self.last_eval_step != self.step:
+        if c.eval_every and self.state.step % c.eval_every == 0 and self.evaluate_fn is not None \
+                and self.state.last_eval_step != self.state.step:
             self._run_eval()
         if self.stop_reason is None and self._stop_requested:
             self.stop_reason = self._stop_requested
@@ -594,29 +711,31 @@ class Trainer:
             self.stop_reason = self.stop_reason or "minutes"
         if dist_util.active():
             self.stop_reason = dist_util.broadcast_object(self.stop_reason)  # rank 0 decides
-        if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.last_checkpoint_step != self.step:
+        if c.checkpoint_every and self.state.step % c.checkpoint_every == 0 \
+                and self.last_checkpoint_step != self.state.step:
             self._save()
 
     def _log_train(self) -> None:
         acc = self._log_acc
         loss = acc[0] / acc[1] if acc[1] else float("nan")
-        record = {"kind": "train", "step": self.step, "epoch": self.epoch, "loss": loss, "lr": self._last_lr,
+        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
+                  "lr": self._last_lr,
                   "grad_norm": self._log_gnorm, "throughput": acc[2] / acc[3] if acc[3] > 0 else 0.0,
-                  "skipped_steps": self.skipped_steps, "elapsed_s": round(self._elapsed(), 3)}
-        self._train_loss = loss
+                  "skipped_steps": self.state.skipped_steps, "elapsed_s": round(self._elapsed(), 3)}
+        self.state.train_loss = loss
         self._log_acc = [0.0, 0.0, 0, 0.0]
         if self.is_main:
             self.log.write(record)
-            self.progress.update(self.step, record)
+            self.progress.update(self.state.step, record)
 
     # ---------------------------------------------------------------- evaluation
 
     def _improved(self, value: float) -> bool:
         if not math.isfinite(value):
             return False
-        if self.best is None:
+        if self.state.best is None:
             return True
-        return value < self.best if self.config.metric_mode == "min" else value > self.best
+        return value < self.state.best if self.config.metric_mode == "min" else value > self.state.best
 
     def _run_eval(self, epoch: int | None = None) -> dict[str, float]:
         metrics: dict[str, float] | None = None
@@ -628,8 +747,8 @@ class Trainer:
                 metrics = {k: float(v) for k, v in dict(self.evaluate_fn(self.model)).items()}
             self.model.train(was_training)
         metrics = dist_util.broadcast_object(metrics)  # type: ignore[assignment]
-        self.last_eval = metrics
-        self.last_eval_step = self.step
+        self.state.last_eval = metrics
+        self.state.last_eval_step = self.state.step
         if self.config.metric not in metrics:
             raise UserError(f"trainer.metric: {self.config.metric!r} is not among the evaluation metrics "
                             f"{sorted(metrics)}")
@@ -637,32 +756,32 @@ class Trainer:
         self.schedule.observe(value)
         improved = self._improved(value)
         if improved:
-            self.best, self.best_step = value, self.step
-            self.evals_without_improvement = 0
+            self.state.best, self.state.best_step = value, self.state.step
+            self.state.evals_without_improvement = 0
         else:
-            self.evals_without_improvement += 1
-        record = {"kind": "eval", "step": self.step, "epoch": epoch if epoch is not None else self.epoch,
+            self.state.evals_without_improvement += 1
+        record = {"kind": "eval", "step": self.state.step, "epoch": epoch if epoch is not None else self.state.epoch,
                   **{f"eval/{k}": v for k, v in metrics.items()}}
         if self.is_main:
             self.log.write(record)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            self.progress.message(f"eval @ step {self.step}: {shown}" + (" (best)" if improved else ""))
-        self._fire("eval", {"step": self.step, "metrics": metrics, "improved": improved})
-        if self.config.early_stopping and self.evals_without_improvement >= self.config.early_stopping:
+            self.progress.message(f"eval @ step {self.state.step}: {shown}" + (" (best)" if improved else ""))
+        self._fire("eval", {"step": self.state.step, "metrics": metrics, "improved": improved})
+        if self.config.early_stopping and self.state.evals_without_improvement >= self.config.early_stopping:
             self.stop_reason = "early_stopping"
-        if improved and self.checkpoint_dir is not None and self.last_checkpoint_step != self.step:
+        if improved and self.checkpoint_dir is not None and self.last_checkpoint_step != self.state.step:
             self._save()
         return metrics
 
     def _final_metrics(self) -> dict[str, Any]:
-        epochs_done = self.epoch - 1 + self.batch_index / self.data.n_batches
-        out: dict[str, Any] = {"step": self.step, "epochs_done": round(epochs_done, 4),
-                               "train_loss": self._train_loss, "skipped_steps": self.skipped_steps,
+        epochs_done = self.state.epoch - 1 + self.state.batch_index / self.data.n_batches
+        out: dict[str, Any] = {"step": self.state.step, "epochs_done": round(epochs_done, 4),
+                               "train_loss": self.state.train_loss, "skipped_steps": self.state.skipped_steps,
                                "elapsed_s": round(self._elapsed(), 3), "stop_reason": self.stop_reason}
-        out.update(self.last_eval)
-        if self.best is not None:
-            out[f"best_{self.config.metric}"] = self.best
-            out["best_step"] = self.best_step
+        out.update(self.state.last_eval)
+        if self.state.best is not None:
+            out[f"best_{self.config.metric}"] = self.state.best
+            out["best_step"] = self.state.best_step
         return out
 
     def _fire(self, event: str, info: dict[str, Any]) -> None:
@@ -683,12 +802,12 @@ class Trainer:
     def _save(self) -> None:
         """Write a checkpoint of the current step (rank 0; every rank contributes its local state)."""
         local = dist_util.gather_objects(self._rank_local_state())
-        self.last_checkpoint_step = self.step
+        self.last_checkpoint_step = self.state.step
         if not self.is_main or self.checkpoint_dir is None:
             return
         model_sd = {k: v for k, v in self.model.state_dict().items()}
         if not _finite(model_sd.values()):
-            warnings.warn(f"step {self.step}: the model has non-finite weights; checkpoint not written",
+            warnings.warn(f"step {self.state.step}: the model has non-finite weights; checkpoint not written",
                           RuntimeWarning, stacklevel=2)
             return
         tensors: dict[str, Tensor] = {}
@@ -700,74 +819,118 @@ class Trainer:
         tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
         py_state = random.getstate()
         meta = {
-            "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+            "progress": replace(self.state, elapsed_s=self._elapsed()).to_json(),
             "data_kind": self.data.kind, "n_batches": self.data.n_batches, "world_size": self.world_size,
             "optimizer": optim_skel, "ranks": ranks_skel, "schedule": self.schedule.state_dict(),
             "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "rng_python": [py_state[0], list(py_state[1]), py_state[2]],
-            "skipped_steps": self.skipped_steps, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "best": self.best, "best_step": self.best_step,
-            "evals_without_improvement": self.evals_without_improvement,
-            "elapsed_s": self._elapsed(), "last_eval": self.last_eval, "last_eval_step": self.last_eval_step,
-            "train_loss": self._train_loss if math.isfinite(self._train_loss) else None,
+            "best_step": self.state.best_step,  # read by find_checkpoint(run_dir, "best")
             "trainer_config": config_to_dict(self.config),
         }
-        path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, tensors, meta)
-        keep = {self.best_step} if self.best_step is not None else set()
+        path = ckpt.save_checkpoint(self.checkpoint_dir, self.state.step, tensors, meta)
+        keep = {self.state.best_step} if self.state.best_step is not None else set()
         ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints, keep)
-        self._fire("checkpoint", {"step": self.step, "path": str(path)})
+        self._fire("checkpoint", {"step": self.state.step, "path": str(path)})
 
-    def _load_latest(self) -> None:
-        found = ckpt.latest_good_checkpoint(self.checkpoint_dir)
+    def _decode(self, found: ckpt.Checkpoint) -> _Resumed:
+        """Everything a resume restores, read from ``found`` without changing anything.
+
+        Raises:
+            CheckpointError: an entry is missing or malformed (a damaged checkpoint, though its
+                checksums hold).
+        """
+        meta, tensors = found.meta, found.tensors
+        try:
+            progress = TrainState.from_json(meta.get("progress", meta))  # (older checkpoints: top level)
+            ranks = ckpt.unflatten_state(meta["ranks"], tensors)
+            local = [{"carry": r["carry"], "rng": dict(r["rng"])} for r in ranks]
+            if not local or not all(isinstance(r["rng"]["torch"], Tensor) for r in local):
+                raise ValueError("ranks: expected a torch RNG state per process")
+            kind, pos, has_gauss, cached = meta["rng_numpy"]
+            v, st, gauss = meta["rng_python"]
+            return _Resumed(
+                progress=progress, data_kind=str(meta["data_kind"]), n_batches=int(meta["n_batches"]),
+                model={k[len("model."):]: t for k, t in tensors.items() if k.startswith("model.")},
+                optimizer=ckpt.unflatten_state(meta["optimizer"], tensors), schedule=dict(meta["schedule"]),
+                ranks=local, rng_numpy=(str(kind), tensors["rng.numpy"].numpy().astype(np.uint32), int(pos),
+                                        int(has_gauss), float(cached)),
+                rng_python=(int(v), tuple(int(i) for i in st), gauss),
+                trainer_config=dict(meta.get("trainer_config", {})))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise ckpt.CheckpointError(f"{found.path.name}: malformed content ({type(e).__name__}: {e})") from None
+
+    def _find_resume_point(self) -> ckpt.Checkpoint | None:
+        """The newest usable checkpoint of the run directory (None: there is none yet)."""
+        found = ckpt.latest_good_checkpoint(self.checkpoint_dir, decode=self._decode)
+        if found is None and ckpt.list_checkpoints(self.checkpoint_dir):
+            raise TrainingError(f"--resume: no usable checkpoint in {str(self.checkpoint_dir)!r} "
+                                f"(all are damaged)")
         if found is None:
-            if ckpt.list_checkpoints(self.checkpoint_dir):
-                raise TrainingError(f"--resume: no usable checkpoint in {str(self.checkpoint_dir)!r} "
-                                    f"(all are damaged)")
             self._note(f"--resume: no checkpoint in {str(self.run_dir)!r} yet; starting from scratch")
+        return found
+
+    def _mismatch(self, r: _Resumed) -> str | None:
+        """Why the checkpoint cannot continue this trainer's model, optimizer and data (None: it can)."""
+        if r.data_kind != self.data.kind:
+            return (f"it was trained on {r.data_kind} data by another kind of task; this one trains on "
+                    f"{self.data.kind} data")
+        if r.n_batches != self.data.n_batches:
+            return (f"the training data is laid out differently ({r.data_kind} data, {r.n_batches} batches per "
+                    f"epoch in the checkpoint; now {self.data.kind}, {self.data.n_batches})")
+        if len(r.ranks) != self.world_size and self.data.kind == "stream":
+            return (f"the checkpoint was written by {len(r.ranks)} processes; stream training resumes with the "
+                    f"same number, got {self.world_size}")
+        want = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in r.model.items()}
+        if want != have:
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+            shown = "; ".join(f"{k}: {have.get(k, 'missing')} in the checkpoint, {want.get(k, 'missing')} now"
+                              for k in diff[:3])
+            return f"the model's weights differ ({shown}{'; ...' if len(diff) > 3 else ''})"
+        old_optim = r.trainer_config.get("optim", {}).get("name", self.config.optim.name)
+        if old_optim != self.config.optim.name:
+            return f"the optimizer's state is {old_optim!r}'s, this run uses {self.config.optim.name!r}"
+        groups = r.optimizer.get("param_groups", [])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            return "the optimizer's parameter groups differ"
+        return None
+
+    def _check_resume(self, found: ckpt.Checkpoint) -> None:
+        """Raise UserError naming the changed settings when ``found`` cannot continue this run."""
+        r = self._decode(found)
+        reason = self._mismatch(r)
+        if reason is None:
             return
-        self.load_checkpoint(found)
+        saved = read_saved_config(self.run_dir)
+        changed = setting_differences(saved, config_to_dict(self.full_config), limit=5) if saved is not None else []
+        same_task = r.data_kind == self.data.kind
+        what = f"settings that differ from its config.toml: {'; '.join(changed)}" if changed and same_task \
+            else reason
+        raise UserError(f"--resume {str(self.run_dir)!r}: the checkpoint of step {found.step} does not fit this "
+                        f"run ({what}); resume with the run's settings or choose another --out")
 
     def load_checkpoint(self, found: ckpt.Checkpoint) -> None:
         """Restore model, optimizer, schedule, RNG, data position and carried state from a checkpoint."""
-        meta, tensors = found.meta, found.tensors
-        if meta["data_kind"] != self.data.kind or meta["n_batches"] != self.data.n_batches:
-            raise UserError(f"--resume: the checkpoint was made with different training data "
-                            f"({meta['data_kind']} data, {meta['n_batches']} batches per epoch; now "
-                            f"{self.data.kind}, {self.data.n_batches})")
-        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_sd, strict=True)
-        self.optimizer.load_state_dict(ckpt.unflatten_state(meta["optimizer"], tensors))
-        self.schedule.load_state_dict(meta["schedule"])
-        ranks = ckpt.unflatten_state(meta["ranks"], tensors)
-        if len(ranks) != self.world_size:
-            if self.data.kind == "stream":
-                raise UserError(f"--resume: the checkpoint was written by {len(ranks)} processes; stream "
-                                f"training resumes with the same number, got {self.world_size}")
-            ranks = [ranks[0]] * self.world_size
-        local = ranks[self.rank]
+        r = self._decode(found)
+        reason = self._mismatch(r)
+        if reason is not None:
+            raise UserError(f"--resume: the checkpoint of step {found.step} does not fit: {reason}")
+        self.model.load_state_dict(r.model, strict=True)
+        self.optimizer.load_state_dict(r.optimizer)
+        self.schedule.load_state_dict(r.schedule)
+        local = r.ranks[self.rank] if len(r.ranks) == self.world_size else r.ranks[0]
         self.carry = tree_map(lambda t: t.to(self.device), local["carry"])
         torch.set_rng_state(local["rng"]["torch"])
         if "cuda" in local["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(local["rng"]["cuda"], self.device)
-        kind, pos, has_gauss, cached = meta["rng_numpy"]
-        np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-        v, st, gauss = meta["rng_python"]
-        random.setstate((v, tuple(st), gauss))
-        self.step, self.epoch, self.batch_index = meta["step"], meta["epoch"], meta["batch_index"]
-        self.skipped_steps, self.nonfinite_in_a_row = meta["skipped_steps"], meta["nonfinite_in_a_row"]
-        self.best, self.best_step = meta["best"], meta["best_step"]
-        self.evals_without_improvement = meta["evals_without_improvement"]
-        self.elapsed_before = float(meta["elapsed_s"])
-        self.last_eval = {k: float(v) for k, v in meta["last_eval"].items()}
-        self.last_eval_step = meta["last_eval_step"]
-        self.last_checkpoint_step = self.step
-        self._train_loss = float("nan") if meta["train_loss"] is None else float(meta["train_loss"])
-        old = meta.get("trainer_config", {})
+        np.random.set_state(r.rng_numpy)
+        random.setstate(r.rng_python)
+        self.state = r.progress
+        self.last_checkpoint_step = self.state.step
         new = config_to_dict(self.config)
-        budget = {"steps", "epochs", "minutes", "checkpoint_every", "log_every", "device", "tensorboard"}
-        changed = sorted(k for k in set(old) | set(new) if k not in budget and old.get(k) != new.get(k))
+        changed = setting_differences(r.trainer_config, new, limit=20)
         if changed:
-            self._note(f"--resume: trainer settings differ from the checkpoint's: {', '.join(changed)}")
+            self._note(f"--resume: trainer settings differ from the checkpoint's: {'; '.join(changed)}")
 
     def _note(self, text: str) -> None:
         """A one-line notice on stderr (rank 0, not when quiet)."""
@@ -775,4 +938,5 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
 
-__all__ = ["Trainer", "StreamData", "EVENTS", "seed_everything", "detach_state", "tree_map", "evaluate_stream"]
+__all__ = ["Trainer", "TrainState", "StreamData", "EVENTS", "seed_everything", "detach_state", "tree_map",
+           "evaluate_stream"]
