@@ -106,6 +106,21 @@ def test_lock_is_reentrant_within_a_process_and_released(tmp_path):
         os.close(fd)
 
 
+def test_a_training_command_locks_a_new_out_for_its_whole_run_and_removes_it_if_left_empty(tmp_path):
+    from rnnkit.cli.common import RunOptions, _owning
+
+    new = tmp_path / "new"
+    with _owning(RunOptions(out=new), trains=True):
+        assert (new / ".lock").read_text().strip() == str(os.getpid())
+        other = subprocess.run([sys.executable, "-c", HOLD, str(new)], capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+        assert f"PID {os.getpid()}" in other.stderr  # a second writer is refused before the trainer starts
+    assert not new.exists()  # failed before writing anything: nothing is left behind
+    with _owning(RunOptions(out=new), trains=True):
+        (new / "config.toml").write_text("")
+    assert (new / "config.toml").exists()
+
+
 # ------------------------------------------------------------------------------------ non-finite values
 
 

@@ -198,15 +198,23 @@ class user_errors:
 
 @contextmanager
 def _owning(opts: RunOptions, trains: bool) -> Iterator[None]:
-    """A training command holds the lock of an existing ``--out`` for the whole command, so nothing it
-    writes before or after training meets another process's writes (the trainer locks a new one)."""
-    if trains and opts.out is not None and opts.out.is_dir():
-        from ..train.rundir import lock_run_dir
-
-        with lock_run_dir(opts.out):
-            yield
-    else:
+    """A training command holds the lock of its ``--out`` for the whole command, so nothing it writes
+    before or after training meets another process's writes. A directory that the command created and
+    left empty (it failed before writing anything) is removed again."""
+    out = opts.out
+    if not trains or out is None or (out.exists() and not out.is_dir()):
         yield
+        return
+    from ..train.rundir import LOCK_FILE, lock_run_dir
+
+    created = not out.exists()
+    with lock_run_dir(out):
+        try:
+            yield
+        finally:
+            if created and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+                (out / LOCK_FILE).unlink()
+                out.rmdir()
 
 
 _SHARED: list[tuple[str, Any, Any]] = [

@@ -136,6 +136,9 @@ def _auto_rows(panel, preds) -> tuple[list[str], list[list[Any]]]:
 
 def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, transform, log, difference, fill,
                 opts: RunOptions) -> None:
+    import numpy as np
+
+    from ..data.series import Scaler
     from ..errors import UserError
     from ..tasks import forecast_auto as A
     from ..tasks.base import open_run_dir, parse_floats
@@ -158,6 +161,9 @@ def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, t
         ov.pop(k, None)
     cfg = load_config(A.AutoForecastConfig, opts.config, ov)
     panel = _panel(csv_path, target, time_col, id_col, fill)
+    for name, y in zip(panel.ids, panel.values):  # values that overflow once scaled: the fixed model's error
+        Scaler().fit(np.asarray(y, dtype=np.float64)[:, None], [name],
+                     "--csv" if id_col is None else f"--csv (series {name!r})")
     run_dir = open_run_dir(opts.run_dir, resume=False)
     opts.info(f"automatic mode: {len(panel)} series, horizon {cfg.horizon} -> {run_dir}")
     model = A.train_auto(panel.values, cfg, None, log_fn=opts.info)
