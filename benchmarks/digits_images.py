@@ -78,8 +78,8 @@ def main() -> None:
     for name in [o for o in args.orders.split(",") if o]:
         order, seed = ORDERS[name]
         # the recurrent classifier reading the image (the benchmark's subject), unless --set model.kind=...
-        cfg = load_config(C.ClassifyConfig, None, {"model.kind": "recurrent", **overrides, "data.read": order, "data.permute_seed": seed,
-                                                   "trainer.log_every": 10_000})
+        cfg = load_config(C.ClassifyConfig, None, {"model.kind": "recurrent", **overrides, "data.read": order,
+                                                   "data.permute_seed": seed, "trainer.log_every": 10_000})
         tr = as_sequence_set(load_digits("train"), order, seed)
         te = as_sequence_set(load_digits("test"), order, seed)
         t0 = time.time()
