@@ -181,7 +181,6 @@ def test_ctc_model_padding_never_leaks():
 
 
 def test_cli_train_eval_predict_and_errors(tmp_path):
-    pytest.importorskip("jiwer", reason="jiwer (rnnkit[datasets]) not installed")
     tr = _toy_lines(tmp_path / "train", 48, 1)
     te = _toy_lines(tmp_path / "test", 12, 2)
     run = tmp_path / "run"

@@ -217,3 +217,15 @@ def test_sequence_and_text_metrics():
     t = translation_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
     assert t["bleu"] == pytest.approx(100.0) and t["chrf"] == pytest.approx(100.0)
     assert translation_metrics(["the cat sat on the mat"], ["a dog"])["bleu"] < 10
+
+
+def test_text_error_rates_equal_jiwer():
+    jiwer = pytest.importorskip("jiwer")
+    from rnnkit.metrics import text_metrics
+
+    refs = ["12 345", "6789", "0 0 1", "ab  cd"]
+    hyps = ["12 35", "16789", "0 0 1", "ab cx d"]
+    m = text_metrics(refs, hyps)
+    assert m["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert m["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert m["seq_accuracy"] == pytest.approx(1 / 4)
