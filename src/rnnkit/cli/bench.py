@@ -55,7 +55,7 @@ LOOP_FAMILIES = ("lstm", "gru", "rnn")  # the families with a plain Python loop 
 def _torch_baseline(family: str) -> str:
     """The torch.nn module a cell family is compared with (torch.nn.LSTM for a user's cell)."""
     return TORCH_BASELINES.get(family, "torch.nn.LSTM")
-# The issue's variant targets (at most 1.5x torch.nn.LSTM, >= 4x faster than the loop) cover these.
+# The variant targets (at most 1.5x torch.nn.LSTM, >= 4x faster than the loop) cover these.
 VARIANTS = ("lstm_peephole", "lstm_cifg", "lstm_nfg", "lstm_nig", "lstm_nog", "lstm_noact", "lstm_ln",
             "lstm_peephole_ln", "lstm_rdrop", "lstm_zoneout")
 PLAIN = {"lstm": "torch.nn.LSTM", "gru": "torch.nn.GRU", "rnn": "torch.nn.RNN"}
@@ -408,7 +408,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
 
 
 def targets(rows: list[dict[str, Any]], steps: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """Check the issue's targets on the measured rows (``auto``'s backend for each cell)."""
+    """Check the speed targets on the measured rows (``auto``'s backend for each cell)."""
     seq = [r for r in rows if r["kind"] == "seq"]
     chosen = {c: auto_choice(c, device) for c in {r["cell"] for r in seq if r["backend"] not in ("torch", "loop")}}
     auto_rows = [r for r in seq if r["cell"] in chosen and r["backend"] == chosen[r["cell"]]]

@@ -95,7 +95,7 @@ class TrainState:
     best: float | None = None  # best value of config.metric so far
     best_step: int | None = None
     evals_without_improvement: int = 0
-    elapsed_s: float = 0.0  # training seconds of the sessions before this one
+    elapsed_s: float = 0.0  # training seconds of the earlier runs this one resumes
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_step: int | None = None
     train_loss: float = math.nan  # mean training loss over the last log interval
