@@ -6,20 +6,18 @@
 """
 
 # no "from __future__ import annotations": typer reads these annotations through run_command's wrapper
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .common import RunOptions, run_command
+from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, stream_writer
 from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "charlm"
 app = typer.Typer(help="Character-level language models: train on text, evaluate bits/char, generate text.",
                   no_args_is_help=True)
 
-_NOT_TRAINING = ("out", "config", "set", "steps", "epochs", "minutes", "resume", "checkpoint_every", "quiet")
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `charlm train --out`.")]
 SampleRunDirArg = Annotated[Path | None, typer.Argument(help="Run directory written by `train --out` (or --onnx).")]
 OnnxOpt = Annotated[Path | None, typer.Option(
@@ -27,31 +25,6 @@ OnnxOpt = Annotated[Path | None, typer.Option(
                    "--streaming` instead of the run's PyTorch model.")]
 CheckpointOpt = Annotated[str, typer.Option("--checkpoint", help="latest, best or a step number.")]
 EncodingOpt = Annotated[str, typer.Option("--encoding", help="Encoding of the text files.")]
-
-
-def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
-    """Config: the run's own config.toml when resuming (else --config) < --set < task flags < shared flags.
-
-    Only flags that were given override, so a resumed run keeps its model and data settings.
-    """
-    from ..errors import UserError
-    from ..train.config import load_config
-
-    path = opts.config
-    if opts.resume:
-        saved = opts.run_dir / "config.toml"
-        if saved.is_file():
-            if opts.config is not None:
-                raise UserError(f"--config: not allowed with --resume; the run's own {str(saved)!r} is used "
-                                f"(change settings with flags or --set)")
-            path = saved
-    return load_config(cls, path, opts.overrides(flags),
-                       base=None if path == opts.run_dir / "config.toml" else base)
-
-
-def stream_writer(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 @app.command()
@@ -107,7 +80,7 @@ def train(
 
 
 @app.command("eval")
-@run_command("charlm", exclude=_NOT_TRAINING)
+@run_command("charlm", exclude=NOT_TRAINING)
 def eval_(
     run_dir: RunDirArg,
     text: Annotated[Path | None, typer.Option("--text", help="Text file or directory to score "
@@ -120,12 +93,12 @@ def eval_(
     """Print the loss in nats/char and bits/char of a trained model on a text."""
     from ..tasks import charlm
 
-    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    run = charlm.load_run(run_dir, checkpoint=checkpoint, device=resolve_device(opts.device))
     opts.emit(charlm.evaluate_text(run, text, encoding))
 
 
 @app.command()
-@run_command("charlm", exclude=_NOT_TRAINING + ("json",))
+@run_command("charlm", exclude=NOT_TRAINING + ("json",))
 def sample(
     run_dir: SampleRunDirArg = None,
     onnx: OnnxOpt = None,
@@ -142,7 +115,7 @@ def sample(
     from ..tasks import charlm
 
     run = sampling_run("charlm", run_dir, onnx, lambda: charlm.load_run(run_dir, checkpoint=checkpoint,
-                                                                        device=_device(opts.device)))
+                                                                        device=resolve_device(opts.device)))
     charlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                       write=stream_writer)
     stream_writer("\n")
@@ -160,15 +133,3 @@ def sampling_run(task: str, run_dir: Path | None, onnx: Path | None, load: Any) 
     from ..export.runner import lm_run
 
     return lm_run(onnx, task)
-
-
-def _device(name: str | None) -> str:
-    import torch
-
-    from ..errors import UserError
-
-    if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
-    return name

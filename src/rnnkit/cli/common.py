@@ -266,6 +266,47 @@ def run_command(group: str, *, exclude: tuple[str, ...] = ()) -> Callable[[Calla
     return deco
 
 
+
+# flags of commands that read a run but do not train it
+NOT_TRAINING = ("out", "config", "set", "steps", "epochs", "minutes", "resume", "checkpoint_every", "quiet")
+
+
+def resolve_config(opts: RunOptions, cls: type, flags: dict[str, Any], base: dict[str, Any] | None = None) -> Any:
+    """Config: the run's own config.toml when resuming (else --config) < --set < task flags < shared flags.
+
+    Only flags that were given override, so a resumed run keeps its model and data settings.
+    """
+    from ..train.config import load_config
+
+    path = opts.config
+    if opts.resume:
+        saved = opts.run_dir / "config.toml"
+        if saved.is_file():
+            if opts.config is not None:
+                raise UserError(f"--config: not allowed with --resume; the run's own {str(saved)!r} is used "
+                                f"(change settings with flags or --set)")
+            path = saved
+    return load_config(cls, path, opts.overrides(flags),
+                       base=None if path == opts.run_dir / "config.toml" else base)
+
+
+def stream_writer(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def resolve_device(name: str | None) -> str:
+    """--device: ``auto`` (or none) picks CUDA when available; a CUDA device without CUDA is an error."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    return name
+
+
 __all__ = ["RunOptions", "run_command", "user_errors", "emit", "fail", "OutOpt", "ConfigOpt", "SetOpt",
            "SeedOpt", "StepsOpt", "EpochsOpt", "MinutesOpt", "ResumeOpt", "CheckpointEveryOpt", "JsonOpt",
-           "QuietOpt", "DeviceOpt", "DebugOpt"]
+           "QuietOpt", "DeviceOpt", "DebugOpt", "NOT_TRAINING", "resolve_config",
+           "resolve_device", "stream_writer"]

@@ -13,8 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .charlm import _NOT_TRAINING, _device, resolve_config, stream_writer
-from .common import RunOptions, run_command
+from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, stream_writer
 from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "seq2seq"
@@ -104,7 +103,7 @@ def train(
 
 
 @app.command("eval")
-@run_command("seq2seq", exclude=_NOT_TRAINING)
+@run_command("seq2seq", exclude=NOT_TRAINING)
 def eval_(
     run_dir: RunDirArg,
     test: Annotated[Path | None, typer.Option("--test", help="Pairs file to score (default: the run's test "
@@ -122,13 +121,13 @@ def eval_(
     """Exact-match accuracy, sequence and token error rates (WER / PER for G2P); BLEU and chrF for text."""
     from ..tasks import seq2seq
 
-    run = seq2seq.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    run = seq2seq.load_run(run_dir, checkpoint=checkpoint, device=resolve_device(opts.device))
     dcfg = _decode_cfg(run, beam_size, length_penalty, decode_batch_size)
     opts.emit(seq2seq.evaluate_run(run, str(test) if test is not None else None, split, dcfg, predictions))
 
 
 @app.command()
-@run_command("seq2seq", exclude=_NOT_TRAINING + ("json", "seed"))
+@run_command("seq2seq", exclude=NOT_TRAINING + ("json", "seed"))
 def translate(
     run_dir: RunDirArg,
     input_file: Annotated[Path | None, typer.Option("--input", help="One source per line (default: stdin).")
@@ -151,7 +150,7 @@ def translate(
     from ..data.pairs import decode_line, read_lines, tokenize
     from ..tasks import seq2seq
 
-    run = seq2seq.load_run(run_dir, checkpoint=checkpoint, device=_device(opts.device))
+    run = seq2seq.load_run(run_dir, checkpoint=checkpoint, device=resolve_device(opts.device))
     src_kind = run.config.data.sides()[0]
     if input_file is not None:
         lines = ((f"{input_file}:{i}", s) for i, s in read_lines(input_file, encoding))

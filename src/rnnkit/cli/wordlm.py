@@ -11,19 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .charlm import (
-    _NOT_TRAINING,
-    CheckpointOpt,
-    EncodingOpt,
-    OnnxOpt,
-    RunDirArg,
-    SampleRunDirArg,
-    _device,
-    resolve_config,
-    sampling_run,
-    stream_writer,
-)
-from .common import RunOptions, run_command
+from .charlm import CheckpointOpt, EncodingOpt, OnnxOpt, RunDirArg, SampleRunDirArg, sampling_run
+from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, stream_writer
 
 NAME = "wordlm"
 app = typer.Typer(help="Word-level language models: train, perplexity on valid/test, generate.",
@@ -81,7 +70,7 @@ def train(
 
 
 @app.command("eval")
-@run_command("wordlm", exclude=_NOT_TRAINING)
+@run_command("wordlm", exclude=NOT_TRAINING)
 def eval_(
     run_dir: RunDirArg,
     text: Annotated[Path | None, typer.Option("--text", help="Text to score (default: the run's valid/test).")
@@ -94,12 +83,12 @@ def eval_(
     """Print perplexity on a text, or on the run's validation and test splits."""
     from ..tasks import wordlm
 
-    run = wordlm.load_word_run(run_dir, checkpoint, _device(opts.device))
+    run = wordlm.load_word_run(run_dir, checkpoint, resolve_device(opts.device))
     opts.emit(wordlm.evaluate_run(run, text, encoding))
 
 
 @app.command()
-@run_command("wordlm", exclude=_NOT_TRAINING + ("json",))
+@run_command("wordlm", exclude=NOT_TRAINING + ("json",))
 def sample(
     run_dir: SampleRunDirArg = None,
     onnx: OnnxOpt = None,
@@ -116,7 +105,7 @@ def sample(
     from ..tasks import wordlm
 
     run = sampling_run("wordlm", run_dir, onnx, lambda: wordlm.load_word_run(run_dir, checkpoint,
-                                                                             _device(opts.device)))
+                                                                             resolve_device(opts.device)))
     wordlm.sample_run(run, prime, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=opts.seed,
                       write=stream_writer)
     stream_writer("\n")
