@@ -40,11 +40,11 @@ import torch
 from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
-from . import BACKENDS, Backend, LayerConfig, register
+from . import Backend, LayerConfig, register
 from .capability import Capability, hand_written, hand_written_cell
-from .common import LayerMasks
+from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
-DTYPES = (torch.float32, torch.float64)
+DTYPES = NUMBA_DTYPES
 _EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
@@ -573,12 +573,7 @@ class _CpuRecurrence(torch.autograd.Function):
 
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
-    if x.dtype not in DTYPES:
-        others = [n for n in BACKENDS if n != "cpu"]
-        raise TypeError(f"backend='cpu' runs float32 and float64 only, got dtype {x.dtype}; "
-                        f"use another dtype or one of the backends {others}")
-    if x.device.type != "cpu":
-        raise ValueError(f"backend='cpu': input is on {x.device}; expected the CPU")
+    check_numba_input("cpu", x)
     _kernels()
     cell = hand_written_cell(cell)
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW

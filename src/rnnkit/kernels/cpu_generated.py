@@ -30,9 +30,9 @@ from ..cells.base import LN_EPS, Cell, State, Weights
 from ..cells.compile import DERIVATIVE_READS
 from ..cells.declare import Declaration
 from . import Backend, Capability, LayerConfig, register
-from .common import LayerMasks
+from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
-DTYPES = (torch.float32, torch.float64)
+DTYPES = NUMBA_DTYPES
 
 _HELPERS = f'''
 import numpy as np
@@ -378,10 +378,7 @@ class _GenRecurrence(torch.autograd.Function):
 
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
-    if x.dtype not in DTYPES:
-        raise TypeError(f"backend='cpu_gen' runs float32 and float64 only, got dtype {x.dtype}")
-    if x.device.type != "cpu":
-        raise ValueError(f"backend='cpu_gen': input is on {x.device}; expected the CPU")
+    check_numba_input("cpu_gen", x)
     xg = cell.project_input(x, w)
     names = tuple(cell.extra_shapes())
     out, *state = _GenRecurrence.apply(cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
