@@ -121,6 +121,18 @@ def _read_all(path, suffix):
         out["sequences"] = read_sequences(path, fill="ffill")
     if suffix == ".txt":
         out["text"] = read_text(path)
+    if suffix in (".csv", ".tsv"):
+        from rnnkit.data.pairs import read_pairs
+
+        out["pairs"] = read_pairs(path)
+    if suffix == ".tsf":
+        from rnnkit.data.tsf import read_tsf
+
+        out["tsf"] = read_tsf(path)
+    if suffix == ".idx":
+        from rnnkit.data.images import read_idx
+
+        out["idx"] = read_idx(path)
     return out
 
 
@@ -133,7 +145,7 @@ def _only_user_errors(fn):
         return None
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".txt", ".ts", ".npy", ".npz"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".txt", ".ts", ".npy", ".npz", ".tsf", ".idx"])
 @READERS
 @given(data=st.binary(max_size=300))
 def test_random_bytes_give_a_parse_or_a_user_error(tmp_path, suffix, data):
