@@ -648,6 +648,9 @@ class _GenRecurrence(torch.autograd.Function):
         DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
         DRAW = []
         for p in projs:
+            if p in plan.paired:
+                DRAW.append(DXG)
+                continue
             nb_p = int(nodes[p].value)
             used = {n.index for n in nodes if n.op == "block" and n.args[0] == p}
             DRAW.append((_empty if len(used) == nb_p else torch.zeros)(T, B, nb_p * H, dtype=dt))

@@ -174,6 +174,29 @@ class Plan:
                 self.array.add(i)
             if nd.op == "layer_norm" or len(rd) != 1 or cross or rd[0][0] != "node" or ln_read:
                 self.root.add(i)
+        self.paired = self._pairs()
+
+    def _pairs(self) -> set[int]:
+        """The projections whose gradient equals that of the input pre-activations, block for block: each
+        of their blocks k is read only by one sum ``x_k + r_k`` that is the only reader of input block k
+        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself."""
+        d, nodes = self.d, self.d.nodes
+        projs = [i for i, nd in enumerate(nodes) if nd.op == "proj"]
+        if d.layer_norm or d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
+            return set()
+        p = projs[0]
+        inputs = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "input"}
+        blocks = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "block" and nd.args[0] == p}
+        for k in range(d.input_gates):
+            x, r = inputs.get(k), blocks.get(k)
+            if x is None and r is None:
+                continue
+            if x is None or r is None or len(self.readers[x]) != 1 or len(self.readers[r]) != 1:
+                return set()
+            (kx, cx), (_, cr) = self.readers[x][0], self.readers[r][0]
+            if kx != "node" or cx != cr or nodes[cx].op != "add":
+                return set()
+        return {p}
 
     def _reader_level(self, r: tuple[str, int]) -> int:
         """The level at which a reader reads its value (a projection: where its input is built)."""
@@ -440,6 +463,8 @@ class _Backward(_Gen):
             k = self.d.input_gates if nd.index < 0 else nd.index
             name = self.view(f"dx{k}", f"DXG[t, b][{k} * H + j0:{k} * H + j1]")
         elif op == "block":
+            if nd.args[0] in self.plan.paired:
+                return  # d(R h) is d xg: the input block's write is this one
             q = self.nodes[nd.args[0]].index
             name = self.view(f"dr{q}_{nd.index}", f"DRAW{q}[t, b][{nd.index} * H + j0:{nd.index} * H + j1]")
         elif op == "state":
@@ -456,18 +481,21 @@ class _Backward(_Gen):
             self.written.add(name)
             out.append(f"{name}[j] = {expr}")
 
-    def push(self, i: int, g: str, out: list[str]) -> None:
-        """Differentiate node ``i`` whose gradient is the scalar ``g``, into its arguments."""
+    def paths(self, i: int, g: str, prefix: list[str]) -> list[list[str]]:
+        """The loops that carry the gradient ``g`` of node ``i`` (after the lines ``prefix``) into its arguments:
+        one loop per path to a sink or an array, each recomputing the path's scalars, so that every loop
+        stores to one array (loops that store to several are not vectorized by LLVM)."""
         nd = self.nodes[i]
         if nd.op == "layer_norm":
-            return
+            return []
         env = {"g": g}
-        if nd.op in DERIVATIVE_READS:
-            if "out" in DERIVATIVE_READS[nd.op]:
-                env["y"] = self.saved_value(i)
-            for pos, key in ((0, "a"), (1, "b")):
-                if pos < len(nd.args) and pos in DERIVATIVE_READS[nd.op]:
-                    env[key] = self.saved_value(nd.args[pos])
+        reads = DERIVATIVE_READS.get(nd.op, ())
+        if "out" in reads:
+            env["y"] = self.saved_value(i)
+        for pos, key in ((0, "a"), (1, "b")):
+            if pos < len(nd.args) and pos in reads:
+                env[key] = self.saved_value(nd.args[pos])
+        loops: list[list[str]] = []
         for pos, a in enumerate(nd.args):
             if self.nodes[a].op == "const":
                 continue
@@ -475,10 +503,13 @@ class _Backward(_Gen):
             if self.fused(a):
                 self.tmp += 1
                 name = f"d{self.tmp}"
-                out.append(f"{name} = {expr}")
-                self.push(a, name, out)
+                loops += self.paths(a, name, [*prefix, f"{name} = {expr}"])
             else:
+                out = list(prefix)
                 self.sink(a, expr, out)
+                if len(out) > len(prefix):
+                    loops.append(out)
+        return loops
 
     def fused(self, a: int) -> bool:
         nd = self.nodes[a]
@@ -512,9 +543,10 @@ class _Backward(_Gen):
                          f"PAR_{gain.name}[{gain.index} * H:{gain.index + 1} * H], GA{e}[bl], {first}, {dg}, "
                          f"{db}, {bias is not None})")
             return lines
-        out: list[str] = [f"g{i} = {' + '.join(terms)}"]
-        self.push(i, f"g{i}", out)
-        return ["for j in range(nj):"] + ["    " + line for line in out]
+        lines: list[str] = []
+        for loop in self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"]):
+            lines += ["for j in range(nj):"] + ["    " + line for line in loop]
+        return lines
 
     def level_body(self, lv: int) -> list[str]:
         body: list[str] = []
