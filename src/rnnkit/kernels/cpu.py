@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
-from . import Backend, LayerConfig, cpu_generated, register
-from .capability import Capability, hand_written, hand_written_cell
+from . import ATEN_ON_CPU, Backend, LayerConfig, cpu_generated, register
+from .capability import Capability, hand_written_cell
 from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
 DTYPES = NUMBA_DTYPES
@@ -616,7 +616,9 @@ class _GenRecurrence(torch.autograd.Function):
         out = ST[0][1:]
         result = out if masks.out_mask is None else out * masks.out_mask
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
-        ctx.buf = (common, ST, PIN, Rd, b_hh is not None)
+        if not plan.reads_input:  # free xg now: the backward does not read it
+            common = (A.dummy3, *common[1:])
+        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2])
         return (result.clone() if masks.out_mask is None else result, *(s[T].clone() for s in ST))
 
     @staticmethod
@@ -626,7 +628,7 @@ class _GenRecurrence(torch.autograd.Function):
             raise RuntimeError("backend='cpu' frees its saved activations in the first backward pass through "
                                "them; run the forward again instead of retain_graph=True")
         cell, masks, A = ctx.cell, ctx.masks, ctx.arrays
-        common, ST, PIN, Rd, has_bias = ctx.buf
+        common, ST, PIN, Rd, has_bias, xg_width = ctx.buf
         d = cell.declaration
         plan = cpu_generated.plan(d)
         nodes = d.nodes
@@ -642,7 +644,6 @@ class _GenRecurrence(torch.autograd.Function):
         dout_n = _np(dout) if has_dout else A.dummy3
         dS = [_np(g) if g is not None else np.zeros((B, H), ndt) for g in dfinal]
         O = [_empty(B, H, dtype=dt) for _ in range(S)]
-        xg_width = common[0].shape[2]
         used_in = {n.index if n.index >= 0 else cell.gates for n in nodes if n.op == "input"}
         full = set(range(xg_width // H)) <= used_in
         DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
@@ -683,7 +684,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 
 def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I) through the generated loops."""
-    check_numba_input("cpu_gen", x)
+    check_numba_input("cpu", x)
     xg = cell.project_input(x, w)
     names = tuple(cell.extra_shapes())
     out, *state = _GenRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
@@ -710,18 +711,16 @@ def _unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | No
 
 
 def compile_seconds() -> dict[str, float]:
-    """Compile (or load from numba's on-disk cache) every loop for float32 and float64, timed per family.
-
-    Runs each cell family once on a tiny input through forward and backward.
-    """
+    """Compile (or load from the caches) the generated loops of a set of cells for float32 and float64, timed
+    per cell: each runs once on a tiny input through forward and backward."""
     from ..layers import build
 
     times = {}
-    for name in ("rnn", "rnn_ln", "lstm_peephole", "lstm_ln", "lstm_zoneout", "gru", "gru_cho_ln"):
+    for name in ("rnn", "lstm", "lstm_peephole", "lstm_ln", "gru", "gru_cho_ln", "slstm", "mut3"):
         t0 = time.perf_counter()
         for dt in DTYPES:
-            layer = build(name, 3, 4, backend="cpu", dtype=dt)
-            x = torch.randn(2, 2, 3, dtype=dt, requires_grad=True)
+            layer = build(name, 4, 4, backend="cpu", dtype=dt)
+            x = torch.randn(2, 2, 4, dtype=dt, requires_grad=True)
             out, _ = layer(x)
             out.sum().backward()
         times[name] = time.perf_counter() - t0
@@ -731,11 +730,14 @@ def compile_seconds() -> dict[str, float]:
 # auto: after native for the LSTM (oneDNN's fused LSTM is faster), before it for the RNN and GRU, which
 # torch runs as a chain of per-step ATen ops on CPU (docs/kernels.md, "Which backend auto picks").
 def _preferred(cell: Cell, device: torch.device) -> bool:
-    found = hand_written(cell.declaration)
-    return device.type == "cpu" and found is not None and found[0] in ("rnn", "gru")
+    return device.type == "cpu" and cell.native in ATEN_ON_CPU
 
 
-register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run, DTYPES,
-                 Capability(hand_written=True), _preferred), auto_before={"cpu": "bptt"})
-register(Backend("cpu_gen", "fused CPU loops generated from the declaration (numba + BLAS)", _unsupported,
-                 run_generated, DTYPES, Capability(), experimental=True))
+def _preferred_step(cell: Cell, device: torch.device) -> bool:
+    return device.type == "cpu" and cell.native not in ATEN_ON_CPU
+
+
+register(Backend("cpu", "fused CPU loops generated from the declaration (numba + BLAS)", _unsupported,
+                 run_generated, DTYPES, Capability(), _preferred, _preferred_step), auto_before={"cpu": "bptt"})
+register(Backend("cpu_hand", "the hand-written fused CPU loops (built-in RNN, LSTM and GRU variants)", _unsupported,
+                 run, DTYPES, Capability(hand_written=True), experimental=True))

@@ -206,6 +206,13 @@ class Plan:
         return self.level[c] if kind == "node" else self.level[c] - 1
 
     @property
+    def reads_input(self) -> bool:
+        """Whether the backward reads the input pre-activations (a derivative reads an input block)."""
+        nodes = self.d.nodes
+        return any(nodes[nd.args[r]].op == "input" for nd in nodes for r in DERIVATIVE_READS.get(nd.op, ())
+                   if r != "out")
+
+    @property
     def levels(self) -> int:
         return max(self.level) + 1
 
@@ -345,7 +352,7 @@ class _Forward(_Gen):
         w(0, "@njit(**_J)")
         args = self.common_args() + [f"W{q}" for q in range(self.P)] + ["b0", "b1", "j0", "j1", "sync"]
         w(0, f"def forward({', '.join(args)}):")
-        w(1, "T = xg.shape[0]")
+        w(1, "T = ST0.shape[0] - 1")
         w(1, "H = ST0.shape[2]")
         w(1, "nb = b1 - b0")
         w(1, "nj = j1 - j0")
@@ -567,7 +574,7 @@ class _Backward(_Gen):
                 + ["DXG"] + [f"DRAW{q}" for q in range(self.P)] + [f"dPAR_{n}" for n in self.params]
                 + ["dlng", "dbhh"] + [f"W{q}" for q in range(self.P)] + ["b0", "b1", "j0", "j1", "sync"])
         w(0, f"def backward({', '.join(args)}):")
-        w(1, "T = xg.shape[0]")
+        w(1, "T = ST0.shape[0] - 1")
         w(1, "H = ST0.shape[2]")
         w(1, "nb = b1 - b0")
         w(1, "nj = j1 - j0")
