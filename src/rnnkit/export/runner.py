@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from ..errors import UserError
 
 _NP_DTYPE = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -196,6 +197,77 @@ class OnnxPredictor:
         return pred, (parts if len(parts) > 1 else parts[0])
 
 
+@dataclass
+class GraphState:
+    """The decoder graph's inputs between two steps (torch tensors), each with its batch axis;
+    ``select(index)`` takes the batch rows ``index`` (beam expansion and reordering)."""
+
+    arrays: dict[str, torch.Tensor]
+    batch_axes: dict[str, int]
+
+    def select(self, index: torch.Tensor) -> GraphState:
+        return GraphState({k: v.index_select(self.batch_axes[k], index) for k, v in self.arrays.items()},
+                          self.batch_axes)
+
+
+class OnnxSeq2Seq:
+    """An exported encoder-decoder (``rnnkit export`` of a seq2seq run) as a
+    :class:`rnnkit.tasks.decoding.CondStepModel`: ``start`` is one call of the encoder graph, ``decode_step``
+    one call of the decoder-step graph, so :func:`~rnnkit.tasks.decoding.greedy_search` and
+    :func:`~rnnkit.tasks.decoding.beam_search` decode with it as with the PyTorch model.
+
+    Args:
+        path: the encoder file (``model.encoder.onnx``); its decoder file is the one it names, next to it.
+    """
+
+    training = False
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.encoder = OnnxRunner(path, threads)
+        if self.encoder.meta("task") != "seq2seq" or self.encoder.meta("graph_role") != "encoder":
+            raise UserError(f"--onnx {str(path)!r}: not the encoder graph of an exported seq2seq model (expected "
+                            f"the *.encoder.onnx file written by `rnnkit export RUN_DIR` of a seq2seq run)")
+        self.decoder = OnnxRunner(Path(path).parent / self.encoder.meta("decoder"), threads)
+        self.context: list[str] = self.decoder.meta("context")
+        self.state_pairs = self.decoder.state_pairs
+        self.attention = "attention" in self.decoder.outputs
+        self.batch_axes = {name: [d for d in info.shape].index("B") for name, info in self.decoder.inputs.items()}
+        self._device = torch.zeros(0)
+
+    def start(self, src: torch.Tensor, src_len: torch.Tensor) -> GraphState:
+        out = self.encoder.run({"src": src, "src_len": src_len})
+        return GraphState({k: torch.from_numpy(v) for k, v in out.items()}, self.batch_axes)
+
+    def decode_step(self, tok: torch.Tensor, st: GraphState) -> tuple[torch.Tensor, GraphState, torch.Tensor | None]:
+        out = self.decoder.run({"token": tok, **st.arrays})
+        arrays = dict(st.arrays)
+        arrays.update({i: torch.from_numpy(out[o]) for i, o in self.state_pairs})
+        w = torch.from_numpy(out["attention"]) if self.attention else None
+        return torch.from_numpy(out["logits"]), GraphState(arrays, self.batch_axes), w
+
+    def parameters(self) -> Iterator[torch.Tensor]:  # where inputs live: the CPU
+        yield self._device
+
+    def train(self, mode: bool = True) -> OnnxSeq2Seq:
+        return self
+
+    def eval(self) -> OnnxSeq2Seq:
+        return self
+
+
+def seq2seq_run(path: str | os.PathLike) -> Any:
+    """An exported encoder-decoder as a :class:`rnnkit.tasks.seq2seq.LoadedRun` whose model is the pair of
+    graphs (``rnnkit seq2seq translate --onnx FILE``): config and vocabularies from the encoder's metadata."""
+    from ..data.pairs import PairVocabs
+    from ..tasks.seq2seq import LoadedRun, Seq2SeqConfig
+    from ..train import config_from_dict
+
+    model = OnnxSeq2Seq(path)
+    r = model.encoder
+    return LoadedRun(Path(path), config_from_dict(Seq2SeqConfig, r.meta("config")),
+                     PairVocabs.from_dict(r.meta("vocab")), model, r.meta("checkpoint_step", 0))
+
+
 def _parts(state: Any) -> tuple[Any, ...]:
     return state if isinstance(state, tuple) else (state,)
 
@@ -230,4 +302,5 @@ def lm_run(path: str | os.PathLike, task: str) -> Any:
                      runner.meta("checkpoint_step", 0))
 
 
-__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "session_options", "lm_run", "anomaly_detector"]
+__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "OnnxSeq2Seq", "GraphState", "session_options", "lm_run",
+           "seq2seq_run", "anomaly_detector"]

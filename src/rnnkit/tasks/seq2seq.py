@@ -797,7 +797,7 @@ def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], deco
     cfg = decode_cfg or run.config.decode
     _check_decode(cfg)
     src_kind, tgt_kind = run.config.data.sides()
-    if attention_dir is not None and run.model.attention is None:
+    if attention_dir is not None and run.config.model.attention == "none":
         raise UserError("--attention-dir: the model has no attention (model.attention = 'none')")
     outputs: list[str] = []
     pending: list[Sequence[str]] = []
