@@ -339,47 +339,63 @@ def _drop_attr(node: onnx.NodeProto, name: str) -> None:
     node.attribute.extend(keep)
 
 
-def _step_down(node: onnx.NodeProto, version: int, consts: Mapping[str, np.ndarray], apply: bool) -> bool:
-    """Whether ``node`` means the same at the version before ``version`` of its operator; with ``apply``,
-    rewrite it into that version's form (drop a default attribute, move axes into an attribute)."""
+def _step_down(node: onnx.NodeProto, version: int, consts: Mapping[str, np.ndarray],
+               apply: bool) -> list[onnx.NodeProto] | None:
+    """The nodes that compute ``node`` at the version before ``version`` of its operator, or None where
+    none do. Without ``apply`` only the answer counts (``node`` is left as it is)."""
     op = node.op_type
     if (op, version) in _TYPES_ONLY:
-        return True
+        return [node]
+    if (op, version) == ("Shape", 15):  # start / end became attributes: slice the whole shape instead
+        start, end = _attr(node, "start"), _attr(node, "end")
+        if not apply or ((start is None or start.i == 0) and end is None):
+            return [node]
+        out = node.output[0]
+        node.output[0] = f"{out}/shape"
+        bounds = {"starts": start.i if start is not None else 0,
+                  "ends": end.i if end is not None else np.iinfo(np.int64).max, "axes": 0}
+        consts_nodes = [helper.make_node("Constant", [], [f"{out}/{k}"], name=f"{out}/{k}",
+                                         value=onnx.numpy_helper.from_array(np.array([v], dtype=np.int64)))
+                        for k, v in bounds.items()]
+        _drop_attr(node, "start")
+        _drop_attr(node, "end")
+        return consts_nodes + [node, helper.make_node("Slice", [f"{out}/shape"] + [f"{out}/{k}" for k in bounds],
+                                                      [out], name=f"{out}/slice")]
     if (op, version) in _NEW_ATTRIBUTE:
         name, default = _NEW_ATTRIBUTE[(op, version)]
         a = _attr(node, name)
-        if a is not None and onnx.helper.get_attribute_value(a) != default:
-            return False
-        if op == "Shape" and _attr(node, "end") is not None:
-            return False
+        # allowzero=1 differs from the old meaning only where the target shape holds a 0
+        same = op == "Reshape" and node.input[1] in consts and bool(np.all(consts[node.input[1]] != 0))
+        if a is not None and onnx.helper.get_attribute_value(a) != default and not same:
+            return None
         if apply:
             _drop_attr(node, name)
-        return True
+        return [node]
     if version == 18 and op in _AXES_INPUT:
         noop = _attr(node, "noop_with_empty_axes")
         axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
         if (noop is not None and noop.i != 0) or (axes is not None and axes not in consts):
-            return False
+            return None
         if apply:
             _drop_attr(node, "noop_with_empty_axes")
             if axes is not None:
                 node.attribute.append(helper.make_attribute("axes", [int(v) for v in consts[axes].ravel()]))
                 del node.input[1:]
-        return True
+        return [node]
     if (op, version) == ("Split", 18):  # without `split`, Split-13 cuts into len(outputs) equal parts
         n = _attr(node, "num_outputs")
         if n is not None and (n.i != len(node.output) or (len(node.input) > 1 and node.input[1])):
-            return False
+            return None
         if apply:
             _drop_attr(node, "num_outputs")
-        return True
+        return [node]
     if (op, version) == ("Pad", 18):  # the axes input was added
         if len(node.input) > 3 and node.input[3]:
-            return False
+            return None
         if apply:
             del node.input[3:]
-        return True
-    return False
+        return [node]
+    return None
 
 
 def _lowest(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> int:
@@ -390,10 +406,27 @@ def _lowest(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> int:
             older = onnx.defs.get_schema(node.op_type, version - 1).since_version
         except onnx.defs.SchemaError:  # the operator does not exist before
             return version
-        if not _step_down(node, version, consts, apply=False):
+        if _step_down(node, version, consts, apply=False) is None:
             return version
         version = older
     return version
+
+
+def _convert_graph(graph: onnx.GraphProto, opset: int, consts: Mapping[str, np.ndarray]) -> None:
+    """Rewrite every node of ``graph`` (and of its subgraphs) into its form at ``opset``."""
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _convert_graph(a.g, opset, consts)
+        done = [node]
+        version = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        while version > onnx.defs.get_schema(node.op_type, opset).since_version:
+            done = done[:-1] + (_step_down(done[-1], version, consts, apply=True) or [])
+            version = onnx.defs.get_schema(node.op_type, version - 1).since_version
+        nodes.extend(done)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -437,11 +470,7 @@ def convert_opset(model: onnx.ModelProto, opset: int, mappings: Sequence[LayerMa
             why = f"which exists from opset {version}"
         raise UserError(f"--opset {opset}: too old for the ONNX operator {op}, {why}{where}; use --opset {version} "
                         f"or later (default {DEFAULT_OPSET})")
-    for node in nodes:
-        version = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
-        while version > onnx.defs.get_schema(node.op_type, opset).since_version:
-            _step_down(node, version, consts, apply=True)
-            version = onnx.defs.get_schema(node.op_type, version - 1).since_version
+    _convert_graph(model.graph, opset, consts)
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = opset

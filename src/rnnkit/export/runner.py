@@ -5,6 +5,9 @@ the recurrent state and which outputs return it (``rnnkit.state``: pairs ``[inpu
 runner can keep the state between calls: ``step`` feeds one time step and carries the state on, and
 ``generate`` runs the language models' sampler (:func:`rnnkit.tasks.decoding.generate`) with the graph
 as its model, so the same seed and sampling options write the same text as ``rnnkit charlm sample``.
+:class:`OnnxSeq2Seq` does the same for an exported encoder-decoder: its encoder graph and decoder-step
+graph are the model of the task's greedy and beam search. :func:`anomaly_detector` puts the task's
+anomaly detector around an exported predictor.
 """
 
 from __future__ import annotations

@@ -741,7 +741,8 @@ def _write_attention(model: Seq2Seq, pairs: Sequence[Pair], vocabs: PairVocabs, 
 # ---- trained runs ---------------------------------------------------------------------------------
 @dataclass
 class LoadedRun:
-    """A trained run: config, vocabularies, model (eval mode) and the checkpoint step."""
+    """A trained run: config, vocabularies, model (eval mode; or an exported pair of graphs,
+    :class:`rnnkit.export.runner.OnnxSeq2Seq`, which decodes the same way) and the checkpoint step."""
 
     run_dir: Path
     config: Seq2SeqConfig
