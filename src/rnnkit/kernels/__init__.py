@@ -141,4 +141,3 @@ from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by au
 
 from . import triton_backend  # noqa: E402,F401  (registers backend="triton"; imports triton lazily)
 
-from . import cpu_generated  # noqa: E402,F401  (registers backend="cpu_gen"; not tried by auto)
