@@ -134,14 +134,29 @@ class OnnxRunner:
         return generate(self.language_model(), prime, length, **options)
 
 
-class OnnxLM:
+class _InferenceOnly:
+    """What the decoding functions ask of a model besides its steps: ``parameters()`` (where inputs
+    go: the CPU) and ``train()``/``eval()`` (nothing to switch in an exported graph)."""
+
+    training = False
+    _device = torch.zeros(0)
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        yield self._device
+
+    def train(self, mode: bool = True) -> _InferenceOnly:
+        return self
+
+    def eval(self) -> _InferenceOnly:
+        return self
+
+
+class OnnxLM(_InferenceOnly):
     """A language model's streaming graph as a :class:`rnnkit.tasks.decoding.StepModel`.
 
     ``step`` is one call of the graph; calling it on a prefix (T, B) runs the steps one after another
     (the streaming graph has no time axis), so the prime costs T calls.
     """
-
-    training = False
 
     def __init__(self, runner: OnnxRunner) -> None:
         io = runner.meta("stream")
@@ -150,7 +165,6 @@ class OnnxLM:
                             f"`rnnkit export RUN_DIR --streaming` from a charlm or wordlm run)")
         self.runner = runner
         self.token, self.logits = io["input"], io["output"]
-        self._device = torch.zeros(0)
 
     def step(self, x_t: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         out, state = self.runner.step({self.token: x_t}, state)
@@ -162,15 +176,6 @@ class OnnxLM:
             lg, state = self.step(x_t, state)
             logits.append(lg)
         return torch.stack(logits), state
-
-    def parameters(self) -> Iterator[torch.Tensor]:  # where inputs live: the CPU
-        yield self._device
-
-    def train(self, mode: bool = True) -> OnnxLM:
-        return self
-
-    def eval(self) -> OnnxLM:
-        return self
 
 
 class OnnxPredictor:
@@ -213,7 +218,7 @@ class GraphState:
                           self.batch_axes)
 
 
-class OnnxSeq2Seq:
+class OnnxSeq2Seq(_InferenceOnly):
     """An exported encoder-decoder (``rnnkit export`` of a seq2seq run) as a
     :class:`rnnkit.tasks.decoding.CondStepModel`: ``start`` is one call of the encoder graph, ``decode_step``
     one call of the decoder-step graph, so :func:`~rnnkit.tasks.decoding.greedy_search` and
@@ -222,8 +227,6 @@ class OnnxSeq2Seq:
     Args:
         path: the encoder file (``model.encoder.onnx``); its decoder file is the one it names, next to it.
     """
-
-    training = False
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         self.encoder = OnnxRunner(path, threads)
@@ -234,8 +237,7 @@ class OnnxSeq2Seq:
         self.context: list[str] = self.decoder.meta("context")
         self.state_pairs = self.decoder.state_pairs
         self.attention = "attention" in self.decoder.outputs
-        self.batch_axes = {name: [d for d in info.shape].index("B") for name, info in self.decoder.inputs.items()}
-        self._device = torch.zeros(0)
+        self.batch_axes = {name: list(info.shape).index("B") for name, info in self.decoder.inputs.items()}
 
     def start(self, src: torch.Tensor, src_len: torch.Tensor) -> GraphState:
         out = self.encoder.run({"src": src, "src_len": src_len})
@@ -247,15 +249,6 @@ class OnnxSeq2Seq:
         arrays.update({i: torch.from_numpy(out[o]) for i, o in self.state_pairs})
         w = torch.from_numpy(out["attention"]) if self.attention else None
         return torch.from_numpy(out["logits"]), GraphState(arrays, self.batch_axes), w
-
-    def parameters(self) -> Iterator[torch.Tensor]:  # where inputs live: the CPU
-        yield self._device
-
-    def train(self, mode: bool = True) -> OnnxSeq2Seq:
-        return self
-
-    def eval(self) -> OnnxSeq2Seq:
-        return self
 
 
 def seq2seq_run(path: str | os.PathLike) -> Any:
