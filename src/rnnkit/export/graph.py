@@ -212,9 +212,10 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
         dynamic_axes: ``{input name: {axis: symbol}}``; axes sharing a symbol have equal sizes
             (e.g. ``{"tokens": {0: "T", 1: "B"}, "h0": {1: "B"}}``).
         streaming: the module runs one time step (its stacks get T = 1 and no lengths): their
-            cells are written inline instead of as a Scan; a bidirectional stack is an error.
-        opset: ONNX opset of the file (default 18; lower ones are converted, if every operator
-            the model needs exists there).
+            cells are written inline instead of as a Scan; calling a bidirectional stack is an
+            error naming it (an unused one, e.g. an encoder beside a decoder step, is fine).
+        opset: ONNX opset of the file (default 18; older ones down to 13 are converted by
+            :func:`convert_opset`, or refused naming the operator that needs a newer one).
         metadata: extra ``key: value`` pairs stored in the file (values JSON-encoded).
     Returns:
         an :class:`ExportResult` whose ``mappings`` say which mapping each stack got.

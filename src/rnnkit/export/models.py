@@ -219,7 +219,7 @@ class _Seq2SeqStep(nn.Module):
     def forward(self, token: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         from ..tasks.seq2seq import DecoderState, Encoded
 
-        context, state = _seq2seq_io(self.model)
+        context, _ = _seq2seq_io(self.model)
         ctx = dict(zip(context, inputs))
         rnn = inputs[len(context):len(context) + self.model.config.decoder.state_size]
         feed = inputs[-1] if self.model.config.input_feeding else None
@@ -246,7 +246,7 @@ def seq2seq_specs(model: nn.Module) -> dict[str, ModelSpec]:
     enc_out = context + [i for i, _ in state]
     encoder = ModelSpec(_Seq2SeqStart(model), (src, src_len), ["src", "src_len"], enc_out,
                         {"src": {0: "S", 1: "B"}, "src_len": {0: "B"}},
-                        metadata={"rnnkit.graph_role": "encoder", "rnnkit.outputs": enc_out})
+                        metadata={"rnnkit.graph_role": "encoder"})
     dec_in = ["token"] + enc_out
     dec_out = ["logits", "log_probs"] + [o for _, o in state] + (["attention"] if model.attention is not None else [])
     decoder = ModelSpec(_Seq2SeqStep(model), (torch.tensor([1, 4]),) + start, dec_in, dec_out,
@@ -309,7 +309,7 @@ def _sample_run(run_dir: Path, task: str) -> tuple[nn.Module, Any]:
 
 
 def _is_seq2seq(run_dir: Path) -> bool:
-    from ..tasks.lm import VOCAB_FILE
+    from ..tasks.seq2seq import VOCAB_FILE
 
     try:
         vocab = json.loads((run_dir / VOCAB_FILE).read_text(encoding="utf-8"))
