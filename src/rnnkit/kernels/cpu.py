@@ -600,7 +600,8 @@ class _GenRecurrence(torch.autograd.Function):
         ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
         for k in range(S):
             ST[k][0] = state0[k]
-        SV = [np.empty((T, B, H), A.dummy1.dtype) for _ in sorted(plan.saved)]
+        lay = cpu_generated.layout(d)
+        SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
         PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else torch.empty(1, 1, 1, dtype=dt)
                for p in projs]
         ln = cell.layer_norm
@@ -609,7 +610,7 @@ class _GenRecurrence(torch.autograd.Function):
         lns = [i for i, n in enumerate(nodes) if n.op == "layer_norm"]
         LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in lns]
         LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in lns]
-        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), *SV,
+        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), SAVE,
                   *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
         Rd = R.detach().contiguous()
         _launch(K.forward, A, Rd, cell, True, common)
@@ -625,7 +626,7 @@ class _GenRecurrence(torch.autograd.Function):
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
         if not plan.reads_input:  # free xg now: the backward does not read it
             common = (A.dummy3, *common[1:])
-        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2])
+        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE)
         return (result, *(s[T].clone() for s in ST))
 
     @staticmethod
@@ -636,7 +637,7 @@ class _GenRecurrence(torch.autograd.Function):
                                "them; run the forward again instead of retain_graph=True")
         cell, masks, A = ctx.cell, ctx.masks, ctx.arrays
         ctx.saved_tensors  # noqa: B018 (raises if the caller modified the output in place)
-        common, ST, PIN, Rd, has_bias, xg_width = ctx.buf
+        common, ST, PIN, Rd, has_bias, xg_width, SAVE = ctx.buf
         d = cell.declaration
         plan = cpu_generated.plan(d)
         nodes = d.nodes
@@ -652,9 +653,13 @@ class _GenRecurrence(torch.autograd.Function):
         dout_n = _np(dout) if has_dout else A.dummy3
         dS = [_np(g) if g is not None else np.zeros((B, H), ndt) for g in dfinal]
         O = [_empty(B, H, dtype=dt) for _ in range(S)]
-        used_in = {n.index if n.index >= 0 else cell.gates for n in nodes if n.op == "input"}
-        full = set(range(xg_width // H)) <= used_in
-        DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
+        lay = cpu_generated.layout(d)
+        if lay.dxg_in_save:  # written over the saved values of each step, once dead (``Layout``)
+            DXG = torch.from_numpy(SAVE)[:, :, :xg_width]
+        else:
+            used_in = {n.index if n.index >= 0 else cell.gates for n in nodes if n.op == "input"}
+            full = set(range(xg_width // H)) <= used_in
+            DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
         DRAW = []
         for p in projs:
             if p in plan.paired:
@@ -668,7 +673,8 @@ class _GenRecurrence(torch.autograd.Function):
         GH = cell.rec_gates * H
         dlng = np.zeros((n, GH if cell.layer_norm else 1), ndt)
         dbhh = np.zeros((n, GH), ndt)
-        args = (*common, has_dout, dout_n, *dS, *(o.numpy() for o in O), DXG.numpy(), *(D.numpy() for D in DRAW))
+        args = (*common, has_dout, dout_n, *dS, *(o.numpy() for o in O),
+                *((A.dummy3 if D is DXG and lay.dxg_in_save else D.numpy()) for D in (DXG, *DRAW)))
         _launch(K.backward, A, Rd, cell, False, args, (*dPAR, dlng, dbhh))
         dR_parts = []
         for p, D, P in zip(projs, DRAW, PIN):

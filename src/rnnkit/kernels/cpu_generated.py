@@ -50,8 +50,8 @@ _PRELUDE = '''import math
 import numpy as np
 from numba import njit
 
-from rnnkit.kernels.cpu_loops import _barrier, _ln_rows, _ln_rows_backward, _matmul, _tanh_f32, ln_vec, \\
-    ln_vec_backward
+from rnnkit.kernels.cpu_loops import _barrier, _ln_rows, _ln_rows_backward, _matmul, _matmul_cols, _tanh_f32, \\
+    ln_vec, ln_vec_backward
 
 F = np.{dtype}
 _J = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")
@@ -246,14 +246,65 @@ def source(d: Declaration, dtype: str) -> str:
     pl = plan(d)
     tanh, sigm = _ACTIVATIONS[dtype]
     head = _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
-    return head + "\n\n" + _Forward(pl).text() + "\n\n" + _Backward(pl).text()
+    lay = layout(d)
+    return (head + "\n\n" + _Forward(pl, lay.slots).text() + "\n\n"
+            + _Backward(pl, lay.slots, lay.dxg_in_save).text())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the forward keeps the saved values: ``slots[node]`` is its H-wide block of the (T, B, width*H)
+    buffer ``SAVE``. With ``dxg_in_save``, the backward writes ``d xg`` over the first blocks (block k
+    over the value in slot k, which no later pass of the same step reads), so the input gradient
+    takes no memory of its own."""
+
+    slots: dict[int, int]
+    width: int
+    dxg_in_save: bool
+
+
+@functools.cache
+def layout(d: Declaration) -> Layout:
+    """The :class:`Layout` of ``d``: the saved values in order, then, if the backward's passes allow it,
+    reordered so that ``d xg`` block k can overwrite slot k (read off the order of the passes)."""
+    pl = plan(d)
+    saved = sorted(pl.saved)
+    plain = {i: k for k, i in enumerate(saved)}
+    n_x = d.input_gates + (1 if d.raw_input else 0)
+    # per backward pass (a j-loop) in order: the saved values it reads and the d xg blocks it writes
+    last_read: dict[int, int] = {}
+    first_write: dict[int, int] = {}
+    loop = -1
+    for line in _Backward(pl, plain).text().splitlines():
+        if line.strip() == "for j in range(nj):":
+            loop += 1
+        for m in re.finditer(r"\bsv(\d+)\[j\]", line):
+            last_read[int(m.group(1))] = loop
+        for m in re.finditer(r"\bdx(\d+)\[j\] \+?= ", line):
+            first_write.setdefault(int(m.group(1)), loop)
+    if len(saved) < n_x or set(first_write) != set(range(n_x)):
+        return Layout(plain, len(saved), False)
+    free = sorted(saved, key=lambda i: last_read.get(i, -1))
+    match: dict[int, int] = {}
+    for k in sorted(first_write, key=first_write.get):  # greedy: thresholds in ascending order
+        fit = next((i for i in free if last_read.get(i, -1) <= first_write[k]), None)
+        if fit is None:
+            return Layout(plain, len(saved), False)
+        free.remove(fit)
+        match[fit] = k
+    slots = dict(match)
+    for i in saved:
+        if i not in slots:
+            slots[i] = n_x + len([j for j in slots if slots[j] >= n_x])
+    return Layout(slots, len(saved), True)
 
 
 class _Gen:
     """What both loops share: argument names, row views, value expressions."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, slots: dict[int, int]) -> None:
         self.plan = plan
+        self.slots = slots
         self.d = plan.d
         self.nodes = plan.d.nodes
         self.S = len(plan.d.states)
@@ -273,7 +324,7 @@ class _Gen:
         P, S = self.P, self.S
         return (["xg"] + [f"BH{p}" for p in range(P)] + [f"PAR_{n}" for n in self.params]
                 + ["lng", "hmask", "has_hmask"] + [f"K{k}" for k in range(S)] + ["has_keep"]
-                + [f"ST{k}" for k in range(S)] + [f"SV{i}" for i in sorted(self.plan.saved)]
+                + [f"ST{k}" for k in range(S)] + ["SAVE"]
                 + [f"PIN{q}" for q, p in enumerate(self.projs)] + ["UH", "RSH"]
                 + [f"LU{i}" for i in self.lns] + [f"LR{i}" for i in self.lns])
 
@@ -281,6 +332,11 @@ class _Gen:
     def view(self, name: str, definition: str) -> str:
         self.views[name] = definition
         return name
+
+    def sv(self, i: int) -> str:
+        """The row view of saved value ``i`` (its slot of ``SAVE``)."""
+        s = self.slots[i]
+        return self.view(f"sv{i}", f"SAVE[t, b][{s} * H + j0:{s} * H + j1]")
 
     def value(self, i: int, inline) -> str:
         """Expression for node ``i`` at unit j (forward values; ``inline(i)`` gives computed nodes)."""
@@ -326,7 +382,7 @@ class _Forward(_Gen):
     def array_of(self, i: int) -> str:
         """The row array holding computed node ``i``'s value."""
         if i in self.plan.saved:
-            return self.view(f"sv{i}", f"SV{i}[t, b][j0:j1]")
+            return self.sv(i)
         upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
         if upd:  # a new state: straight into ST[t + 1] unless zoneout mixes it
             k = upd[0]
@@ -445,8 +501,9 @@ class _Forward(_Gen):
 
 
 class _Backward(_Gen):
-    def __init__(self, plan: Plan) -> None:
-        super().__init__(plan)
+    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False) -> None:
+        super().__init__(plan, slots)
+        self.dxg = "SAVE" if dxg_in_save else "DXG"  # the array d xg is written into
         self.written: set[str] = set()  # sinks written this step (the first write assigns)
         self.tmp = 0
 
@@ -455,7 +512,7 @@ class _Backward(_Gen):
         nd = self.nodes[i]
         if nd.op in _LEAVES:
             return self.value(i, None)
-        return self.view(f"sv{i}", f"SV{i}[t, b][j0:j1]") + "[j]"
+        return self.sv(i) + "[j]"
 
     def sink(self, a: int, expr: str, out: list[str]) -> None:
         """Add ``expr`` to the gradient of node ``a`` (not fused)."""
@@ -468,7 +525,7 @@ class _Backward(_Gen):
             return
         if op == "input":
             k = self.d.input_gates if nd.index < 0 else nd.index
-            name = self.view(f"dx{k}", f"DXG[t, b][{k} * H + j0:{k} * H + j1]")
+            name = self.view(f"dx{k}", f"{self.dxg}[t, b][{k} * H + j0:{k} * H + j1]")
         elif op == "block":
             if nd.args[0] in self.plan.paired:
                 return  # d(R h) is d xg: the input block's write is this one
@@ -551,7 +608,9 @@ class _Backward(_Gen):
                          f"{db}, {bias is not None})")
             return lines
         lines: list[str] = []
-        for loop in self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"]):
+        # the paths into d xg last: the saved values they read are then dead when d xg overwrites them
+        loops = self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"])
+        for loop in sorted(loops, key=lambda lp: lp[-1].lstrip().startswith("dx")):
             lines += ["for j in range(nj):"] + ["    " + line for line in loop]
         return lines
 
@@ -618,7 +677,10 @@ class _Backward(_Gen):
                          f"RSH[t, b0:b1], {q}, DRAW{q}[t, b0:b1], dlng)")
                 w(2, "if sync:")
                 w(3, "_barrier()")
-                w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
+                if self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
+                    w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
+                else:
+                    w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
                 an = nodes[a]
                 if an.op == "state":
                     tgt, key = f"GP{an.index}", f"gp{an.index}"

@@ -107,6 +107,21 @@ def _matmul(a, W, out):
 
 
 @njit(**_JIT)
+def _matmul_cols(a, off, k, W, out):
+    """``out <- a[:, off:off + k] @ M`` for ``W = (M, packed)``: columns of the rows of a wider C array."""
+    M, packed = W
+    if packed.size > 1:
+        m = a.shape[0]
+        n = out.shape[1]
+        prev = _mkl_threads_local(1)
+        _sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, a.ctypes.data + off * a.itemsize, a.shape[1],
+                       packed.ctypes.data, n, np.float32(0.0), out.ctypes.data, n)
+        _mkl_threads_local(prev)
+    else:
+        np.dot(np.ascontiguousarray(a[:, off:off + k]), M, out)
+
+
+@njit(**_JIT)
 def _ln_rows(v, n, gain, goff, uh, rs, k):
     """In place on rows of ``v`` (B, n): v <- gain * u_hat; saves u_hat and 1/std.
 
