@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from rnnkit.data.images import ImageAugment
+from rnnkit.data.images import ImageAugment, ImageSteps, as_sequence_set, load_digits, pixel_permutation
 from rnnkit.data.series import Scaler
 from rnnkit.errors import UserError
+from rnnkit.tasks import classify as C
 from rnnkit.tasks import label as L
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,14 +82,14 @@ def test_label_steps_map_back_to_the_line_images():
     data = L.LabelSet([im.T for im in lines], ["a", "b", "ab"], ["0", "1", "2"], "test", images=True)
     scaler = Scaler("standard").fit(np.concatenate(data.sequences, 0))
     t = L.tensors(data, scaler, stack=3)
-    steps = L.ImageSteps(scaler, stack=3)
+    steps = ImageSteps(scaler.center, scaler.scale, "columns", stack=3)
     seen = []
 
     def spy(images, widths):
         seen.append((images.clone(), widths.clone()))
         return OFF(images, widths)
 
-    out = steps.distort(t["x"], t["columns"], spy)
+    out = steps.distort(t["x"], spy, t["columns"])
     torch.testing.assert_close(out, t["x"], rtol=0, atol=1e-5)
     images, widths = seen[0]
     assert widths.tolist() == [11, 7, 9] and images.shape == (3, 6, 12)
@@ -129,3 +130,41 @@ def test_label_training_distorts_images_only_while_training(monkeypatch):
     off = L.LabelConfig(model=cfg.model, data=cfg.data, image_augment=ImageAugment(enabled=False))
     L.train(data, off, None)
     assert captured["task"].images is None
+
+
+@pytest.mark.parametrize("order,seed", [("rows", None), ("columns", None), ("pixels", None), ("pixels", 3)])
+def test_classify_steps_map_back_to_the_images(order, seed):
+    """Every reading order (and the pixel permutation) maps back to the very images, and forth exactly."""
+    digits = load_digits("test")
+    data = as_sequence_set(digits, order, seed)
+    assert data.image_shape == (8, 8)
+    scaler = C.fit_scaler(data, "standard")
+    x = C.tensors(data, scaler, None)["x"][:5]
+    perm = None if seed is None else pixel_permutation(64, seed)
+    steps = ImageSteps(scaler.center, scaler.scale, order, (8, 8), perm)
+    seen = []
+    out = steps.distort(x, lambda im, w: seen.append(im.clone()) or OFF(im, w))
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(seen[0].numpy(), np.stack(digits.images[:5]), atol=1e-5)
+
+
+def test_classify_distorts_image_inputs_only(monkeypatch):
+    captured = {}
+
+    def fake_fit(net, task, train_data, *a, **k):
+        captured["task"] = task
+        return {}
+
+    monkeypatch.setattr(C, "fit", fake_fit)
+    data = as_sequence_set(load_digits("test"), "pixels", 0)
+    model = C.ClassifyModelConfig(kind="recurrent", hidden=4)
+    cfg = C.ClassifyConfig(model=model, data=C.ClassifyDataConfig(read="pixels", permute_seed=0))
+    C.train(data, cfg, None)
+    steps, aug = captured["task"].images
+    assert steps.order == "pixels" and steps.shape == (8, 8) and aug == ImageAugment()
+    C.train(data, C.ClassifyConfig(model=model, data=cfg.data, image_augment=ImageAugment(enabled=False)), None)
+    assert captured["task"].images is None
+    C.train(C.SequenceSet(data.sequences, data.labels), C.ClassifyConfig(model=model), None)  # a series set
+    assert captured["task"].images is None
+    with pytest.raises(UserError, match=r"image_augment: distorting images needs every step"):
+        C.train(data, C.ClassifyConfig(model=model, data=C.ClassifyDataConfig(read="pixels", downsample=2)), None)

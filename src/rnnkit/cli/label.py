@@ -75,7 +75,8 @@ def train(train_path: Annotated[str, typer.Option(
 
     cfg = ts_config(opts, L.LabelConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
-        "trainer.optim.lr": lr, "image_augment.enabled": image_augment, "decode.decoder": decoder, "decode.beam_width": beam_width,
+        "trainer.optim.lr": lr, "image_augment.enabled": image_augment,
+        "decode.decoder": decoder, "decode.beam_width": beam_width,
         "decode.lm_order": lm_order, "decode.lm_weight": lm_weight})
     tr = L.read_label_set(train_path, labels, "--train")
     te = L.read_label_set(test_path, test_labels, "--test", split="test") if test_path is not None else None

@@ -107,7 +107,9 @@ def as_sequence_set(data: ImageSet, order: str, permute_seed: int | None = None)
             raise UserError(f"--permute: the images have different sizes {sorted(sizes)[:5]}; a fixed pixel "
                             "permutation needs one size")
         perm = pixel_permutation(sizes.pop(), permute_seed)
-    return SequenceSet([to_sequence(im, order, perm) for im in data.images], data.labels, data.ids)
+    shapes = {im.shape for im in data.images}
+    return SequenceSet([to_sequence(im, order, perm) for im in data.images], data.labels, data.ids,
+                       image_shape=shapes.pop() if len(shapes) == 1 else None)
 
 
 # ---- training-time distortion ------------------------------------------------------------------
@@ -132,17 +134,18 @@ class ImageAugment:
     and the labels do not change.
 
     Args:
-        enabled: distort training images (label train: inputs read from images only).
-        rotate, shear, scale, elastic, elastic_sigma, thickness: the strengths above (0 = off).
+        enabled: distort training images (only inputs read from images are).
+        rotate, shear, scale, elastic, elastic_sigma, thickness: the strengths above (0 = off); the
+            defaults are those of ``rnnkit classify``, ``rnnkit label`` sets its own for text lines.
     """
 
     enabled: bool = True
-    rotate: float = 3.0
-    shear: float = 0.3
+    rotate: float = 5.0
+    shear: float = 0.15
     scale: float = 0.1
-    elastic: float = 0.5
-    elastic_sigma: float = 2.0
-    thickness: float = 0.5
+    elastic: float = 0.3
+    elastic_sigma: float = 1.5
+    thickness: float = 0.3
 
     def check(self) -> None:
         for key in ("rotate", "shear", "scale", "elastic", "elastic_sigma", "thickness"):
@@ -194,6 +197,62 @@ class ImageAugment:
             ero = -F.max_pool2d(-out, 3, stride=1, padding=1)
             out = out + t.clamp(min=0) * (dil - out) + (-t).clamp(min=0) * (ero - out)
         return (bg[:, None, None] + sign[:, None, None] * out[:, 0]) * valid
+
+
+class ImageSteps:
+    """Maps a batch of scaled steps back to the images they were read from and forth again, so that the
+    images can be distorted while training (:meth:`distort`).
+
+    The steps (B, T, C) were read from images of ``shape`` (H, W) in ``order`` (:func:`to_sequence`, with
+    ``permutation`` for pixels), scaled per feature as (v - center) / scale, and
+    ``stack`` consecutive steps joined into one (columns: images of any width).
+    """
+
+    def __init__(self, center: np.ndarray, scale: np.ndarray, order: str, shape: tuple[int, int] | None = None,
+                 permutation: np.ndarray | None = None, stack: int = 1) -> None:
+        import torch
+
+        if order not in ORDERS:
+            raise UserError(f"--read: expected one of {ORDERS}, got {order!r}")
+        if order != "columns" and shape is None:
+            raise UserError(f"image augmentation: images read as {order} need their size (H, W)")
+        self.center = torch.as_tensor(np.asarray(center, dtype=np.float32))
+        self.scale = torch.as_tensor(np.asarray(scale, dtype=np.float32))
+        self.order, self.shape, self.stack = order, shape, stack
+        self.perm = None if permutation is None else torch.as_tensor(np.asarray(permutation, dtype=np.int64))
+        self.inverse = None if permutation is None else torch.argsort(self.perm)
+
+    def distort(self, x, augment_images, widths=None):
+        """``x`` (B, T, C) with each image distorted by ``augment_images`` (an :class:`ImageAugment`);
+        ``widths``: the number of (unstacked) steps of each image read by columns (default: all)."""
+        import torch
+
+        from .sequences import length_mask
+
+        B, T, C = x.shape
+        n = T * self.stack
+        c, s = self.center.to(x.device, x.dtype), self.scale.to(x.device, x.dtype)
+        if widths is None:
+            widths = torch.full((B,), n if self.order == "columns" else self.shape[1], dtype=torch.long)
+        mask = (length_mask(widths.to(x.device), n) if self.order == "columns"
+                else torch.ones(B, n, dtype=torch.bool, device=x.device))[..., None].to(x.dtype)
+        raw = (x.reshape(B, n, C // self.stack) * s + c) * mask
+        if self.order == "columns":
+            images = raw.transpose(1, 2)
+        elif self.order == "rows":
+            images = raw
+        else:
+            flat = raw[..., 0] if self.inverse is None else raw[..., 0][:, self.inverse.to(x.device)]
+            images = flat.reshape(B, *self.shape)
+        out = augment_images(images, widths)
+        if self.order == "columns":
+            raw = out.transpose(1, 2)
+        elif self.order == "rows":
+            raw = out
+        else:
+            flat = out.reshape(B, -1)
+            raw = (flat if self.perm is None else flat[:, self.perm.to(x.device)])[..., None]
+        return ((raw - c) / s * mask).reshape(B, T, C)
 
 
 def _smooth_noise(B: int, H: int, W: int, sigma: float, device, dtype):
@@ -454,6 +513,7 @@ def digit_strings(split: str, n: int | None = None, seed: int | None = None) -> 
     return ImageSet(images, np.asarray(labels, dtype=object))
 
 
-__all__ = ["ImageSet", "ImageAugment", "ORDERS", "to_sequence", "as_sequence_set", "pixel_permutation", "read_idx", "write_idx",
+__all__ = ["ImageSet", "ImageAugment", "ImageSteps", "ORDERS", "to_sequence",
+           "as_sequence_set", "pixel_permutation", "read_idx", "write_idx",
            "read_idx_pair", "read_png", "read_png_classes", "read_text_lines", "read_labels_tsv",
            "read_image_array", "read_images", "load_digits", "digit_strings"]

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.images import DIGIT_STRINGS, ImageAugment, digit_strings, read_labels_tsv, read_png, to_sequence
-from ..data.sequences import augment, length_mask, pad
+from ..data.images import DIGIT_STRINGS, ImageAugment, ImageSteps, digit_strings, read_labels_tsv, read_png, to_sequence
+from ..data.sequences import augment, pad
 from ..data.series import Scaler, read_table
 from ..errors import UserError
 from ..metrics.text import text_metrics
@@ -102,7 +102,8 @@ class LabelConfig:
     model: LabelModelConfig = field(default_factory=LabelModelConfig)
     data: LabelDataConfig = field(default_factory=LabelDataConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    image_augment: ImageAugment = field(default_factory=ImageAugment)
+    image_augment: ImageAugment = field(default_factory=lambda: ImageAugment(  # for text lines
+        rotate=3.0, shear=0.3, scale=0.1, elastic=0.5, elastic_sigma=2.0, thickness=0.5))
     trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
@@ -124,25 +125,6 @@ class CTCModel(nn.Module):
         return torch.log_softmax(self.head(out), dim=-1)  # (B, T, K+1)
 
 
-class ImageSteps:
-    """Maps a batch of scaled, stacked column steps (B, T', stack*H) back to the images (B, H, W) they were
-    read from and forth again, so that images can be distorted while training."""
-
-    def __init__(self, scaler: Scaler, stack: int) -> None:
-        self.center = torch.as_tensor(scaler.center, dtype=torch.float32)
-        self.scale = torch.as_tensor(scaler.scale, dtype=torch.float32)
-        self.stack = stack
-
-    def distort(self, x: Tensor, columns: Tensor, augment_images: ImageAugment) -> Tensor:
-        """``x`` with each line image distorted by ``augment_images`` (``columns``: each image's width)."""
-        B, T, kH = x.shape
-        c, s = self.center.to(x.device, x.dtype), self.scale.to(x.device, x.dtype)
-        mask = length_mask(columns.to(x.device), T * self.stack)[..., None].to(x.dtype)  # (B, W, 1)
-        images = ((x.reshape(B, T * self.stack, kH // self.stack) * s + c) * mask).transpose(1, 2)
-        out = (augment_images(images, columns).transpose(1, 2) - c) / s * mask
-        return out.reshape(B, T, kH)
-
-
 class CTCTask:
     """The CTC loss for the trainer (mean over the batch of the loss divided by each label's length), on
     augmented inputs while training: image inputs are first distorted (``images``, see
@@ -156,7 +138,7 @@ class CTCTask:
         x = batch["x"]
         if model.training and self.images is not None:
             steps, augment_images = self.images
-            x = steps.distort(x, batch["columns"], augment_images)
+            x = steps.distort(x, augment_images, batch["columns"])
         if model.training and self.augmentation:
             x = augment(x, batch["lengths"], **self.augmentation)
         logp = model(x, batch["lengths"])
@@ -472,7 +454,7 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
     images = None
     if train_set.images and cfg.image_augment.enabled:
         cfg.image_augment.check()
-        images = (ImageSteps(scaler, d.stack), cfg.image_augment)
+        images = (ImageSteps(scaler.center, scaler.scale, "columns", stack=d.stack), cfg.image_augment)
     task = CTCTask({"jitter": d.jitter, "scale": d.scale}, images)
     result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate,
                  full_config=cfg, resume=resume, quiet=quiet)
