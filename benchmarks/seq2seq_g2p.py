@@ -32,16 +32,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-only", action="store_true", help="score the run in --out without training")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override, as in `rnnkit seq2seq train --set` (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     out: dict = {}
     if not args.eval_only:
         # the defaults, with the learning rate annealed (cosine) over the time budget
-        cfg = load_config(seq2seq.Seq2SeqConfig, None, {"trainer.minutes": args.minutes,
-                                                         "trainer.seed": args.seed,
-                                                         "trainer.schedule.name": "cosine",
-                                                         "trainer.checkpoint_every": 2000})
+        base = {"trainer.minutes": args.minutes, "trainer.seed": args.seed,
+                "trainer.schedule.name": "cosine", "trainer.checkpoint_every": 2000}
+        cfg = load_config(seq2seq.Seq2SeqConfig, None, args.set, base=base)
         out["train"] = seq2seq.train(cfg, args.out, quiet=False)
     run = seq2seq.load_run(args.out, checkpoint="best")
     for name, beam in (("greedy", 1), (f"beam{args.beam}", args.beam)):

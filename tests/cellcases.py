@@ -13,8 +13,15 @@ def _cell(name: str, H: int = 4):
     return make_cell(spec.family, H, **spec.cell_options)
 
 
-#: Registered cells that the hand-written ``cpu`` / ``triton`` kernels implement.
+#: Registered cells that the hand-written ``triton`` kernels implement.
 HAND_WRITTEN = [n for n in REGISTRY if hand_written(_cell(n).declaration) is not None]
+
+#: Registered cells whose generated ``cpu`` loops the default suite compiles: every kind of level
+#: structure (one GEMM first; a projection of ``r * h`` or of ``tanh(h)``), layer norm of projections and
+#: of a value, parameters, dropped and coupled gates, several states, the raw input. Every registered cell
+#: is run by the slow tests (each declaration compiles for ~8 s of CPU per dtype).
+CPU_CASES = ["rnn_relu", "rnn_ln", "lstm", "lstm_peephole_ln", "lstm_cifg", "lstm_zoneout", "gru", "gru_cho_ln",
+             "gru_rdrop", "slstm", "mut1", "mut3"]
 
 
 def input_size(name: str, I: int, H: int) -> int:

@@ -116,11 +116,11 @@ def test_hand_written_backends_refuse_a_new_cell_and_auto_picks_a_derived_one():
     m = _user_layer("auto")
     assert m.backend_for(torch.device("cpu")) == "bptt"
     with pytest.raises(ValueError, match=r"backend='cpu' cannot run .*written by hand.*'everything'.*"
-                                         r"Backends that can: \['reference', 'bptt', 'cpu_gen'\]"):
+                                         r"Backends that can: \['reference', 'bptt', 'cpu'\]"):
         _user_layer("cpu")
     cell = m.cell
     cfg = kernels.LayerConfig()
-    assert kernels.working_backends(cell, cfg, torch.device("cpu")) == ["reference", "bptt", "cpu_gen"]
+    assert kernels.working_backends(cell, cfg, torch.device("cpu")) == ["reference", "bptt", "cpu"]
     # a user cell with exactly the LSTM's declaration runs on the hand-written kernels and on torch's
     same = declare("my_lstm", states="h c", equations=rnnkit.cells.lstm.lstm_declaration().equations)
     assert {"native", "cpu"} <= set(kernels.working_backends(rnnkit.cells.make_cell(same, 4), cfg,
@@ -143,7 +143,7 @@ def test_a_backend_without_an_operation_refuses_the_cell_that_uses_it(monkeypatc
                               capability=kernels.Capability(operations=ops, max_states=1))
     monkeypatch.setitem(kernels.BACKENDS, "nosoftplus", lacking)
     with pytest.raises(ValueError, match=r"backend='nosoftplus' cannot run .*it has no softplus \(cell 'everything' "
-                                         r"uses them\)\. Backends that can: \['reference', 'bptt', 'cpu_gen'\]"):
+                                         r"uses them\)\. Backends that can: \['reference', 'bptt', 'cpu'\]"):
         _user_layer("nosoftplus")
     # the GRU uses no softplus and has one state: accepted, and it runs
     gru = rnnkit.GRU(3, 4, backend="nosoftplus")

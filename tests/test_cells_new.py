@@ -1,5 +1,6 @@
 """The cells added as declarations: sLSTM, MUT1-3 and an LSTM with chosen activations, computed by hand."""
 
+import dataclasses
 import json
 import math
 
@@ -143,7 +144,7 @@ def test_new_cells_are_listed_and_refused_by_the_hand_written_backends():
 
     for name in ("slstm", "mut1", "mut2", "mut3", "lstm_hsig_relu"):
         cell = rnnkit.build(name, 4, 4).cell
-        assert working_backends(cell, LayerConfig(), torch.device("cpu")) == ["reference", "bptt", "cpu_gen"], name
+        assert working_backends(cell, LayerConfig(), torch.device("cpu")) == ["reference", "bptt", "cpu"], name
     assert rnnkit.build("slstm", 4, 4).cell.state_names == ("h", "c", "n", "m")
 
 
@@ -152,6 +153,21 @@ def test_cells_lists_the_declared_cells():
     assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["slstm"]["states"] == ["h", "c", "n", "m"] and rows["slstm"]["backends_cpu"] == ["reference", "bptt",
-                                                                                           "cpu_gen"]
+                                                                                           "cpu"]
     assert rows["mut3"]["gates"] == ["z", "r"] and "cpu" in rows["lstm"]["backends_cpu"]
     assert {"mut1", "mut2", "lstm_hsig_relu"} <= set(rows)
+
+
+def test_lstm_activations_from_a_task_config():
+    """The LSTM's gate and candidate activations are model options of every task (TOML, --set)."""
+    from rnnkit.tasks.options import RecurrentOptions
+
+    @dataclasses.dataclass(frozen=True)
+    class Opts(RecurrentOptions):
+        hidden_size: int = 4
+        num_layers: int = 1
+
+    stack = Opts(cell="lstm", gate_activation="hard_sigmoid", candidate_activation="relu").build_stack(3)
+    assert stack.cell.declaration == rnnkit.build("lstm_hsig_relu", 3, 4).cell.declaration
+    with pytest.raises(ValueError, match=r"model.gate_activation: not an option of cell 'gru'"):
+        Opts(cell="gru", gate_activation="hard_sigmoid").check_cell()

@@ -141,20 +141,56 @@ def test_streaming_bidirectional_is_an_error():
 def test_opset_too_old_names_the_operator():
     stack = _stack("lstm_ln", bidirectional=False)
     with pytest.raises(UserError, match=r"--opset 16: too old for the ONNX operator LayerNormalization, which "
-                                        r"exists from opset 17 \(used by stack layers 0-1: lstm\(layer_norm=True\)"):
+                                        r"exists from opset 17 \(used by stack layers 0-1: lstm\(layer_norm=True\)"
+                                        r".*use --opset 17 or later"):
         to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H), torch.zeros(2, 2, H)),
                 input_names=["x", "h0", "c0"], output_names=["y", "h", "c"], streaming=True, opset=16)
-
-
-def test_lower_opset_converts_and_runs():
-    stack = _stack("gru", bidirectional=False)
-    res = to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H)), input_names=["x", "h0"],
-                  output_names=["y", "h"], streaming=True, opset=16)
-    assert [o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")] == [16]
-    x, h = torch.randn(2, I), torch.randn(2, 2, H)
-    got = OnnxRunner(res.model.SerializeToString()).run({"x": x, "h0": h})
+    res = to_onnx(Steps(stack), (torch.randn(2, I), torch.zeros(2, 2, H), torch.zeros(2, 2, H)),
+                  input_names=["x", "h0", "c0"], output_names=["y", "h", "c"], streaming=True, opset=17)
+    x, h, c = torch.randn(2, I), torch.randn(2, 2, H), torch.randn(2, 2, H)
+    got = OnnxRunner(res.model.SerializeToString()).run({"x": x, "h0": h, "c0": c})
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(got["y"]), stack.step(x, h)[0], **TOL)
+        torch.testing.assert_close(torch.from_numpy(got["c"]), stack.step(x, (h, c))[1][1], **TOL)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru_zoneout"])  # the LSTM operator; a Scan of the cell's step
+def test_older_opsets_compute_the_same(name):
+    """Sequence graph (with lengths, so the Scan's masks too) and streaming graph at opsets 13-17: each
+    converted file passes the checker, runs, and equals PyTorch; opset 12 is an error naming the operator
+    and the oldest opset that works."""
+    from rnnkit.export.graph import convert_opset
+
+    stack = _stack(name, bidirectional=False)
+    S, outs = stack.cell.state_size, list(stack.cell.state_names)
+    names = [f"{n}0" for n in outs]
+    seq = to_onnx(Both(stack), (torch.randn(6, 2, I), torch.tensor([6, 3])) + tuple(torch.zeros(L, 2, H)
+                                                                                 for _ in range(S)),
+                  input_names=["x", "lengths", *names], output_names=["y", *outs] + [f"{o}_len" for o in ["y", *outs]],
+                  dynamic_axes={"x": {0: "T", 1: "B"}, "lengths": {0: "B"}, **{n: {1: "B"} for n in names}})
+    step = to_onnx(Steps(stack), (torch.randn(2, I),) + tuple(torch.zeros(L, 2, H) for _ in range(S)),
+                   input_names=["x", *names], output_names=["y", *outs], streaming=True,
+                   dynamic_axes={"x": {0: "B"}, **{n: {1: "B"} for n in names}})
+    x, lengths = torch.randn(5, 3, I), torch.tensor([5, 2, 4])
+    state = tuple(torch.randn(L, 3, H) for _ in range(S))
+    feeds = {"x": x, "lengths": lengths, **dict(zip(names, state))}
+    with torch.no_grad():
+        want_seq = Both(stack)(x, lengths, *state)
+        want_step = Steps(stack)(x[0], *state)
+    for opset in (13, 14, 15, 16, 17):
+        for res, want, f in ((seq, want_seq, feeds), (step, want_step, {**feeds, "x": x[0]})):
+            model = onnx.ModelProto()
+            model.CopyFrom(res.model)
+            model = convert_opset(model, opset, res.mappings)
+            assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+            onnx.checker.check_model(model, full_check=True)
+            runner = OnnxRunner(model.SerializeToString())
+            got = runner.run({k: v for k, v in f.items() if k in runner.inputs})
+            for out, w in zip(runner.outputs, want):
+                torch.testing.assert_close(torch.from_numpy(got[out]), w, **TOL,
+                                           msg=lambda m, o=f"opset {opset} {out}": f"{o}: {m}")
+    with pytest.raises(UserError, match=r"--opset 12: too old for the ONNX operator \w+, whose form in this model "
+                                        r"needs opset 13 .*use --opset 13 or later"):
+        convert_opset(step.model, 12, step.mappings)
 
 
 # ---- a trained char-LM end to end --------------------------------------------------------------------
@@ -189,7 +225,7 @@ def test_charlm_onnx_distributions_match(trained, tmp_path):
     from rnnkit.tasks import charlm
     from rnnkit.tasks.decoding import generate
 
-    _, path, _ = export_run(trained, tmp_path / "lm.onnx", streaming=True)
+    path = export_run(trained, tmp_path / "lm.onnx", streaming=True)[0].path
     run = charlm.load_run(trained)
     prime = charlm.encode_prime(run.vocab, "KING:")
     a, b = [], []
@@ -300,7 +336,8 @@ def test_every_task_model_exports(case, tmp_path):
     train(tmp_path, *make_inputs(tmp_path))
     run = tmp_path / "run"
     streams, call = TASK_CASES[case]
-    res, path, _ = export_run(run)
+    (exported,) = export_run(run)
+    path = exported.path
     make, _ = load_run_spec(run)
     spec = make(False)
     model = spec.module.nets if hasattr(spec.module, "nets") else getattr(spec.module, "net", None)
@@ -315,7 +352,7 @@ def test_every_task_model_exports(case, tmp_path):
         with pytest.raises(UserError, match="--streaming: the .* model .* export the sequence graph"):
             export_run(run, tmp_path / "s.onnx", streaming=True)
         return
-    _, spath, _ = export_run(run, tmp_path / "s.onnx", streaming=True)
+    spath = export_run(run, tmp_path / "s.onnx", streaming=True)[0].path
     stream = OnnxRunner(spath)
     seq_in = next(iter(feeds))  # tokens (T, B) or x (B, T, C): step through its time axis
     state = {k: feeds[k] for k, _ in stream.state_pairs}
@@ -342,3 +379,50 @@ def test_every_task_model_exports(case, tmp_path):
             a, b = ours.update(part), theirs.update(part)
             np.testing.assert_allclose(b["score"], a["score"], rtol=1e-4, atol=1e-5)
             np.testing.assert_array_equal(b["flag"], a["flag"])
+
+
+def _scores(path):
+    rows = path.read_text().splitlines()
+    return rows[0], np.array([[float(v) for v in r.split(",")] for r in rows[1:]])
+
+
+def test_anomaly_score_onnx_equals_the_run(tmp_path):
+    """`rnnkit anomaly score --onnx` (streaming and sequence graphs) writes the scores of the run's model;
+    --stream keeps its state next to the file, never in the run directory."""
+    from test_anomaly import _csv, _signal
+
+    from rnnkit.tasks.anomaly import STREAM_FILE
+
+    normal = _csv(tmp_path / "normal.csv", _signal(300))
+    run = tmp_path / "run"
+    res = invoke("anomaly", "fit", "--csv", normal, "--time", "t", "--hidden", 8, "--window", 32, "--steps", 10,
+                 "--out", run, "--quiet")
+    assert res.exit_code == 0, res.output
+    x = _signal(200, seed=4)
+    x[120:124] += 3
+    test = _csv(tmp_path / "test.csv", x)
+    for flags in ([], ["--streaming"]):
+        assert invoke("export", run, *flags).exit_code == 0
+    want = invoke("anomaly", "score", run, "--csv", test, "--time", "t", "--out", tmp_path / "torch.csv", "--json")
+    assert want.exit_code == 0, want.output
+    header, a = _scores(tmp_path / "torch.csv")
+    assert header == "index,time,value,score,raw_score,flag"
+    for name in ("model.onnx", "model.streaming.onnx"):
+        got = invoke("anomaly", "score", "--onnx", run / name, "--csv", test, "--time", "t", "--out",
+                     tmp_path / "onnx.csv", "--json")
+        assert got.exit_code == 0, got.output
+        assert json.loads(got.stdout)["flagged_points"] == json.loads(want.stdout)["flagged_points"]
+        header_b, b = _scores(tmp_path / "onnx.csv")
+        assert header_b == header
+        np.testing.assert_allclose(b[:, 3:5], a[:, 3:5], rtol=1e-4, atol=1e-5)  # score, raw_score
+        np.testing.assert_array_equal(b[:, [0, 1, 2, 5]], a[:, [0, 1, 2, 5]])  # index, time, value, flag
+    streaming = run / "model.streaming.onnx"
+    for k in range(2):
+        res = invoke("anomaly", "score", "--onnx", streaming, "--csv", test, "--stream", "--out",
+                     tmp_path / f"s{k}.csv")
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "s1.csv").read_text().splitlines()[1].startswith("200,")
+    assert streaming.with_suffix("." + STREAM_FILE).is_file() and not (run / STREAM_FILE).exists()
+    assert_user_error(invoke("anomaly", "score", "--csv", test, "--out", tmp_path / "x.csv"), "RUN_DIR / --onnx")
+    assert_user_error(invoke("anomaly", "score", run, "--onnx", streaming, "--csv", test, "--out",
+                             tmp_path / "x.csv"), "RUN_DIR / --onnx")

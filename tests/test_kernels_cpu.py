@@ -1,4 +1,5 @@
-"""The fused CPU backend (``backend="cpu"``) against the ``reference`` oracle, for every registered cell.
+"""The fused CPU backend (``backend="cpu"``, loops generated from the declaration) against the ``reference``
+oracle, for every registered cell (a representative set by default, all of them in the slow tests).
 
 Outputs, final states and every gradient (input, initial states, all parameters) must agree within:
 
@@ -18,10 +19,11 @@ import sys
 
 import pytest
 import torch
-from cellcases import HAND_WRITTEN
+from cellcases import CPU_CASES, input_size
 
 from rnnkit import kernels
 from rnnkit.cells import REGISTRY, make_cell
+from rnnkit.kernels import cpu_generated
 from rnnkit.layers import build
 
 TOL = {torch.float64: (1e-9, 1e-10), torch.float32: (2e-4, 1e-4)}
@@ -45,7 +47,8 @@ def _run(name: str, backend: str, dtype: torch.dtype, *, T: int, B: int, I: int,
     state = None
     leaves = [x]
     if init_state:
-        parts = [torch.randn(LD, B, H, dtype=dtype, generator=gen).requires_grad_()
+        # in [0.5, 1.5]: the sLSTM divides by its normaliser state
+        parts = [(torch.rand(LD, B, H, dtype=dtype, generator=gen) + 0.5).requires_grad_()
                  for _ in range(layer.cell.state_size)]
         leaves += parts
         state = tuple(parts) if len(parts) > 1 else parts[0]
@@ -77,11 +80,17 @@ def _assert_same(ref, got, dtype):
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("name", HAND_WRITTEN)
+CASES = [pytest.param(n, marks=() if n in CPU_CASES else pytest.mark.slow) for n in REGISTRY]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)],
+                         ids=["f64", "f32"])
+@pytest.mark.parametrize("name", CASES)
 def test_matches_reference_full_config(name, dtype):
     """2 layers, bidirectional, odd sizes, variable lengths, given initial states, train mode."""
-    kw = dict(T=5, B=3, I=5, H=7, layers=2, bidirectional=True, lengths=[5, 2, 4], init_state=True, train=True)
+    I = input_size(name, 5, 7)
+    kw = dict(T=5, B=3, I=I, H=7, layers=1 if I == 7 else 2, bidirectional=True, lengths=[5, 2, 4],
+              init_state=True, train=True)
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
 
 
@@ -116,7 +125,7 @@ SPLITS = {"units": dict(units=True, team=True), "rows-team": dict(units=False, t
 
 
 @pytest.mark.parametrize("how", list(SPLITS))
-@pytest.mark.parametrize("name", HAND_WRITTEN)
+@pytest.mark.parametrize("name", CASES)
 def test_matches_reference_split_over_threads(name, how, monkeypatch):
     """Three threads, with uneven parts: units (1, 2, 2 of H = 5 each; layer norm and the reset-before GRU
     fall back to rows) or rows (1, 2, 2 of B = 5), in torch's team or on threads of our own."""
@@ -128,12 +137,14 @@ def test_matches_reference_split_over_threads(name, how, monkeypatch):
         assert units and parts == [(0, 5, 0, 2), (0, 5, 2, 3), (0, 5, 3, 5)]
     else:
         assert not units and parts == [(0, 2, 0, 5), (2, 3, 0, 5), (3, 5, 0, 5)]
-    kw = dict(T=4, B=5, I=3, H=5, layers=2, bidirectional=True, lengths=[4, 1, 3, 4, 2], init_state=True,
-              train=True)
+    I = input_size(name, 3, 5)
+    kw = dict(T=4, B=5, I=I, H=5, layers=1 if I == 5 else 2, bidirectional=True, lengths=[4, 1, 3, 4, 2],
+              init_state=True, train=True)
     dtype = torch.float64
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
     spec = REGISTRY[name]
-    by_units = how == "units" and cpu.units_splittable(make_cell(spec.family, 5, **spec.cell_options))
+    by_units = how == "units" and cpu_generated.plan(make_cell(spec.family, 5, **spec.cell_options).declaration
+                                                     ).units_splittable()
     assert launched and all(got == (by_units, 3) for got in launched)
 
 
@@ -155,7 +166,7 @@ def test_unit_split_falls_back_to_one_thread_when_the_team_is_smaller(name, monk
 
 
 @pytest.mark.parametrize("blas", ["mkl", "openblas"])
-@pytest.mark.parametrize("name", ["lstm_peephole_ln", "gru_cho", "gru_zoneout", "lstm_rdrop", "rnn_ln"])
+@pytest.mark.parametrize("name", ["lstm_peephole_ln", "gru_cho_ln", "gru_zoneout", "lstm_rdrop", "slstm"])
 def test_float32_matches_reference_with_each_blas(name, blas, monkeypatch):
     """float32 per-step GEMM through MKL's packed weights and through numba's OpenBLAS, split over two
     threads (units, or rows for layer norm and the reset-before GRU)."""
@@ -243,20 +254,23 @@ def test_step_matches_reference(name):
 
 
 def test_auto_on_cpu():
-    """auto: native for the plain LSTM, cpu for every other hand-written cell (also the plain RNN and GRU,
-    which it runs faster than torch), bptt for the others; for a dtype cpu cannot run, native where it
-    applies, else bptt."""
+    """auto: native for the plain LSTM, cpu for every other cell (also the plain RNN and GRU, which it runs
+    faster than torch); one step at a time the other way round: native for the plain RNN and GRU, cpu for
+    the rest; for a dtype cpu cannot run, native where it applies, else bptt."""
     cpu = torch.device("cpu")
     for name, spec in REGISTRY.items():
         cell = make_cell(spec.family, 8, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         native = kernels.BACKENDS["native"].unsupported(cell, cfg, cpu) is None
-        expected = "native" if native and spec.family == "lstm" else "cpu" if name in HAND_WRITTEN else "bptt"
+        expected = "native" if native and spec.family == "lstm" else "cpu"
         assert kernels.resolve("auto", cell, cfg, cpu) == expected, name
+        step = "native" if native and spec.family != "lstm" else "cpu"
+        assert kernels.resolve("auto", cell, cfg, cpu, streaming=True) == step, name
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.float64) == kernels.resolve("auto", cell, cfg, cpu)
         assert kernels.resolve("auto", cell, cfg, cpu, dtype=torch.bfloat16) == ("native" if native else "bptt")
     layer = build("gru", 3, 4)  # auto
     assert layer.backend_for(cpu) == "cpu" and layer.backend_for(cpu, dtype=torch.float16) == "native"
+    assert layer.backend_for(cpu, streaming=True) == "native"
     out, _ = layer.to(torch.bfloat16)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
 

@@ -1,8 +1,5 @@
-"""``backend="cpu_gen"``: numba loops generated from a declaration, against the oracle and the hand-written loops.
-
-Compiling the generated loops takes minutes on a loaded 2-core machine (seconds once numba's cache holds
-them), so the comparisons are marked slow; the source generation and its cache are tested by default.
-"""
+"""The generated CPU loops (:mod:`rnnkit.kernels.cpu_generated`): their source, its cache, and equality with the
+hand-written loops they replace (``cpu_hand``, slow: each declaration compiles for seconds)."""
 
 from __future__ import annotations
 
@@ -17,18 +14,33 @@ from rnnkit.kernels import cpu_generated
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
-    # one cache for the module: numba compiles each generated file once
     monkeypatch.setenv("RNNKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gen_cache"))
+    cpu_generated.module.cache_clear()
 
 
-def test_source_is_written_once_per_declaration_and_names_every_state():
+def test_source_is_written_once_per_declaration_and_dtype():
     d = declare("toy", states="h m", equations="xa = W(x); ha = R(h); m' = max(m, xa); h' = tanh(ha + m')")
-    text = cpu_generated.source(d)
+    text = cpu_generated.source(d, "float32")
     compile(text, "generated", "exec")  # valid Python
-    assert "def forward(" in text and "def backward(" in text and "np.maximum(" in text and "ST1[t + 1]" in text
-    assert cpu_generated._module(d) is cpu_generated._module(d)
-    files = list((cpu_generated._cache_dir()).glob("cell_*.py"))
-    assert any(f.read_text().endswith(text) for f in files)
+    assert "def forward(" in text and "def backward(" in text and "F = np.float32" in text
+    assert cpu_generated.source(d, "float64") != text
+    assert cpu_generated.module(d, "float32") is cpu_generated.module(d, "float32")
+    files = list(cpu_generated._cache_dir().glob("cell_*.py"))
+    assert len(files) == 1 and files[0].read_text().endswith(text)
+
+
+def test_plan_levels_and_what_is_kept():
+    """The LSTM: one level after its GEMM, the gates and tanh(c') kept; the Cho GRU: two levels (it projects
+    r * h), r * h kept as the second projection's input; units split only for single-GEMM cells without
+    layer norm."""
+    lstm = cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4).declaration)
+    assert lstm.levels == 2 and lstm.units_splittable() and lstm.paired
+    names = {i: n for n, i in rnnkit.cells.make_cell("lstm", 4).declaration.symbols}
+    assert {names[i] for i in lstm.saved if i in names} == {"i", "f", "g", "o"}
+    cho = cpu_generated.plan(rnnkit.cells.make_cell("gru", 4, reset_after=False).declaration)
+    assert cho.levels == 3 and not cho.units_splittable() and not cho.paired
+    assert [cho.pin(p) for p in cho.projections()] == [False, True]
+    assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable()
 
 
 def _compare(name: str, backend_a: str, backend_b: str, *, layers: int = 2) -> None:
@@ -61,10 +73,4 @@ def _compare(name: str, backend_a: str, backend_b: str, *, layers: int = 2) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lstm_peephole", "lstm_ln", "lstm_zoneout", "gru_cho_ln", "gru_rdrop", "rnn_relu"])
 def test_generated_equals_hand_written(name):
-    _compare(name, "cpu", "cpu_gen")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["slstm", "mut1", "mut3", "lstm_hsig_relu"])
-def test_generated_equals_reference_for_new_cells(name):
-    _compare(name, "reference", "cpu_gen")
+    _compare(name, "cpu_hand", "cpu")

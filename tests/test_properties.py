@@ -41,7 +41,7 @@ def _runs(backend: str, cell: str) -> bool:
 
 
 LAYER_CELLS = {be: tuple(c for c in FAMILY_FIRST + ("lstm_peephole", "gru_ln") if _runs(be, c))
-               for be in ("auto", "cpu", "cpu_gen", "bptt", "reference", "native") if be in kernels.BACKENDS or
+               for be in ("auto", "cpu", "bptt", "reference", "native") if be in kernels.BACKENDS or
                be == "auto"}
 JUNK = st.one_of(st.just(math.nan), st.just(math.inf), st.just(-math.inf),
                  st.floats(-1e30, 1e30, allow_nan=False, allow_infinity=False))

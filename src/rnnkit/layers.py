@@ -86,7 +86,7 @@ class Recurrent(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend: expected a string, got {backend!r}")
         self.backend = backend
-        self._resolved: dict[tuple[str, bool, torch.dtype | None], str] = {}
+        self._resolved: dict[tuple[str, bool, torch.dtype | None, bool], str] = {}
         # Fail early on configurations that no device type can run; a backend that runs on one device
         # type only (triton: CUDA) is checked against the actual device at the first forward.
         errors = []
@@ -144,13 +144,14 @@ class Recurrent(nn.Module):
         return w
 
     def backend_for(self, device: torch.device, variable_lengths: bool = False,
-                    dtype: torch.dtype | None = None) -> str:
-        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths and
-        inputs of ``dtype`` (None: any)."""
-        key = (device.type, variable_lengths, dtype)
+                    dtype: torch.dtype | None = None, streaming: bool = False) -> str:
+        """The backend this layer runs on ``device`` (``auto`` resolved), for equal or varying lengths,
+        inputs of ``dtype`` (None: any), and whole sequences or one step at a time (``streaming``)."""
+        key = (device.type, variable_lengths, dtype, streaming)
         if key not in self._resolved:
             self._resolved[key] = kernels.resolve(self.backend, self.cell, self.layer_config, device,
-                                                  variable_lengths=variable_lengths, dtype=dtype)
+                                                  variable_lengths=variable_lengths, dtype=dtype,
+                                                  streaming=streaming)
         return self._resolved[key]
 
     def extra_repr(self) -> str:
@@ -205,7 +206,7 @@ class Recurrent(nn.Module):
             valid = torch.arange(T).unsqueeze(1) < lens.unsqueeze(0)  # (T, B)
             x = torch.where(valid.to(x.device).unsqueeze(-1), x, x.new_zeros(()))
         state0 = self._check_state(state, x, B, unbatched)
-        name = self.backend_for(x.device, variable_lengths=lens is not None, dtype=x.dtype)
+        name = self.backend_for(x.device, variable_lengths=lens is not None, dtype=x.dtype, streaming=x.shape[0] == 1)
         if name == "native":
             out, final = self._run_native(x, state0, lens)
         else:

@@ -18,6 +18,8 @@ input for the weight gradient). States and inputs are referenced, not copied.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,91 +30,86 @@ from torch import Tensor
 from .base import LN_EPS, Cell, State, Weights, add_bias, ln_backward, ln_forward
 from .declare import Declaration, Node
 
-# Which values each operation's derivative reads: "out" (its own value) and/or argument positions.
-DERIVATIVE_READS: dict[str, tuple[Any, ...]] = {
-    "sigmoid": ("out",), "tanh": ("out",), "exp": ("out",), "relu": ("out",), "softplus": ("out",),
-    "hard_sigmoid": (0,), "mul": (0, 1), "div": (1, "out"), "log": (0,), "abs": (0,),
-    "max": (0, 1), "min": (0, 1),
+# Each operation once, as expression templates over its arguments ``a``, ``b``, its value ``y`` and the
+# gradient ``g`` reaching it: the forward, and per argument the gradient that argument receives. The
+# torch code of this module and the numba source of :mod:`rnnkit.kernels.cpu_generated` are both
+# rendered from these. Helper functions: ``sigmoid tanh exp log log1p expm1 sign`` and
+# ``relu(a)``, ``softplus(a)``, ``clip01(a)`` (clamp to [0, 1]), ``maximum``/``minimum``,
+# ``tie(a, b)`` (1 if a > b, 1/2 if a == b, else 0: torch's even split of a tie), ``positive(a)``
+# (1 if a > 0 else 0) and ``inside3(a)`` (1 if -3 < a < 3 else 0).
+FORWARD: dict[str, str] = {
+    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b", "neg": "-a",
+    "max": "maximum(a, b)", "min": "minimum(a, b)",
+    "sigmoid": "sigmoid(a)", "tanh": "tanh(a)", "exp": "exp(a)", "log": "log(a)", "relu": "relu(a)",
+    "softplus": "softplus(a)", "hard_sigmoid": "clip01(a / 6.0 + 0.5)", "abs": "abs(a)",
+}
+DERIVATIVES: dict[str, tuple[str, ...]] = {
+    "add": ("g", "g"), "sub": ("g", "-g"), "neg": ("-g",), "mul": ("g * b", "g * a"),
+    "div": ("g / b", "-g / b * y"),
+    "max": ("g * tie(a, b)", "g * tie(b, a)"), "min": ("g * tie(b, a)", "g * tie(a, b)"),
+    "sigmoid": ("g * y * (1.0 - y)",), "tanh": ("g * (1.0 - y * y)",), "exp": ("g * y",), "log": ("g / a",),
+    "relu": ("g * positive(y)",),
+    "softplus": ("-g * expm1(-y)",),  # sigmoid(a) = 1 - exp(-softplus(a))
+    "hard_sigmoid": ("g * inside3(a) / 6.0",), "abs": ("g * sign(a)",),
 }
 
 
-def _tensor(v: Any, like: Tensor) -> Tensor:
-    return v if isinstance(v, Tensor) else torch.as_tensor(v, dtype=like.dtype, device=like.device)
+def _reads(op: str) -> tuple[Any, ...]:
+    names = set(re.findall(r"\b[aby]\b", " ".join(DERIVATIVES[op])))
+    return tuple(r for r, n in (("out", "y"), (0, "a"), (1, "b")) if n in names)
+
+
+#: Which values each operation's derivative reads: "out" (its own value) and/or argument positions.
+DERIVATIVE_READS: dict[str, tuple[Any, ...]] = {op: _reads(op) for op in DERIVATIVES if _reads(op)}
+
+
+def _like(a: Any, b: Any) -> tuple[Tensor, Any]:
+    return (a, b) if isinstance(a, Tensor) else (b, a)
+
+
+def _tie(a: Any, b: Any) -> Any:
+    t = a if isinstance(a, Tensor) else b
+    if not isinstance(t, Tensor):
+        return 1.0 if a > b else (0.5 if a == b else 0.0)
+    return torch.where(a == b, 0.5, (a > b).to(t.dtype)).to(t.dtype)
+
+
+def _extreme(fn: Callable) -> Callable:
+    def run(a: Any, b: Any) -> Any:
+        t, _ = _like(a, b)
+        return fn(torch.as_tensor(a, dtype=t.dtype), torch.as_tensor(b, dtype=t.dtype))
+    return run
+
+
+#: The torch functions the templates name.
+TORCH_FUNCTIONS: dict[str, Any] = {
+    "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp, "log": torch.log, "relu": torch.relu,
+    "softplus": F.softplus, "expm1": torch.expm1, "log1p": torch.log1p, "sign": torch.sign, "abs": torch.abs,
+    # clamp(x/6 + 1/2, 0, 1), not F.hardsigmoid: torch's backward of that uses a float32 1/6 in float64
+    "clip01": lambda a: torch.clamp(a, 0.0, 1.0),
+    "maximum": _extreme(torch.maximum), "minimum": _extreme(torch.minimum), "tie": _tie,
+    "positive": lambda a: (a > 0).to(a.dtype), "inside3": lambda a: ((a > -3) & (a < 3)).to(a.dtype),
+}
+
+
+@functools.cache
+def _code(template: str) -> Any:
+    return compile(template, template, "eval")
 
 
 def pointwise(op: str, a: list[Any]) -> Any:
     """The forward of one pointwise operation on its argument values (tensors or floats)."""
-    if op == "add":
-        return a[0] + a[1]
-    if op == "sub":
-        return a[0] - a[1]
-    if op == "mul":
-        return a[0] * a[1]
-    if op == "div":
-        return a[0] / a[1]
-    if op == "neg":
-        return -a[0]
-    if op in ("max", "min"):
-        t = a[0] if isinstance(a[0], Tensor) else a[1]
-        fn = torch.maximum if op == "max" else torch.minimum
-        return fn(_tensor(a[0], t), _tensor(a[1], t))
-    x = a[0]
-    if op == "sigmoid":
-        return torch.sigmoid(x)
-    if op == "tanh":
-        return torch.tanh(x)
-    if op == "exp":
-        return torch.exp(x)
-    if op == "log":
-        return torch.log(x)
-    if op == "relu":
-        return torch.relu(x)
-    if op == "softplus":
-        return F.softplus(x)
-    if op == "hard_sigmoid":
-        # clamp(x/6 + 1/2, 0, 1), not F.hardsigmoid: torch's backward of that uses a float32 1/6 in float64
-        return torch.clamp(x / 6.0 + 0.5, 0.0, 1.0)
-    if op == "abs":
-        return torch.abs(x)
-    raise ValueError(f"op: no pointwise forward for {op!r}")
+    if op not in FORWARD:
+        raise ValueError(f"op: no pointwise forward for {op!r}")
+    return eval(_code(FORWARD[op]), TORCH_FUNCTIONS, {"a": a[0], "b": a[1] if len(a) > 1 else None})
 
 
-def _local_grads(op: str, g: Tensor, a: list[Any], y: Any) -> list[Tensor | None]:
-    """Gradients w.r.t. each argument of ``y = op(*a)`` given ``g = dL/dy`` (None: a constant)."""
-    if op == "add":
-        return [g, g]
-    if op == "sub":
-        return [g, -g]
-    if op == "neg":
-        return [-g]
-    if op == "mul":
-        return [g * a[1], g * a[0]]
-    if op == "div":
-        d0 = g / a[1]
-        return [d0, -d0 * y]
-    if op in ("max", "min"):
-        # torch's convention: a tie splits the gradient evenly
-        first = (a[0] > a[1]) if op == "max" else (a[0] < a[1])
-        tie = a[0] == a[1]
-        w0 = torch.where(tie, 0.5, first.to(g.dtype)) if isinstance(tie, Tensor) else (0.5 if tie else float(first))
-        return [g * w0, g * (1 - w0)]
-    if op == "sigmoid":
-        return [g * y * (1 - y)]
-    if op == "tanh":
-        return [g * (1 - y * y)]
-    if op == "exp":
-        return [g * y]
-    if op == "log":
-        return [g / a[0]]
-    if op == "relu":
-        return [g * (y > 0).to(g.dtype)]
-    if op == "softplus":
-        return [-g * torch.expm1(-y)]  # sigmoid(a) = 1 - exp(-softplus(a))
-    if op == "hard_sigmoid":
-        return [g * ((a[0] > -3) & (a[0] < 3)).to(g.dtype) / 6.0]
-    if op == "abs":
-        return [g * torch.sign(a[0])]
-    raise ValueError(f"op: no derivative for {op!r}")
+def _local_grads(op: str, g: Tensor, a: list[Any], y: Any) -> list[Tensor]:
+    """Gradients w.r.t. each argument of ``y = op(*a)`` given ``g = dL/dy``."""
+    if op not in DERIVATIVES:
+        raise ValueError(f"op: no derivative for {op!r}")
+    env = {"g": g, "y": y, "a": a[0], "b": a[1] if len(a) > 1 else None}
+    return [eval(_code(t), TORCH_FUNCTIONS, env) for t in DERIVATIVES[op]]
 
 
 class DeclaredCell(Cell):

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from .common import RunOptions, run_command
+from .common import RunOptions, run_command, run_or_onnx
 from .forecast import CsvOpt, FillOpt, split_names, ts_config, write_csv
 
 NAME = "anomaly"
@@ -61,8 +61,13 @@ def fit_cmd(csv_path: CsvOpt, column: ColumnOpt = None, time_col: TimeOpt = None
 @app.command()
 @run_command(NAME, exclude=("out", "config", "set", "seed", "steps", "epochs", "minutes", "resume",
                             "checkpoint_every", "device"))
-def score(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit anomaly fit`.")],
-          csv_path: CsvOpt, out: Annotated[Path, typer.Option("--out", help="Scores CSV: one row per point.")],
+def score(run_dir: Annotated[Path | None, typer.Argument(help="Run directory of `rnnkit anomaly fit` (or --onnx).")
+                             ] = None,
+          onnx: Annotated[Path | None, typer.Option(
+              "--onnx", help="Score with onnxruntime from a prediction detector exported by `rnnkit export "
+                             "RUN_DIR [--streaming]` instead of the run's PyTorch model; --stream keeps its "
+                             "state next to the file.")] = None,
+          *, csv_path: CsvOpt, out: Annotated[Path, typer.Option("--out", help="Scores CSV: one row per point.")],
           labels: Annotated[str | None, typer.Option("--labels", help="Label column (1 = anomalous): report "
                                                       "P/R/F1 and the UCR rule.")] = None,
           time_col: TimeOpt = None,
@@ -73,13 +78,19 @@ def score(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit
           reset: Annotated[bool, typer.Option("--reset", help="With --stream: start from a fresh state.")] = False,
           plot: Annotated[Path | None, typer.Option("--plot", help="PNG plot (default: next to --out).")] = None,
           margin: Annotated[int, typer.Option("--margin", help="UCR rule: points around the label.")] = 100,
-          fill: FillOpt = None, *, opts: RunOptions) -> None:
+          fill: FillOpt = None, opts: RunOptions) -> None:
     """Score every point of --csv: writes score and flag per row, the flagged intervals and a plot."""
     import dataclasses
 
     from ..tasks import anomaly as A
 
-    det = A.Detector.load(run_dir)
+    def load_onnx(path: Path) -> A.Detector:
+        from ..export.runner import anomaly_detector
+
+        return anomaly_detector(path)
+
+    det = run_or_onnx(run_dir, onnx, lambda: A.Detector.load(run_dir), load_onnx,
+                      "an exported prediction detector")
     if threshold is not None:
         if threshold not in ("quantile", "dynamic"):
             raise ValueError(f"--threshold: expected 'quantile' or 'dynamic', got {threshold!r}")
@@ -88,7 +99,7 @@ def score(run_dir: Annotated[Path, typer.Argument(help="Run directory of `rnnkit
     values, cols, table = _values(csv_path, None, exclude, fill or det.cfg.data.fill, det.meta.get("columns"))
     if stream:
         scorer = det.stream()
-        state_path = Path(run_dir) / A.STREAM_FILE
+        state_path = Path(run_dir) / A.STREAM_FILE if onnx is None else onnx.with_suffix("." + A.STREAM_FILE)
         if state_path.is_file() and not reset:
             scorer.load(state_path)
         first = scorer.seen

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, stream_writer
+from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, run_or_onnx, stream_writer
 from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "charlm"
@@ -124,12 +124,9 @@ def sample(
 def sampling_run(task: str, run_dir: Path | None, onnx: Path | None, load: Any) -> Any:
     """The run to sample from: ``load()`` of RUN_DIR, or the exported streaming graph of ``--onnx``
     (generation then runs in onnxruntime, through the same sampler)."""
-    from ..errors import UserError
+    def load_onnx(path: Path) -> Any:
+        from ..export.runner import lm_run
 
-    if (run_dir is None) == (onnx is None):
-        raise UserError("RUN_DIR / --onnx: give one of them (a run directory, or an exported streaming graph)")
-    if onnx is None:
-        return load()
-    from ..export.runner import lm_run
+        return lm_run(path, task)
 
-    return lm_run(onnx, task)
+    return run_or_onnx(run_dir, onnx, load, load_onnx, "an exported streaming graph")

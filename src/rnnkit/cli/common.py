@@ -306,7 +306,16 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
+def run_or_onnx(run_dir: Path | None, onnx: Path | None, load: Callable[[], Any], load_onnx: Callable[[Path], Any],
+                what: str) -> Any:
+    """The run a command works on: ``load()`` of RUN_DIR, or ``load_onnx(FILE)`` of an exported ``--onnx``
+    file (``what`` names it in the error when neither or both are given)."""
+    if (run_dir is None) == (onnx is None):
+        raise UserError(f"RUN_DIR / --onnx: give one of them (a run directory, or {what})")
+    return load() if onnx is None else load_onnx(onnx)
+
+
 __all__ = ["RunOptions", "run_command", "user_errors", "emit", "fail", "OutOpt", "ConfigOpt", "SetOpt",
            "SeedOpt", "StepsOpt", "EpochsOpt", "MinutesOpt", "ResumeOpt", "CheckpointEveryOpt", "JsonOpt",
            "QuietOpt", "DeviceOpt", "DebugOpt", "NOT_TRAINING", "resolve_config",
-           "resolve_device", "stream_writer"]
+           "resolve_device", "stream_writer", "run_or_onnx"]

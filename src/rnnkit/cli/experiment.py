@@ -21,9 +21,11 @@ import typer
 from .common import RunOptions, emit, run_command, user_errors
 from .model_flags import (
     Backend,
+    CandAct,
     Coupled,
     DropGate,
     ForgetBias,
+    GateAct,
     LayerNorm,
     Nonlin,
     OutAct,
@@ -100,7 +102,8 @@ def _task_command(task: str, doc: str):
                 batch: Batch = None, lr: Lr = None, stop_at: StopAt = None, eval_every: EvalEvery = None,
                 test_samples: TestSamples = None, no_analysis: NoAnalysis = False, backend: Backend = None,
                 peephole: Peephole = None, coupled: Coupled = None, drop_gate: DropGate = None,
-                output_activation: OutAct = None, forget_bias: ForgetBias = None, layer_norm: LayerNorm = None,
+                output_activation: OutAct = None, gate_activation: GateAct = None,
+                candidate_activation: CandAct = None, forget_bias: ForgetBias = None, layer_norm: LayerNorm = None,
                 nonlinearity: Nonlin = None, reset_after: ResetAfter = None, zoneout: Zoneout = None,
                 recurrent_dropout: RecDrop = None, variant: Annotated[str | None, typer.Option(
                     "--variant", help="temporal-order only: a (4 classes) or b (8 classes).")] = None,
@@ -112,7 +115,8 @@ def _task_command(task: str, doc: str):
                  "stop_at": stop_at, "trainer.eval_every": eval_every, "data.test_samples": test_samples,
                  "data.variant": variant,
                  **variant_flags(backend=backend, peephole=peephole, coupled=coupled, drop_gates=drop_gate,
-                                 output_activation=output_activation, forget_bias=forget_bias,
+                                 output_activation=output_activation, gate_activation=gate_activation,
+                                 candidate_activation=candidate_activation, forget_bias=forget_bias,
                                  layer_norm=layer_norm, nonlinearity=nonlinearity, reset_after=reset_after,
                                  zoneout=zoneout, recurrent_dropout=recurrent_dropout)}
         cfg = load_experiment_config(opts, task, flags)

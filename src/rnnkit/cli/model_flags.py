@@ -13,6 +13,10 @@ DropGate = Annotated[list[str] | None, typer.Option(
     "--drop-gate", help="LSTM gate fixed at 1: input, forget or output (repeatable).")]
 OutAct = Annotated[bool | None, typer.Option(
     "--output-activation/--no-output-activation", help="LSTM tanh on the cell output.")]
+GateAct = Annotated[str | None, typer.Option(
+    "--gate-activation", help="LSTM: activation of the i, f, o gates (sigmoid, hard_sigmoid, ...).")]
+CandAct = Annotated[str | None, typer.Option(
+    "--candidate-activation", help="LSTM: activation of the candidate g (tanh, relu, ...).")]
 ForgetBias = Annotated[float | None, typer.Option("--forget-bias", help="LSTM forget-gate bias at init.")]
 LayerNorm = Annotated[bool | None, typer.Option("--layer-norm/--no-layer-norm", help="Layer normalisation.")]
 Nonlin = Annotated[str | None, typer.Option("--nonlinearity", help="Elman RNN: tanh or relu.")]

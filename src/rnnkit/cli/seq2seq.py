@@ -3,6 +3,7 @@
     rnnkit seq2seq train --out runs/g2p --minutes 60          # built-in English G2P (CMUdict)
     rnnkit seq2seq eval runs/g2p --beam-size 5 --json         # the G2P test split
     echo hello | rnnkit seq2seq translate runs/g2p             # streams one output line per input line
+    echo hello | rnnkit seq2seq translate --onnx runs/g2p/model.encoder.onnx   # onnxruntime (rnnkit export)
     rnnkit seq2seq train --train pairs.tsv --target-tokens space --out runs/mt
 """
 
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, stream_writer
+from .common import NOT_TRAINING, RunOptions, resolve_config, resolve_device, run_command, run_or_onnx, stream_writer
 from .model_flags import Backend, ForgetBias, LayerNorm, RecDrop, Zoneout, variant_flags
 
 NAME = "seq2seq"
@@ -129,7 +130,12 @@ def eval_(
 @app.command()
 @run_command("seq2seq", exclude=NOT_TRAINING + ("json", "seed"))
 def translate(
-    run_dir: RunDirArg,
+    run_dir: Annotated[Path | None, typer.Argument(help="Run directory written by `seq2seq train --out` "
+                                                   "(or --onnx).")] = None,
+    onnx: Annotated[Path | None, typer.Option(
+        "--onnx", help="Decode with onnxruntime from the encoder file written by `rnnkit export RUN_DIR` "
+                       "(model.encoder.onnx; its decoder file lies next to it) instead of the run's PyTorch "
+                       "model.")] = None,
     input_file: Annotated[Path | None, typer.Option("--input", help="One source per line (default: stdin).")
                           ] = None,
     beam_size: BeamOpt = None,
@@ -150,7 +156,14 @@ def translate(
     from ..data.pairs import decode_line, read_lines, tokenize
     from ..tasks import seq2seq
 
-    run = seq2seq.load_run(run_dir, checkpoint=checkpoint, device=resolve_device(opts.device))
+    def load_onnx(path):
+        from ..export.runner import seq2seq_run
+
+        return seq2seq_run(path)
+
+    run = run_or_onnx(run_dir, onnx, lambda: seq2seq.load_run(run_dir, checkpoint=checkpoint,
+                                                              device=resolve_device(opts.device)),
+                      load_onnx, "an exported encoder graph")
     src_kind = run.config.data.sides()[0]
     if input_file is not None:
         lines = ((f"{input_file}:{i}", s) for i, s in read_lines(input_file, encoding))

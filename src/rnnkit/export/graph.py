@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.inliner
+import onnx.numpy_helper
 import torch
 from onnx import helper
 from torch import Tensor, nn
@@ -28,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UserError
 from ..layers import Recurrent
-from .recurrent import LayerMapping, Nodes, Weights, operators, quiet_exporter, stack_nodes
+from .recurrent import LayerMapping, Nodes, Weights, quiet_exporter, stack_nodes, walk
 
 DEFAULT_OPSET = 18  # torch's exporter writes this opset; others are converted from it
 DOMAIN = "rnnkit.export"
@@ -111,6 +114,8 @@ def _placeholder_forward(self: Recurrent, input: Tensor | PackedSequence, state:
     if isinstance(input, PackedSequence):
         raise UserError(f"layer {_LAYERS[self._export_id][1]!r}: a PackedSequence input cannot be exported; "
                         f"pass the padded tensor and lengths=")
+    if self._export_streaming and self.bidirectional:
+        _bidirectional_stream(self)
     x = input
     unbatched = x.dim() == 2
     if unbatched:
@@ -134,22 +139,42 @@ def _placeholder_forward(self: Recurrent, input: Tensor | PackedSequence, state:
     return y, (final if S > 1 else final[0])
 
 
+def _bidirectional_stream(self: Recurrent, *args: Any, **kwargs: Any) -> Any:
+    raise UserError(f"layer {_LAYERS[self._export_id][1]!r} is bidirectional: a streaming graph steps forward in "
+                    f"time only; export the sequence graph (without --streaming) instead")
+
+
 @contextlib.contextmanager
-def _placeholders(module: nn.Module) -> Iterator[list[tuple[Recurrent, str]]]:
-    """Replace every Recurrent's forward (on the instances) with the placeholder forward."""
+def _placeholders(module: nn.Module, streaming: bool) -> Iterator[list[tuple[Recurrent, str]]]:
+    """Replace every Recurrent's forward (on the instances) with the placeholder forward; in a streaming
+    graph, calling a bidirectional stack (forward or step) is an error naming it."""
     stacks = [(m, name) for name, m in module.named_modules() if isinstance(m, Recurrent)]
     _LAYERS.clear()
     for i, (m, name) in enumerate(stacks):
         _LAYERS[i] = (m, name)
-        m._export_id = i
+        m._export_id, m._export_streaming = i, streaming
         m.forward = types.MethodType(_placeholder_forward, m)
+        if streaming and m.bidirectional:
+            m.step = types.MethodType(_bidirectional_stream, m)
     try:
         yield stacks
     finally:
         for m, _ in stacks:
-            del m.forward
-            del m._export_id
+            del m.forward, m._export_id, m._export_streaming
+            m.__dict__.pop("step", None)
         _LAYERS.clear()
+
+
+def _user_error_in(e: BaseException) -> UserError | None:
+    """The UserError that caused ``e`` (torch's exporter wraps what tracing raised), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, UserError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -187,9 +212,10 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
         dynamic_axes: ``{input name: {axis: symbol}}``; axes sharing a symbol have equal sizes
             (e.g. ``{"tokens": {0: "T", 1: "B"}, "h0": {1: "B"}}``).
         streaming: the module runs one time step (its stacks get T = 1 and no lengths): their
-            cells are written inline instead of as a Scan; a bidirectional stack is an error.
-        opset: ONNX opset of the file (default 18; lower ones are converted, if every operator
-            the model needs exists there).
+            cells are written inline instead of as a Scan; calling a bidirectional stack is an
+            error naming it (an unused one, e.g. an encoder beside a decoder step, is fine).
+        opset: ONNX opset of the file (default 18; older ones down to 13 are converted by
+            :func:`convert_opset`, or refused naming the operator that needs a newer one).
         metadata: extra ``key: value`` pairs stored in the file (values JSON-encoded).
     Returns:
         an :class:`ExportResult` whose ``mappings`` say which mapping each stack got.
@@ -207,16 +233,17 @@ def to_onnx(module: nn.Module, args: tuple[Tensor, ...], *, input_names: Sequenc
     modes = [(m, m.training) for m in module.modules()]  # each its own: a child may be in eval already
     module.eval()
     try:
-        with _placeholders(module) as stacks, quiet_exporter(), _exporter_registry() as table:
-            if streaming:
-                for m, name in stacks:
-                    if m.bidirectional:
-                        raise UserError(f"layer {name!r} is bidirectional: a streaming graph steps forward in "
-                                        f"time only; export the sequence graph (without --streaming) instead")
-            prog = torch.onnx.export(_Positional(module, len(args)), tuple(args), dynamo=True,
-                                     input_names=list(input_names), output_names=list(output_names),
-                                     dynamic_shapes=dynamic_shapes, custom_translation_table=table,
-                                     opset_version=DEFAULT_OPSET, verbose=False)
+        with _placeholders(module, streaming) as stacks, quiet_exporter(), _exporter_registry() as table:
+            try:
+                prog = torch.onnx.export(_Positional(module, len(args)), tuple(args), dynamo=True,
+                                         input_names=list(input_names), output_names=list(output_names),
+                                         dynamic_shapes=dynamic_shapes, custom_translation_table=table,
+                                         opset_version=DEFAULT_OPSET, verbose=False)
+            except Exception as e:
+                found = _user_error_in(e)
+                if found is None:
+                    raise
+                raise UserError(str(found)) from None
             model = prog.model_proto
             mappings = _splice(model, dict(enumerate(stacks)), streaming)
     finally:
@@ -286,36 +313,166 @@ def _splice(model: onnx.ModelProto, stacks: dict[int, tuple[Recurrent, str]], st
 
 
 # ---- opsets ------------------------------------------------------------------------------------------
-def _first_version() -> dict[str, int]:
-    first: dict[str, int] = {}
-    for s in onnx.defs.get_all_schemas_with_history():
-        if s.domain in ("", "ai.onnx"):
-            first[s.name] = min(first.get(s.name, s.since_version), s.since_version)
-    return first
+# A file is written at DEFAULT_OPSET and taken to an older opset node by node (subgraphs included): an
+# operator's version there must mean the same for this node. The steps below are the changes between
+# opset 13 and DEFAULT_OPSET that leave a node's meaning unchanged unless it uses what they added:
+# wider type lists (the checker's type inference then checks the node's types), or an attribute whose
+# default is the old behaviour, or an input turned into an attribute. Any other change stops the
+# conversion at that version. (onnx's version converter has no adapter for several of these and leaves
+# Scan bodies unconverted.)
+_TYPES_ONLY = {("Add", 14), ("Sub", 14), ("Mul", 14), ("Div", 14), ("Relu", 14), ("CumSum", 14), ("Identity", 14),
+               ("Identity", 16), ("Pow", 15), ("If", 16), ("Loop", 16), ("Scan", 16), ("Where", 16),
+               ("LessOrEqual", 16), ("GreaterOrEqual", 16), ("LeakyRelu", 16), ("PRelu", 16)}
+_NEW_ATTRIBUTE = {("Reshape", 14): ("allowzero", 0), ("Shape", 15): ("start", 0), ("LSTM", 14): ("layout", 0),
+                  ("GRU", 14): ("layout", 0), ("RNN", 14): ("layout", 0),
+                  ("ScatterElements", 16): ("reduction", b"none"), ("ScatterND", 16): ("reduction", b"none")}
+_AXES_INPUT = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+               "ReduceLogSumExp", "ReduceSumSquare"}  # at 18 their axes became an input
+
+
+def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
+    return next((a for a in node.attribute if a.name == name), None)
+
+
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
+def _step_down(node: onnx.NodeProto, version: int, consts: Mapping[str, np.ndarray],
+               apply: bool) -> list[onnx.NodeProto] | None:
+    """The nodes that compute ``node`` at the version before ``version`` of its operator, or None where
+    none do. Without ``apply`` only the answer counts (``node`` is left as it is)."""
+    op = node.op_type
+    if (op, version) in _TYPES_ONLY:
+        return [node]
+    if (op, version) == ("Shape", 15):  # start / end became attributes: slice the whole shape instead
+        start, end = _attr(node, "start"), _attr(node, "end")
+        if not apply or ((start is None or start.i == 0) and end is None):
+            return [node]
+        out = node.output[0]
+        node.output[0] = f"{out}/shape"
+        bounds = {"starts": start.i if start is not None else 0,
+                  "ends": end.i if end is not None else np.iinfo(np.int64).max, "axes": 0}
+        consts_nodes = [helper.make_node("Constant", [], [f"{out}/{k}"], name=f"{out}/{k}",
+                                         value=onnx.numpy_helper.from_array(np.array([v], dtype=np.int64)))
+                        for k, v in bounds.items()]
+        _drop_attr(node, "start")
+        _drop_attr(node, "end")
+        return consts_nodes + [node, helper.make_node("Slice", [f"{out}/shape"] + [f"{out}/{k}" for k in bounds],
+                                                      [out], name=f"{out}/slice")]
+    if (op, version) in _NEW_ATTRIBUTE:
+        name, default = _NEW_ATTRIBUTE[(op, version)]
+        a = _attr(node, name)
+        # allowzero=1 differs from the old meaning only where the target shape holds a 0
+        same = op == "Reshape" and node.input[1] in consts and bool(np.all(consts[node.input[1]] != 0))
+        if a is not None and onnx.helper.get_attribute_value(a) != default and not same:
+            return None
+        if apply:
+            _drop_attr(node, name)
+        return [node]
+    if version == 18 and op in _AXES_INPUT:
+        noop = _attr(node, "noop_with_empty_axes")
+        axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
+        if (noop is not None and noop.i != 0) or (axes is not None and axes not in consts):
+            return None
+        if apply:
+            _drop_attr(node, "noop_with_empty_axes")
+            if axes is not None:
+                node.attribute.append(helper.make_attribute("axes", [int(v) for v in consts[axes].ravel()]))
+                del node.input[1:]
+        return [node]
+    if (op, version) == ("Split", 18):  # without `split`, Split-13 cuts into len(outputs) equal parts
+        n = _attr(node, "num_outputs")
+        if n is not None and (n.i != len(node.output) or (len(node.input) > 1 and node.input[1])):
+            return None
+        if apply:
+            _drop_attr(node, "num_outputs")
+        return [node]
+    if (op, version) == ("Pad", 18):  # the axes input was added
+        if len(node.input) > 3 and node.input[3]:
+            return None
+        if apply:
+            del node.input[3:]
+        return [node]
+    return None
+
+
+def _lowest(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> int:
+    """The oldest opset at which ``node`` keeps its meaning (through the steps above)."""
+    version = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+    while version > 1:
+        try:
+            older = onnx.defs.get_schema(node.op_type, version - 1).since_version
+        except onnx.defs.SchemaError:  # the operator does not exist before
+            return version
+        if _step_down(node, version, consts, apply=False) is None:
+            return version
+        version = older
+    return version
+
+
+def _convert_graph(graph: onnx.GraphProto, opset: int, consts: Mapping[str, np.ndarray]) -> None:
+    """Rewrite every node of ``graph`` (and of its subgraphs) into its form at ``opset``."""
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _convert_graph(a.g, opset, consts)
+        done = [node]
+        version = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        while version > onnx.defs.get_schema(node.op_type, opset).since_version:
+            done = done[:-1] + (_step_down(done[-1], version, consts, apply=True) or [])
+            version = onnx.defs.get_schema(node.op_type, version - 1).since_version
+        nodes.extend(done)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of the initializers and Constant nodes of ``graph`` and its subgraphs, by name."""
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out.update(_constants(a.g))
+        value = _attr(node, "value")
+        if node.op_type == "Constant" and value is not None:
+            out[node.output[0]] = onnx.numpy_helper.to_array(value.t)
+    return out
 
 
 def convert_opset(model: onnx.ModelProto, opset: int, mappings: Sequence[LayerMapping] = ()) -> onnx.ModelProto:
-    """``model`` at ``opset``: unchanged at the default, else converted; an operator that does not exist
-    at ``opset`` is a :class:`UserError` naming it and the opset it needs."""
+    """``model`` at ``opset``: unchanged at the default, else rewritten node by node (see the steps
+    above); a node that needs a newer opset is a :class:`UserError` naming its operator, the layer that
+    uses it, and the oldest opset the whole model can take."""
     newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset > newest:
-        raise UserError(f"--opset: expected an integer opset up to {newest} (this onnx package's newest), "
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 1 <= opset <= newest:
+        raise UserError(f"--opset: expected an integer opset from 1 up to {newest} (this onnx package's newest), "
                         f"got {opset!r}")
     if opset == DEFAULT_OPSET:
         return model
-    first = _first_version()
-    needs = sorted({(first.get(op, 1), op) for op in operators(model.graph.node)}, reverse=True)
-    if needs and needs[0][0] > opset:
-        version, op = needs[0]
+    if opset > DEFAULT_OPSET:
+        raise UserError(f"--opset {opset}: the export writes opset {DEFAULT_OPSET} or older; use --opset "
+                        f"{DEFAULT_OPSET} or less")
+    model = onnx.inliner.inline_local_functions(model) if model.functions else model
+    consts = _constants(model.graph)
+    nodes = list(walk(model.graph.node))
+    needs = max(((_lowest(n, consts), n.op_type) for n in nodes), default=(1, ""))
+    if needs[0] > opset:
+        version, op = needs
         users = [m.describe() for m in mappings if op in m.operators]
         where = f" (used by {'; '.join(users)})" if users else ""
-        raise UserError(f"--opset {opset}: too old for the ONNX operator {op}, which exists from opset {version}"
-                        f"{where}; use --opset {version} or later (default {DEFAULT_OPSET})")
-    try:
-        from onnx import version_converter
-
-        return version_converter.convert_version(model, opset)
-    except Exception as e:  # the converter raises plain RuntimeErrors with its adapter's message
-        why = str(e).strip().splitlines()[-1].rpartition("failed: ")[2]
-        raise UserError(f"--opset {opset}: onnx's version converter cannot take this model from opset "
-                        f"{DEFAULT_OPSET} to {opset} ({why}); use --opset {DEFAULT_OPSET}") from None
+        try:
+            onnx.defs.get_schema(op, version - 1)
+            why = f"whose form in this model needs opset {version}"
+        except onnx.defs.SchemaError:
+            why = f"which exists from opset {version}"
+        raise UserError(f"--opset {opset}: too old for the ONNX operator {op}, {why}{where}; use --opset {version} "
+                        f"or later (default {DEFAULT_OPSET})")
+    _convert_graph(model.graph, opset, consts)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    return model

@@ -3,7 +3,8 @@
 A :class:`ModelSpec` names the graph's inputs and outputs, gives example inputs for tracing, the
 dynamic axes, and which inputs/outputs carry the recurrent state, for the sequence graph or the
 streaming (one step) graph of a model. :func:`load_run_spec` loads a run directory through its task's
-own loader and picks the spec; :func:`export_run` writes the file.
+own loader and picks the spec; :func:`export_run` writes the file (for a sequence-to-sequence run, two
+files: :func:`seq2seq_specs`).
 """
 
 from __future__ import annotations
@@ -181,6 +182,86 @@ def forecast_spec(nets: list[nn.Module], lookback: int, streaming: bool) -> Mode
     return ModelSpec(_Ensemble(nets), args, ["x", "xf"], ["params"], {"x": {0: "B"}, "xf": {0: "B"}})
 
 
+# ---- sequence to sequence: an encoder graph and a decoder-step graph -----------------------------------
+# The encoder graph is the model's ``start``: everything the decoder reads at its first step. The
+# decoder-step graph is ``decode_step``: the encoder's outputs come back as inputs at every step, the
+# recurrent state and the input feed are carried from each step's outputs to the next step's inputs.
+_CONTEXT_AXES = {"memory": {0: "B", 1: "S"}, "keys": {0: "B", 1: "S"}, "mask": {0: "B", 1: "S"},
+                 "summary": {0: "B"}}
+
+
+def _seq2seq_io(model: nn.Module) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the encoder's context outputs the decoder reads, the decoder's (state input, output) pairs)."""
+    context = ["memory", "keys", "mask"] if model.attention is not None else ["summary"]
+    state = _state_names(model.decoder)[:model.config.decoder.state_size]
+    if model.config.input_feeding:
+        state.append(("feed0", "feed"))
+    return context, state
+
+
+class _Seq2SeqStart(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, src_len: Tensor) -> tuple[Tensor, ...]:
+        st = self.model.start(src, src_len)
+        context, _ = _seq2seq_io(self.model)
+        out = tuple(getattr(st.enc, name) for name in context) + _pack(st.rnn)
+        return out + ((st.feed,) if st.feed is not None else ())
+
+
+class _Seq2SeqStep(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        from ..tasks.seq2seq import DecoderState, Encoded
+
+        context, _ = _seq2seq_io(self.model)
+        ctx = dict(zip(context, inputs))
+        rnn = inputs[len(context):len(context) + self.model.config.decoder.state_size]
+        feed = inputs[-1] if self.model.config.input_feeding else None
+        enc = Encoded(ctx.get("memory"), ctx.get("keys"), ctx.get("mask"), ctx.get("summary"), None)
+        logits, st, w = self.model.decode_step(token, DecoderState(enc, _unpack(tuple(rnn)), feed))
+        out = (logits, torch.log_softmax(logits, -1)) + _pack(st.rnn) + ((st.feed,) if feed is not None else ())
+        return out + ((w,) if w is not None else ())
+
+
+def seq2seq_specs(model: nn.Module) -> dict[str, ModelSpec]:
+    """:class:`rnnkit.tasks.seq2seq.Seq2Seq` as two graphs.
+
+    ``encoder``: ``src`` (S, B) int64, ``src_len`` (B,) -> ``memory`` (B, S, De), ``keys`` (B, S, K),
+    ``mask`` (B, S) bool (with attention) or ``summary`` (B, De) (without), and the decoder's first
+    state: ``h0``[, ``c0``] (L, B, Hd)[, ``feed0`` (B, Hd) with input feeding].
+    ``decoder``: ``token`` (B,), the encoder's context outputs and the state -> ``logits`` (B, V),
+    ``log_probs`` (B, V), ``h``[, ``c``][, ``feed``] and ``attention`` (B, S) (with attention).
+    """
+    context, state = _seq2seq_io(model)
+    src, src_len = torch.tensor([[4, 5], [5, 4], [6, 0]]), torch.tensor([3, 2])
+    with torch.no_grad():
+        start = _Seq2SeqStart(model).eval()(src, src_len)
+    state_axes = {i: ({0: "B"} if i == "feed0" else {1: "B"}) for i, _ in state}
+    enc_out = context + [i for i, _ in state]
+    encoder = ModelSpec(_Seq2SeqStart(model), (src, src_len), ["src", "src_len"], enc_out,
+                        {"src": {0: "S", 1: "B"}, "src_len": {0: "B"}},
+                        metadata={"rnnkit.graph_role": "encoder"})
+    dec_in = ["token"] + enc_out
+    dec_out = ["logits", "log_probs"] + [o for _, o in state] + (["attention"] if model.attention is not None else [])
+    decoder = ModelSpec(_Seq2SeqStep(model), (torch.tensor([1, 4]),) + start, dec_in, dec_out,
+                        {"token": {0: "B"}, **{c: _CONTEXT_AXES[c] for c in context}, **state_axes}, state,
+                        metadata={"rnnkit.graph_role": "decoder", "rnnkit.context": context})
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def seq2seq_paths(out: Path) -> dict[str, Path]:
+    """The two files of an exported encoder-decoder: ``model.onnx`` -> ``model.encoder.onnx`` and
+    ``model.decoder.onnx``."""
+    stem = out.name[:-len(".onnx")] if out.name.endswith(".onnx") else out.name
+    return {role: out.with_name(f"{stem}.{role}.onnx") for role in ("encoder", "decoder")}
+
+
 # ---- run directories ---------------------------------------------------------------------------------
 def _lm_run(run_dir: Path, checkpoint: str) -> tuple[nn.Module, Any, dict[str, Any]]:
     from ..data.text import CharVocab, vocab_from_dict
@@ -223,25 +304,39 @@ def _sample_run(run_dir: Path, task: str) -> tuple[nn.Module, Any]:
         lab = Labeller.load(run_dir)
         features = lab.meta["features"] * lab.cfg.data.stack
         return lab.net, lambda streaming: label_spec(lab.net, features, streaming)
-    raise UserError(f"RUN_DIR {str(run_dir)!r}: a {task!r} run; ONNX export covers charlm, wordlm, classify, "
-                    f"embed, anomaly, forecast and label runs (seq2seq: call rnnkit.export.to_onnx on its model)")
+    raise UserError(f"RUN_DIR {str(run_dir)!r}: a {task!r} run; ONNX export covers charlm, wordlm, seq2seq, "
+                    f"classify, embed, anomaly, forecast and label runs")
 
 
-def load_run_spec(run_dir: str | Path, checkpoint: str = "latest") -> tuple[Callable[[bool], ModelSpec],
-                                                                           dict[str, Any]]:
+def _is_seq2seq(run_dir: Path) -> bool:
+    from ..tasks.seq2seq import VOCAB_FILE
+
+    try:
+        vocab = json.loads((run_dir / VOCAB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(vocab, dict) and set(vocab) == {"source", "target"}
+
+
+def load_run_spec(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Callable[[bool], ModelSpec],
+                                                                                dict[str, Any]]:
     """The export spec maker (``streaming -> ModelSpec``) of a run directory's trained model, and the
-    metadata to store with its export (task, vocabulary or model.json, checkpoint step)."""
+    metadata to store with its export (task, vocabulary or model.json, checkpoint step). A seq2seq run
+    has two graphs: see :func:`export_run`."""
     from ..tasks.base import META_FILE
     from ..tasks.lm import VOCAB_FILE
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR {str(run_dir)!r}: no such directory (expected the --out of a training run)")
+    if _is_seq2seq(run_dir):
+        raise UserError(f"RUN_DIR {str(run_dir)!r}: a seq2seq run exports as an encoder graph and a decoder-step "
+                        f"graph (rnnkit.export.models.export_run), not as one model")
     if (run_dir / VOCAB_FILE).is_file():
-        _, make, meta = _lm_run(run_dir, checkpoint)
+        _, make, meta = _lm_run(run_dir, checkpoint or "latest")
         return make, meta
     if (run_dir / META_FILE).is_file():
-        if checkpoint != "latest":
+        if checkpoint not in (None, "latest"):
             raise UserError(f"--checkpoint {checkpoint!r}: this run keeps its final model only "
                             f"({META_FILE}); leave --checkpoint out")
         info = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
@@ -251,21 +346,72 @@ def load_run_spec(run_dir: str | Path, checkpoint: str = "latest") -> tuple[Call
                     f"{META_FILE}); expected the --out directory of a training run")
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, *, streaming: bool = False,
-               opset: int = DEFAULT_OPSET, checkpoint: str = "latest") -> tuple[ExportResult, Path, float]:
-    """Export the model of a run directory; returns (result, file written, seconds the export took)."""
-    run_dir = Path(run_dir)
-    make, meta = load_run_spec(run_dir, checkpoint)
-    path = Path(out) if out is not None else run_dir / ("model.streaming.onnx" if streaming else "model.onnx")
+@dataclass
+class Exported:
+    """One file written by :func:`export_run`: the export, its path and the seconds it took."""
+
+    result: ExportResult
+    path: Path
+    seconds: float
+
+
+def _check_out(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"--out {str(path)!r}: is a directory; expected a file name such as model.onnx")
+
+
+def _write(files: list[Exported]) -> list[Exported]:
+    for f in files:
+        f.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(f.path, f.result.model.SerializeToString())
+    return files
+
+
+def _timed(spec: ModelSpec, path: Path, streaming: bool, opset: int, metadata: dict[str, Any]) -> Exported:
     t0 = time.perf_counter()
-    result = make(streaming).export(streaming, opset, meta)
-    seconds = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, result.model.SerializeToString())
-    return result, path, seconds
+    result = spec.export(streaming, opset, metadata)
+    return Exported(result, path, time.perf_counter() - t0)
+
+
+def export_seq2seq(model: nn.Module, out: str | Path, *, opset: int = DEFAULT_OPSET,
+                   metadata: dict[str, Any] | None = None) -> list[Exported]:
+    """Write an encoder-decoder's two graphs (:func:`seq2seq_specs`) as ``out``'s
+    :func:`seq2seq_paths`; the encoder file names its decoder file (``rnnkit.decoder``)."""
+    paths = seq2seq_paths(Path(out))
+    for p in paths.values():
+        _check_out(p)
+    meta = {**(metadata or {}), "rnnkit.task": "seq2seq"}
+    specs = seq2seq_specs(model)
+    files = [_timed(specs["encoder"], paths["encoder"], False, opset,
+                    {**meta, "rnnkit.decoder": paths["decoder"].name}),
+             _timed(specs["decoder"], paths["decoder"], True, opset, meta)]
+    return _write(files)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, streaming: bool = False,
+               opset: int = DEFAULT_OPSET, checkpoint: str | None = None) -> list[Exported]:
+    """Export the model of a run directory: one file (``RUN_DIR/model.onnx``, or
+    ``model.streaming.onnx``), or for a seq2seq run the encoder and decoder-step graphs
+    (``model.encoder.onnx``, ``model.decoder.onnx``). ``checkpoint`` None: the task's default (the
+    language models' latest, seq2seq's best)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and _is_seq2seq(run_dir):
+        from ..tasks.seq2seq import load_run
+        from ..train.config import config_to_dict
+
+        if streaming:
+            raise UserError("--streaming: a seq2seq run always exports its encoder graph and its decoder-step "
+                            "graph (the decoder's one-step form); leave --streaming out")
+        run = load_run(run_dir, checkpoint or "best")
+        meta = {"rnnkit.vocab": run.vocabs.to_dict(), "rnnkit.config": config_to_dict(run.config),
+                "rnnkit.checkpoint_step": run.step}
+        return export_seq2seq(run.model, out if out is not None else run_dir / "model.onnx", opset=opset,
+                              metadata=meta)
+    make, meta = load_run_spec(run_dir, checkpoint)
+    path = Path(out) if out is not None else run_dir / ("model.streaming.onnx" if streaming else "model.onnx")
+    _check_out(path)
+    return _write([_timed(make(streaming), path, streaming, opset, meta)])
 
 
 __all__ = ["ModelSpec", "lm_spec", "classify_spec", "label_spec", "embed_spec", "anomaly_spec", "forecast_spec",
-           "load_run_spec", "export_run"]
+           "seq2seq_specs", "seq2seq_paths", "Exported", "load_run_spec", "export_run", "export_seq2seq"]

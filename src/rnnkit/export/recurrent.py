@@ -90,6 +90,8 @@ def operator_for(layer: Recurrent) -> tuple[str | None, str]:
         return None, f"no ONNX operator for the {cell.family!r} family"
     if layer.zoneout > 0:
         return None, f"zoneout={layer.zoneout} mixes each new state with the previous one"
+    if layer.layer_weights(0)["weight_ih"].dtype != torch.float32:
+        return None, f"float64: onnxruntime's {cell.family.upper()} operator computes float32 only"
     for key, value in cell.options().items():
         if key not in accepted:
             return None, f"option {key}={value!r} has no operator attribute"
@@ -425,13 +427,18 @@ def stack_nodes(b: Nodes, weights: Weights, layer: Recurrent, path: str, x: str,
     return LayerMapping(path, cell_label(layer), mapping, reason, frozenset(operators(b.nodes)), L, D == 2)
 
 
-def operators(nodes: Iterable[onnx.NodeProto]) -> Iterator[str]:
-    """The op types of ``nodes`` and of the nodes of their subgraphs."""
+def walk(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.NodeProto]:
+    """``nodes`` and the nodes of their subgraphs (a Scan's body), depth first."""
     for node in nodes:
-        yield node.op_type
+        yield node
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from operators(a.g.node)
+                yield from walk(a.g.node)
+
+
+def operators(nodes: Iterable[onnx.NodeProto]) -> Iterator[str]:
+    """The op types of ``nodes`` and of the nodes of their subgraphs."""
+    return (n.op_type for n in walk(nodes))
 
 
 def _param_name(layer: Recurrent, path: str, k: int, d: int, base: str) -> str:

@@ -5,6 +5,9 @@ the recurrent state and which outputs return it (``rnnkit.state``: pairs ``[inpu
 runner can keep the state between calls: ``step`` feeds one time step and carries the state on, and
 ``generate`` runs the language models' sampler (:func:`rnnkit.tasks.decoding.generate`) with the graph
 as its model, so the same seed and sampling options write the same text as ``rnnkit charlm sample``.
+:class:`OnnxSeq2Seq` does the same for an exported encoder-decoder: its encoder graph and decoder-step
+graph are the model of the task's greedy and beam search. :func:`anomaly_detector` puts the task's
+anomaly detector around an exported predictor.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from ..errors import UserError
 
 _NP_DTYPE = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -130,14 +134,29 @@ class OnnxRunner:
         return generate(self.language_model(), prime, length, **options)
 
 
-class OnnxLM:
+class _InferenceOnly:
+    """What the decoding functions ask of a model besides its steps: ``parameters()`` (where inputs
+    go: the CPU) and ``train()``/``eval()`` (nothing to switch in an exported graph)."""
+
+    training = False
+    _device = torch.zeros(0)
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        yield self._device
+
+    def train(self, mode: bool = True) -> _InferenceOnly:
+        return self
+
+    def eval(self) -> _InferenceOnly:
+        return self
+
+
+class OnnxLM(_InferenceOnly):
     """A language model's streaming graph as a :class:`rnnkit.tasks.decoding.StepModel`.
 
     ``step`` is one call of the graph; calling it on a prefix (T, B) runs the steps one after another
     (the streaming graph has no time axis), so the prime costs T calls.
     """
-
-    training = False
 
     def __init__(self, runner: OnnxRunner) -> None:
         io = runner.meta("stream")
@@ -146,7 +165,6 @@ class OnnxLM:
                             f"`rnnkit export RUN_DIR --streaming` from a charlm or wordlm run)")
         self.runner = runner
         self.token, self.logits = io["input"], io["output"]
-        self._device = torch.zeros(0)
 
     def step(self, x_t: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         out, state = self.runner.step({self.token: x_t}, state)
@@ -158,15 +176,6 @@ class OnnxLM:
             lg, state = self.step(x_t, state)
             logits.append(lg)
         return torch.stack(logits), state
-
-    def parameters(self) -> Iterator[torch.Tensor]:  # where inputs live: the CPU
-        yield self._device
-
-    def train(self, mode: bool = True) -> OnnxLM:
-        return self
-
-    def eval(self) -> OnnxLM:
-        return self
 
 
 class OnnxPredictor:
@@ -194,6 +203,65 @@ class OnnxPredictor:
             pred = torch.from_numpy(out[self.out])
         parts = tuple(torch.from_numpy(feed_state[n]) for n in names)
         return pred, (parts if len(parts) > 1 else parts[0])
+
+
+@dataclass
+class GraphState:
+    """The decoder graph's inputs between two steps (torch tensors), each with its batch axis;
+    ``select(index)`` takes the batch rows ``index`` (beam expansion and reordering)."""
+
+    arrays: dict[str, torch.Tensor]
+    batch_axes: dict[str, int]
+
+    def select(self, index: torch.Tensor) -> GraphState:
+        return GraphState({k: v.index_select(self.batch_axes[k], index) for k, v in self.arrays.items()},
+                          self.batch_axes)
+
+
+class OnnxSeq2Seq(_InferenceOnly):
+    """An exported encoder-decoder (``rnnkit export`` of a seq2seq run) as a
+    :class:`rnnkit.tasks.decoding.CondStepModel`: ``start`` is one call of the encoder graph, ``decode_step``
+    one call of the decoder-step graph, so :func:`~rnnkit.tasks.decoding.greedy_search` and
+    :func:`~rnnkit.tasks.decoding.beam_search` decode with it as with the PyTorch model.
+
+    Args:
+        path: the encoder file (``model.encoder.onnx``); its decoder file is the one it names, next to it.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.encoder = OnnxRunner(path, threads)
+        if self.encoder.meta("task") != "seq2seq" or self.encoder.meta("graph_role") != "encoder":
+            raise UserError(f"--onnx {str(path)!r}: not the encoder graph of an exported seq2seq model (expected "
+                            f"the *.encoder.onnx file written by `rnnkit export RUN_DIR` of a seq2seq run)")
+        self.decoder = OnnxRunner(Path(path).parent / self.encoder.meta("decoder"), threads)
+        self.context: list[str] = self.decoder.meta("context")
+        self.state_pairs = self.decoder.state_pairs
+        self.attention = "attention" in self.decoder.outputs
+        self.batch_axes = {name: list(info.shape).index("B") for name, info in self.decoder.inputs.items()}
+
+    def start(self, src: torch.Tensor, src_len: torch.Tensor) -> GraphState:
+        out = self.encoder.run({"src": src, "src_len": src_len})
+        return GraphState({k: torch.from_numpy(v) for k, v in out.items()}, self.batch_axes)
+
+    def decode_step(self, tok: torch.Tensor, st: GraphState) -> tuple[torch.Tensor, GraphState, torch.Tensor | None]:
+        out = self.decoder.run({"token": tok, **st.arrays})
+        arrays = dict(st.arrays)
+        arrays.update({i: torch.from_numpy(out[o]) for i, o in self.state_pairs})
+        w = torch.from_numpy(out["attention"]) if self.attention else None
+        return torch.from_numpy(out["logits"]), GraphState(arrays, self.batch_axes), w
+
+
+def seq2seq_run(path: str | os.PathLike) -> Any:
+    """An exported encoder-decoder as a :class:`rnnkit.tasks.seq2seq.LoadedRun` whose model is the pair of
+    graphs (``rnnkit seq2seq translate --onnx FILE``): config and vocabularies from the encoder's metadata."""
+    from ..data.pairs import PairVocabs
+    from ..tasks.seq2seq import LoadedRun, Seq2SeqConfig
+    from ..train import config_from_dict
+
+    model = OnnxSeq2Seq(path)
+    r = model.encoder
+    return LoadedRun(Path(path), config_from_dict(Seq2SeqConfig, r.meta("config")),
+                     PairVocabs.from_dict(r.meta("vocab")), model, r.meta("checkpoint_step", 0))
 
 
 def _parts(state: Any) -> tuple[Any, ...]:
@@ -230,4 +298,5 @@ def lm_run(path: str | os.PathLike, task: str) -> Any:
                      runner.meta("checkpoint_step", 0))
 
 
-__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "session_options", "lm_run", "anomaly_detector"]
+__all__ = ["OnnxRunner", "OnnxLM", "OnnxPredictor", "OnnxSeq2Seq", "GraphState", "session_options", "lm_run",
+           "seq2seq_run", "anomaly_detector"]

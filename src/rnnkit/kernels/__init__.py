@@ -49,6 +49,8 @@ class Backend:
     capability: Capability = Capability()
     # ``auto`` tries it before every other backend for the cells this returns True for, per device type.
     preferred: Callable[[Cell, torch.device], bool] | None = None
+    # The same for one time step at a time (``step()``, streaming): per-call costs decide there.
+    preferred_step: Callable[[Cell, torch.device], bool] | None = None
     # Not yet tuned: ``auto`` never picks it and ``rnnkit bench`` times it only when named in --backends.
     experimental: bool = False
 
@@ -59,6 +61,17 @@ class Backend:
 
 def _always(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
     return None
+
+
+#: The torch functions that run as a chain of per-step ATen ops on the CPU (no oneDNN kernel): slower
+#: than the fused ``cpu`` loops over a sequence, faster for one step (fewer per-call costs), while the
+#: LSTM's oneDNN kernel sets itself up on every call and loses to the ``cpu`` loops for one step
+#: (docs/kernels.md, "Which backend auto picks").
+ATEN_ON_CPU = ("gru", "rnn_tanh", "rnn_relu")
+
+
+def _native_steps_faster(cell: Cell, device: torch.device) -> bool:
+    return device.type == "cpu" and cell.native in ATEN_ON_CPU
 
 
 def _native_unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
@@ -73,7 +86,7 @@ BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", "autograd through step() (oracle)", _always, reference.run),
     "bptt": Backend("bptt", "explicit BPTT in torch ops", _always, bptt.run),
     "native": Backend("native", "torch fused kernels (oneDNN / cuDNN)", _native_unsupported, None,
-                      capability=Capability(hand_written=True)),
+                      capability=Capability(hand_written=True), preferred_step=_native_steps_faster),
 }
 
 # Preference order of ``auto`` per device type; the first backend that supports the configuration wins.
@@ -104,15 +117,21 @@ def working_backends(cell: Cell, cfg: LayerConfig, device: torch.device) -> list
 
 
 def resolve(requested: str, cell: Cell, cfg: LayerConfig, device: torch.device, *,
-            variable_lengths: bool = False, dtype: torch.dtype | None = None) -> str:
+            variable_lengths: bool = False, dtype: torch.dtype | None = None, streaming: bool = False) -> str:
     """Name of the backend that will run ``cell`` on ``device``; raises if ``requested`` cannot.
 
     Only ``auto`` looks at the workload: ``variable_lengths`` (the batch has sequences of different
-    lengths) and ``dtype`` (the input's; None: any).
+    lengths), ``dtype`` (the input's; None: any) and ``streaming`` (one time step per call, as ``step()``
+    makes: backends are then preferred by ``preferred_step``).
     """
     if requested == "auto":
         order = AUTO_ORDER.get(device.type, ("bptt",))
-        first = tuple(n for n in order if BACKENDS[n].preferred is not None and BACKENDS[n].preferred(cell, device))
+
+        def preferred(b: Backend) -> bool:
+            rule = b.preferred_step if streaming else b.preferred
+            return rule is not None and rule(cell, device)
+
+        first = tuple(n for n in order if preferred(BACKENDS[n]))
         order = first + tuple(n for n in order if n not in first)
         if variable_lengths:
             avoid = AUTO_AVOID_WITH_LENGTHS.get(device.type, ())
@@ -141,4 +160,3 @@ from . import cpu  # noqa: E402,F401,I001  (registers backend="cpu", tried by au
 
 from . import triton_backend  # noqa: E402,F401  (registers backend="triton"; imports triton lazily)
 
-from . import cpu_generated  # noqa: E402,F401  (registers backend="cpu_gen"; not tried by auto)

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
-from . import Backend, LayerConfig, register
-from .capability import Capability, hand_written, hand_written_cell
+from . import ATEN_ON_CPU, Backend, LayerConfig, cpu_generated, register
+from .capability import Capability, hand_written_cell
 from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
 DTYPES = NUMBA_DTYPES
@@ -333,11 +333,12 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
 class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
-    def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype) -> None:
+    def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype,
+                 units_ok: bool | None = None) -> None:
         ndt = np.float32 if dtype == torch.float32 else np.float64
         H, n_state = cell.hidden_size, cell.state_size
         self.T, self.B, self.H = T, B, H
-        self.parts, self.units = split(T, B, H, GH, units_splittable(cell))
+        self.parts, self.units = split(T, B, H, GH, units_splittable(cell) if units_ok is None else units_ok)
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1 = np.zeros(1, ndt)
@@ -571,6 +572,126 @@ class _CpuRecurrence(torch.autograd.Function):
         return (None, None, None, DG, dR, db_hh, *dstate, *extras)
 
 
+class _GenRecurrence(torch.autograd.Function):
+    """The recurrence of one layer/direction through the loops generated from the cell's declaration."""
+
+    @staticmethod
+    def forward(ctx, cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
+                b_hh: Tensor | None, *rest: Tensor):
+        _kernels()
+        d = cell.declaration
+        plan = cpu_generated.plan(d)
+        dt = xg.dtype
+        K = cpu_generated.module(d, _DTYPE_NAMES[dt])
+        S, H = cell.state_size, cell.hidden_size
+        T, B, _ = xg.shape
+        GH = cell.rec_gates * H
+        A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable())
+        state0 = rest[:S]
+        w = dict(zip(names, rest[S:]))
+        nodes = d.nodes
+        projs = plan.projections()
+        bounds = np.cumsum([0, *(int(nodes[p].value) * H for p in projs)])
+        bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
+        BH = [bhh[a:z] for a, z in zip(bounds, bounds[1:])]
+        PAR = [_np(w[n]) for n, _ in d.params]
+        lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
+        hmask = A.hmask if A.has_hmask else np.ones((B, H), A.dummy1.dtype)
+        ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
+        for k in range(S):
+            ST[k][0] = state0[k]
+        SV = [np.empty((T, B, H), A.dummy1.dtype) for _ in sorted(plan.saved)]
+        PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else torch.empty(1, 1, 1, dtype=dt)
+               for p in projs]
+        ln = cell.layer_norm
+        UH = _empty(T, B, GH, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
+        RSH = _empty(T, B, len(projs), dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
+        lns = [i for i, n in enumerate(nodes) if n.op == "layer_norm"]
+        LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in lns]
+        LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in lns]
+        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), *SV,
+                  *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
+        Rd = R.detach().contiguous()
+        _launch(K.forward, A, Rd, cell, True, common)
+        out = ST[0][1:]
+        result = out if masks.out_mask is None else out * masks.out_mask
+        ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
+        if not plan.reads_input:  # free xg now: the backward does not read it
+            common = (A.dummy3, *common[1:])
+        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2])
+        return (result.clone() if masks.out_mask is None else result, *(s[T].clone() for s in ST))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
+        if ctx.buf is None:
+            raise RuntimeError("backend='cpu' frees its saved activations in the first backward pass through "
+                               "them; run the forward again instead of retain_graph=True")
+        cell, masks, A = ctx.cell, ctx.masks, ctx.arrays
+        common, ST, PIN, Rd, has_bias, xg_width = ctx.buf
+        d = cell.declaration
+        plan = cpu_generated.plan(d)
+        nodes = d.nodes
+        projs = plan.projections()
+        dt = ST[0].dtype
+        K = cpu_generated.module(d, _DTYPE_NAMES[dt])
+        T, B, H = A.T, A.B, A.H
+        S = cell.state_size
+        ndt = A.dummy1.dtype
+        has_dout = dout is not None
+        if has_dout and masks.out_mask is not None:
+            dout = dout * masks.out_mask
+        dout_n = _np(dout) if has_dout else A.dummy3
+        dS = [_np(g) if g is not None else np.zeros((B, H), ndt) for g in dfinal]
+        O = [_empty(B, H, dtype=dt) for _ in range(S)]
+        used_in = {n.index if n.index >= 0 else cell.gates for n in nodes if n.op == "input"}
+        full = set(range(xg_width // H)) <= used_in
+        DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
+        DRAW = []
+        for p in projs:
+            if p in plan.paired:
+                DRAW.append(DXG)
+                continue
+            nb_p = int(nodes[p].value)
+            used = {n.index for n in nodes if n.op == "block" and n.args[0] == p}
+            DRAW.append((_empty if len(used) == nb_p else torch.zeros)(T, B, nb_p * H, dtype=dt))
+        n = len(A.parts)
+        dPAR = [np.zeros((n, len(b) * H), ndt) for _, b in d.params]
+        GH = cell.rec_gates * H
+        dlng = np.zeros((n, GH if cell.layer_norm else 1), ndt)
+        dbhh = np.zeros((n, GH), ndt)
+        args = (*common, has_dout, dout_n, *dS, *(o.numpy() for o in O), DXG.numpy(), *(D.numpy() for D in DRAW))
+        _launch(K.backward, A, Rd, cell, False, args, (*dPAR, dlng, dbhh))
+        dR_parts = []
+        for p, D, P in zip(projs, DRAW, PIN):
+            a = nodes[nodes[p].args[0]]
+            inp = P if (plan.pin(p) or A.has_hmask) else ST[a.index][:-1]
+            dR_parts.append(D.reshape(T * B, -1).t() @ inp.reshape(T * B, H))
+        dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)
+        db = None
+        if has_bias:
+            db = (torch.from_numpy(dbhh.sum(0)) if cell.layer_norm
+                  else torch.cat([D.sum((0, 1)) for D in DRAW])).to(dt)
+        grads = {name: torch.from_numpy(g.sum(0)).to(dt) for (name, _), g in zip(d.params, dPAR)}
+        if cell.layer_norm:
+            grads["ln_weight_hh"] = torch.from_numpy(dlng.sum(0)).to(dt)
+        ctx.buf = ctx.arrays = None
+        return (None, None, None, DXG, dR, db, *O, *(grads.get(nm) for nm in ctx.names))
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
+    """Run one layer in one direction over ``x`` (T, B, I) through the generated loops."""
+    check_numba_input("cpu", x)
+    xg = cell.project_input(x, w)
+    names = tuple(cell.extra_shapes())
+    out, *state = _GenRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
+                                       *(w[n] for n in names))
+    return out, tuple(state)
+
+
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
     check_numba_input("cpu", x)
@@ -590,18 +711,16 @@ def _unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | No
 
 
 def compile_seconds() -> dict[str, float]:
-    """Compile (or load from numba's on-disk cache) every loop for float32 and float64, timed per family.
-
-    Runs each cell family once on a tiny input through forward and backward.
-    """
+    """Compile (or load from the caches) the generated loops of a set of cells for float32 and float64, timed
+    per cell: each runs once on a tiny input through forward and backward."""
     from ..layers import build
 
     times = {}
-    for name in ("rnn", "rnn_ln", "lstm_peephole", "lstm_ln", "lstm_zoneout", "gru", "gru_cho_ln"):
+    for name in ("rnn", "lstm", "lstm_peephole", "lstm_ln", "gru", "gru_cho_ln", "slstm", "mut3"):
         t0 = time.perf_counter()
         for dt in DTYPES:
-            layer = build(name, 3, 4, backend="cpu", dtype=dt)
-            x = torch.randn(2, 2, 3, dtype=dt, requires_grad=True)
+            layer = build(name, 4, 4, backend="cpu", dtype=dt)
+            x = torch.randn(2, 2, 4, dtype=dt, requires_grad=True)
             out, _ = layer(x)
             out.sum().backward()
         times[name] = time.perf_counter() - t0
@@ -611,9 +730,14 @@ def compile_seconds() -> dict[str, float]:
 # auto: after native for the LSTM (oneDNN's fused LSTM is faster), before it for the RNN and GRU, which
 # torch runs as a chain of per-step ATen ops on CPU (docs/kernels.md, "Which backend auto picks").
 def _preferred(cell: Cell, device: torch.device) -> bool:
-    found = hand_written(cell.declaration)
-    return device.type == "cpu" and found is not None and found[0] in ("rnn", "gru")
+    return device.type == "cpu" and cell.native in ATEN_ON_CPU
 
 
-register(Backend("cpu", "fused CPU loops (numba + BLAS)", _unsupported, run, DTYPES,
-                 Capability(hand_written=True), _preferred), auto_before={"cpu": "bptt"})
+def _preferred_step(cell: Cell, device: torch.device) -> bool:
+    return device.type == "cpu" and cell.native not in ATEN_ON_CPU
+
+
+register(Backend("cpu", "fused CPU loops generated from the declaration (numba + BLAS)", _unsupported,
+                 run_generated, DTYPES, Capability(), _preferred, _preferred_step), auto_before={"cpu": "bptt"})
+register(Backend("cpu_hand", "the hand-written fused CPU loops (built-in RNN, LSTM and GRU variants)", _unsupported,
+                 run, DTYPES, Capability(hand_written=True), experimental=True))

@@ -1,15 +1,31 @@
-"""``backend="cpu_gen"``: numba time loops generated from a cell's declaration (any declared cell).
+"""Fused CPU time loops generated from a cell's declaration (the loops of ``backend="cpu"``).
 
-For a declaration, :func:`source` writes the Python source of two numba functions, the forward time
-loop and the backward time loop: per step, one ``np.dot`` per recurrent projection and the declaration's
-pointwise equations as numba array expressions; the backward is the reverse mode of
-:mod:`rnnkit.cells.compile` written out node by node (same saved values: what the local derivatives
-read, nothing recomputed). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
-``~/.cache/rnnkit/generated``) under a hash of the declaration, so numba's on-disk cache
-(``cache=True``) serves a second process without compiling again.
+For a declaration and a dtype, :func:`source` writes the Python source of two numba functions, the
+forward and the backward time loop of one layer/direction, in the skeleton of
+:mod:`rnnkit.kernels.cpu` (one call runs every step of its part of the batch rows and hidden units;
+per step one GEMM per recurrent projection into a buffer, then the pointwise equations fused into a
+few unit-stride passes over each row).
 
-One thread, float32 and float64, CPU only; ``auto`` does not pick it: it is checked against the
-``reference`` oracle and against the hand-written ``cpu`` loops (tests), not yet tuned for speed.
+How the equations become passes. Each step is split into *levels* by the recurrent projections: a
+projection of an expression computed at level L is multiplied at level L + 1 (the LSTM has one level
+after its GEMM; the Cho GRU and MUT cells, which project ``r * h``, have two). Within a level, every
+row of the part runs the level's passes in equation order:
+
+* forward: a value gets an array (and a pass of its own) when the backward reads it (the values
+  :data:`rnnkit.cells.compile.DERIVATIVE_READS` names, kept for every step), when it is read more than
+  once, at another level, by a layer norm or by a projection; every other value is written inline
+  into the expression of its one reader. A layer norm is a row reduction between two passes.
+* backward (reverse mode, the same templates as the ``bptt`` kernel's, :data:`~rnnkit.cells.compile.DERIVATIVES`):
+  a value read once, at its own level, is differentiated inside its reader's pass (a scalar); every
+  other value accumulates its gradient in an array and starts a pass of its own. Inputs, projection
+  outputs, parameters and states are the sinks: ``d xg``, ``d(R h)`` (turned into dR by one matmul over
+  all steps in :mod:`rnnkit.kernels.cpu`), per-part parameter accumulators, and the state gradients.
+
+What is saved and what is recomputed: exactly what the derivatives read (nothing is recomputed), the
+layer-norm statistics, and each projection's input when it is not a state (or recurrent dropout
+scales it). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
+serves a second process without compiling again.
 """
 
 from __future__ import annotations
@@ -18,253 +34,620 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
-import torch
-from torch import Tensor
-
-from ..cells.base import LN_EPS, Cell, State, Weights
-from ..cells.compile import DERIVATIVE_READS
+from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
 from ..cells.declare import Declaration
-from . import Backend, Capability, LayerConfig, register
-from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
-DTYPES = NUMBA_DTYPES
+_LEAVES = ("const", "state", "input", "param")
 
-_HELPERS = f'''
+_PRELUDE = '''import math
+
 import numpy as np
 from numba import njit
 
-EPS = {LN_EPS!r}
+from rnnkit.kernels.cpu_loops import _barrier, _ln_rows, _ln_rows_backward, _matmul, _tanh_f32, ln_vec, \\
+    ln_vec_backward
+
+F = np.{dtype}
+_J = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")
+_I = dict(fastmath=True, cache=True, inline="always", error_model="numpy")
+exp = math.exp
+log = math.log
+expm1 = math.expm1
+log1p = math.log1p
 
 
-@njit(cache=True)
-def ln_fwd(u, gain):
-    B, N = u.shape
-    y = np.empty_like(u)
-    uh = np.empty_like(u)
-    rs = np.empty((B, 1), u.dtype)
-    for b in range(B):
-        mu = 0.0
-        for j in range(N):
-            mu += u[b, j]
-        mu /= N
-        var = 0.0
-        for j in range(N):
-            d = u[b, j] - mu
-            var += d * d
-        r = 1.0 / np.sqrt(var / N + EPS)
-        rs[b, 0] = r
-        for j in range(N):
-            uh[b, j] = (u[b, j] - mu) * r
-            y[b, j] = uh[b, j] * gain[j]
-    return y, uh, rs
+@njit(**_I)
+def tanh(x):
+    return {tanh}
 
 
-@njit(cache=True)
-def ln_bwd(dy, uh, rs, gain):
-    B, N = dy.shape
-    du = np.empty_like(dy)
-    dg = np.zeros(N, dy.dtype)
-    for b in range(B):
-        m1 = 0.0
-        m2 = 0.0
-        for j in range(N):
-            g = dy[b, j] * gain[j]
-            m1 += g
-            m2 += g * uh[b, j]
-            dg[j] += dy[b, j] * uh[b, j]
-        m1 /= N
-        m2 /= N
-        for j in range(N):
-            du[b, j] = rs[b, 0] * (dy[b, j] * gain[j] - m1 - uh[b, j] * m2)
-    return du, dg
+@njit(**_I)
+def sigmoid(x):
+    return {sigmoid}
+
+
+@njit(**_I)
+def relu(x):
+    return x if x > F(0.0) else F(0.0)
+
+
+@njit(**_I)
+def softplus(x):
+    return x if x > F(20.0) else log1p(exp(min(x, F(20.0))))
+
+
+@njit(**_I)
+def clip01(x):
+    return min(max(x, F(0.0)), F(1.0))
+
+
+@njit(**_I)
+def maximum(a, b):
+    return a if a >= b else b
+
+
+@njit(**_I)
+def minimum(a, b):
+    return a if a <= b else b
+
+
+@njit(**_I)
+def tie(a, b):
+    return F(1.0) if a > b else (F(0.5) if a == b else F(0.0))
+
+
+@njit(**_I)
+def positive(a):
+    return F(1.0) if a > F(0.0) else F(0.0)
+
+
+@njit(**_I)
+def inside3(a):
+    return F(1.0) if (a > F(-3.0)) and (a < F(3.0)) else F(0.0)
+
+
+@njit(**_I)
+def sign(a):
+    return F(1.0) if a > F(0.0) else (F(-1.0) if a < F(0.0) else F(0.0))
 '''
-
-_UNARY = {
-    "sigmoid": "1.0 / (1.0 + np.exp(-{0}))", "tanh": "np.tanh({0})", "exp": "np.exp({0})", "log": "np.log({0})",
-    "relu": "np.maximum({0}, 0.0)", "abs": "np.abs({0})",
-    "softplus": "np.where({0} > 20.0, {0}, np.log1p(np.exp(np.minimum({0}, 20.0))))",
-    "hard_sigmoid": "np.minimum(np.maximum({0} / 6.0 + 0.5, 0.0), 1.0)",
+_ACTIVATIONS = {
+    "float32": ("_tanh_f32(x)", "F(0.5) + F(0.5) * _tanh_f32(F(0.5) * x)"),
+    "float64": ("math.tanh(x)", "F(1.0) / (F(1.0) + math.exp(-x))"),
 }
-_BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-           "max": "np.maximum({0}, {1})", "min": "np.minimum({0}, {1})"}
+_NUMBER = re.compile(r"(?<![\w.])(\d+\.\d*)")
 
 
-def _ln_nodes(d: Declaration) -> list[int]:
-    """The nodes that layer-normalise: ``layer_norm(...)`` and, with ``layer_norm=True``, every projection."""
-    return [i for i, n in enumerate(d.nodes) if n.op == "layer_norm" or (n.op == "proj" and d.layer_norm)]
+def _render(template: str, env: dict[str, str]) -> str:
+    """``template`` with its names a, b, y, g replaced by expressions and its numbers typed as F(...)."""
+    out = _NUMBER.sub(r"F(\1)", template)
+    return re.sub(r"\b([abyg])\b", lambda m: f"({env[m.group(1)]})", out)
 
 
-def _saved(d: Declaration) -> list[int]:
-    """The nodes whose per-step values the forward stores for the backward (parameters are read again)."""
-    nodes = d.nodes
-    read = {i if r == "out" else n.args[r] for i, n in enumerate(nodes) for r in DERIVATIVE_READS.get(n.op, ())}
-    return sorted(i for i in read if nodes[i].op not in ("const", "param"))
+@dataclass
+class Plan:
+    """What the generator reads off a declaration: levels, readers, saved and materialised values."""
+
+    d: Declaration
+    level: list[int] = field(default_factory=list)
+    readers: list[list[tuple[str, int]]] = field(default_factory=list)  # ("node"|"proj"|"update", index)
+    saved: set[int] = field(default_factory=set)
+    array: set[int] = field(default_factory=set)  # forward: values with an array of their own
+    root: set[int] = field(default_factory=set)  # backward: values whose gradient is an array
+
+    def __post_init__(self) -> None:
+        nodes = self.d.nodes
+        n = len(nodes)
+        self.readers = [[] for _ in range(n)]
+        for i, nd in enumerate(nodes):
+            if nd.op in _LEAVES:
+                lv = 0
+            elif nd.op == "proj":
+                lv = self.level[nd.args[0]] + 1
+            else:
+                lv = max((self.level[a] for a in nd.args), default=0)
+            self.level.append(lv)
+            if nd.op == "proj":
+                self.readers[nd.args[0]].append(("proj", i))
+            elif nd.op != "block":
+                for a in nd.args:
+                    self.readers[a].append(("node", i))
+        for k, u in enumerate(self.d.updates):
+            self.readers[u].append(("update", k))
+        for i, nd in enumerate(nodes):
+            for r in DERIVATIVE_READS.get(nd.op, ()):
+                j = i if r == "out" else nd.args[r]
+                if nodes[j].op not in _LEAVES:
+                    self.saved.add(j)
+        for i, nd in enumerate(nodes):
+            if nd.op in _LEAVES or nd.op in ("proj", "block"):
+                continue
+            rd = self.readers[i]
+            cross = any(self._reader_level(r) != self.level[i] for r in rd)
+            ln_read = any(kind == "node" and nodes[c].op == "layer_norm" for kind, c in rd)
+            if i in self.saved or nd.op == "layer_norm" or len(rd) != 1 or cross or ln_read:
+                self.array.add(i)
+            if nd.op == "layer_norm" or len(rd) != 1 or cross or rd[0][0] != "node" or ln_read:
+                self.root.add(i)
+        self.paired = self._pairs()
+
+    def _pairs(self) -> set[int]:
+        """The projections whose gradient equals that of the input pre-activations, block for block: each
+        of their blocks k is read only by one sum ``x_k + r_k`` that is the only reader of input block k
+        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself."""
+        d, nodes = self.d, self.d.nodes
+        projs = [i for i, nd in enumerate(nodes) if nd.op == "proj"]
+        if d.layer_norm or d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
+            return set()
+        p = projs[0]
+        inputs = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "input"}
+        blocks = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "block" and nd.args[0] == p}
+        for k in range(d.input_gates):
+            x, r = inputs.get(k), blocks.get(k)
+            if x is None and r is None:
+                continue
+            if x is None or r is None or len(self.readers[x]) != 1 or len(self.readers[r]) != 1:
+                return set()
+            (kx, cx), (_, cr) = self.readers[x][0], self.readers[r][0]
+            if kx != "node" or cx != cr or nodes[cx].op != "add":
+                return set()
+        return {p}
+
+    def _reader_level(self, r: tuple[str, int]) -> int:
+        """The level at which a reader reads its value (a projection: where its input is built)."""
+        kind, c = r
+        if kind == "update":
+            return self.level[self.d.updates[c]]
+        return self.level[c] if kind == "node" else self.level[c] - 1
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether the backward reads the input pre-activations (a derivative reads an input block)."""
+        nodes = self.d.nodes
+        return any(nodes[nd.args[r]].op == "input" for nd in nodes for r in DERIVATIVE_READS.get(nd.op, ())
+                   if r != "out")
+
+    @property
+    def levels(self) -> int:
+        return max(self.level) + 1
+
+    def projections(self) -> list[int]:
+        """The proj nodes, in projection order."""
+        ps = [i for i, nd in enumerate(self.d.nodes) if nd.op == "proj"]
+        return sorted(ps, key=lambda i: self.d.nodes[i].index)
+
+    def pin(self, p: int) -> bool:
+        """Whether projection node ``p`` keeps its input in a buffer (not a state, or recurrent dropout)."""
+        return self.d.nodes[self.d.nodes[p].args[0]].op != "state"
+
+    def units_splittable(self) -> bool:
+        """Whether a call can split hidden units over threads: no layer norm (rows are reduced) and every
+        projection multiplies a state (one GEMM per step, first)."""
+        d = self.d
+        return not d.layer_norm and "layer_norm" not in d.operations() and not any(
+            self.pin(p) for p in self.projections())
 
 
-def source(d: Declaration) -> str:
-    """The numba source of ``forward`` and ``backward`` for declaration ``d``."""
-    nodes = d.nodes
-    P = len(d.projections)
-    S = len(d.states)
-    G = d.input_gates
-    saved = _saved(d)
-    preamble = [f"    v{i} = P_{n.name}[{n.index} * H:{n.index + 1} * H]"
-                for i, n in enumerate(nodes) if n.op == "param"]
-    lns = _ln_nodes(d)
-    params = [p for p, _ in d.params]
-    offsets, off = [], 0
-    for blocks in d.projections:
-        offsets.append(off)
-        off += len(blocks)
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
 
-    def val(i: int) -> str:
-        n = nodes[i]
-        return repr(n.value) if n.op == "const" else f"v{i}"
+    def __call__(self, depth: int, text: str) -> None:
+        self.lines.append("    " * depth + text)
 
-    common = (["xg"] + [f"RT{p}" for p in range(P)] + [f"R{p}" for p in range(P)] + [f"b{p}" for p in range(P)]
-              + [f"P_{p}" for p in params] + ["lng", "hmask"] + [f"K{k}" for k in range(S)]
-              + [f"ST{k}" for k in range(S)] + [f"SV{i}" for i in saved] + [f"PIN{p}" for p in range(P)]
-              + [f"LU{i}" for i in lns] + [f"LR{i}" for i in lns])
-    fw = [f"@njit(cache=True)\ndef forward({', '.join(common)}):",
-          "    T = xg.shape[0]", "    H = ST0.shape[2]", *preamble, "    for t in range(T):"]
-    for k in range(S):
-        fw.append(f"        s{k} = ST{k}[t]")
-    for i, n in enumerate(nodes):
-        op = n.op
-        if op in ("const", "param"):
-            continue
+
+def source(d: Declaration, dtype: str) -> str:
+    """The numba source of ``forward`` and ``backward`` for declaration ``d`` in ``dtype`` ("float32"/"float64")."""
+    pl = plan(d)
+    tanh, sigm = _ACTIVATIONS[dtype]
+    head = _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
+    return head + "\n\n" + _Forward(pl).text() + "\n\n" + _Backward(pl).text()
+
+
+class _Gen:
+    """What both loops share: argument names, row views, value expressions."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.d = plan.d
+        self.nodes = plan.d.nodes
+        self.S = len(plan.d.states)
+        self.projs = plan.projections()
+        self.P = len(self.projs)
+        self.lns = [i for i, nd in enumerate(self.nodes) if nd.op == "layer_norm"]
+        self.params = [p for p, _ in self.d.params]
+        offs, off = {}, 0
+        for p in self.projs:
+            offs[p] = off
+            off += int(self.nodes[p].value)
+        self.offset = offs
+        self.views: dict[str, str] = {}  # row view name -> its definition (per row)
+
+    def common_args(self) -> list[str]:
+        """The arrays both loops take, in order (the wrapper passes them in this order)."""
+        P, S = self.P, self.S
+        return (["xg"] + [f"BH{p}" for p in range(P)] + [f"PAR_{n}" for n in self.params]
+                + ["lng", "hmask", "has_hmask"] + [f"K{k}" for k in range(S)] + ["has_keep"]
+                + [f"ST{k}" for k in range(S)] + [f"SV{i}" for i in sorted(self.plan.saved)]
+                + [f"PIN{q}" for q, p in enumerate(self.projs)] + ["UH", "RSH"]
+                + [f"LU{i}" for i in self.lns] + [f"LR{i}" for i in self.lns])
+
+    # -- views (a row of the part, indexed from 0 by j) -------------------------------------------------
+    def view(self, name: str, definition: str) -> str:
+        self.views[name] = definition
+        return name
+
+    def value(self, i: int, inline) -> str:
+        """Expression for node ``i`` at unit j (forward values; ``inline(i)`` gives computed nodes)."""
+        nd = self.nodes[i]
+        op = nd.op
+        if op == "const":
+            return f"F({float(nd.value)!r})"
         if op == "state":
-            e = f"s{n.index}"
-        elif op == "input":
-            k = G if n.index < 0 else n.index
-            e = f"xg[t, :, {k} * H:{k + 1} * H]"
-        elif op == "proj":
-            p = n.index
-            fw.append(f"        PIN{p}[t] = {val(n.args[0])} * hmask")
-            fw.append(f"        raw = np.dot(PIN{p}[t], RT{p})")
-            if d.layer_norm:
-                lo, hi = offsets[p], offsets[p] + int(n.value)
-                fw.append(f"        raw, LU{i}[t], LR{i}[t] = ln_fwd(raw, lng[{lo} * H:{hi} * H])")
-            e = f"raw + b{p}"
-        elif op == "block":
-            e = f"v{n.args[0]}[:, {n.index} * H:{n.index + 1} * H]"
-        elif op == "layer_norm":
-            fw.append(f"        y, LU{i}[t], LR{i}[t] = ln_fwd({val(n.args[0])}, {val(n.args[1])})")
-            e = "y" if len(n.args) < 3 else f"y + {val(n.args[2])}"
-        elif op == "neg":
-            e = f"(-{val(n.args[0])})"
-        elif op in _UNARY:
-            e = _UNARY[op].format(val(n.args[0]))
-        else:
-            e = _BINARY[op].format(val(n.args[0]), val(n.args[1]))
-        fw.append(f"        v{i} = {e}")
-        if i in saved:
-            fw.append(f"        SV{i}[t] = v{i}")
-    for k, u in enumerate(d.updates):
-        fw.append(f"        ST{k}[t + 1] = K{k}[t] * s{k} + (1.0 - K{k}[t]) * {val(u)}")
+            return self.view(f"s{nd.index}", f"ST{nd.index}[t, b][j0:j1]") + "[j]"
+        if op == "input":
+            k = self.d.input_gates if nd.index < 0 else nd.index
+            return self.view(f"x{k}", f"xg[t, b][{k} * H + j0:{k} * H + j1]") + "[j]"
+        if op == "param":
+            return f"p_{nd.name}_{nd.index}[j]"
+        if op == "block":
+            p = nd.args[0]
+            q = self.nodes[p].index
+            r = self.view(f"r{q}_{nd.index}", f"RAW{q}[bl][{nd.index} * nj:{nd.index + 1} * nj]")
+            return f"({r}[j] + bh{q}_{nd.index}[j])"
+        return inline(i)
 
-    bw_args = common + ["dout", *[f"dS{k}" for k in range(S)], "DXG", *[f"DRAW{p}" for p in range(P)],
-                        *[f"dP_{p}" for p in params], "dlng", "dbhh"]
-    bw = [f"@njit(cache=True)\ndef backward({', '.join(bw_args)}):",
-          "    T = xg.shape[0]", "    H = ST0.shape[2]", "    B = ST0.shape[1]", *preamble]
-    bw += [f"    g_s{k} = dS{k}.copy()" for k in range(S)]
-    bw.append("    for t in range(T - 1, -1, -1):")
-    bw.append("        g_s0 = g_s0 + dout[t]")
-    for i in saved:
-        bw.append(f"        v{i} = SV{i}[t]")
-    has: set[int] = set()
+    def param_views(self, w: _Writer, grads: bool = False) -> None:
+        for n, blocks in self.d.params:
+            for k in range(len(blocks)):
+                w(1, f"p_{n}_{k} = PAR_{n}[{k} * H + j0:{k} * H + j1]")
+                if grads:
+                    w(1, f"dp_{n}_{k} = dPAR_{n}[{k} * H + j0:{k} * H + j1]")
+        for p in self.projs:
+            q = self.nodes[p].index
+            for k in range(int(self.nodes[p].value)):
+                w(1, f"bh{q}_{k} = BH{q}[{k} * H + j0:{k} * H + j1]")
 
-    def acc(i: int, e: str) -> None:
-        if nodes[i].op == "const":
+    def emit_row(self, w: _Writer, depth: int, body: list[str]) -> None:
+        """The row views the body uses, then the body."""
+        used = {v for v in self.views if re.search(rf"\b{v}\b", "\n".join(body))}
+        for v in sorted(used):
+            w(depth, f"{v} = {self.views[v]}")
+        for line in body:
+            w(depth, line)
+
+
+class _Forward(_Gen):
+    def array_of(self, i: int) -> str:
+        """The row array holding computed node ``i``'s value."""
+        if i in self.plan.saved:
+            return self.view(f"sv{i}", f"SV{i}[t, b][j0:j1]")
+        upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
+        if upd:  # a new state: straight into ST[t + 1] unless zoneout mixes it
+            k = upd[0]
+            return self.view(f"u{k}", f"M{i}[bl] if has_keep else ST{k}[t + 1, b][j0:j1]")
+        return self.view(f"m{i}", f"M{i}[bl]")
+
+    def inline(self, i: int) -> str:
+        if i in self.plan.array:
+            return self.array_of(i) + "[j]"
+        nd = self.nodes[i]
+        env = {"a": self.value(nd.args[0], self.inline)}
+        if len(nd.args) > 1:
+            env["b"] = self.value(nd.args[1], self.inline)
+        return _render(FORWARD[nd.op], env)
+
+    def scratch(self) -> list[int]:
+        """Computed nodes with an array that is not saved: per-part (rows, units) buffers."""
+        return [i for i in sorted(self.plan.array) if i not in self.plan.saved]
+
+    def text(self) -> str:
+        plan, nodes, d = self.plan, self.nodes, self.d
+        w = _Writer()
+        w(0, "@njit(**_J)")
+        args = self.common_args() + [f"W{q}" for q in range(self.P)] + ["b0", "b1", "j0", "j1", "sync"]
+        w(0, f"def forward({', '.join(args)}):")
+        w(1, "T = ST0.shape[0] - 1")
+        w(1, "H = ST0.shape[2]")
+        w(1, "nb = b1 - b0")
+        w(1, "nj = j1 - j0")
+        for i in self.scratch():
+            w(1, f"M{i} = np.empty((nb, nj), xg.dtype)")
+        for p in self.projs:
+            q = nodes[p].index
+            w(1, f"RAW{q} = np.empty((nb, {int(nodes[p].value)} * nj), xg.dtype)")
+        w(1, "src = np.empty((nb, H), xg.dtype)")
+        self.param_views(w)
+        w(1, "for t in range(T):")
+        for lv in range(plan.levels):
+            # the GEMMs of this level's projections
+            for p in self.projs:
+                if plan.level[p] != lv:
+                    continue
+                q, a = nodes[p].index, nodes[p].args[0]
+                if plan.pin(p):
+                    inp = f"PIN{q}[t, b0:b1]"
+                else:
+                    k = nodes[a].index
+                    w(2, "if has_hmask:")
+                    w(3, "for bl in range(nb):")
+                    w(4, "hm = hmask[b0 + bl]")
+                    w(4, f"sr = ST{k}[t, b0 + bl]")
+                    w(4, f"dst = PIN{q}[t, b0 + bl] if j0 == 0 else src[bl]")
+                    w(4, "for j in range(H):")
+                    w(5, "dst[j] = sr[j] * hm[j]")
+                    inp = f"(PIN{q}[t, b0:b1] if j0 == 0 else src) if has_hmask else ST{k}[t, b0:b1]"
+                w(2, f"_matmul({inp}, W{q}, RAW{q})")
+                if d.layer_norm:
+                    n_b = int(nodes[p].value)
+                    w(2, f"_ln_rows(RAW{q}, {n_b} * H, lng, {self.offset[p]} * H, UH[t, b0:b1], RSH[t, b0:b1], {q})")
+            body = self.level_body(lv)
+            if body:
+                w(2, "for bl in range(nb):")
+                w(3, "b = b0 + bl")
+                self.emit_row(w, 3, body)
+        w(2, "if sync:")
+        w(3, "_barrier()")
+        return "\n".join(w.lines) + "\n"
+
+    def level_body(self, lv: int) -> list[str]:
+        plan, nodes, d = self.plan, self.nodes, self.d
+        body: list[str] = []
+        for i, nd in enumerate(nodes):
+            if plan.level[i] != lv or nd.op in _LEAVES or nd.op == "proj":
+                continue
+            if nd.op == "block":
+                if i in plan.saved:
+                    body += ["for j in range(nj):", f"    {self.array_of(i)}[j] = {self.value(i, self.inline)}"]
+                continue
+            if nd.op == "layer_norm":
+                e = self.array_of(nd.args[0]) if nd.args[0] in plan.array else None
+                gain = nodes[nd.args[1]]
+                bias = nodes[nd.args[2]] if len(nd.args) == 3 else None
+                g = f"PAR_{gain.name}[{gain.index} * H:{gain.index + 1} * H]"
+                bb = f"PAR_{bias.name}[{bias.index} * H:{bias.index + 1} * H]" if bias else g
+                body.append(f"LR{i}[t, b, 0] = ln_vec({e}, {g}, {bb}, {bias is not None}, LU{i}[t, b], "
+                            f"{self.array_of(i)})")
+                continue
+            if i in plan.array:
+                nd_env = {"a": self.value(nd.args[0], self.inline)}
+                if len(nd.args) > 1:
+                    nd_env["b"] = self.value(nd.args[1], self.inline)
+                body += ["for j in range(nj):", f"    {self.array_of(i)}[j] = {_render(FORWARD[nd.op], nd_env)}"]
+        # projection inputs computed at this level
+        for p in self.projs:
+            a = nodes[p].args[0]
+            if plan.pin(p) and plan.level[a] == lv:
+                q = nodes[p].index
+                pin = self.view(f"pin{q}", f"PIN{q}[t, b]")
+                hm = self.view("hm", "hmask[b]")
+                body += ["if has_hmask:", "    for j in range(nj):",
+                         f"        {pin}[j] = {self.value(a, self.inline)} * {hm}[j]",
+                         "else:", "    for j in range(nj):", f"        {pin}[j] = {self.value(a, self.inline)}"]
+        # new states
+        for k, u in enumerate(d.updates):
+            if plan.level[u] != lv:
+                continue
+            st = self.view(f"n{k}", f"ST{k}[t + 1, b][j0:j1]")
+            kk = self.view(f"k{k}", f"K{k}[t, b][j0:j1]")
+            s = self.view(f"s{k}", f"ST{k}[t, b][j0:j1]") + "[j]"
+            new = self.value(u, self.inline) if u not in plan.array else self.array_of(u) + "[j]"
+            body += ["if has_keep:", "    for j in range(nj):",
+                     f"        {st}[j] = {kk}[j] * {s} + (F(1.0) - {kk}[j]) * ({new})"]
+            if u not in plan.array or u in plan.saved:
+                body += ["else:", "    for j in range(nj):", f"        {st}[j] = {new}"]
+        return body
+
+
+class _Backward(_Gen):
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan)
+        self.written: set[str] = set()  # sinks written this step (the first write assigns)
+        self.tmp = 0
+
+    def saved_value(self, i: int) -> str:
+        """Forward value of node ``i`` as the backward reads it."""
+        nd = self.nodes[i]
+        if nd.op in _LEAVES:
+            return self.value(i, None)
+        return self.view(f"sv{i}", f"SV{i}[t, b][j0:j1]") + "[j]"
+
+    def sink(self, a: int, expr: str, out: list[str]) -> None:
+        """Add ``expr`` to the gradient of node ``a`` (not fused)."""
+        nd = self.nodes[a]
+        op = nd.op
+        if op == "const":
             return
-        bw.append(f"        g{i} = g{i} + {e}" if i in has else f"        g{i} = {e}")
-        has.add(i)
-
-    for k in range(S):
-        bw.append(f"        c{k} = K{k}[t] * g_s{k}")
-        acc(d.updates[k], f"(g_s{k} - c{k})")
-    for k in range(S):
-        bw.append(f"        g_s{k} = c{k}")
-    blocks: dict[int, dict[int, int]] = {}
-    for i in range(len(nodes) - 1, -1, -1):
-        n = nodes[i]
-        op = n.op
-        if op == "proj":
-            p, nb = n.index, int(n.value)
-            bw.append(f"        dy = np.zeros((B, {nb} * H), xg.dtype)")
-            for j, src in blocks.get(i, {}).items():
-                bw.append(f"        dy[:, {j} * H:{j + 1} * H] = g{src}")
-            if d.layer_norm:
-                lo, hi = offsets[p], offsets[p] + nb
-                bw.append(f"        dbhh[{lo} * H:{hi} * H] += dy.sum(axis=0)")
-                bw.append(f"        dy, dg = ln_bwd(dy, LU{i}[t], LR{i}[t], lng[{lo} * H:{hi} * H])")
-                bw.append(f"        dlng[{lo} * H:{hi} * H] += dg")
-            bw.append(f"        DRAW{p}[t] = dy")
-            acc(n.args[0], f"np.dot(dy, R{p}) * hmask")
-            continue
-        if i not in has:
-            continue
-        g = f"g{i}"
-        a = [val(x) for x in n.args]
-        if op == "state":
-            bw.append(f"        g_s{n.index} = g_s{n.index} + {g}")
-        elif op == "input":
-            k = G if n.index < 0 else n.index
-            bw.append(f"        DXG[t, :, {k} * H:{k + 1} * H] += {g}")
-        elif op == "param":
-            bw.append(f"        dP_{n.name}[{n.index} * H:{n.index + 1} * H] += {g}.sum(axis=0)")
+        if op == "param":
+            out.append(f"dp_{nd.name}_{nd.index}[j] += {expr}")
+            return
+        if op == "input":
+            k = self.d.input_gates if nd.index < 0 else nd.index
+            name = self.view(f"dx{k}", f"DXG[t, b][{k} * H + j0:{k} * H + j1]")
         elif op == "block":
-            blocks.setdefault(n.args[0], {})[n.index] = i
-        elif op == "layer_norm":
-            if len(n.args) == 3:
-                acc(n.args[2], g)
-            acc(n.args[1], f"{g} * LU{i}[t]")
-            bw.append(f"        du, dg = ln_bwd({g}, LU{i}[t], LR{i}[t], {a[1]})")
-            acc(n.args[0], "du")
-        elif op == "add":
-            acc(n.args[0], g)
-            acc(n.args[1], g)
-        elif op == "sub":
-            acc(n.args[0], g)
-            acc(n.args[1], f"(-{g})")
-        elif op == "neg":
-            acc(n.args[0], f"(-{g})")
-        elif op == "mul":
-            acc(n.args[0], f"{g} * {a[1]}")
-            acc(n.args[1], f"{g} * {a[0]}")
-        elif op == "div":
-            acc(n.args[0], f"{g} / {a[1]}")
-            acc(n.args[1], f"(-{g} / {a[1]} * v{i})")
-        elif op in ("max", "min"):
-            cmp = ">" if op == "max" else "<"
-            bw.append(f"        w{i} = np.where({a[0]} {cmp} {a[1]}, 1.0, np.where({a[0]} == {a[1]}, 0.5, 0.0))")
-            acc(n.args[0], f"{g} * w{i}")
-            acc(n.args[1], f"{g} * (1.0 - w{i})")
-        elif op == "sigmoid":
-            acc(n.args[0], f"{g} * v{i} * (1.0 - v{i})")
-        elif op == "tanh":
-            acc(n.args[0], f"{g} * (1.0 - v{i} * v{i})")
-        elif op == "exp":
-            acc(n.args[0], f"{g} * v{i}")
-        elif op == "log":
-            acc(n.args[0], f"{g} / {a[0]}")
-        elif op == "relu":
-            acc(n.args[0], f"np.where(v{i} > 0.0, {g}, 0.0)")
-        elif op == "softplus":
-            acc(n.args[0], f"(-{g} * np.expm1(-v{i}))")
-        elif op == "hard_sigmoid":
-            acc(n.args[0], f"np.where(({a[0]} > -3.0) & ({a[0]} < 3.0), {g} / 6.0, 0.0)")
-        elif op == "abs":
-            acc(n.args[0], f"{g} * np.sign({a[0]})")
+            if nd.args[0] in self.plan.paired:
+                return  # d(R h) is d xg: the input block's write is this one
+            q = self.nodes[nd.args[0]].index
+            name = self.view(f"dr{q}_{nd.index}", f"DRAW{q}[t, b][{nd.index} * H + j0:{nd.index} * H + j1]")
+        elif op == "state":
+            name = self.view(f"gp{nd.index}", f"GP{nd.index}[bl][j0:j1]")
+            if name not in self.written:
+                self.written.add(name)
+                out.append(f"{name}[j] = {expr} + ({name}[j] if has_keep else F(0.0))")
+                return
         else:
-            raise ValueError(f"no generated derivative for {op!r}")
-    bw.append("    return " + (", ".join(f"g_s{k}" for k in range(S)) if S > 1 else "(g_s0,)"))
-    return _HELPERS + "\n\n" + "\n".join(fw) + "\n\n\n" + "\n".join(bw) + "\n"
+            name = self.view(f"ga{a}", f"GA{a}[bl]")
+        if name in self.written:
+            out.append(f"{name}[j] += {expr}")
+        else:
+            self.written.add(name)
+            out.append(f"{name}[j] = {expr}")
+
+    def paths(self, i: int, g: str, prefix: list[str]) -> list[list[str]]:
+        """The loops that carry the gradient ``g`` of node ``i`` (after the lines ``prefix``) into its arguments:
+        one loop per path to a sink or an array, each recomputing the path's scalars, so that every loop
+        stores to one array (loops that store to several are not vectorized by LLVM)."""
+        nd = self.nodes[i]
+        if nd.op == "layer_norm":
+            return []
+        env = {"g": g}
+        reads = DERIVATIVE_READS.get(nd.op, ())
+        if "out" in reads:
+            env["y"] = self.saved_value(i)
+        for pos, key in ((0, "a"), (1, "b")):
+            if pos < len(nd.args) and pos in reads:
+                env[key] = self.saved_value(nd.args[pos])
+        loops: list[list[str]] = []
+        for pos, a in enumerate(nd.args):
+            if self.nodes[a].op == "const":
+                continue
+            expr = _render(DERIVATIVES[nd.op][pos], env)
+            if self.fused(a):
+                self.tmp += 1
+                name = f"d{self.tmp}"
+                loops += self.paths(a, name, [*prefix, f"{name} = {expr}"])
+            else:
+                out = list(prefix)
+                self.sink(a, expr, out)
+                if len(out) > len(prefix):
+                    loops.append(out)
+        return loops
+
+    def fused(self, a: int) -> bool:
+        nd = self.nodes[a]
+        return nd.op not in _LEAVES and nd.op not in ("block", "proj") and a not in self.plan.root
+
+    def root_pass(self, i: int) -> list[str]:
+        """The pass that starts at root node ``i``: its gradient (array, plus a new state's), then its arguments."""
+        nd = self.nodes[i]
+        terms = []
+        if any(kind in ("node", "proj") for kind, _ in self.plan.readers[i]):
+            terms.append(self.view(f"ga{i}", f"GA{i}[bl]") + "[j]")
+        for kind, k in self.plan.readers[i]:
+            if kind == "update":
+                terms.append(self.view(f"gs{k}", f"GS{k}[bl][j0:j1]") + "[j]")
+        if nd.op == "layer_norm":
+            e = nd.args[0]
+            gain = self.nodes[nd.args[1]]
+            bias = self.nodes[nd.args[2]] if len(nd.args) == 3 else None
+            has_array = any(kind in ("node", "proj") for kind, _ in self.plan.readers[i])
+            lines = [f"gln = GA{i}[bl]"]
+            for kind, k in self.plan.readers[i]:
+                if kind == "update":
+                    op = "+=" if has_array else "="
+                    lines += ["for j in range(nj):", f"    gln[j] {op} GS{k}[bl][j]"]
+                    has_array = True
+            first = f"ga{e}" not in self.written
+            self.written.add(f"ga{e}")
+            dg = f"dPAR_{gain.name}[{gain.index} * H:{gain.index + 1} * H]"
+            db = f"dPAR_{bias.name}[{bias.index} * H:{bias.index + 1} * H]" if bias else dg
+            lines.append(f"ln_vec_backward(gln, LU{i}[t, b], LR{i}[t, b, 0], "
+                         f"PAR_{gain.name}[{gain.index} * H:{gain.index + 1} * H], GA{e}[bl], {first}, {dg}, "
+                         f"{db}, {bias is not None})")
+            return lines
+        lines: list[str] = []
+        for loop in self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"]):
+            lines += ["for j in range(nj):"] + ["    " + line for line in loop]
+        return lines
+
+    def level_body(self, lv: int) -> list[str]:
+        body: list[str] = []
+        for i in range(len(self.nodes) - 1, -1, -1):
+            if self.plan.level[i] == lv and i in self.plan.root:
+                body += self.root_pass(i)
+        return body
+
+    def roots_with_array(self) -> list[int]:
+        return sorted(i for i in self.plan.root if any(kind in ("node", "proj") for kind, _ in self.plan.readers[i])
+                      or self.nodes[i].op == "layer_norm")
+
+    def text(self) -> str:
+        plan, nodes, d, S = self.plan, self.nodes, self.d, self.S
+        w = _Writer()
+        w(0, "@njit(**_J)")
+        args = (self.common_args() + ["has_dout", "dout"] + [f"dS{k}" for k in range(S)] + [f"O{k}" for k in range(S)]
+                + ["DXG"] + [f"DRAW{q}" for q in range(self.P)] + [f"dPAR_{n}" for n in self.params]
+                + ["dlng", "dbhh"] + [f"W{q}" for q in range(self.P)] + ["b0", "b1", "j0", "j1", "sync"])
+        w(0, f"def backward({', '.join(args)}):")
+        w(1, "T = ST0.shape[0] - 1")
+        w(1, "H = ST0.shape[2]")
+        w(1, "nb = b1 - b0")
+        w(1, "nj = j1 - j0")
+        for k in range(S):
+            w(1, f"GS{k} = dS{k}[b0:b1].copy()")
+            w(1, f"GP{k} = np.empty((nb, H), xg.dtype)")
+        for i in self.roots_with_array():
+            w(1, f"GA{i} = np.empty((nb, {'H' if nodes[i].op == 'layer_norm' else 'nj'}), xg.dtype)")
+        w(1, "tmp = np.empty((nb, nj), xg.dtype)")
+        self.param_views(w, grads=True)
+        w(1, "for t in range(T - 1, -1, -1):")
+        # incoming: the output gradient, then zoneout's carry to the previous state
+        pre = ["if has_dout:", "    do = dout[t, b][j0:j1]", "    g0 = GS0[bl][j0:j1]", "    for j in range(nj):",
+               "        g0[j] += do[j]", "if has_keep:"]
+        for k in range(S):
+            pre += [f"    gk = GS{k}[bl][j0:j1]", f"    pk = GP{k}[bl][j0:j1]", f"    kk = K{k}[t, b][j0:j1]",
+                    "    for j in range(nj):", "        pk[j] = kk[j] * gk[j]", "        gk[j] -= pk[j]"]
+        w(2, "for bl in range(nb):")
+        w(3, "b = b0 + bl")
+        for line in pre:
+            w(3, line)
+        self.written = set()
+        for lv in range(plan.levels - 1, -1, -1):
+            body = self.level_body(lv)
+            if body:
+                w(2, "for bl in range(nb):")
+                w(3, "b = b0 + bl")
+                self.emit_row(w, 3, body)
+            for p in reversed(self.projs):
+                if plan.level[p] != lv:
+                    continue
+                q, a = nodes[p].index, nodes[p].args[0]
+                n_b = int(nodes[p].value)
+                if d.layer_norm:
+                    off = self.offset[p]
+                    w(2, "for bl in range(nb):")
+                    w(3, f"dr = DRAW{q}[t, b0 + bl]")
+                    w(3, f"for j in range({n_b} * H):")
+                    w(4, f"dbhh[{off} * H + j] += dr[j]")
+                    w(2, f"_ln_rows_backward(DRAW{q}[t, b0:b1], {n_b} * H, lng, {off} * H, UH[t, b0:b1], "
+                         f"RSH[t, b0:b1], {q}, DRAW{q}[t, b0:b1], dlng)")
+                w(2, "if sync:")
+                w(3, "_barrier()")
+                w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
+                an = nodes[a]
+                if an.op == "state":
+                    tgt, key = f"GP{an.index}", f"gp{an.index}"
+                else:
+                    tgt, key = f"GA{a}", f"ga{a}"
+                first = key not in self.written
+                self.written.add(key)
+                w(2, "for bl in range(nb):")
+                w(3, f"tg = {tgt}[bl][j0:j1]")
+                w(3, "tm = tmp[bl]")
+                w(3, "hm = hmask[b0 + bl][j0:j1]")
+                w(3, "for j in range(nj):")
+                w(4, "v = tm[j] * hm[j] if has_hmask else tm[j]")
+                if first and an.op == "state":
+                    w(4, "tg[j] = v + (tg[j] if has_keep else F(0.0))")
+                elif first:
+                    w(4, "tg[j] = v")
+                else:
+                    w(4, "tg[j] += v")
+        # states no equation reads: only zoneout's carry reaches the previous step
+        for k in range(S):
+            if f"gp{k}" not in self.written:
+                w(2, "if not has_keep:")
+                w(3, f"GP{k}[:] = 0.0")
+        for k in range(S):
+            w(2, f"GS{k}, GP{k} = GP{k}, GS{k}")
+        for k in range(S):
+            w(1, f"O{k}[b0:b1, j0:j1] = GS{k}[:, j0:j1]")
+        return "\n".join(w.lines) + "\n"
 
 
 def _cache_dir() -> Path:
@@ -273,124 +656,25 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def _module(d: Declaration) -> ModuleType:
-    """The generated module of ``d``: its source written once under a hash of the source, then imported."""
-    from .cpu import _load_blas
+def plan(d: Declaration) -> Plan:
+    """The (cached) :class:`Plan` of ``d``."""
+    return Plan(d)
 
-    _load_blas()  # numba's np.dot needs a BLAS loaded
-    text = source(d)
+
+@functools.cache
+def module(d: Declaration, dtype: str) -> ModuleType:
+    """The generated module of ``d`` in ``dtype``: its source written once under a hash of it, then imported."""
+    text = source(d, dtype)
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     path = _cache_dir() / f"cell_{digest}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"# generated by rnnkit from the declaration {d.name!r}\n" + text, encoding="utf-8")
+        tmp.write_text(f"# generated by rnnkit from the declaration {d.name!r} ({dtype})\n" + text, encoding="utf-8")
         os.replace(tmp, path)
     name = f"rnnkit_generated_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _np(t: Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
-class _GenRecurrence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cell: Cell, names: tuple[str, ...], masks: LayerMasks, xg: Tensor, R: Tensor,
-                b_hh: Tensor | None, *rest: Tensor):
-        d = cell.declaration
-        K = _module(d)
-        S, P, H = cell.state_size, len(d.projections), cell.hidden_size
-        T, B = xg.shape[0], xg.shape[1]
-        dt = xg.dtype
-        state0 = rest[:S]
-        w = dict(zip(names, rest[S:]))
-        bounds = np.cumsum([0, *(g * H for g in cell.rec_parts)])
-        Rn = _np(R)
-        Rp = [np.ascontiguousarray(Rn[a:z]) for a, z in zip(bounds, bounds[1:])]
-        RT = [np.ascontiguousarray(r.T) for r in Rp]
-        add_b = b_hh is not None and cell.rec_bias
-        after_ln = b_hh is not None and cell.layer_norm
-        bn = _np(b_hh) if b_hh is not None else None
-        bs = [bn[a:z] if (add_b or after_ln) else np.zeros(z - a, Rn.dtype) for a, z in zip(bounds, bounds[1:])]
-        params = [_np(w[p]) for p, _ in d.params]
-        lng = _np(w["ln_weight_hh"]) if cell.layer_norm else np.zeros(1, Rn.dtype)
-        hmask = _np(masks.hmask) if masks.hmask is not None else np.ones((B, H), Rn.dtype)
-        keep = ([k.detach().to(dt).expand(T, B, H).contiguous().numpy() for k in masks.keep]
-                if masks.keep is not None else [np.zeros((T, B, H), Rn.dtype)] * S)
-        ST = [torch.empty(T + 1, B, H, dtype=dt) for _ in range(S)]
-        for k in range(S):
-            ST[k][0] = state0[k]
-        nodes = d.nodes
-        saved = _saved(d)
-        lns = _ln_nodes(d)
-        width = {i: (int(nodes[i].value) * H if nodes[i].op == "proj" else H) for i in lns}
-        SV = [np.empty((T, B, H), Rn.dtype) for _ in saved]
-        PIN = [np.empty((T, B, H), Rn.dtype) for _ in range(P)]
-        LU = [np.empty((T, B, width[i]), Rn.dtype) for i in lns]
-        LR = [np.empty((T, B, 1), Rn.dtype) for _ in lns]
-        arrays = ([_np(xg), *RT, *Rp, *bs, *params, lng, hmask, *keep, *(s.numpy() for s in ST), *SV, *PIN, *LU, *LR])
-        K.forward(*arrays)
-        out = ST[0][1:]
-        result = out if masks.out_mask is None else out * masks.out_mask
-        ctx.cell, ctx.names, ctx.masks, ctx.arrays, ctx.PIN = cell, names, masks, arrays, PIN
-        ctx.meta = (T, B, H, dt, b_hh is not None)
-        return (result.clone() if masks.out_mask is None else result, *(s[T].clone() for s in ST))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
-        cell, masks = ctx.cell, ctx.masks
-        d = cell.declaration
-        K = _module(d)
-        T, B, H, dt, has_bias = ctx.meta
-        ndt = np.float32 if dt == torch.float32 else np.float64
-        if dout is None:
-            dout = torch.zeros(T, B, H, dtype=dt)
-        elif masks.out_mask is not None:
-            dout = dout * masks.out_mask
-        dS = [np.zeros((B, H), ndt) if g is None else _np(g).copy() for g in dfinal]
-        xg_width = ctx.arrays[0].shape[2]
-        DXG = np.zeros((T, B, xg_width), ndt)
-        DRAW = [np.empty((T, B, g * H), ndt) for g in cell.rec_parts]
-        dP = [np.zeros(len(b) * H, ndt) for _, b in d.params]
-        dlng = np.zeros(cell.rec_gates * H if cell.layer_norm else 1, ndt)
-        dbhh = np.zeros(cell.rec_gates * H, ndt)
-        dS0 = K.backward(*ctx.arrays, _np(dout), *dS, DXG, *DRAW, *dP, dlng, dbhh)
-        dR = torch.cat([torch.from_numpy(D.reshape(T * B, -1)).t() @ torch.from_numpy(X.reshape(T * B, H))
-                        for D, X in zip(DRAW, ctx.PIN)], 0)
-        db = None
-        if has_bias:
-            db = torch.from_numpy(dbhh) if cell.layer_norm else torch.cat(
-                [torch.from_numpy(D).sum((0, 1)) for D in DRAW])
-        grads = {p: torch.from_numpy(g) for (p, _), g in zip(d.params, dP)}
-        if cell.layer_norm:
-            grads["ln_weight_hh"] = torch.from_numpy(dlng)
-        ctx.arrays = ctx.PIN = None
-        return (None, None, None, torch.from_numpy(DXG), dR, db, *(torch.from_numpy(np.ascontiguousarray(s))
-                                                                    for s in dS0),
-                *(grads.get(n) for n in ctx.names))
-
-
-def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
-    """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
-    check_numba_input("cpu_gen", x)
-    xg = cell.project_input(x, w)
-    names = tuple(cell.extra_shapes())
-    out, *state = _GenRecurrence.apply(cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
-                                       *(w[n] for n in names))
-    return out, tuple(state)
-
-
-def _unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
-    if device.type != "cpu":
-        return f"the generated CPU loops run on the CPU only, not on {device}"
-    return None
-
-
-register(Backend("cpu_gen", "numba loops generated from the declaration (CPU, one thread)", _unsupported, run,
-                 DTYPES, Capability(), experimental=True))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -19,8 +19,8 @@ from ..cells import resolve as resolve_cell
 from ..errors import UserError
 from ..layers import LAYERS, build
 
-VARIANT_OPTIONS = ("forget_bias", "peephole", "coupled", "drop_gates", "output_activation", "layer_norm",
-                   "reset_after", "nonlinearity", "recurrent_dropout", "zoneout")
+VARIANT_OPTIONS = ("forget_bias", "peephole", "coupled", "drop_gates", "output_activation", "gate_activation",
+                   "candidate_activation", "layer_norm", "reset_after", "nonlinearity", "recurrent_dropout", "zoneout")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class RecurrentOptions:
     coupled: bool | None = None
     drop_gates: tuple[str, ...] | None = None
     output_activation: bool | None = None
+    gate_activation: str | None = None
+    candidate_activation: str | None = None
     layer_norm: bool | None = None
     reset_after: bool | None = None
     nonlinearity: str | None = None

@@ -741,7 +741,8 @@ def _write_attention(model: Seq2Seq, pairs: Sequence[Pair], vocabs: PairVocabs, 
 # ---- trained runs ---------------------------------------------------------------------------------
 @dataclass
 class LoadedRun:
-    """A trained run: config, vocabularies, model (eval mode) and the checkpoint step."""
+    """A trained run: config, vocabularies, model (eval mode; or an exported pair of graphs,
+    :class:`rnnkit.export.runner.OnnxSeq2Seq`, which decodes the same way) and the checkpoint step."""
 
     run_dir: Path
     config: Seq2SeqConfig
@@ -797,7 +798,7 @@ def translate(run: LoadedRun, sources: Iterable[tuple[str, Sequence[str]]], deco
     cfg = decode_cfg or run.config.decode
     _check_decode(cfg)
     src_kind, tgt_kind = run.config.data.sides()
-    if attention_dir is not None and run.model.attention is None:
+    if attention_dir is not None and run.config.model.attention == "none":
         raise UserError("--attention-dir: the model has no attention (model.attention = 'none')")
     outputs: list[str] = []
     pending: list[Sequence[str]] = []
