@@ -150,8 +150,9 @@ class ImageAugment:
     def check(self) -> None:
         for key in ("rotate", "shear", "scale", "elastic", "elastic_sigma", "thickness"):
             v = getattr(self, key)
-            if not 0 <= v < (90 if key == "rotate" else 10):
-                raise UserError(f"image_augment.{key}: expected a non-negative strength, got {v}")
+            limit = 90 if key == "rotate" else 10
+            if not 0 <= v < limit:
+                raise UserError(f"image_augment.{key}: expected a strength in [0, {limit}), got {v}")
         if self.scale >= 1 or self.thickness > 1:
             raise UserError(f"image_augment: expected scale < 1 and thickness <= 1, got scale {self.scale} and "
                             f"thickness {self.thickness}")
@@ -253,6 +254,19 @@ class ImageSteps:
             flat = out.reshape(B, -1)
             raw = (flat if self.perm is None else flat[:, self.perm.to(x.device)])[..., None]
         return ((raw - c) / s * mask).reshape(B, T, C)
+
+
+def training_inputs(x, lengths, augmentation: dict[str, float],
+                    images: tuple[ImageSteps, ImageAugment] | None = None, widths=None):
+    """A training batch (B, T, C) augmented: image inputs first distorted (``images``: how the steps map to
+    images, and the distortion; ``widths`` as in :meth:`ImageSteps.distort`), then every input by
+    :func:`rnnkit.data.sequences.augment` with ``augmentation``."""
+    from .sequences import augment
+
+    if images is not None:
+        steps, augment_images = images
+        x = steps.distort(x, augment_images, widths)
+    return augment(x, lengths, **augmentation) if augmentation else x
 
 
 def _smooth_noise(B: int, H: int, W: int, sigma: float, device, dtype):
@@ -513,7 +527,7 @@ def digit_strings(split: str, n: int | None = None, seed: int | None = None) -> 
     return ImageSet(images, np.asarray(labels, dtype=object))
 
 
-__all__ = ["ImageSet", "ImageAugment", "ImageSteps", "ORDERS", "to_sequence",
+__all__ = ["ImageSet", "ImageAugment", "ImageSteps", "training_inputs", "ORDERS", "to_sequence",
            "as_sequence_set", "pixel_permutation", "read_idx", "write_idx",
            "read_idx_pair", "read_png", "read_png_classes", "read_text_lines", "read_labels_tsv",
            "read_image_array", "read_images", "load_digits", "digit_strings"]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.images import ImageAugment, ImageSteps, pixel_permutation
-from ..data.sequences import SequenceSet, augment, label_name, pad
+from ..data.images import ImageAugment, ImageSteps, pixel_permutation, training_inputs
+from ..data.sequences import SequenceSet, label_name, pad
 from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
@@ -138,11 +138,8 @@ class ClassifyTask:
 
     def loss(self, model: SequenceClassifier, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        if model.training and self.images is not None:
-            steps, augment_images = self.images
-            x = steps.distort(x, augment_images)
-        if model.training and self.augmentation:
-            x = augment(x, batch["lengths"], **self.augmentation)
+        if model.training:
+            x = training_inputs(x, batch["lengths"], self.augmentation, self.images)
         logits = model(x, batch["lengths"])
         w = None if self.weights is None else self.weights.to(logits.device)
         return F.cross_entropy(logits, batch["y"], weight=w)

@@ -29,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.images import DIGIT_STRINGS, ImageAugment, ImageSteps, digit_strings, read_labels_tsv, read_png, to_sequence
-from ..data.sequences import augment, pad
+from ..data.images import (
+    DIGIT_STRINGS,
+    ImageAugment,
+    ImageSteps,
+    digit_strings,
+    read_labels_tsv,
+    read_png,
+    to_sequence,
+    training_inputs,
+)
+from ..data.sequences import pad
 from ..data.series import Scaler, read_table
 from ..errors import UserError
 from ..metrics.text import text_metrics
@@ -136,11 +145,8 @@ class CTCTask:
 
     def loss(self, model: CTCModel, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        if model.training and self.images is not None:
-            steps, augment_images = self.images
-            x = steps.distort(x, augment_images, batch["columns"])
-        if model.training and self.augmentation:
-            x = augment(x, batch["lengths"], **self.augmentation)
+        if model.training:
+            x = training_inputs(x, batch["lengths"], self.augmentation, self.images, batch["columns"])
         logp = model(x, batch["lengths"])
         return F.ctc_loss(logp.transpose(0, 1), batch["targets"], batch["lengths"], batch["target_lengths"],
                           blank=CTC_BLANK, reduction="mean")
