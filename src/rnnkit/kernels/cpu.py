@@ -613,13 +613,20 @@ class _GenRecurrence(torch.autograd.Function):
                   *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
         Rd = R.detach().contiguous()
         _launch(K.forward, A, Rd, cell, True, common)
-        out = ST[0][1:]
-        result = out if masks.out_mask is None else out * masks.out_mask
+        # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
+        # place, which autograd's version counter then reports, as for any saved tensor)
+        out = torch.from_numpy(ST[0].numpy()[1:])
+        if masks.out_mask is None:
+            result = out
+            ctx.save_for_backward(out)
+        else:
+            result = out * masks.out_mask
+            ctx.save_for_backward()
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
         if not plan.reads_input:  # free xg now: the backward does not read it
             common = (A.dummy3, *common[1:])
         ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2])
-        return (result.clone() if masks.out_mask is None else result, *(s[T].clone() for s in ST))
+        return (result, *(s[T].clone() for s in ST))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -628,6 +635,7 @@ class _GenRecurrence(torch.autograd.Function):
             raise RuntimeError("backend='cpu' frees its saved activations in the first backward pass through "
                                "them; run the forward again instead of retain_graph=True")
         cell, masks, A = ctx.cell, ctx.masks, ctx.arrays
+        ctx.saved_tensors  # noqa: B018 (raises if the caller modified the output in place)
         common, ST, PIN, Rd, has_bias, xg_width = ctx.buf
         d = cell.declaration
         plan = cpu_generated.plan(d)
