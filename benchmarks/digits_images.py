@@ -1,9 +1,11 @@
 """Images as sequences on the built-in 8x8 digits: rows, pixel by pixel, permuted pixels.
 
-Trains ``rnnkit classify``'s default model (the same configuration for every reading order) on the fixed
-split of :func:`rnnkit.data.images.load_digits` and reports test accuracy, next to two references from
+Trains ``rnnkit classify``'s recurrent classifier (the same configuration for every reading order; the
+training images are distorted before they are read, ``[image_augment]``) on the fixed split of
+:func:`rnnkit.data.images.load_digits` and reports test accuracy, next to two references from
 scikit-learn on the same split and the same 64 pixel values: 1-nearest-neighbour (Euclidean) and a
-logistic regression (default L2, lbfgs). Prints one JSON object per line.
+logistic regression (default L2, lbfgs). Prints one JSON object per line. The configuration is
+``CONFIG`` (LSTM 128, noise and gain 0.1, 200 epochs on a cosine schedule) unless ``--set`` changes it.
 
     python benchmarks/digits_images.py                       # rows, pixels, permuted; then the references
     python benchmarks/digits_images.py --orders rows --set trainer.epochs=10
@@ -23,6 +25,9 @@ from rnnkit.tasks import classify as C
 from rnnkit.train.config import load_config, parse_override
 
 ORDERS = {"rows": ("rows", None), "pixels": ("pixels", None), "permuted": ("pixels", 0)}
+# one configuration for every reading order
+CONFIG = {"model.kind": "recurrent", "model.hidden": 128, "data.jitter": 0.1, "data.scale": 0.1,
+          "trainer.epochs": 200, "trainer.schedule.name": "cosine"}
 
 
 def references() -> list[dict]:
@@ -78,7 +83,7 @@ def main() -> None:
     for name in [o for o in args.orders.split(",") if o]:
         order, seed = ORDERS[name]
         # the recurrent classifier reading the image (the benchmark's subject), unless --set model.kind=...
-        cfg = load_config(C.ClassifyConfig, None, {"model.kind": "recurrent", **overrides, "data.read": order,
+        cfg = load_config(C.ClassifyConfig, None, {**CONFIG, **overrides, "data.read": order,
                                                    "data.permute_seed": seed, "trainer.log_every": 10_000})
         tr = as_sequence_set(load_digits("train"), order, seed)
         te = as_sequence_set(load_digits("test"), order, seed)

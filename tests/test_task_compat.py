@@ -38,8 +38,9 @@ def test_old_configs_load_to_the_same_settings(name: str) -> None:
         new = config_to_dict(cfg)
         added = {k: v for k, v in new["model"].items() if k not in old["model"]}
         assert added.items() <= {**ADDED, **(ADDED_CLASSIFY if name == "classify" else {})}.items()
-        if name == "classify":
-            assert new.pop("auto") == config_to_dict(classify.ClassifyConfig())["auto"]
+        if name == "classify":  # sections added later: the model choice, the image distortion
+            for section in ("auto", "image_augment"):
+                assert new.pop(section) == config_to_dict(classify.ClassifyConfig())[section]
         assert {**new, "model": {k: v for k, v in new["model"].items() if k in old["model"]}} == old
 
 

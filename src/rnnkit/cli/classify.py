@@ -97,6 +97,10 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
               "rows, columns or pixels (default rows for --dataset digits).")] = None,
           permute: Annotated[int | None, typer.Option(
               "--permute", help="With --read pixels: a fixed random pixel order from this seed.")] = None,
+          image_augment: Annotated[bool | None, typer.Option(
+              "--image-augment/--no-image-augment",
+              help="Images: distort them while training (random affine, elastic, stroke thickness; "
+                   "[image_augment]); on by default.")] = None,
           train_labels: Annotated[Path | None, typer.Option(
               "--train-labels", help="Images in IDX format: the labels IDX file of --train.")] = None,
           test_labels: Annotated[Path | None, typer.Option(
@@ -118,7 +122,7 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
         "model.pool": pool, "data.class_weights": class_weights, "data.val_fraction": val_fraction,
         "data.scaler": scaler, "data.fill": fill, "trainer.optim.lr": lr, "data.downsample": downsample,
         "data.jitter": jitter, "data.scale": scale, "data.warp": warp, "data.read": read,
-        "data.permute_seed": permute})
+        "data.permute_seed": permute, "image_augment.enabled": image_augment})
     tr = read_set(train_path, dataset, "train", "--train", label, id_column, time_col, cfg.data.fill, cfg.data,
                   train_labels, "--train-labels")
     te = None

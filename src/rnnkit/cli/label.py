@@ -63,6 +63,10 @@ def train(train_path: Annotated[str, typer.Option(
           bidirectional: Annotated[bool | None, typer.Option("--bidirectional/--unidirectional",
                                                              help="Read sequences both ways.")] = None,
           lr: Annotated[float | None, typer.Option("--lr", help="Learning rate.")] = None,
+          image_augment: Annotated[bool | None, typer.Option(
+              "--image-augment/--no-image-augment",
+              help="Distort training images (random affine, elastic, stroke thickness; [image_augment]); "
+                   "on by default for image inputs.")] = None,
           decoder: DecoderOpt = None, beam_width: BeamOpt = None, lm_order: LmOrderOpt = None,
           lm_weight: LmWeightOpt = None, alignments: AlignOpt = 3, *, opts: RunOptions) -> None:
     """Train a CTC labeller; with --test report CER, WER and sequence accuracy (greedy and beam) and plot
@@ -71,7 +75,8 @@ def train(train_path: Annotated[str, typer.Option(
 
     cfg = ts_config(opts, L.LabelConfig, {
         "model.cell": cell, "model.hidden": hidden, "model.layers": layers, "model.bidirectional": bidirectional,
-        "trainer.optim.lr": lr, "decode.decoder": decoder, "decode.beam_width": beam_width,
+        "trainer.optim.lr": lr, "image_augment.enabled": image_augment,
+        "decode.decoder": decoder, "decode.beam_width": beam_width,
         "decode.lm_order": lm_order, "decode.lm_weight": lm_weight})
     tr = L.read_label_set(train_path, labels, "--train")
     te = L.read_label_set(test_path, test_labels, "--test", split="test") if test_path is not None else None

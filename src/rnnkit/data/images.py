@@ -107,7 +107,182 @@ def as_sequence_set(data: ImageSet, order: str, permute_seed: int | None = None)
             raise UserError(f"--permute: the images have different sizes {sorted(sizes)[:5]}; a fixed pixel "
                             "permutation needs one size")
         perm = pixel_permutation(sizes.pop(), permute_seed)
-    return SequenceSet([to_sequence(im, order, perm) for im in data.images], data.labels, data.ids)
+    shapes = {im.shape for im in data.images}
+    return SequenceSet([to_sequence(im, order, perm) for im in data.images], data.labels, data.ids,
+                       image_shape=shapes.pop() if len(shapes) == 1 else None)
+
+
+# ---- training-time distortion ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageAugment:
+    r"""Random distortion of training images (section ``[image_augment]``); never applied at evaluation.
+
+    Each image of a batch gets its own random affine map about its centre, a smooth random displacement
+    field and a change of stroke thickness. With ink :math:`y = \sigma (x - b)` (:math:`b` the image's
+    median grey level, its background; :math:`\sigma = \pm 1` so that ink is positive, for light ink on
+    dark ground and dark ink on light ground alike), output pixel :math:`p` (column, row; centre
+    :math:`c`) reads :math:`y` bilinearly at
+
+    .. math:: p' = R(\theta)\, \begin{pmatrix}1 & s\\ 0 & 1\end{pmatrix}
+              \begin{pmatrix}a_x & 0\\ 0 & a_y\end{pmatrix} (p - c) + c + \delta(p)
+
+    with :math:`\theta \sim U(\pm\text{rotate})` degrees, shear :math:`s \sim U(\pm\text{shear})`,
+    :math:`a \sim U(1 \pm \text{scale})` per axis and :math:`\delta` white noise blurred by a Gaussian of
+    std ``elastic_sigma`` pixels, rescaled to an rms of ``elastic`` pixels (Simard et al. 2003). Strokes
+    then move towards their 3x3 grey-level dilation (:math:`t > 0`) or erosion (:math:`t < 0`) by
+    :math:`|t|`, :math:`t \sim U(\pm\text{thickness})`. Outside the image reads as background; the size
+    and the labels do not change.
+
+    Args:
+        enabled: distort training images (only inputs read from images are).
+        rotate, shear, scale, elastic, elastic_sigma, thickness: the strengths above (0 = off); the
+            defaults are those of ``rnnkit classify``, ``rnnkit label`` sets its own for text lines.
+    """
+
+    enabled: bool = True
+    rotate: float = 5.0
+    shear: float = 0.15
+    scale: float = 0.1
+    elastic: float = 0.3
+    elastic_sigma: float = 1.5
+    thickness: float = 0.3
+
+    def check(self) -> None:
+        for key in ("rotate", "shear", "scale", "elastic", "elastic_sigma", "thickness"):
+            v = getattr(self, key)
+            limit = 90 if key == "rotate" else 10
+            if not 0 <= v < limit:
+                raise UserError(f"image_augment.{key}: expected a strength in [0, {limit}), got {v}")
+        if self.scale >= 1 or self.thickness > 1:
+            raise UserError(f"image_augment: expected scale < 1 and thickness <= 1, got scale {self.scale} and "
+                            f"thickness {self.thickness}")
+
+    def __call__(self, images, widths):
+        """Distort a zero-padded batch of images (B, H, W) whose image b spans columns [0, widths[b]);
+        columns past an image's width stay zero. Draws from torch's global generator."""
+        import torch
+        import torch.nn.functional as F
+
+        B, H, W = images.shape
+        dt, dev = images.dtype, images.device
+        valid = (torch.arange(W, device=dev)[None] < widths[:, None].to(dev))[:, None, :].expand(B, H, W)
+        bg = torch.stack([im[v].median() if v.any() else im.new_zeros(()) for im, v in zip(images, valid)])
+        sign = torch.where(bg > 0.5, -1.0, 1.0).to(dt)
+        ink = (images - bg[:, None, None]) * sign[:, None, None] * valid
+
+        def u(n: int = B) -> torch.Tensor:
+            return 2 * torch.rand(n, device=dev, dtype=dt) - 1
+
+        th = torch.deg2rad(self.rotate * u())
+        sh, ax, ay = self.shear * u(), 1 + self.scale * u(), 1 + self.scale * u()
+        cos, sin = torch.cos(th), torch.sin(th)
+        # A = R(th) @ [[1, sh], [0, 1]] @ diag(ax, ay)
+        a11, a12 = cos * ax, (cos * sh - sin) * ay
+        a21, a22 = sin * ax, (sin * sh + cos) * ay
+        cx = (widths.to(dev, dt) - 1) / 2
+        cy = (H - 1) / 2
+        px = torch.arange(W, device=dev, dtype=dt)[None, None, :] - cx[:, None, None]
+        py = torch.arange(H, device=dev, dtype=dt)[None, :, None] - cy
+        sx = a11[:, None, None] * px + a12[:, None, None] * py + cx[:, None, None]
+        sy = a21[:, None, None] * px + a22[:, None, None] * py + cy
+        if self.elastic > 0:
+            field = _smooth_noise(B, H, W, self.elastic_sigma, dev, dt)
+            rms = field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-12)
+            field = field * (self.elastic / rms)
+            sx, sy = sx + field[:, 0], sy + field[:, 1]
+        grid = torch.stack([(2 * sx + 1) / W - 1, (2 * sy + 1) / H - 1], dim=-1)
+        out = F.grid_sample(ink[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.thickness > 0:
+            t = (self.thickness * u())[:, None, None, None]
+            dil = F.max_pool2d(out, 3, stride=1, padding=1)
+            ero = -F.max_pool2d(-out, 3, stride=1, padding=1)
+            out = out + t.clamp(min=0) * (dil - out) + (-t).clamp(min=0) * (ero - out)
+        return (bg[:, None, None] + sign[:, None, None] * out[:, 0]) * valid
+
+
+class ImageSteps:
+    """Maps a batch of scaled steps back to the images they were read from and forth again, so that the
+    images can be distorted while training (:meth:`distort`).
+
+    The steps (B, T, C) were read from images of ``shape`` (H, W) in ``order`` (:func:`to_sequence`, with
+    ``permutation`` for pixels), scaled per feature as (v - center) / scale, and
+    ``stack`` consecutive steps joined into one (columns: images of any width).
+    """
+
+    def __init__(self, center: np.ndarray, scale: np.ndarray, order: str, shape: tuple[int, int] | None = None,
+                 permutation: np.ndarray | None = None, stack: int = 1) -> None:
+        import torch
+
+        if order not in ORDERS:
+            raise UserError(f"--read: expected one of {ORDERS}, got {order!r}")
+        if order != "columns" and shape is None:
+            raise UserError(f"image augmentation: images read as {order} need their size (H, W)")
+        self.center = torch.as_tensor(np.asarray(center, dtype=np.float32))
+        self.scale = torch.as_tensor(np.asarray(scale, dtype=np.float32))
+        self.order, self.shape, self.stack = order, shape, stack
+        self.perm = None if permutation is None else torch.as_tensor(np.asarray(permutation, dtype=np.int64))
+        self.inverse = None if permutation is None else torch.argsort(self.perm)
+
+    def distort(self, x, augment_images, widths=None):
+        """``x`` (B, T, C) with each image distorted by ``augment_images`` (an :class:`ImageAugment`);
+        ``widths``: the number of (unstacked) steps of each image read by columns (default: all)."""
+        import torch
+
+        from .sequences import length_mask
+
+        B, T, C = x.shape
+        n = T * self.stack
+        c, s = self.center.to(x.device, x.dtype), self.scale.to(x.device, x.dtype)
+        if widths is None:
+            widths = torch.full((B,), n if self.order == "columns" else self.shape[1], dtype=torch.long)
+        mask = (length_mask(widths.to(x.device), n) if self.order == "columns"
+                else torch.ones(B, n, dtype=torch.bool, device=x.device))[..., None].to(x.dtype)
+        raw = (x.reshape(B, n, C // self.stack) * s + c) * mask
+        if self.order == "columns":
+            images = raw.transpose(1, 2)
+        elif self.order == "rows":
+            images = raw
+        else:
+            flat = raw[..., 0] if self.inverse is None else raw[..., 0][:, self.inverse.to(x.device)]
+            images = flat.reshape(B, *self.shape)
+        out = augment_images(images, widths)
+        if self.order == "columns":
+            raw = out.transpose(1, 2)
+        elif self.order == "rows":
+            raw = out
+        else:
+            flat = out.reshape(B, -1)
+            raw = (flat if self.perm is None else flat[:, self.perm.to(x.device)])[..., None]
+        return ((raw - c) / s * mask).reshape(B, T, C)
+
+
+def training_inputs(x, lengths, augmentation: dict[str, float],
+                    images: tuple[ImageSteps, ImageAugment] | None = None, widths=None):
+    """A training batch (B, T, C) augmented: image inputs first distorted (``images``: how the steps map to
+    images, and the distortion; ``widths`` as in :meth:`ImageSteps.distort`), then every input by
+    :func:`rnnkit.data.sequences.augment` with ``augmentation``."""
+    from .sequences import augment
+
+    if images is not None:
+        steps, augment_images = images
+        x = steps.distort(x, augment_images, widths)
+    return augment(x, lengths, **augmentation) if augmentation else x
+
+
+def _smooth_noise(B: int, H: int, W: int, sigma: float, device, dtype):
+    """(B, 2, H, W) white noise blurred by a Gaussian of std ``sigma`` pixels (separable, zero-padded)."""
+    import torch
+    import torch.nn.functional as F
+
+    noise = torch.randn(B * 2, 1, H, W, device=device, dtype=dtype)
+    if sigma <= 0:
+        return noise.view(B, 2, H, W)
+    r = max(1, int(round(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=device, dtype=dtype) / sigma) ** 2)
+    k = k / k.sum()
+    noise = F.conv2d(noise, k.view(1, 1, 1, -1), padding=(0, r))
+    noise = F.conv2d(noise, k.view(1, 1, -1, 1), padding=(r, 0))
+    return noise.view(B, 2, H, W)
 
 
 # ---- IDX ---------------------------------------------------------------------------------------
@@ -352,6 +527,7 @@ def digit_strings(split: str, n: int | None = None, seed: int | None = None) -> 
     return ImageSet(images, np.asarray(labels, dtype=object))
 
 
-__all__ = ["ImageSet", "ORDERS", "to_sequence", "as_sequence_set", "pixel_permutation", "read_idx", "write_idx",
+__all__ = ["ImageSet", "ImageAugment", "ImageSteps", "training_inputs", "ORDERS", "to_sequence",
+           "as_sequence_set", "pixel_permutation", "read_idx", "write_idx",
            "read_idx_pair", "read_png", "read_png_classes", "read_text_lines", "read_labels_tsv",
            "read_image_array", "read_images", "load_digits", "digit_strings"]

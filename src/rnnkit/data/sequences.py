@@ -27,11 +27,13 @@ from .series import SeriesError, _convert_column, fill_missing, load_numpy, read
 
 @dataclass
 class SequenceSet:
-    """N sequences, each (T_i, C) float64, with optional labels (strings) and ids."""
+    """N sequences, each (T_i, C) float64, with optional labels (strings) and ids; ``image_shape`` (H, W)
+    when they are images of one size read as sequences (:func:`rnnkit.data.images.as_sequence_set`)."""
 
     sequences: list[np.ndarray]
     labels: np.ndarray | None = None
     ids: list[str] | None = None
+    image_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.sequences:

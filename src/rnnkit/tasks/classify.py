@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.sequences import SequenceSet, augment, label_name, pad
+from ..data.images import ImageAugment, ImageSteps, pixel_permutation, training_inputs
+from ..data.sequences import SequenceSet, label_name, pad
 from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
@@ -91,6 +92,7 @@ class ClassifyConfig:
     model: ClassifyModelConfig = field(default_factory=ClassifyModelConfig)
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
     auto: AutoClassifySettings = field(default_factory=AutoClassifySettings)
+    image_augment: ImageAugment = field(default_factory=ImageAugment)
     trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=100, batch_size=32))
 
 
@@ -126,15 +128,18 @@ class SequenceClassifier(nn.Module):
 
 
 class ClassifyTask:
-    """Cross-entropy (optionally class-weighted) for the trainer, on augmented inputs while training."""
+    """Cross-entropy (optionally class-weighted) for the trainer, on augmented inputs while training: image
+    inputs are first distorted (``images``, see :class:`~rnnkit.data.images.ImageAugment`), then every input
+    gets :func:`rnnkit.data.sequences.augment`."""
 
-    def __init__(self, weights: Tensor | None = None, augmentation: dict[str, float] | None = None) -> None:
-        self.weights, self.augmentation = weights, augmentation or {}
+    def __init__(self, weights: Tensor | None = None, augmentation: dict[str, float] | None = None,
+                 images: tuple[ImageSteps, ImageAugment] | None = None) -> None:
+        self.weights, self.augmentation, self.images = weights, augmentation or {}, images
 
     def loss(self, model: SequenceClassifier, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        if model.training and self.augmentation:
-            x = augment(x, batch["lengths"], **self.augmentation)
+        if model.training:
+            x = training_inputs(x, batch["lengths"], self.augmentation, self.images)
         logits = model(x, batch["lengths"])
         w = None if self.weights is None else self.weights.to(logits.device)
         return F.cross_entropy(logits, batch["y"], weight=w)
@@ -277,7 +282,8 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             tcfg = replace_config(tcfg, metric="val_accuracy", metric_mode="max",
                                   eval_every=tcfg.eval_every or max(1, len(tr) // tcfg.batch_size))
     weights = balanced_weights(data["y"].numpy(), len(classes)) if d.class_weights == "balanced" else None
-    task = ClassifyTask(weights, {"jitter": d.jitter, "scale": d.scale, "warp": d.warp})
+    task = ClassifyTask(weights, {"jitter": d.jitter, "scale": d.scale, "warp": d.warp},
+                        image_steps(train_set, cfg, scaler))
     T = int(data["x"].shape[1])
     choice = None
     if cfg.model.kind == "auto":
@@ -305,6 +311,21 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
     if run_dir is not None:
         model.save(Path(run_dir))
     return model
+
+
+def image_steps(data: SequenceSet, cfg: ClassifyConfig, scaler: Scaler) -> tuple[ImageSteps, ImageAugment] | None:
+    """The image distortion of training (``[image_augment]``) when the inputs are images of one size read
+    as sequences and it is enabled; else None."""
+    d, aug = cfg.data, cfg.image_augment
+    if d.read is None or data.image_shape is None or not aug.enabled:
+        return None
+    aug.check()
+    if d.downsample != 1 or (d.max_len is not None and d.max_len < int(data.lengths.max())):
+        raise SeriesError(f"image_augment: distorting images needs every step of them (data.downsample 1, no "
+                          f"data.max_len), got downsample {d.downsample}, max_len {d.max_len}; or set "
+                          "image_augment.enabled=false")
+    perm = None if d.permute_seed is None else pixel_permutation(int(np.prod(data.image_shape)), d.permute_seed)
+    return ImageSteps(scaler.center, scaler.scale, d.read, data.image_shape, perm), aug
 
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> Tensor:

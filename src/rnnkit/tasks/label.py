@@ -29,8 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.images import DIGIT_STRINGS, digit_strings, read_labels_tsv, read_png, to_sequence
-from ..data.sequences import augment, pad
+from ..data.images import (
+    DIGIT_STRINGS,
+    ImageAugment,
+    ImageSteps,
+    digit_strings,
+    read_labels_tsv,
+    read_png,
+    to_sequence,
+    training_inputs,
+)
+from ..data.sequences import pad
 from ..data.series import Scaler, read_table
 from ..errors import UserError
 from ..metrics.text import text_metrics
@@ -102,6 +111,8 @@ class LabelConfig:
     model: LabelModelConfig = field(default_factory=LabelModelConfig)
     data: LabelDataConfig = field(default_factory=LabelDataConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    image_augment: ImageAugment = field(default_factory=lambda: ImageAugment(  # for text lines
+        rotate=3.0, shear=0.3, scale=0.1, elastic=0.5, elastic_sigma=2.0, thickness=0.5))
     trainer: TrainerConfig = field(default_factory=lambda: sample_trainer(epochs=30, batch_size=32))
 
 
@@ -125,15 +136,17 @@ class CTCModel(nn.Module):
 
 class CTCTask:
     """The CTC loss for the trainer (mean over the batch of the loss divided by each label's length), on
-    augmented inputs while training."""
+    augmented inputs while training: image inputs are first distorted (``images``, see
+    :class:`~rnnkit.data.images.ImageAugment`), then every input gets :func:`rnnkit.data.sequences.augment`."""
 
-    def __init__(self, augmentation: dict[str, float] | None = None) -> None:
-        self.augmentation = augmentation or {}
+    def __init__(self, augmentation: dict[str, float] | None = None,
+                 images: tuple[ImageSteps, ImageAugment] | None = None) -> None:
+        self.augmentation, self.images = augmentation or {}, images
 
     def loss(self, model: CTCModel, batch: dict[str, Tensor]) -> Tensor:
         x = batch["x"]
-        if model.training and self.augmentation:
-            x = augment(x, batch["lengths"], **self.augmentation)
+        if model.training:
+            x = training_inputs(x, batch["lengths"], self.augmentation, self.images, batch["columns"])
         logp = model(x, batch["lengths"])
         return F.ctc_loss(logp.transpose(0, 1), batch["targets"], batch["lengths"], batch["target_lengths"],
                           blank=CTC_BLANK, reduction="mean")
@@ -142,12 +155,14 @@ class CTCTask:
 # ---- data --------------------------------------------------------------------------------------
 @dataclass
 class LabelSet:
-    """N feature sequences (T_i, C) with their label strings (None when unlabelled) and where each came from."""
+    """N feature sequences (T_i, C) with their label strings (None when unlabelled) and where each came from;
+    ``images``: the sequences are images read column by column (one feature per pixel row)."""
 
     sequences: list[np.ndarray]
     labels: list[str] | None
     ids: list[str]
     source: str
+    images: bool = False
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -193,7 +208,7 @@ def read_label_set(source: str | Path, labels: str | Path | None = None, name: s
     if str(source) == DIGIT_STRINGS:
         data = digit_strings(split)
         return LabelSet([to_sequence(im, "columns") for im in data.images], list(data.labels), data.ids,
-                        DIGIT_STRINGS)
+                        DIGIT_STRINGS, images=True)
     path = Path(source)
     if path.is_dir():
         label_path = Path(labels) if labels is not None else path / "labels.tsv"
@@ -213,7 +228,8 @@ def read_label_set(source: str | Path, labels: str | Path | None = None, name: s
             raise UserError(f"{name}: {path / ids[odd]} has {what} {seqs[odd].shape[1]}, {ids[0]} has "
                             f"{seqs[0].shape[1]}; every sequence of a set needs one {what}")
         labs = [lab for _, lab in pairs]
-        return LabelSet(seqs, None if labs[0] is None else labs, ids, str(path))
+        png = [f.lower().endswith(".png") for f in ids]
+        return LabelSet(seqs, None if labs[0] is None else labs, ids, str(path), images=all(png))
     if path.suffix.lower() != ".npz":
         raise UserError(f"{name}: {str(path)!r} is neither a folder nor an .npz file (nor {DIGIT_STRINGS!r})")
     if not path.is_file():
@@ -308,7 +324,8 @@ def check_feasible(data: LabelSet, targets: list[list[int]], stack: int, arg: st
 
 def tensors(data: LabelSet, scaler: Scaler, stack: int, targets: list[list[int]] | None = None) -> dict[str, Tensor]:
     x, lengths = pad([stack_steps(scaler.transform(s).astype(np.float32), stack) for s in data.sequences])
-    out = {"x": torch.from_numpy(x), "lengths": torch.from_numpy(lengths)}
+    out = {"x": torch.from_numpy(x), "lengths": torch.from_numpy(lengths),
+           "columns": torch.tensor([len(s) for s in data.sequences])}  # steps before stacking
     if targets is not None:
         S = max(len(t) for t in targets)
         tg = np.zeros((len(targets), S), dtype=np.int64)
@@ -440,7 +457,12 @@ def train(train_set: LabelSet, cfg: LabelConfig, run_dir: str | Path | None, *, 
                                   eval_every=tcfg.eval_every or max(1, -(-len(tr) // tcfg.batch_size)))
     torch.manual_seed(cfg.trainer.seed)
     net = CTCModel(train_set.n_features * d.stack, len(alphabet), cfg.model)
-    result = fit(net, CTCTask({"jitter": d.jitter, "scale": d.scale}), data, tcfg, run_dir, evaluate=evaluate,
+    images = None
+    if train_set.images and cfg.image_augment.enabled:
+        cfg.image_augment.check()
+        images = (ImageSteps(scaler.center, scaler.scale, "columns", stack=d.stack), cfg.image_augment)
+    task = CTCTask({"jitter": d.jitter, "scale": d.scale}, images)
+    result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate,
                  full_config=cfg, resume=resume, quiet=quiet)
     meta = {"task": TASK, "features": train_set.n_features, "n_train": len(train_set),
             "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
