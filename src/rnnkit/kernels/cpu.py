@@ -626,7 +626,7 @@ class _GenRecurrence(torch.autograd.Function):
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
         if not plan.reads_input:  # free xg now: the backward does not read it
             common = (A.dummy3, *common[1:])
-        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE)
+        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE, UH)
         return (result, *(s[T].clone() for s in ST))
 
     @staticmethod
@@ -637,7 +637,7 @@ class _GenRecurrence(torch.autograd.Function):
                                "them; run the forward again instead of retain_graph=True")
         cell, masks, A = ctx.cell, ctx.masks, ctx.arrays
         ctx.saved_tensors  # noqa: B018 (raises if the caller modified the output in place)
-        common, ST, PIN, Rd, has_bias, xg_width, SAVE = ctx.buf
+        common, ST, PIN, Rd, has_bias, xg_width, SAVE, UH = ctx.buf
         d = cell.declaration
         plan = cpu_generated.plan(d)
         nodes = d.nodes
@@ -661,9 +661,13 @@ class _GenRecurrence(torch.autograd.Function):
             full = set(range(xg_width // H)) <= used_in
             DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
         DRAW = []
-        for p in projs:
+        bounds = np.cumsum([0, *(int(nodes[p].value) * H for p in projs)])
+        for p, lo, hi in zip(projs, bounds, bounds[1:]):
             if p in plan.paired:
                 DRAW.append(DXG)
+                continue
+            if cell.layer_norm:  # written over the projection's u_hat (see cpu_generated)
+                DRAW.append(UH[:, :, lo:hi])
                 continue
             nb_p = int(nodes[p].value)
             used = {n.index for n in nodes if n.op == "block" and n.args[0] == p}
@@ -674,7 +678,8 @@ class _GenRecurrence(torch.autograd.Function):
         dlng = np.zeros((n, GH if cell.layer_norm else 1), ndt)
         dbhh = np.zeros((n, GH), ndt)
         args = (*common, has_dout, dout_n, *dS, *(o.numpy() for o in O),
-                *((A.dummy3 if D is DXG and lay.dxg_in_save else D.numpy()) for D in (DXG, *DRAW)))
+                *(A.dummy3 if (D is DXG and lay.dxg_in_save) or (k > 0 and cell.layer_norm) else D.numpy()
+                  for k, D in enumerate((DXG, *DRAW))))
         _launch(K.backward, A, Rd, cell, False, args, (*dPAR, dlng, dbhh))
         dR_parts = []
         for p, D, P in zip(projs, DRAW, PIN):

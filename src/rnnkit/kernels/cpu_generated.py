@@ -50,8 +50,8 @@ _PRELUDE = '''import math
 import numpy as np
 from numba import njit
 
-from rnnkit.kernels.cpu_loops import _barrier, _ln_rows, _ln_rows_backward, _matmul, _matmul_cols, _tanh_f32, \\
-    ln_vec, ln_vec_backward
+from rnnkit.kernels.cpu_loops import _barrier, _ln_rows, _ln_rows_backward_db, _matmul, _matmul_cols, \\
+    _tanh_f32, ln_vec, ln_vec_backward
 
 F = np.{dtype}
 _J = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")
@@ -530,7 +530,11 @@ class _Backward(_Gen):
             if nd.args[0] in self.plan.paired:
                 return  # d(R h) is d xg: the input block's write is this one
             q = self.nodes[nd.args[0]].index
-            name = self.view(f"dr{q}_{nd.index}", f"DRAW{q}[t, b][{nd.index} * H + j0:{nd.index} * H + j1]")
+            k = nd.index
+            if self.d.layer_norm:  # d of the normalised projection, for this step only (see text())
+                name = self.view(f"dr{q}_{k}", f"DY{q}[bl][{k} * H:{k + 1} * H]")
+            else:
+                name = self.view(f"dr{q}_{k}", f"DRAW{q}[t, b][{k} * H + j0:{k} * H + j1]")
         elif op == "state":
             name = self.view(f"gp{nd.index}", f"GP{nd.index}[bl][j0:j1]")
             if name not in self.written:
@@ -560,6 +564,7 @@ class _Backward(_Gen):
             if pos < len(nd.args) and pos in reads:
                 env[key] = self.saved_value(nd.args[pos])
         loops: list[list[str]] = []
+        stores = list(prefix)  # the arguments that are sinks or arrays share one loop (x_k + r_k: two stores)
         for pos, a in enumerate(nd.args):
             if self.nodes[a].op == "const":
                 continue
@@ -569,10 +574,9 @@ class _Backward(_Gen):
                 name = f"d{self.tmp}"
                 loops += self.paths(a, name, [*prefix, f"{name} = {expr}"])
             else:
-                out = list(prefix)
-                self.sink(a, expr, out)
-                if len(out) > len(prefix):
-                    loops.append(out)
+                self.sink(a, expr, stores)
+        if len(stores) > len(prefix):
+            loops.append(stores)
         return loops
 
     def fused(self, a: int) -> bool:
@@ -642,7 +646,10 @@ class _Backward(_Gen):
             w(1, f"GP{k} = np.empty((nb, H), xg.dtype)")
         for i in self.roots_with_array():
             w(1, f"GA{i} = np.empty((nb, {'H' if nodes[i].op == 'layer_norm' else 'nj'}), xg.dtype)")
-        w(1, "tmp = np.empty((nb, nj), xg.dtype)")
+        w(1, "tmp = np.empty((nb, nj), ST0.dtype)")
+        if d.layer_norm:
+            for p in self.projs:
+                w(1, f"DY{nodes[p].index} = np.zeros((nb, {int(nodes[p].value)} * H), ST0.dtype)")
         self.param_views(w, grads=True)
         w(1, "for t in range(T - 1, -1, -1):")
         # incoming: the output gradient, then zoneout's carry to the previous state
@@ -667,18 +674,16 @@ class _Backward(_Gen):
                     continue
                 q, a = nodes[p].index, nodes[p].args[0]
                 n_b = int(nodes[p].value)
-                if d.layer_norm:
+                if d.layer_norm:  # d(raw projection) written over its u_hat, which only this step reads
                     off = self.offset[p]
-                    w(2, "for bl in range(nb):")
-                    w(3, f"dr = DRAW{q}[t, b0 + bl]")
-                    w(3, f"for j in range({n_b} * H):")
-                    w(4, f"dbhh[{off} * H + j] += dr[j]")
-                    w(2, f"_ln_rows_backward(DRAW{q}[t, b0:b1], {n_b} * H, lng, {off} * H, UH[t, b0:b1], "
-                         f"RSH[t, b0:b1], {q}, DRAW{q}[t, b0:b1], dlng)")
+                    w(2, f"_ln_rows_backward_db(DY{q}, {n_b} * H, lng, {off} * H, UH[t, b0:b1], RSH[t, b0:b1], {q}, "
+                         f"UH[t, b0:b1, {off} * H:{off + n_b} * H], dlng, dbhh)")
                 w(2, "if sync:")
                 w(3, "_barrier()")
                 if self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
                     w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
+                elif d.layer_norm:
+                    w(2, f"_matmul_cols(UH[t, b0:b1], {self.offset[p]} * H, {n_b} * H, W{q}, tmp)")
                 else:
                     w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
                 an = nodes[a]

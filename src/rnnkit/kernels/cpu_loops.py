@@ -164,6 +164,27 @@ def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
 
 
 @njit(**_JIT)
+def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias):
+    """:func:`_ln_rows_backward`, also summing ``dy`` into ``dbias[goff:]`` (the bias added after the norm);
+    ``dx`` may be ``uh``'s own columns (each element is read before it is written)."""
+    for b in range(dy.shape[0]):
+        mg = 0.0
+        mgu = 0.0
+        for j in range(n):
+            g = dy[b, j] * gain[goff + j]
+            u = uh[b, goff + j]
+            mg += g
+            mgu += g * u
+            dgain[goff + j] += dy[b, j] * u
+            dbias[goff + j] += dy[b, j]
+        mg /= n
+        mgu /= n
+        r = rs[b, k]
+        for j in range(n):
+            dx[b, j] = r * (dy[b, j] * gain[goff + j] - mg - uh[b, goff + j] * mgu)
+
+
+@njit(**_JIT)
 def ln_vec(u, gain, bias, has_bias, uh, y):
     """``y <- gain * u_hat (+ bias)`` for one row ``u``; saves u_hat in ``uh`` and returns 1/std."""
     n = u.shape[0]
