@@ -44,6 +44,7 @@ from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
 from ..cells.declare import Declaration
 
 _LEAVES = ("const", "state", "input", "param")
+STORES = 3  # most arrays a backward loop stores to
 
 _PRELUDE = '''import math
 
@@ -271,17 +272,15 @@ def layout(d: Declaration) -> Layout:
     saved = sorted(pl.saved)
     plain = {i: k for k, i in enumerate(saved)}
     n_x = d.input_gates + (1 if d.raw_input else 0)
-    # per backward pass (a j-loop) in order: the saved values it reads and the d xg blocks it writes
+    # in the order the backward's statements run for one element: the last line that reads each saved
+    # value and the first that writes each d xg block (a line reads before it writes)
     last_read: dict[int, int] = {}
     first_write: dict[int, int] = {}
-    loop = -1
-    for line in _Backward(pl, plain).text().splitlines():
-        if line.strip() == "for j in range(nj):":
-            loop += 1
+    for n, line in enumerate(_Backward(pl, plain).text().splitlines()):
         for m in re.finditer(r"\bsv(\d+)\[j\]", line):
-            last_read[int(m.group(1))] = loop
+            last_read[int(m.group(1))] = n
         for m in re.finditer(r"\bdx(\d+)\[j\] \+?= ", line):
-            first_write.setdefault(int(m.group(1)), loop)
+            first_write.setdefault(int(m.group(1)), n)
     if len(saved) < n_x or set(first_write) != set(range(n_x)):
         return Layout(plain, len(saved), False)
     free = sorted(saved, key=lambda i: last_read.get(i, -1))
@@ -550,9 +549,8 @@ class _Backward(_Gen):
             out.append(f"{name}[j] = {expr}")
 
     def paths(self, i: int, g: str, prefix: list[str]) -> list[list[str]]:
-        """The loops that carry the gradient ``g`` of node ``i`` (after the lines ``prefix``) into its arguments:
-        one loop per path to a sink or an array, each recomputing the path's scalars, so that every loop
-        stores to one array (loops that store to several are not vectorized by LLVM)."""
+        """The paths that carry the gradient ``g`` of node ``i`` (after the lines ``prefix``) into its
+        arguments: per sink or array reached, the lines that compute its contribution, the store last."""
         nd = self.nodes[i]
         if nd.op == "layer_norm":
             return []
@@ -564,7 +562,6 @@ class _Backward(_Gen):
             if pos < len(nd.args) and pos in reads:
                 env[key] = self.saved_value(nd.args[pos])
         loops: list[list[str]] = []
-        stores = list(prefix)  # the arguments that are sinks or arrays share one loop (x_k + r_k: two stores)
         for pos, a in enumerate(nd.args):
             if self.nodes[a].op == "const":
                 continue
@@ -574,9 +571,9 @@ class _Backward(_Gen):
                 name = f"d{self.tmp}"
                 loops += self.paths(a, name, [*prefix, f"{name} = {expr}"])
             else:
-                self.sink(a, expr, stores)
-        if len(stores) > len(prefix):
-            loops.append(stores)
+                out: list[str] = []
+                self.sink(a, expr, out)
+                loops += [[*prefix, line] for line in out]
         return loops
 
     def fused(self, a: int) -> bool:
@@ -613,8 +610,17 @@ class _Backward(_Gen):
             return lines
         lines: list[str] = []
         # the paths into d xg last: the saved values they read are then dead when d xg overwrites them
-        loops = self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"])
-        for loop in sorted(loops, key=lambda lp: lp[-1].lstrip().startswith("dx")):
+        paths = self.paths(i, f"g{i}", [f"g{i} = {' + '.join(terms)}"])
+        paths.sort(key=lambda lp: lp[-1].startswith("dx"))  # stable: each array's writes keep their order
+        # at most STORES stores per loop (LLVM vectorizes loops that store to few arrays, not one that stored
+        # to seven), each loop computing the scalars its stores need
+        loops = []
+        for k in range(0, len(paths), STORES):
+            loop: list[str] = []
+            for path in paths[k:k + STORES]:
+                loop += [ln for ln in path[:-1] if ln not in loop] + [path[-1]]
+            loops.append(loop)
+        for loop in loops:
             lines += ["for j in range(nj):"] + ["    " + line for line in loop]
         return lines
 
