@@ -44,7 +44,7 @@ from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
 from ..cells.declare import Declaration
 
 _LEAVES = ("const", "state", "input", "param")
-STORES = 3  # most arrays a backward loop stores to
+STORES = 1  # arrays a backward loop stores to: LLVM vectorized none of the loops that stored to two or more
 
 _PRELUDE = '''import math
 
