@@ -246,10 +246,17 @@ def source(d: Declaration, dtype: str) -> str:
     """The numba source of ``forward`` and ``backward`` for declaration ``d`` in ``dtype`` ("float32"/"float64")."""
     pl = plan(d)
     tanh, sigm = _ACTIVATIONS[dtype]
-    head = _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
+    # numba's cache does not follow calls into other modules: the digest of the building blocks makes
+    # the source (and so its cache file) new whenever they change
+    head = f"# cpu_loops {_loops_digest()}\n" + _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
     lay = layout(d)
     return (head + "\n\n" + _Forward(pl, lay.slots).text() + "\n\n"
             + _Backward(pl, lay.slots, lay.dxg_in_save).text())
+
+
+@functools.cache
+def _loops_digest() -> str:
+    return hashlib.sha256((Path(__file__).parent / "cpu_loops.py").read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,11 @@ def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
 @njit(**_JIT)
 def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias):
     """:func:`_ln_rows_backward`, also summing ``dy`` into ``dbias[goff:]`` (the bias added after the norm);
-    ``dx`` may be ``uh``'s own columns (each element is read before it is written)."""
+    ``dx`` may be ``uh``'s own columns (each element is read before it is written). Every loop stores to
+    one array (so that LLVM vectorizes it)."""
     for b in range(dy.shape[0]):
+        for j in range(n):
+            dbias[goff + j] += dy[b, j]
         mg = 0.0
         mgu = 0.0
         for j in range(n):
@@ -176,7 +179,6 @@ def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias):
             mg += g
             mgu += g * u
             dgain[goff + j] += dy[b, j] * u
-            dbias[goff + j] += dy[b, j]
         mg /= n
         mgu /= n
         r = rs[b, k]
@@ -198,9 +200,13 @@ def ln_vec(u, gain, bias, has_bias, uh, y):
         var += d * d
     r = 1.0 / math.sqrt(var / n + LN_EPS)
     for j in range(n):
-        v = (u[j] - mu) * r
-        uh[j] = v
-        y[j] = v * gain[j] + bias[j] if has_bias else v * gain[j]
+        uh[j] = (u[j] - mu) * r
+    if has_bias:
+        for j in range(n):
+            y[j] = uh[j] * gain[j] + bias[j]
+    else:
+        for j in range(n):
+            y[j] = uh[j] * gain[j]
     return r
 
 
@@ -208,6 +214,9 @@ def ln_vec(u, gain, bias, has_bias, uh, y):
 def ln_vec_backward(dy, uh, r, gain, du, first, dgain, dbias, has_bias):
     """Backward of :func:`ln_vec` for one row: ``du`` (+)= d u (assigned if ``first``); dgain, dbias accumulate."""
     n = dy.shape[0]
+    if has_bias:
+        for j in range(n):
+            dbias[j] += dy[j]
     mg = 0.0
     mgu = 0.0
     for j in range(n):
@@ -215,10 +224,11 @@ def ln_vec_backward(dy, uh, r, gain, du, first, dgain, dbias, has_bias):
         mg += g
         mgu += g * uh[j]
         dgain[j] += dy[j] * uh[j]
-        if has_bias:
-            dbias[j] += dy[j]
     mg /= n
     mgu /= n
-    for j in range(n):
-        v = r * (dy[j] * gain[j] - mg - uh[j] * mgu)
-        du[j] = v if first else du[j] + v
+    if first:
+        for j in range(n):
+            du[j] = r * (dy[j] * gain[j] - mg - uh[j] * mgu)
+    else:
+        for j in range(n):
+            du[j] += r * (dy[j] * gain[j] - mg - uh[j] * mgu)
