@@ -4,10 +4,12 @@ Backends:
     reference  autograd through the cell's plain-torch ``step()``; every cell; the oracle.
     bptt       explicit BPTT in torch ops with the backward derived from each cell's declaration; every cell.
     native     torch's fused kernels (oneDNN / cuDNN) via ``torch._VF``; plain LSTM, GRU, RNN only.
+    cpu        fused numba loops generated from the cell's declaration (:mod:`.cpu`); every cell, on the CPU.
+    triton     hand-written fused Triton kernels (:mod:`.triton_backend`); the built-in variants, on CUDA.
 
 Each backend states what it can run as a :class:`~rnnkit.kernels.capability.Capability` read from the
-cell's declaration (operations, state count, layer norm; the hand-written ``cpu``/``triton`` kernels:
-exactly the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
+cell's declaration (operations, state count, layer norm; the hand-written ``triton`` kernels: exactly
+the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
 fastest correct backend. An unsupported (configuration, backend) pair raises a ``ValueError`` that lists
 the backends that would work: there is no silent fallback.
 """

@@ -223,7 +223,8 @@ class Plan:
         return sorted(ps, key=lambda i: self.d.nodes[i].index)
 
     def pin(self, p: int) -> bool:
-        """Whether projection node ``p`` keeps its input in a buffer (not a state, or recurrent dropout)."""
+        """Whether projection node ``p`` multiplies a computed value (kept per step for dR), not a state (a
+        state input needs a buffer only when recurrent dropout scales it, decided at run time)."""
         return self.d.nodes[self.d.nodes[p].args[0]].op != "state"
 
     def units_splittable(self) -> bool:
