@@ -147,30 +147,18 @@ def _ln_rows(v, n, gain, goff, uh, rs, k):
 @njit(**_JIT)
 def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
     """Backward of :func:`_ln_rows`: dx (B, n) <- d(input); dgain[goff:] += sum_b dy * u_hat."""
-    for b in range(dy.shape[0]):
-        mg = 0.0
-        mgu = 0.0
-        for j in range(n):
-            g = dy[b, j] * gain[goff + j]
-            u = uh[b, goff + j]
-            mg += g
-            mgu += g * u
-            dgain[goff + j] += dy[b, j] * u
-        mg /= n
-        mgu /= n
-        r = rs[b, k]
-        for j in range(n):
-            dx[b, j] = r * (dy[b, j] * gain[goff + j] - mg - uh[b, goff + j] * mgu)
+    _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dgain, False)
 
 
 @njit(**_JIT)
-def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias):
+def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias, has_bias=True):
     """:func:`_ln_rows_backward`, also summing ``dy`` into ``dbias[goff:]`` (the bias added after the norm);
     ``dx`` may be ``uh``'s own columns (each element is read before it is written). Every loop stores to
     one array (so that LLVM vectorizes it)."""
     for b in range(dy.shape[0]):
-        for j in range(n):
-            dbias[goff + j] += dy[b, j]
+        if has_bias:
+            for j in range(n):
+                dbias[goff + j] += dy[b, j]
         mg = 0.0
         mgu = 0.0
         for j in range(n):
