@@ -1,6 +1,6 @@
 """Shared command-line conventions for every task command (not a command group itself).
 
-The flags of ../shared/DESIGN.md, defined once::
+The flags every task command shares, defined once::
 
     --out RUN_DIR  --config FILE.toml  --set KEY=VALUE (repeatable)  --seed N
     --steps N  --epochs N  --minutes M  --resume  --checkpoint-every N

@@ -589,11 +589,9 @@ class _GenRecurrence(torch.autograd.Function):
         A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable())
         state0 = rest[:S]
         w = dict(zip(names, rest[S:]))
-        nodes = d.nodes
         projs = plan.projections()
-        bounds = np.cumsum([0, *(int(nodes[p].value) * H for p in projs)])
         bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
-        BH = [bhh[a:z] for a, z in zip(bounds, bounds[1:])]
+        BH = [bhh[a * H:z * H] for a, z in plan.block_bounds]
         PAR = [_np(w[n]) for n, _ in d.params]
         lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
         hmask = A.hmask if A.has_hmask else np.ones((B, H), A.dummy1.dtype)
@@ -607,9 +605,8 @@ class _GenRecurrence(torch.autograd.Function):
         ln = cell.layer_norm
         UH = _empty(T, B, GH, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
         RSH = _empty(T, B, len(projs), dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-        lns = [i for i, n in enumerate(nodes) if n.op == "layer_norm"]
-        LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in lns]
-        LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in lns]
+        LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
+        LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
         common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), SAVE,
                   *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
         Rd = R.detach().contiguous()
@@ -640,7 +637,6 @@ class _GenRecurrence(torch.autograd.Function):
         common, ST, PIN, Rd, has_bias, xg_width, SAVE, UH = ctx.buf
         d = cell.declaration
         plan = cpu_generated.plan(d)
-        nodes = d.nodes
         projs = plan.projections()
         dt = ST[0].dtype
         K = cpu_generated.module(d, _DTYPE_NAMES[dt])
@@ -654,36 +650,33 @@ class _GenRecurrence(torch.autograd.Function):
         dS = [_np(g) if g is not None else np.zeros((B, H), ndt) for g in dfinal]
         O = [_empty(B, H, dtype=dt) for _ in range(S)]
         lay = cpu_generated.layout(d)
-        if lay.dxg_in_save:  # written over the saved values of each step, once dead (``Layout``)
+        # d xg: over the saved values of each step once dead (``Layout``), else a buffer of its own; d(R h)
+        # of each projection: d xg itself (paired), over its u_hat (layer norm), else a buffer of its own.
+        # The kernel writes d xg into SAVE when it lives there, and d(R h) over u_hat: dummies for those.
+        if lay.dxg_in_save:
             DXG = torch.from_numpy(SAVE)[:, :, :xg_width]
         else:
-            used_in = {n.index if n.index >= 0 else cell.gates for n in nodes if n.op == "input"}
-            full = set(range(xg_width // H)) <= used_in
-            DXG = (_empty if full else torch.zeros)(T, B, xg_width, dtype=dt)
-        DRAW = []
-        bounds = np.cumsum([0, *(int(nodes[p].value) * H for p in projs)])
-        for p, lo, hi in zip(projs, bounds, bounds[1:]):
+            DXG = (torch.zeros if plan.dxg_gaps else _empty)(T, B, xg_width, dtype=dt)
+        DRAW, own = [], [not lay.dxg_in_save]
+        for p, (lo, hi) in zip(projs, plan.block_bounds):
             if p in plan.paired:
                 DRAW.append(DXG)
-                continue
-            if cell.layer_norm:  # written over the projection's u_hat (see cpu_generated)
-                DRAW.append(UH[:, :, lo:hi])
-                continue
-            nb_p = int(nodes[p].value)
-            used = {n.index for n in nodes if n.op == "block" and n.args[0] == p}
-            DRAW.append((_empty if len(used) == nb_p else torch.zeros)(T, B, nb_p * H, dtype=dt))
+            elif cell.layer_norm:
+                DRAW.append(UH[:, :, lo * H:hi * H])
+            else:
+                DRAW.append((torch.zeros if plan.draw_gaps(p) else _empty)(T, B, (hi - lo) * H, dtype=dt))
+            own.append(not cell.layer_norm and not (p in plan.paired and lay.dxg_in_save))
         n = len(A.parts)
         dPAR = [np.zeros((n, len(b) * H), ndt) for _, b in d.params]
         GH = cell.rec_gates * H
         dlng = np.zeros((n, GH if cell.layer_norm else 1), ndt)
         dbhh = np.zeros((n, GH), ndt)
         args = (*common, has_dout, dout_n, *dS, *(o.numpy() for o in O),
-                *(A.dummy3 if (D is DXG and lay.dxg_in_save) or (k > 0 and cell.layer_norm) else D.numpy()
-                  for k, D in enumerate((DXG, *DRAW))))
+                *(D.numpy() if mine else A.dummy3 for D, mine in zip((DXG, *DRAW), own)))
         _launch(K.backward, A, Rd, cell, False, args, (*dPAR, dlng, dbhh))
         dR_parts = []
         for p, D, P in zip(projs, DRAW, PIN):
-            a = nodes[nodes[p].args[0]]
+            a = d.nodes[d.nodes[p].args[0]]
             inp = P if (plan.pin(p) or A.has_hmask) else ST[a.index][:-1]
             dR_parts.append(D.reshape(T * B, -1).t() @ inp.reshape(T * B, H))
         dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
 from ..cells.declare import Declaration
 
@@ -222,6 +224,29 @@ class Plan:
         ps = [i for i, nd in enumerate(self.d.nodes) if nd.op == "proj"]
         return sorted(ps, key=lambda i: self.d.nodes[i].index)
 
+    @functools.cached_property
+    def ln_nodes(self) -> list[int]:
+        """The ``layer_norm(...)`` nodes."""
+        return [i for i, nd in enumerate(self.d.nodes) if nd.op == "layer_norm"]
+
+    @functools.cached_property
+    def block_bounds(self) -> list[tuple[int, int]]:
+        """Per projection (in order), its first and last-plus-one block among the recurrent blocks."""
+        ends = np.cumsum([0, *(int(self.d.nodes[p].value) for p in self.projections())])
+        return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
+
+    @functools.cached_property
+    def dxg_gaps(self) -> bool:
+        """Whether some input block has no gradient (``_`` blocks): ``d xg`` must start at zero."""
+        d = self.d
+        used = {nd.index if nd.index >= 0 else d.input_gates for nd in d.nodes if nd.op == "input"}
+        return not set(range(d.input_gates + d.raw_input)) <= used
+
+    def draw_gaps(self, p: int) -> bool:
+        """Whether some block of projection ``p`` has no gradient: its ``d(R h)`` must start at zero."""
+        used = {nd.index for nd in self.d.nodes if nd.op == "block" and nd.args[0] == p}
+        return len(used) < int(self.d.nodes[p].value)
+
     def pin(self, p: int) -> bool:
         """Whether projection node ``p`` multiplies a computed value (kept per step for dR), not a state (a
         state input needs a buffer only when recurrent dropout scales it, decided at run time)."""
@@ -317,7 +342,7 @@ class _Gen:
         self.S = len(plan.d.states)
         self.projs = plan.projections()
         self.P = len(self.projs)
-        self.lns = [i for i, nd in enumerate(self.nodes) if nd.op == "layer_norm"]
+        self.lns = plan.ln_nodes
         self.params = [p for p, _ in self.d.params]
         offs, off = {}, 0
         for p in self.projs:
