@@ -12,7 +12,7 @@ from rnnkit.cells import REGISTRY
 from rnnkit.data.sequences import SequenceSet
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import classify as C
-from rnnkit.tasks.classify_auto import folds_of
+from rnnkit.tasks.classify_auto import AutoClassifySettings, final_steps, folds_of
 from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
 from rnnkit.train.config import load_config
@@ -109,6 +109,35 @@ def test_auto_classifier_chooses_by_cross_validation_and_records_it(tmp_path):
     back = C.Classifier.load(tmp_path / "run")  # the saved config holds the choice, not "auto"
     assert back.cfg.model.kind == rec["chosen"]
     np.testing.assert_allclose(back.predict_proba(data), model.predict_proba(data), rtol=1e-6)
+
+
+def test_final_steps_rule():
+    s = AutoClassifySettings(steps=300, final_steps=1500, final_minutes=10.0)
+    assert final_steps(s, 200, 0.1) == (1500, "1500 steps (max of auto.final_steps and the default epochs)")
+    assert final_steps(s, 3000, 0.1)[0] == 3000  # large sets keep their default epochs
+    n, why = final_steps(s, 200, 1.0)  # 1500 s would exceed the 600 s cap
+    assert n == 600 and "fit in auto.final_minutes = 10" in why
+    assert final_steps(s, 200, 10.0)[0] == 300  # never below one cross-validation fit
+    with pytest.raises(SeriesError, match="auto.final_minutes: expected a number > 0, got 0"):
+        final_steps(AutoClassifySettings(final_minutes=0), 1, 0.1)
+
+
+def test_auto_classifier_default_budget_trains_winner_longer_with_cosine(tmp_path):
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(8, 1)) + k for k in (0, 3) for _ in range(6)]
+    data = SequenceSet(seqs, np.array(["a"] * 6 + ["b"] * 6))
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 4, "auto.steps": 4, "auto.folds": 2,
+                                               "auto.final_steps": 7})
+    model = C.train(data, cfg, tmp_path / "run")
+    assert model.meta["choice"]["final"]["steps"] == 100  # 100 default epochs of one batch beat 7 steps
+    assert model.meta["train"]["step"] == 100
+    saved = C.Classifier.load(tmp_path / "run").cfg.trainer
+    assert (saved.steps, saved.epochs, saved.schedule.name) == (100, 100, "cosine")
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 4, "auto.steps": 4, "auto.folds": 2,
+                                               "trainer.steps": 5, "trainer.epochs": None})
+    model = C.train(data, cfg, None)  # a budget given by the user is kept
+    assert "final" not in model.meta["choice"] and model.meta["train"]["step"] == 5
+    assert model.cfg.trainer.schedule.name == "constant"
 
 
 def test_plain_classifier_reads_long_series_folded():

@@ -139,6 +139,8 @@ def train(train_path: Annotated[Path | None, typer.Option("--train", help="Train
         result["choice"] = model.meta["choice"]
         opts.info(f"model: {model.cfg.model.kind} ({model.meta['choice']['why']}: " + ", ".join(
             f"{k} {v['mean']:.3f}" for k, v in model.meta["choice"]["candidates"].items()) + ")")
+        if "final" in model.meta["choice"]:
+            opts.info(f"trained on the whole set: {model.meta['choice']['final']['why']}, cosine learning rate")
     if te is not None:
         metrics = model.evaluate(te)
         (Path(run_dir) / "test_metrics.json").write_text(json.dumps(metrics))

@@ -23,7 +23,7 @@ from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
 from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
-from .classify_auto import AutoClassifySettings, choose_model
+from .classify_auto import AutoClassifySettings, choose_model, final_steps
 from .encoders import Pool
 from .lstm_fcn import LSTMFCN, LSTMFCNConfig, Reader
 
@@ -292,14 +292,17 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
 
         choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
         cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
-        # with the default budget, the final model trains at least as long as one cross-validation fit
-        # (100 epochs are only 100 steps on a set of 32 sequences or fewer)
         t, default = cfg.trainer, ClassifyConfig().trainer
-        per_epoch = -(-len(data["y"]) // t.batch_size)
-        if (t.steps, t.epochs, t.minutes) == (default.steps, default.epochs, default.minutes) \
-                and (t.epochs or 0) * per_epoch < cfg.auto.steps:
-            cfg = replace_config(cfg, **{"trainer.steps": cfg.auto.steps, "trainer.epochs": None})
-            tcfg = replace_config(tcfg, steps=cfg.auto.steps, epochs=None)
+        if (t.steps, t.epochs, t.minutes) == (default.steps, default.epochs, default.minutes):
+            # the default budget: auto.final_steps with a cosine decay (fewer if they exceed auto.final_minutes)
+            per_epoch = -(-len(data["y"]) // t.batch_size)
+            pace = choice["candidates"][choice["chosen"]]["seconds_per_step"]
+            steps, why = final_steps(cfg.auto, (t.epochs or 0) * per_epoch, pace)
+            choice["final"] = {"steps": steps, "schedule": "cosine", "why": why}
+            # epochs that never stop it first (TOML has no null: the saved config must train the same way)
+            over = {"steps": steps, "epochs": -(-steps // per_epoch), "schedule.name": "cosine"}
+            cfg = replace_config(cfg, **{f"trainer.{k}": v for k, v in over.items()})
+            tcfg = replace_config(tcfg, **over)
     torch.manual_seed(cfg.trainer.seed)
     net = build_net(cfg.model, train_set.n_channels, len(classes), T)
     result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,

@@ -5,6 +5,11 @@ LSTM-FCN, by cross-validation on the training set within a time budget.
 (every fold trained for the same number of steps with the task's optimizer settings; once the time
 budget is spent, a candidate keeps the folds it has, at least one), and picks the best mean accuracy
 (ties: the earlier candidate). The record lists every candidate's fold accuracies and the time taken.
+
+:func:`final_steps` sizes the winner's training on the whole set when the trainer keeps its default budget:
+``auto.final_steps`` (or the default epochs, if they give more steps), fewer when the cross-validation's
+pace says they would take longer than ``auto.final_minutes``, never fewer than ``auto.steps``; the learning
+rate follows a cosine decay to zero over them.
 """
 
 from __future__ import annotations
@@ -34,12 +39,18 @@ class AutoClassifySettings:
         steps: optimizer steps of each cross-validation fit; the final model trains with ``[trainer]`` (with
             its default budget, for at least this many steps: small sets give few steps per epoch).
         minutes: time budget of the cross-validation; folds not reached are skipped (the record says so).
+        final_steps: optimizer steps of the winner's training on the whole set (cosine learning-rate decay),
+            when ``[trainer]`` keeps its default budget (:func:`final_steps`).
+        final_minutes: time cap of that training: fewer steps when the winner's cross-validation pace says
+            ``final_steps`` would take longer (the resolved count is saved in the run's config).
     """
 
     candidates: tuple[str, ...] = CANDIDATES
     folds: int = 3
     steps: int = 300
     minutes: float = 5.0
+    final_steps: int = 1500
+    final_minutes: float = 10.0
 
 
 def folds_of(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
@@ -92,9 +103,33 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
             net = build(kind)
             fit(net, task, {n: v[tr] for n, v in data.items()}, replace(tcfg, seed=trainer_cfg.seed + f), None)
             accs.append(_accuracy(net, {n: v[va] for n, v in data.items()}))
+        seconds = time.time() - t1
         record["candidates"][kind] = {"fold_accuracy": [round(a, 4) for a in accs],
-                                      "mean": round(float(np.mean(accs)), 4), "seconds": round(time.time() - t1, 1)}
+                                      "mean": round(float(np.mean(accs)), 4), "seconds": round(seconds, 1),
+                                      "seconds_per_step": seconds / (len(accs) * s.steps)}
     scores = {c: record["candidates"][c]["mean"] for c in s.candidates}
     record["chosen"] = max(s.candidates, key=lambda c: scores[c])
     record["why"] = f"highest mean {len(folds)}-fold cross-validated accuracy on the training set"
     return record
+
+
+def final_steps(s: AutoClassifySettings, epoch_steps: int, seconds_per_step: float) -> tuple[int, str]:
+    """Optimizer steps of the winner's training on the whole set, and why.
+
+    ``max(auto.final_steps, epoch_steps)`` (``epoch_steps``: what the default epochs give on this set),
+    cut to what fits in ``auto.final_minutes`` at ``seconds_per_step`` (the winner's cross-validation pace),
+    at least ``auto.steps`` (one cross-validation fit).
+    """
+    for key in ("final_steps", "final_minutes"):
+        v = getattr(s, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise SeriesError(f"auto.{key}: expected a number > 0, got {v!r}")
+    want = max(int(s.final_steps), int(epoch_steps))
+    fit_in = int(60 * s.final_minutes / max(seconds_per_step, 1e-9))
+    n = max(min(want, fit_in), int(s.steps))
+    if n == want:
+        return n, f"{want} steps (max of auto.final_steps and the default epochs)"
+    if n == fit_in:
+        return n, (f"{n} of {want} steps fit in auto.final_minutes = {s.final_minutes:g} at "
+                   f"{seconds_per_step:.3g} s/step (cross-validation pace)")
+    return n, f"auto.steps = {n}: {want} steps would take longer than auto.final_minutes = {s.final_minutes:g}"
