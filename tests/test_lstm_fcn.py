@@ -12,7 +12,7 @@ from rnnkit.cells import REGISTRY
 from rnnkit.data.sequences import SequenceSet
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import classify as C
-from rnnkit.tasks.classify_auto import AutoClassifySettings, final_steps, folds_of
+from rnnkit.tasks.classify_auto import AutoClassifySettings, choose_model, final_steps, folds_of
 from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
 from rnnkit.train.config import load_config
@@ -109,6 +109,31 @@ def test_auto_classifier_chooses_by_cross_validation_and_records_it(tmp_path):
     back = C.Classifier.load(tmp_path / "run")  # the saved config holds the choice, not "auto"
     assert back.cfg.model.kind == rec["chosen"]
     np.testing.assert_allclose(back.predict_proba(data), model.predict_proba(data), rtol=1e-6)
+
+
+class _Fixed(torch.nn.Module):
+    """Logits w * (-m, m), m the sequence mean: always right on +-1 data, more confident with larger w."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    def forward(self, x, lengths):
+        m = x.mean((1, 2))
+        return self.w * torch.stack([-m, m], -1)
+
+
+def test_auto_choice_breaks_accuracy_ties_by_validation_loss():
+    y = torch.tensor([0, 1] * 6)
+    data = {"x": (2.0 * y - 1)[:, None, None].repeat(1, 3, 1), "lengths": torch.full((12,), 3), "y": y}
+    tcfg = load_config(C.ClassifyConfig, None, {"trainer.optim.lr": 1e-9}).trainer
+    s = AutoClassifySettings(steps=1, folds=2)
+    rec = choose_model(lambda kind: _Fixed(0.5 if kind == "recurrent" else 3.0), C.ClassifyTask(), data, tcfg, s)
+    cand = rec["candidates"]
+    assert cand["recurrent"]["mean"] == cand["lstm_fcn"]["mean"] == 1.0
+    assert cand["lstm_fcn"]["loss"] < cand["recurrent"]["loss"] and rec["chosen"] == "lstm_fcn"
+    rec = choose_model(lambda kind: _Fixed(3.0 if kind == "recurrent" else 0.5), C.ClassifyTask(), data, tcfg, s)
+    assert rec["chosen"] == "recurrent"
 
 
 def test_final_steps_rule():

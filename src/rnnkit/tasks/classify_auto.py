@@ -4,7 +4,8 @@ LSTM-FCN, by cross-validation on the training set within a time budget.
 :func:`choose_model` scores each candidate with stratified k-fold cross-validation on the training data
 (every fold trained for the same number of steps with the task's optimizer settings; once the time
 budget is spent, a candidate keeps the folds it has, at least one), and picks the best mean accuracy
-(ties: the earlier candidate). The record lists every candidate's fold accuracies and the time taken.
+(ties, common on small folds: the lower mean validation cross-entropy). The record lists every
+candidate's fold accuracies, mean validation cross-entropy and the time taken.
 
 :func:`final_steps` sizes the winner's training on the whole set when the trainer keeps its default budget:
 ``auto.final_steps`` (or the default epochs, if they give more steps), fewer when the cross-validation's
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.series import SeriesError
@@ -67,11 +69,12 @@ def folds_of(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def _accuracy(net: nn.Module, data: dict[str, Tensor], batch: int = 256) -> float:
+def _scores(net: nn.Module, data: dict[str, Tensor], batch: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``net`` on ``data``."""
     net.eval()
-    pred = torch.cat([net(data["x"][i:i + batch], data["lengths"][i:i + batch]).argmax(-1)
-                      for i in range(0, len(data["y"]), batch)])
-    return float((pred == data["y"]).float().mean())
+    logits = torch.cat([net(data["x"][i:i + batch], data["lengths"][i:i + batch])
+                        for i in range(0, len(data["y"]), batch)])
+    return float((logits.argmax(-1) == data["y"]).float().mean()), float(F.cross_entropy(logits, data["y"]))
 
 
 def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, Tensor], trainer_cfg: Any,
@@ -79,8 +82,8 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
     """Cross-validate ``build(kind)`` for every candidate kind on ``data`` (``x``, ``lengths``, ``y``).
 
     Returns:
-        ``{"chosen": kind, "why": ..., "folds": k, "candidates": {kind: {"fold_accuracy", "mean",
-        "seconds"}}}``.
+        ``{"chosen": kind, "why": ..., "folds": k, "candidates": {kind: {"fold_accuracy", "mean", "loss",
+        "seconds", "seconds_per_step"}}}``.
     """
     bad = [c for c in s.candidates if c not in CANDIDATES]
     if bad or not s.candidates:
@@ -93,7 +96,7 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
     record: dict[str, Any] = {"folds": len(folds), "budget_minutes": s.minutes, "candidates": {}}
     t0 = time.time()
     for kind in s.candidates:
-        t1, accs = time.time(), []
+        t1, accs, losses = time.time(), [], []
         for f, va in enumerate(folds):
             if accs and time.time() - t0 > 60 * s.minutes:
                 record.setdefault("skipped_folds", {})[kind] = len(folds) - f
@@ -102,14 +105,18 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
             torch.manual_seed(trainer_cfg.seed + f)
             net = build(kind)
             fit(net, task, {n: v[tr] for n, v in data.items()}, replace(tcfg, seed=trainer_cfg.seed + f), None)
-            accs.append(_accuracy(net, {n: v[va] for n, v in data.items()}))
+            acc, loss = _scores(net, {n: v[va] for n, v in data.items()})
+            accs.append(acc)
+            losses.append(loss)
         seconds = time.time() - t1
         record["candidates"][kind] = {"fold_accuracy": [round(a, 4) for a in accs],
-                                      "mean": round(float(np.mean(accs)), 4), "seconds": round(seconds, 1),
+                                      "mean": round(float(np.mean(accs)), 4),
+                                      "loss": round(float(np.mean(losses)), 4), "seconds": round(seconds, 1),
                                       "seconds_per_step": seconds / (len(accs) * s.steps)}
-    scores = {c: record["candidates"][c]["mean"] for c in s.candidates}
-    record["chosen"] = max(s.candidates, key=lambda c: scores[c])
-    record["why"] = f"highest mean {len(folds)}-fold cross-validated accuracy on the training set"
+    cand = record["candidates"]
+    record["chosen"] = max(s.candidates, key=lambda c: (cand[c]["mean"], -cand[c]["loss"]))
+    record["why"] = (f"highest mean {len(folds)}-fold cross-validated accuracy on the training set (ties: lowest "
+                     "mean validation cross-entropy)")
     return record
 
 
