@@ -38,8 +38,7 @@ class AutoClassifySettings:
     Args:
         candidates: model kinds compared ("recurrent", "lstm_fcn").
         folds: cross-validation folds (at most the size of the smallest class, at least 2).
-        steps: optimizer steps of each cross-validation fit; the final model trains with ``[trainer]`` (with
-            its default budget, for at least this many steps: small sets give few steps per epoch).
+        steps: optimizer steps of each cross-validation fit (and the fewest of the final training).
         minutes: time budget of the cross-validation; folds not reached are skipped (the record says so).
         final_steps: optimizer steps of the winner's training on the whole set (cosine learning-rate decay),
             when ``[trainer]`` keeps its default budget (:func:`final_steps`).
