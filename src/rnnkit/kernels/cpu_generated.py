@@ -226,21 +226,25 @@ class Plan:
             return self.level[self.d.updates[c]]
         return self.level[c] if kind == "node" else self.level[c] - 1
 
-    @property
+    @functools.cached_property
     def reads_input(self) -> bool:
         """Whether the backward reads the input pre-activations (a derivative reads an input block)."""
         nodes = self.d.nodes
         return any(nodes[nd.args[r]].op == "input" for nd in nodes for r in DERIVATIVE_READS.get(nd.op, ())
                    if r != "out")
 
-    @property
+    @functools.cached_property
     def levels(self) -> int:
         return max(self.level) + 1
 
-    def projections(self) -> list[int]:
+    def projections(self) -> tuple[int, ...]:
         """The proj nodes, in projection order."""
+        return self._projections
+
+    @functools.cached_property
+    def _projections(self) -> tuple[int, ...]:
         ps = [i for i, nd in enumerate(self.d.nodes) if nd.op == "proj"]
-        return sorted(ps, key=lambda i: self.d.nodes[i].index)
+        return tuple(sorted(ps, key=lambda i: self.d.nodes[i].index))
 
     @functools.cached_property
     def ln_nodes(self) -> list[int]:
@@ -270,6 +274,7 @@ class Plan:
         state input needs a buffer only when recurrent dropout scales it, decided at run time)."""
         return self.d.nodes[self.d.nodes[p].args[0]].op != "state"
 
+    @functools.cached_property
     def units_splittable(self) -> bool:
         """Whether a call can split hidden units over threads: no layer norm (rows are reduced) and every
         projection multiplies a state (one GEMM per step, first)."""
