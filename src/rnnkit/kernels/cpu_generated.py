@@ -174,23 +174,26 @@ class Plan:
                 j = i if r == "out" else nd.args[r]
                 if nodes[j].op not in _LEAVES:
                     self.saved.add(j)
+        new_state = {u: k for k, u in enumerate(self.d.updates)}
         for i in sorted(self.saved):
-            a = nodes[i].args[0] if len(nodes[i].args) == 1 else None
-            if a is None or nodes[i].op not in FORWARD:
+            if i in new_state:  # read from the states (kept before zoneout under zoneout), not saved again
+                self.pre.add(new_state[i])
                 continue
-            new_state = [c for kind, c in self.readers[a] if kind == "update"]
-            if nodes[a].op in ("state", "param", "const", "layer_norm") or new_state or (
-                    a in self.saved and a not in self.recomputed):
+            args = nodes[i].args
+            if nodes[i].op in FORWARD and all(
+                    nodes[a].op in ("state", "param", "const", "layer_norm") or a in new_state
+                    or (a in self.saved and a not in self.recomputed) for a in args):
                 self.recomputed.add(i)
-                self.pre.update(new_state)
-        self.saved -= self.recomputed
+                self.pre.update(new_state[a] for a in args if a in new_state)
+        self.saved -= self.recomputed | set(new_state)
         for i, nd in enumerate(nodes):
             if nd.op in _LEAVES or nd.op in ("proj", "block"):
                 continue
             rd = self.readers[i]
             cross = any(self._reader_level(r) != self.level[i] for r in rd)
             ln_read = any(kind == "node" and nodes[c].op == "layer_norm" for kind, c in rd)
-            if i in self.saved or nd.op == "layer_norm" or len(rd) != 1 or cross or ln_read:
+            kept = any(kind == "update" and c in self.pre for kind, c in rd)  # written to PRE under zoneout
+            if i in self.saved or nd.op == "layer_norm" or len(rd) != 1 or cross or ln_read or kept:
                 self.array.add(i)
             if nd.op == "layer_norm" or len(rd) != 1 or cross or rd[0][0] != "node" or ln_read:
                 self.root.add(i)
@@ -328,7 +331,8 @@ class Layout:
 @functools.cache
 def layout(d: Declaration) -> Layout:
     """The :class:`Layout` of ``d``: the saved values in order, then, if the backward's passes allow it,
-    reordered so that ``d xg`` block k can overwrite slot k (read off the order of the passes)."""
+    reordered so that ``d xg`` block k can overwrite slot k (read off the order of the passes), with as
+    many slots as input blocks at least."""
     pl = plan(d)
     saved = sorted(pl.saved)
     plain = {i: k for k, i in enumerate(saved)}
@@ -343,7 +347,7 @@ def layout(d: Declaration) -> Layout:
             last_read[int(m.group(1))] = n
         for m in re.finditer(r"\bdx(\d+)\[j\] \+?= ", line):
             first_write.setdefault(int(m.group(1)), n)
-    if len(saved) < n_x or not first_write:
+    if not first_write:
         return Layout(plain, len(saved), False)
     last = max(first_write.values())
     zeroed = set(range(n_x)) - set(first_write)
@@ -352,7 +356,8 @@ def layout(d: Declaration) -> Layout:
         return next((m for m in range(n + 1, len(lines)) if len(lines[m]) - len(lines[m].lstrip()) <= 8),
                     len(lines)) - 1
 
-    free = sorted(saved, key=lambda i: last_read.get(i, -1))
+    # fewer saved values than input blocks: free slots (negative ids) make up the difference
+    free = sorted(saved + [-1 - k for k in range(n_x - len(saved))], key=lambda i: last_read.get(i, -1))
     match: dict[int, int] = {}
     deferred = set()
     for k in sorted(first_write, key=first_write.get) + sorted(zeroed):  # greedy: ascending thresholds
@@ -365,11 +370,11 @@ def layout(d: Declaration) -> Layout:
             return Layout(plain, len(saved), False)
         free.remove(fit)
         match[fit] = k
-    slots = dict(match)
+    slots = {i: k for i, k in match.items() if i >= 0}
     for i in saved:
         if i not in slots:
             slots[i] = n_x + len([j for j in slots if slots[j] >= n_x])
-    return Layout(slots, len(saved), True, frozenset(deferred), frozenset(zeroed),
+    return Layout(slots, max(len(saved), n_x), True, frozenset(deferred), frozenset(zeroed),
                   max(first_write, key=first_write.get))
 
 
@@ -598,7 +603,7 @@ class _Backward(_Gen):
         if nd.op in _LEAVES:
             return self.value(i, None)
         if i in self.plan.recomputed:  # in each loop that reads it (cheaper than a pass into a scratch row)
-            return _render(FORWARD[nd.op], {"a": self.saved_value(nd.args[0])})
+            return _render(FORWARD[nd.op], dict(zip("ab", map(self.saved_value, nd.args))))
         if i in self.plan.saved:
             return self.sv(i) + "[j]"
         upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
