@@ -195,7 +195,10 @@ def test_bfloat16_matches_float32_reference(name, device):
 def test_registry_cell_larger_grid(name, device):
     """Slow: wider tiles (H = 37 spans several gate columns), longer sequences, eval mode."""
     _compare(name, device, T=6, B=3, I=4, H=37, bidirectional=True, lengths=[6, 1, 4], given_state=True)
-    _compare(name, device, T=1, B=1, I=1, H=1, bidirectional=False, lengths=None, given_state=False)
+    # float64: at H = 1 from a zero state a layer norm normalises equal values, and its 1/std = 1/sqrt(eps)
+    # ~ 316 amplifies float32 rounding to ~1e-4
+    _compare(name, device, T=1, B=1, I=1, H=1, bidirectional=False, lengths=None, given_state=False,
+             dtype=torch.float64)
     _compare(name, device, T=4, B=2, I=2, H=3, bidirectional=False, lengths=None, given_state=False,
              training=False)
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
+from ..cells.declare import Declaration
 from . import Backend, LayerConfig, register, triton_generated
 from .capability import Capability
 from .common import LayerMasks
@@ -79,6 +80,11 @@ def check_mode(K: ModuleType, device: torch.device) -> ModuleType:
     return K
 
 
+def _kernels(d: Declaration, device: torch.device) -> ModuleType:
+    """The generated kernel module of declaration ``d``, checked against ``device``."""
+    return check_mode(triton_generated.module(d), device)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -112,7 +118,7 @@ class _Run:
                  extras: dict[str, Tensor]) -> None:
         d = cell.declaration
         self.d, self.pl, self.sch = d, plan(d), triton_generated.schedule(d)
-        self.K = check_mode(triton_generated.module(d), xg.device)
+        self.K = _kernels(d, xg.device)
         self.xg, self.b_hh = xg, b_hh
         self.T, self.B = xg.shape[0], xg.shape[1]
         self.H = H = cell.hidden_size

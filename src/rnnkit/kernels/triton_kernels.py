@@ -1,15 +1,14 @@
-"""Triton kernels of the ``triton`` backends: the fused pointwise math of one time step, forward and
-backward, and the persistent kernels that run a whole time loop in one launch.
+"""The hand-written persistent Triton kernels of ``backend="triton_persistent"``: a whole time loop,
+forward or backward, in one launch, for rnnkit's built-in RNN, LSTM and GRU variants at small H.
 
 Layout: tile-level math functions per family (``_lstm_cell`` / ``_lstm_bwd_cell``, ``_gru_cell``, ...)
-that take and return (BLOCK_B, BLOCK_H) float32 tiles; per-step kernels (``lstm_fwd``, ``lstm_bwd``, ...)
-that load one step's tiles from memory and call them; ``persistent_fwd`` / ``persistent_bwd`` that call
-the same functions inside a loop over time with the recurrent matmul done by ``tl.dot``.
+that take and return (BLOCK_B, BLOCK_H) float32 tiles; ``persistent_fwd`` / ``persistent_bwd`` call them
+inside a loop over time with the recurrent matmul done by ``tl.dot``. (The per-step kernels of
+``backend="triton"`` are generated from each cell's declaration: :mod:`rnnkit.kernels.triton_generated`.)
 
-Imported lazily by :mod:`rnnkit.kernels.triton_backend` (never at ``import rnnkit``). Each kernel
-handles a (BLOCK_B, BLOCK_H) tile of one step: rows are batch entries, columns hidden units; gate
-``k`` of a (B, G*H) tensor lives in columns ``[k*H, (k+1)*H)``. Layer-norm cells need whole rows in
-one tile (``BLOCK_H >= H``, one program per row block), the others tile the hidden dimension too.
+Imported lazily by :mod:`rnnkit.kernels.triton_persistent` (never at ``import rnnkit``). Rows of a tile
+are batch entries, columns hidden units; gate ``k`` of a (B, G*H) tensor lives in columns
+``[k*H, (k+1)*H)``.
 
 Pointer conventions (all row-major, the row stride is passed where it is not H):
     xg      (B, G*H)  input pre-activations of the step, ``W x_t + b_ih`` (x dtype)
@@ -63,13 +62,6 @@ def _ld(ptr, rows, cols, k, H, stride, m):
 @triton.jit
 def _st(ptr, val, rows, cols, k, H, stride, m):
     tl.store(ptr + rows[:, None] * stride + k * H + cols[None, :], val.to(ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _acc(ptr, val, rows, cols, k, H, stride, m):
-    """``acc[rows, k*H + cols] += val`` for a per-row accumulator (each element owned by one program)."""
-    p = ptr + rows[:, None] * stride + k * H + cols[None, :]
-    tl.store(p, tl.load(p, mask=m, other=0.0) + val, mask=m)
 
 
 @triton.jit
@@ -143,71 +135,7 @@ def _ln_du(g, u, rstd, mg, mgu, m):
     return tl.where(m, rstd[:, None] * (g - mg[:, None] - u * mgu[:, None]), 0.0)
 
 
-@triton.jit
-def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m = (rows < B)[:, None] & (cols < H)[None, :]
-    return rows, cols, m
-
-
-@triton.jit
-def _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H,
-             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr):
-    """Total gradient w.r.t. this step's new h: direct part + (D_{t+1} R) * hmask + dout_t * out_mask_t."""
-    dh = _ld(dh_acc, rows, cols, 0, H, H, m)
-    if HAS_DMM:
-        g = _ld(dmm, rows, cols, 0, H, H, m)
-        if HAS_HMASK:
-            g = g * _ld(hmask, rows, cols, 0, H, H, m)
-        dh += g
-    if HAS_DY:
-        d = _ld(dy, rows, cols, 0, H, H, m)
-        if HAS_OMASK:
-            d = d * tl.load(omask + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
-        dh += d
-    return dh
-
-
-@triton.jit
-def _finish_fwd(h_cell, h_prev, c_cell, c_prev, h1, c1, y, hin, hmask, keep_h, keep_c, omask, rows, cols, m, B,
-                H, kh_b, kh_h, kc_b, kc_h, HAS_C: tl.constexpr, HAS_KEEP: tl.constexpr,
-                HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr):
-    """Mix with the previous state (zoneout / lengths), store state, output and next matmul input."""
-    h_new = h_cell
-    c_new = c_cell
-    if HAS_KEEP:
-        h_new = h_cell + _ld2(keep_h, rows, cols, kh_b, kh_h, m) * (h_prev - h_cell)
-        if HAS_C:
-            c_new = c_cell + _ld2(keep_c, rows, cols, kc_b, kc_h, m) * (c_prev - c_cell)
-    _st(h1, h_new, rows, cols, 0, H, H, m)
-    if HAS_C:
-        _st(c1, c_new, rows, cols, 0, H, H, m)
-    out = h_new
-    if HAS_OMASK:
-        out = out * tl.load(omask + rows, mask=rows < B, other=0.0).to(tl.float32)[:, None]
-    _st(y, out, rows, cols, 0, H, H, m)
-    if WRITE_HIN:
-        hi = h_new
-        if HAS_HMASK:
-            hi = hi * _ld(hmask, rows, cols, 0, H, H, m)
-        _st(hin, hi, rows, cols, 0, H, H, m)
-
-
 # ---- LSTM (every variant: peephole, CIFG, dropped gates, no output activation, layer norm) ------------
-@triton.jit
-def _lstm_math(xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
-               USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
-               PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    """:func:`_lstm_cell` on the gate tiles of ``xg`` and ``hg`` loaded from memory."""
-    return _lstm_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-                      _ld(xg, rows, cols, 2, H, s_xg, m), _ld(xg, rows, cols, 3, H, s_xg, m),
-                      _ld(hg, rows, cols, 0, H, s_hg, m), _ld(hg, rows, cols, 1, H, s_hg, m),
-                      _ld(hg, rows, cols, 2, H, s_hg, m), _ld(hg, rows, cols, 3, H, s_hg, m),
-                      c, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN,
-                      LN_BIAS)
-
-
 @triton.jit
 def _lstm_cell(xi, xf, xc, xo, hi, hf, hc, ho, c, cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b,
                USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
@@ -276,23 +204,6 @@ def _lstm_cell(xi, xf, xc, xo, hi, hf, hc, ho, c, cols, m, H, wch, lnh_w, b_hh, 
         a = _tanh(cc)
     h_new = o * a
     return i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c
-
-
-@triton.jit
-def lstm_fwd(xg, hg, h0, c0, h1, c1, y, hin, hmask, keep_h, keep_c, omask, wch, lnh_w, b_hh, lnc_w, lnc_b,
-             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
-             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
-             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
-             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    c = _ld(c0, rows, cols, 0, H, H, m)
-    i, f, g, o, c_new, a, h_new, ui, uf, uc_, uo, rstd_h, u_c, rstd_c = _lstm_math(
-        xg, hg, c, rows, cols, m, H, s_xg, s_hg, wch, lnh_w, b_hh, lnc_w, lnc_b,
-        USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
-    _finish_fwd(h_new, h, c_new, c, h1, c1, y, hin, hmask, keep_h, keep_c, omask, rows, cols, m, B, H,
-                kh_b, kh_h, kc_b, kc_h, True, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
 
 
 @triton.jit
@@ -377,70 +288,7 @@ def _lstm_bwd_cell(dh, dc, c, xi, xf, xc, xo, hi, hf, hc, ho, cols, m, H, wch, l
             g_lnc_w, g_lnc_b)
 
 
-@triton.jit
-def lstm_bwd(xg, hg, c0, dh_acc, dc_acc, dmm, dy, omask, hmask, keep_h, keep_c, dxg, D,
-             acc_wch, acc_lnh, acc_bhh, acc_lnc_w, acc_lnc_b, wch, lnh_w, b_hh, lnc_w, lnc_b,
-             B, H, s_xg, s_hg, kh_b, kh_h, kc_b, kc_h,
-             USE_I: tl.constexpr, USE_F: tl.constexpr, USE_O: tl.constexpr, COUPLED: tl.constexpr,
-             PEEP: tl.constexpr, ACT: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr,
-             HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr,
-             HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """LSTMCell.backward for one step; updates dh_acc, dc_acc in place to the gradients w.r.t. step t-1."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    c = _ld(c0, rows, cols, 0, H, H, m)
-    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
-    dc = _ld(dc_acc, rows, cols, 0, H, H, m)
-    carry_h = dh * 0.0
-    carry_c = dh * 0.0
-    if HAS_KEEP:
-        carry_h = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
-        carry_c = _ld2(keep_c, rows, cols, kc_b, kc_h, m) * dc
-        dh = dh - carry_h
-        dc = dc - carry_c
-    (dai, daf, dag, dao, Di, Df, Dg, Do, dc_prev, g_pi, g_pf, g_po, g_li, g_lf, g_lg, g_lo, g_lnc_w,
-     g_lnc_b) = _lstm_bwd_cell(
-        dh, dc, c, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(xg, rows, cols, 3, H, s_xg, m),
-        _ld(hg, rows, cols, 0, H, s_hg, m), _ld(hg, rows, cols, 1, H, s_hg, m),
-        _ld(hg, rows, cols, 2, H, s_hg, m), _ld(hg, rows, cols, 3, H, s_hg, m),
-        cols, m, H, wch, lnh_w, b_hh, lnc_w, lnc_b, USE_I, USE_F, USE_O, COUPLED, PEEP, ACT, LN, LN_BIAS)
-    _st(dxg, dai, rows, cols, 0, H, 4 * H, m)
-    _st(dxg, daf, rows, cols, 1, H, 4 * H, m)
-    _st(dxg, dag, rows, cols, 2, H, 4 * H, m)
-    _st(dxg, dao, rows, cols, 3, H, 4 * H, m)
-    if PEEP:
-        _acc(acc_wch, g_pi, rows, cols, 0, H, 3 * H, m)
-        _acc(acc_wch, g_pf, rows, cols, 1, H, 3 * H, m)
-        _acc(acc_wch, g_po, rows, cols, 2, H, 3 * H, m)
-    if LN:
-        _acc(acc_lnc_b, g_lnc_b, rows, cols, 0, H, H, m)
-        _acc(acc_lnc_w, g_lnc_w, rows, cols, 0, H, H, m)
-        _acc(acc_lnh, g_li, rows, cols, 0, H, 4 * H, m)
-        _acc(acc_lnh, g_lf, rows, cols, 1, H, 4 * H, m)
-        _acc(acc_lnh, g_lg, rows, cols, 2, H, 4 * H, m)
-        _acc(acc_lnh, g_lo, rows, cols, 3, H, 4 * H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, dai, rows, cols, 0, H, 4 * H, m)
-            _acc(acc_bhh, daf, rows, cols, 1, H, 4 * H, m)
-            _acc(acc_bhh, dag, rows, cols, 2, H, 4 * H, m)
-            _acc(acc_bhh, dao, rows, cols, 3, H, 4 * H, m)
-        _st(D, Di, rows, cols, 0, H, 4 * H, m)
-        _st(D, Df, rows, cols, 1, H, 4 * H, m)
-        _st(D, Dg, rows, cols, 2, H, 4 * H, m)
-        _st(D, Do, rows, cols, 3, H, 4 * H, m)
-    _st(dh_acc, carry_h, rows, cols, 0, H, H, m)
-    _st(dc_acc, dc_prev + carry_c, rows, cols, 0, H, H, m)
-
-
 # ---- GRU, reset after the matmul (torch.nn.GRU form), optionally layer-normalised ----------------------
-@triton.jit
-def _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    return _gru_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-                     _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg, rows, cols, 0, H, s_hg, m),
-                     _ld(hg, rows, cols, 1, H, s_hg, m), _ld(hg, rows, cols, 2, H, s_hg, m),
-                     cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
-
-
 @triton.jit
 def _gru_cell(xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     """GRUCell.forward (reset_after): r, z, n and the normalised n projection ``hn``."""
@@ -464,19 +312,6 @@ def _gru_cell(xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr,
     z = _sigmoid(xz + hz)
     n = _tanh(xn + r * hn)
     return r, z, n, hn, ur, uz, un, rstd
-
-
-@triton.jit
-def gru_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh,
-            B, H, s_xg, s_hg, kh_b, kh_h,
-            LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
-            HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    r, z, n, hn, ur, uz, un, rstd = _gru_math(xg, hg, rows, cols, m, H, s_xg, s_hg, lnh_w, b_hh, LN, LN_BIAS)
-    h_cell = n + z * (h - n)
-    _finish_fwd(h_cell, h, h_cell, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
-                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
 
 
 @triton.jit
@@ -514,51 +349,7 @@ def _gru_bwd_cell(dh, h, xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: tl
     return dar, daz, dan, Dr, Dz, Dn, direct, g_lr, g_lz, g_ln, dar, daz, dhn
 
 
-@triton.jit
-def gru_bwd(xg, hg, h0, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
-            B, H, s_xg, s_hg, kh_b, kh_h,
-            LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
-            HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """GRUCell.backward (reset_after=True) for one step."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
-    carry = dh * 0.0
-    if HAS_KEEP:
-        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
-        dh = dh - carry
-    dar, daz, dan, Dr, Dz, Dn, direct, g_lr, g_lz, g_ln, g_br, g_bz, g_bn = _gru_bwd_cell(
-        dh, h, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg, rows, cols, 0, H, s_hg, m),
-        _ld(hg, rows, cols, 1, H, s_hg, m), _ld(hg, rows, cols, 2, H, s_hg, m), cols, m, H, lnh_w, b_hh,
-        LN, LN_BIAS)
-    _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
-    _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
-    _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
-    if LN:
-        _acc(acc_lnh, g_lr, rows, cols, 0, H, 3 * H, m)
-        _acc(acc_lnh, g_lz, rows, cols, 1, H, 3 * H, m)
-        _acc(acc_lnh, g_ln, rows, cols, 2, H, 3 * H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, g_br, rows, cols, 0, H, 3 * H, m)
-            _acc(acc_bhh, g_bz, rows, cols, 1, H, 3 * H, m)
-            _acc(acc_bhh, g_bn, rows, cols, 2, H, 3 * H, m)
-    _st(D, Dr, rows, cols, 0, H, 3 * H, m)
-    _st(D, Dz, rows, cols, 1, H, 3 * H, m)
-    _st(D, Dn, rows, cols, 2, H, 3 * H, m)
-    _st(dh_acc, direct + carry, rows, cols, 0, H, H, m)
-
-
 # ---- GRU, reset before the matmul (Cho et al. 2014): two phases per step around R_n --------------------
-@triton.jit
-def _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    """r, z from the (r, z) rows; hg0 is (B, 2H), normalised on its own (gains ln_weight_hh[:2H])."""
-    return _cho_gates_cell(_ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-                           _ld(hg0, rows, cols, 0, H, 2 * H, m), _ld(hg0, rows, cols, 1, H, 2 * H, m),
-                           cols, m, H, lnh_w, b_hh, LN, LN_BIAS)
-
-
 @triton.jit
 def _cho_gates_cell(xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     ur = hr
@@ -577,13 +368,6 @@ def _cho_gates_cell(xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, L
 
 
 @triton.jit
-def _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
-    """n = tanh(x_n + LN(R_n (r * h * hmask)) + b_hn); hn_raw is (B, H) (b_hn added already if no LN)."""
-    return _cho_n_cell(_ld(xg, rows, cols, 2, H, s_xg, m), _ld(hn_raw, rows, cols, 0, H, H, m), cols, m, H,
-                       lnh_w, b_hh, LN, LN_BIAS)
-
-
-@triton.jit
 def _cho_n_cell(xn, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     un = hn
     rstd = tl.sum(hn, 1) * 0.0
@@ -594,35 +378,6 @@ def _cho_n_cell(xn, hn, cols, m, H, lnh_w, b_hh, LN: tl.constexpr, LN_BIAS: tl.c
         if LN_BIAS:
             hn += _vec(b_hh, cols, 2, H)
     return _tanh(xn + hn), un, rstd
-
-
-@triton.jit
-def cho_fwd_a(xg, hg0, h0, q, hmask, lnh_w, b_hh, B, H, s_xg,
-              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_HMASK: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Phase 1: q = r * h * hmask, the input of the R_n matmul."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
-    v = r * h
-    if HAS_HMASK:
-        v = v * _ld(hmask, rows, cols, 0, H, H, m)
-    _st(q, v, rows, cols, 0, H, H, m)
-
-
-@triton.jit
-def cho_fwd_b(xg, hg0, hn_raw, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh,
-              B, H, s_xg, kh_b, kh_h,
-              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
-              HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Phase 2: n and the new state."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    r, z, ur, uz, rstd = _cho_gates(xg, hg0, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
-    n, un, rstd_n = _cho_n(xg, hn_raw, rows, cols, m, H, s_xg, lnh_w, b_hh, LN, LN_BIAS)
-    h_cell = n + z * (h - n)
-    _finish_fwd(h_cell, h, h_cell, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
-                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
 
 
 @triton.jit
@@ -643,36 +398,6 @@ def _cho_bwd_b_cell(dh, h, xr, xz, xn, hr, hz, hn, cols, m, H, lnh_w, b_hh, LN: 
         mg, mgu = _ln_bwd_means(gn, gn, gn, gn, un, un, un, un, H, 1)
         D1 = _ln_du(gn, un, rstd_n, mg, mgu, m)
     return daz, dan, D1, dh * z, g_ln, dan
-
-
-@triton.jit
-def cho_bwd_b(xg, hg0, hn_raw, h0, dh_acc, dz, dmm, dy, omask, hmask, keep_h, dxg, D1, acc_lnh, acc_bhh,
-              lnh_w, b_hh, B, H, s_xg, kh_b, kh_h,
-              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,
-              HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Backward phase 2 of one step; writes D1 (input of the R_n matmul) and keeps d a_z in ``dz``."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
-    carry = dh * 0.0
-    if HAS_KEEP:
-        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
-        dh = dh - carry
-    daz, dan, d1, direct, g_ln, g_bn = _cho_bwd_b_cell(
-        dh, h, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-        _ld(xg, rows, cols, 2, H, s_xg, m), _ld(hg0, rows, cols, 0, H, 2 * H, m),
-        _ld(hg0, rows, cols, 1, H, 2 * H, m), _ld(hn_raw, rows, cols, 0, H, H, m), cols, m, H, lnh_w, b_hh,
-        LN, LN_BIAS)
-    _st(dxg, daz, rows, cols, 1, H, 3 * H, m)
-    _st(dxg, dan, rows, cols, 2, H, 3 * H, m)
-    _st(dz, daz, rows, cols, 0, H, H, m)
-    if LN:
-        _acc(acc_lnh, g_ln, rows, cols, 2, H, 3 * H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, g_bn, rows, cols, 2, H, 3 * H, m)
-    _st(D1, d1, rows, cols, 0, H, H, m)
-    _st(dh_acc, direct + carry, rows, cols, 0, H, H, m)
 
 
 @triton.jit
@@ -697,41 +422,7 @@ def _cho_bwd_a_cell(g, h, daz, xr, xz, hr, hz, cols, m, H, lnh_w, b_hh, LN: tl.c
     return dar, Dr, Dz, g * r, g_lr, g_lz
 
 
-@triton.jit
-def cho_bwd_a(xg, hg0, h0, dq, dh_acc, dz, hmask, dxg, D0, acc_lnh, acc_bhh, lnh_w, b_hh, B, H, s_xg,
-              LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_HMASK: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Backward phase 1 of one step: dq = D1 R_n through q = r * h * hmask and the (r, z) rows; D0 for R_rz."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    g = _ld(dq, rows, cols, 0, H, H, m)
-    if HAS_HMASK:
-        g = g * _ld(hmask, rows, cols, 0, H, H, m)
-    daz = _ld(dz, rows, cols, 0, H, H, m)
-    dar, Dr, Dz, dh_r, g_lr, g_lz = _cho_bwd_a_cell(
-        g, h, daz, _ld(xg, rows, cols, 0, H, s_xg, m), _ld(xg, rows, cols, 1, H, s_xg, m),
-        _ld(hg0, rows, cols, 0, H, 2 * H, m), _ld(hg0, rows, cols, 1, H, 2 * H, m), cols, m, H, lnh_w, b_hh,
-        LN, LN_BIAS)
-    _st(dh_acc, _ld(dh_acc, rows, cols, 0, H, H, m) + dh_r, rows, cols, 0, H, H, m)
-    _st(dxg, dar, rows, cols, 0, H, 3 * H, m)
-    if LN:
-        _acc(acc_lnh, g_lr, rows, cols, 0, H, 3 * H, m)
-        _acc(acc_lnh, g_lz, rows, cols, 1, H, 3 * H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, dar, rows, cols, 0, H, 3 * H, m)
-            _acc(acc_bhh, daz, rows, cols, 1, H, 3 * H, m)
-    _st(D0, Dr, rows, cols, 0, H, 2 * H, m)
-    _st(D0, Dz, rows, cols, 1, H, 2 * H, m)
-
-
 # ---- Elman RNN (tanh / relu), optionally layer-normalised ----------------------------------------------
-@triton.jit
-def _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr,
-              LN_BIAS: tl.constexpr):
-    return _rnn_cell(_ld(xg, rows, cols, 0, H, H, m), _ld(hg, rows, cols, 0, H, H, m), cols, m, H, lnh_w, b_hh,
-                     RELU, LN, LN_BIAS)
-
-
 @triton.jit
 def _rnn_cell(x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     """ElmanCell.forward: h = phi(x + LN(hh)); also the LN's u_hat and 1/std."""
@@ -752,18 +443,6 @@ def _rnn_cell(x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constex
 
 
 @triton.jit
-def rnn_fwd(xg, hg, h0, h1, y, hin, hmask, keep_h, omask, lnh_w, b_hh, B, H, kh_b, kh_h,
-            RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-            HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, WRITE_HIN: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    h = _ld(h0, rows, cols, 0, H, H, m)
-    hc, u, rstd = _rnn_math(xg, hg, rows, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
-    _finish_fwd(hc, h, hc, h, h1, h1, y, hin, hmask, keep_h, keep_h, omask, rows, cols, m, B, H,
-                kh_b, kh_h, kh_b, kh_h, False, HAS_KEEP, HAS_OMASK, HAS_HMASK, WRITE_HIN)
-
-
-@triton.jit
 def _rnn_bwd_cell(dh, x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr):
     """ElmanCell.backward of one step: returns d xg, D and the ln_weight_hh contribution."""
     hc, u, rstd = _rnn_cell(x, hh, cols, m, H, lnh_w, b_hh, RELU, LN, LN_BIAS)
@@ -779,30 +458,6 @@ def _rnn_bwd_cell(dh, x, hh, cols, m, H, lnh_w, b_hh, RELU: tl.constexpr, LN: tl
         mg, mgu = _ln_bwd_means(g, g, g, g, u, u, u, u, H, 1)
         D = _ln_du(g, u, rstd, mg, mgu, m)
     return da, D, g_l
-
-
-@triton.jit
-def rnn_bwd(xg, hg, dh_acc, dmm, dy, omask, hmask, keep_h, dxg, D, acc_lnh, acc_bhh, lnh_w, b_hh,
-            B, H, kh_b, kh_h,
-            RELU: tl.constexpr, LN: tl.constexpr, LN_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-            HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr, HAS_DMM: tl.constexpr, HAS_DY: tl.constexpr,
-            BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """ElmanCell.backward for one step (D is dxg itself unless layer-normalised)."""
-    rows, cols, m = _tile(B, H, BLOCK_B, BLOCK_H)
-    dh = _grad_in(dh_acc, dmm, dy, omask, hmask, rows, cols, m, B, H, HAS_DMM, HAS_DY, HAS_OMASK, HAS_HMASK)
-    carry = dh * 0.0
-    if HAS_KEEP:
-        carry = _ld2(keep_h, rows, cols, kh_b, kh_h, m) * dh
-        dh = dh - carry
-    da, d, g_l = _rnn_bwd_cell(dh, _ld(xg, rows, cols, 0, H, H, m), _ld(hg, rows, cols, 0, H, H, m), cols, m, H,
-                               lnh_w, b_hh, RELU, LN, LN_BIAS)
-    _st(dxg, da, rows, cols, 0, H, H, m)
-    if LN:
-        _acc(acc_lnh, g_l, rows, cols, 0, H, H, m)
-        if LN_BIAS:
-            _acc(acc_bhh, da, rows, cols, 0, H, H, m)
-        _st(D, d, rows, cols, 0, H, H, m)
-    _st(dh_acc, carry, rows, cols, 0, H, H, m)
 
 
 # ---- persistent forward: the whole time loop in one launch, R kept on chip -------------------------------

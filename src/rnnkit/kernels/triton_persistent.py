@@ -10,6 +10,8 @@ this backend. The per-step ``triton`` backend runs every declaration with kernel
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -30,6 +32,13 @@ def _persistent_block_h(H: int) -> int:
     return max(16, _pow2(H))
 
 
+def _kernels(device: torch.device) -> ModuleType:
+    """The hand-written kernel module (imports triton: only when the backend runs), checked against ``device``."""
+    from . import triton_kernels
+
+    return check_mode(triton_kernels, device)
+
+
 class _PersistentRun:
     """Forward and backward each in ONE launch: the time loops run inside the kernels, R stays on chip."""
 
@@ -39,9 +48,7 @@ class _PersistentRun:
         self.T, self.B = xg.shape[0], xg.shape[1]
         self.H = H = cell.hidden_size
         self.dtype, self.device = xg.dtype, xg.device
-        from . import triton_kernels  # imports triton: only when the backend runs
-
-        self.K = check_mode(triton_kernels, xg.device)
+        self.K = _kernels(xg.device)
         self.ln = cell.layer_norm
         self.ln_bias = cell.layer_norm and b_hh is not None
         self.hmask = None if masks.hmask is None else masks.hmask.contiguous()
@@ -207,5 +214,6 @@ def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -
     return None
 
 
-register(Backend("triton_persistent", "Triton, forward in one persistent kernel, R on chip (CUDA, small H)",
-                 unsupported_persistent, run_persistent, capability=Capability(hand_written=True)))
+BACKEND = Backend("triton_persistent", "Triton, forward in one persistent kernel, R on chip (CUDA, small H)",
+                  unsupported_persistent, run_persistent, capability=Capability(hand_written=True))
+register(BACKEND)
