@@ -22,7 +22,7 @@ import sys
 
 import pytest
 import torch
-from cellcases import CPU_CASES, HAND_WRITTEN, input_size
+from cellcases import CPU_CASES, input_size
 
 import rnnkit
 from rnnkit import kernels
@@ -58,8 +58,8 @@ def device():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv(triton_backend.CPU_ENV, "1")
-        mod = sys.modules.get("rnnkit.kernels.triton_kernels")
-        if mod is not None and not mod.INTERPRETED:
+        if any(not getattr(m, "INTERPRETED", True) for n, m in list(sys.modules.items())
+               if n.startswith("rnnkit_generated_triton_")):
             pytest.skip("the Triton kernels were compiled for the GPU earlier in this process")
         yield torch.device("cpu")
 
@@ -90,7 +90,7 @@ def _compare(cell: str | Declaration, device, *, T: int, B: int, I: int, H: int,
              bf16_tol: float = 3e-2, **layer_kw) -> None:
     torch.manual_seed(0)
     name = cell if isinstance(cell, str) else cell.name
-    I = I if isinstance(cell, Declaration) else input_size(cell, I, H)
+    I = (H if cell.raw_input else I) if isinstance(cell, Declaration) else input_size(cell, I, H)
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     ref = _build(cell, I, H, bidirectional=bidirectional, backend="reference", **layer_kw).to(device, ref_dtype)
     tri = _build(cell, I, H, bidirectional=bidirectional, backend=backend, **layer_kw).to(device, dtype)
@@ -204,7 +204,8 @@ def test_registry_cell_larger_grid(name, device):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["rnn_relu", "lstm_zoneout", "lstm_peephole_ln", "gru_cho_ln", "gru_rdrop"])
+@pytest.mark.parametrize("name", ["rnn_relu", "lstm_zoneout", "lstm_peephole_ln", "gru_cho_ln", "gru_rdrop", "slstm",
+                                  "mut3", USER])
 def test_persistent_forward_and_backward(name, device):
     """backend='triton_persistent': the whole forward in one launch, the whole backward in another."""
     _compare(name, device, T=3, B=2, I=2, H=3, bidirectional=True, lengths=[3, 2], given_state=True,
@@ -213,7 +214,7 @@ def test_persistent_forward_and_backward(name, device):
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("name", HAND_WRITTEN)
+@pytest.mark.parametrize("name", list(REGISTRY))
 def test_persistent_registry(name, device):
     _compare(name, device, T=5, B=17, I=3, H=33, bidirectional=True, lengths=list(range(1, 6)) * 3 + [5, 5],
              given_state=True, backend="triton_persistent")
@@ -280,9 +281,7 @@ def test_cuda_realistic_shapes(name, dtype, device):
 @needs_triton
 def test_ln_epsilon_matches_cells():
     from rnnkit.cells.base import LN_EPS
-    from rnnkit.kernels import triton_kernels
 
-    assert triton_kernels.LN_EPS.value == LN_EPS
     assert f"EPS: tl.constexpr = tl.constexpr({LN_EPS!r})" in triton_generated.source(USER)
 
 
@@ -374,11 +373,12 @@ def test_nonfinite_padding_never_reaches_valid_steps(name, device):
 
 
 @needs_triton
-def test_persistent_refuses_a_declaration_it_has_no_kernel_for():
-    """The hand-written persistent kernels run only the built-in variants; the generated ones run the rest."""
+def test_any_declaration_runs_and_a_refusal_names_the_backends_that_can():
     cuda = torch.device("cuda")
     cell = rnnkit.Recurrent(USER, 3, 3).cell
     assert kernels.resolve("auto", cell, LayerConfig(), cuda) == "triton"
-    with pytest.raises(ValueError, match=r"backend='triton_persistent' cannot run .*written by hand.*'everything'.*"
-                                         r"Backends that can: \['reference', 'bptt', 'triton'\]"):
-        kernels.resolve("triton_persistent", cell, LayerConfig(), cuda)
+    assert kernels.working_backends(cell, LayerConfig(), cuda) == ["reference", "bptt", "triton", "triton_persistent"]
+    big = rnnkit.Recurrent(USER, 65, 65).cell
+    with pytest.raises(ValueError, match=r"backend='triton_persistent' cannot run .*'everything'.*hidden_size <= 64 "
+                                         r"for this cell \(got 65\).*Backends that can: \['reference', 'bptt', 'triton'\]"):
+        kernels.resolve("triton_persistent", big, LayerConfig(), cuda)

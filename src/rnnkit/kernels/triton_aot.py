@@ -3,9 +3,9 @@
 The interpreter (``TRITON_INTERPRET=1``) checks the kernels' numbers on the CPU but is more
 permissive than the compiler; this module checks that the same kernels also compile to a cubin
 (Triton's bundled ``ptxas``) for a given architecture. It runs the backends' time loops on the CPU
-with recorders in place of the kernels (the per-level kernels generated from every registry cell's
-declaration, and the hand-written persistent kernels where they apply), collects each distinct
-(kernel, argument types, constexprs, num_warps) launch, and compiles it.
+with recorders in place of the kernels generated from every registry cell's declaration (per level,
+and the persistent ones where the size allows), collects each distinct (kernel, argument types,
+constexprs, num_warps) launch, and compiles it.
 
     python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32
 
@@ -76,15 +76,17 @@ def collect(shapes: tuple[tuple[int, int], ...] = ((3, 5), (8, 256), (2, 2048)),
     """Record the launches of forward + backward for every registry cell, shape (B, H), dtype, masks."""
     from . import triton_backend as tb
     from . import triton_generated
-    from . import triton_kernels as K
-    from . import triton_persistent as tp
 
-    if K.INTERPRETED:
-        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
     rec = _Recorder()
-    originals = tb._kernels, tp._kernels
-    tb._kernels = lambda d, device: rec.module(triton_generated.module(d), d.name)  # noqa: ARG005
-    tp._kernels = lambda device: rec.module(K, "persistent")  # noqa: ARG005
+    original = tb._kernels
+
+    def kernels(d, device):  # noqa: ARG001
+        K = triton_generated.module(d)
+        if K.INTERPRETED:
+            raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
+        return rec.module(K, d.name)
+
+    tb._kernels = kernels
     try:
         T = 2
         for spec in REGISTRY.values():
@@ -93,13 +95,13 @@ def collect(shapes: tuple[tuple[int, int], ...] = ((3, 5), (8, 256), (2, 2048)),
                 I = 3 if cell.check_input_size(3) is None else H
                 for dt in dtypes:
                     for with_masks in (False, True):
-                        _run_once(tb, tp, cell, T, B, I, H, dt, with_masks)
+                        _run_once(tb, cell, T, B, I, H, dt, with_masks)
     finally:
-        tb._kernels, tp._kernels = originals
+        tb._kernels = original
     return rec
 
 
-def _run_once(tb, tp, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_masks: bool) -> None:
+def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_masks: bool) -> None:
     G, GR = cell.gates, cell.rec_gates
     w: dict[str, torch.Tensor | None] = {
         "weight_ih": torch.randn(G * H, I, dtype=dt), "weight_hh": torch.randn(GR * H, H, dtype=dt),
@@ -115,9 +117,8 @@ def _run_once(tb, tp, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, wit
     x = torch.randn(T, B, I, dtype=dt)
     state0 = tuple(torch.zeros(B, H, dtype=dt, requires_grad=True) for _ in range(cell.state_size))
     runners = [tb.run]
-    cuda = torch.device("cuda")
-    if tp.BACKEND.refuses(cell, tb.LayerConfig(), cuda) is None:
-        runners.append(tp.run_persistent)
+    if tb.unsupported_persistent(cell, tb.LayerConfig(), torch.device("cuda")) is None:
+        runners.append(tb.run_persistent)
     for run in runners:
         out, state = run(cell, x, state0, w, masks)
         (out.float().sum() + sum(s.float().sum() for s in state)).backward()

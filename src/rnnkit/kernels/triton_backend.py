@@ -13,8 +13,8 @@ States are carried in float32 (float64 for float64 inputs) whatever the input dt
 inputs keep bf16 storage for ``xg``, the matmul operands and the outputs, with float32 math inside
 the kernels and float32 accumulation in cuBLAS.
 
-``backend="triton_persistent"`` (:mod:`rnnkit.kernels.triton_persistent`, hand-written, small H
-only) runs the whole forward and the whole backward time loop each in one kernel launch.
+``backend="triton_persistent"`` (:class:`_PersistentRun`, small H only) runs the whole forward and the
+whole backward time loop each in one launch of the generated persistent kernels, R kept on chip.
 
 Devices: CUDA only. For tests and debugging the kernels also run on the CPU under Triton's
 interpreter: set ``TRITON_INTERPRET=1`` **and** ``RNNKIT_TRITON_CPU=1`` before the kernels are first
@@ -239,27 +239,45 @@ class _Run:
         return y, tuple(step[f"ST{k}"][T] for k in range(len(state0)))
 
     # ---- backward ----------------------------------------------------------------------------------
-    def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
+    def grad_buffers(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]) -> tuple[list[Tensor], dict]:
+        """Fresh copies of the final-state gradients (the kernels update them in place, and autograd may hand
+        one gradient tensor to several consumers), and the backward's buffers by kernel argument name."""
         T, B, H, dt, dev, acc = self.T, self.B, self.H, self.dtype, self.device, self.acc
-        pl, sch = self.pl, self.sch
-        step = dict(self.step)
-        # Fresh copies: the kernels update these in place, and autograd may hand the same gradient tensor to
-        # several consumers.
         GS = [torch.zeros(B, H, dtype=acc, device=dev) if g is None
               else g.to(dtype=acc, memory_format=torch.contiguous_format, copy=True) for g in dfinal]
-        GP = [torch.empty(B, H, dtype=acc, device=dev) for _ in dfinal]
-        GA = {i: torch.empty(B, H, dtype=acc, device=dev) for i in sch.ga}
-        D = [torch.empty(T, B, (z - a) * H, dtype=dt, device=dev) for a, z in pl.block_bounds]
-        xw = self.xg.shape[2]
-        dxg = (torch.zeros if sch.dxg_zero else torch.empty)(T, B, xw, dtype=dt, device=dev)
-        dpar = {n: torch.zeros(B, v.numel(), dtype=acc, device=dev) for n, v in self.params.items()}
-        GH = sum(z - a for a, z in pl.block_bounds) * H
-        dlng = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
-        dbhh = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
-        step.update({"DOUT": self.steps(None if dout is None else dout.contiguous()), "DXG": dxg.unbind(0),
-                     "DLNG": dlng, "DBHH": dbhh, **{f"GA{i}": g for i, g in GA.items()},
-                     **{f"DPAR_{n}": g for n, g in dpar.items()}})
-        Ds = [x.unbind(0) for x in D]
+        GH = sum(z - a for a, z in self.pl.block_bounds) * H
+        self.D = [torch.empty(T, B, (z - a) * H, dtype=dt, device=dev) for a, z in self.pl.block_bounds]
+        self.dxg = (torch.zeros if self.sch.dxg_zero else torch.empty)(T, B, self.xg.shape[2], dtype=dt, device=dev)
+        self.dpar = {n: torch.zeros(B, v.numel(), dtype=acc, device=dev) for n, v in self.params.items()}
+        self.dlng = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
+        self.dbhh = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
+        self.GA = {i: torch.empty(B, H, dtype=acc, device=dev) for i in self.sch.ga}
+        bufs = {"DLNG": self.dlng, "DBHH": self.dbhh, **{f"GA{i}": g for i, g in self.GA.items()},
+                **{f"DPAR_{n}": g for n, g in self.dpar.items()}}
+        return GS, bufs
+
+    def finish(self, dstate0: list[Tensor]):
+        """The gradients autograd receives, from the backward's buffers: dR and db by one matmul / sum over all
+        steps, the per-row parameter accumulators summed over rows."""
+        T, B, H, dt = self.T, self.B, self.H, self.dtype
+        dR_parts = [Dq.reshape(T * B, -1).t() @ P[:T].reshape(T * B, H) for Dq, P in zip(self.D, self.PIN)]
+        dR = torch.cat(dR_parts, 0) if len(dR_parts) > 1 else dR_parts[0]
+        db = None
+        if self.b_hh is not None:
+            db = self.dbhh.sum(0).to(dt) if self.ln else torch.cat([Dq.sum((0, 1)) for Dq in self.D])
+        grads = {n: g.sum(0).to(dt) for n, g in self.dpar.items()}
+        if self.ln:
+            grads["ln_weight_hh"] = self.dlng.sum(0).to(dt)
+        return self.dxg, dR, db, [g.to(dt) for g in dstate0], grads
+
+    def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        pl = self.pl
+        GS, bufs = self.grad_buffers(dout, dfinal)
+        GP = [torch.empty_like(g) for g in GS]
+        step = {**self.step, **bufs, "DOUT": self.steps(None if dout is None else dout.contiguous()),
+                "DXG": self.dxg.unbind(0)}
+        Ds = [x.unbind(0) for x in self.D]
         for q in range(len(self.projs)):
             step[f"D{q}"] = Ds[q]
         meta = {**self.meta, "HAS_DOUT": dout is not None}
@@ -277,17 +295,9 @@ class _Run:
                         kernels[lv][self.grid](*args, **meta)
                     for q in by_level[lv]:
                         torch.mm(Ds[q][t], self.R_parts[q], out=tmp)
-                        self._send(self.projs[q], self.masked(tmp), GP, GA, dxg[t], dpar)
+                        self._send(self.projs[q], self.masked(tmp), GP, self.GA, self.dxg[t], self.dpar)
                 GS, GP = GP, GS
-        dR_parts = [Dq.reshape(T * B, -1).t() @ P[:T].reshape(T * B, H) for Dq, P in zip(D, self.PIN)]
-        dR = torch.cat(dR_parts, 0) if len(dR_parts) > 1 else dR_parts[0]
-        db = None
-        if self.b_hh is not None:
-            db = dbhh.sum(0).to(dt) if self.ln else torch.cat([Dq.sum((0, 1)) for Dq in D])
-        grads = {n: g.sum(0).to(dt) for n, g in dpar.items()}
-        if self.ln:
-            grads["ln_weight_hh"] = dlng.sum(0).to(dt)
-        return dxg, dR, db, [g.to(dt) for g in GS], grads
+        return self.finish(GS)
 
     def _send(self, p: int, g: Tensor, GP: list[Tensor], GA: dict[int, Tensor], dxg_t: Tensor,
               dpar: dict[str, Tensor]) -> None:
@@ -306,6 +316,89 @@ class _Run:
             GA[a].copy_(g)
         else:
             GA[a].add_(g)
+
+
+# The persistent kernels keep every recurrent weight block on chip (registers / shared memory): blocks *
+# BLOCK_H^2 <= MAX_R_ELEMS with BLOCK_H = max(16, next power of two >= H) (tl.dot's minimum is 16), i.e.
+# H <= 64 for four blocks (LSTM, sLSTM), H <= 128 for one (Elman RNN).
+MAX_R_ELEMS = 16384
+PERSISTENT_BLOCK_B = 16
+PERSISTENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _persistent_block_h(H: int) -> int:
+    return max(16, _pow2(H))
+
+
+class _PersistentRun(_Run):
+    """Forward and backward each in ONE launch of the generated persistent kernels: the same per-level bodies
+    inside a loop over time, the recurrent matmuls by ``tl.dot`` with R loaded once; a program owns
+    PERSISTENT_BLOCK_B sequences and whole rows."""
+
+    def _keep_args(self) -> dict:
+        out = {}
+        for k in range(len(self.d.states)):
+            if self.keep is None:
+                out.update({f"KEEP{k}_": self.dummy, f"KT{k}": 0})
+            else:
+                kp = self.keep[k]
+                ke = kp.expand(kp.shape[0], self.B, self.H)
+                out.update({f"KEEP{k}_": ke, f"KT{k}": ke.stride(0) if kp.shape[0] > 1 else 0})
+        return out
+
+    def _launch(self, kernel, args: dict, has_dout: bool) -> None:
+        from triton.runtime.errors import OutOfResources
+
+        bh = _persistent_block_h(self.H)
+        blocks = sum(z - a for a, z in self.pl.block_bounds)
+        meta = {**self.meta, "HAS_DOUT": has_dout, "BLOCK_B": PERSISTENT_BLOCK_B, "BLOCK_H": bh,
+                "IEEE": self.dtype == torch.float32, "num_warps": 4 if blocks * bh * bh <= 4096 else 8}
+        base = {"XG_": self.xg, "OM_": self.p(self.omask), "T": self.T, **self._keep_args(),
+                **{f"R{q}": r.contiguous() for q, r in enumerate(self.R_parts)},
+                **{f"BR{q}": self.p(b) for q, b in enumerate(self.b_parts)}}
+        values = [args.get(n, base.get(n, self.fixed.get(n, self.dummy))) for n in self.K.PERSISTENT_ARGS]
+        try:
+            with self.errstate():
+                kernel[(_cdiv(self.B, PERSISTENT_BLOCK_B),)](*values, **meta)
+        except OutOfResources as e:
+            raise RuntimeError(
+                f"backend='triton_persistent': this GPU cannot hold the recurrent weights on chip for "
+                f"hidden_size={self.H}, dtype={self.dtype} ({e}); use bfloat16, a smaller hidden size or "
+                f"backend='triton'") from e
+
+    def forward(self, state0: State) -> tuple[Tensor, State]:
+        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
+        nodes = self.d.nodes
+        args: dict = {}
+        self.S = []
+        for k, s0 in enumerate(state0):
+            st = torch.empty(T + 1, B, H, dtype=self.acc, device=dev)
+            st[0].copy_(s0)
+            self.S.append(st)
+            args[f"ST{k}_"] = st
+        self.PIN = []
+        for q, (p, (a, z)) in enumerate(zip(self.projs, self.pl.block_bounds)):
+            pin = torch.empty(T + 1, B, H, dtype=dt, device=dev)
+            src = nodes[nodes[p].args[0]]
+            if src.op == "state":
+                pin[0].copy_(self.masked(state0[src.index]))
+            self.PIN.append(pin)
+            args[f"PIN{q}_"] = pin
+            args[f"HG{q}_"] = torch.empty(T, B, (z - a) * H, dtype=dt, device=dev)
+        y = torch.empty(T, B, H, dtype=dt, device=dev)
+        args["Y_"] = y
+        self.args_fwd = args
+        self._launch(self.K.persistent_fwd, args, False)
+        return y, tuple(s[T] for s in self.S)
+
+    def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
+        GS, bufs = self.grad_buffers(dout, dfinal)
+        G = [torch.stack([g, torch.empty_like(g)]) for g in GS]  # two slots, swapped every step
+        args = {**self.args_fwd, **bufs, "DOUT_": self.p(None if dout is None else dout.contiguous()),
+                "DXG_": self.dxg, **{f"G{k}_": g for k, g in enumerate(G)},
+                **{f"D{q}_": d for q, d in enumerate(self.D)}}
+        self._launch(self.K.persistent_bwd, args, dout is not None)
+        return self.finish([g[self.T % 2] for g in G])
 
 
 class _TritonRecurrence(torch.autograd.Function):
@@ -340,12 +433,37 @@ def apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, masks
     return out, tuple(state)
 
 
+def _check_dtype(backend: str, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if x.dtype not in dtypes:
+        raise TypeError(f"backend={backend!r} runs the dtypes {[str(t) for t in dtypes]}, got {x.dtype}; use "
+                        f"another dtype or another backend")
+
+
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
+    _check_dtype("triton", x, DTYPES)
     return apply(_Run, cell, x, state0, w, masks)
+
+
+def run_persistent(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
+    """As :func:`run`, with each time loop (forward, backward) in one persistent kernel (small H)."""
+    _check_dtype("triton_persistent", x, PERSISTENT_DTYPES)
+    return apply(_PersistentRun, cell, x, state0, w, masks)
+
+
+def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
+    reason = unsupported(cell, cfg, device)
+    if reason is not None:
+        return reason
+    bh = _persistent_block_h(cell.hidden_size)
+    if cell.rec_gates * bh * bh > MAX_R_ELEMS:
+        limit = max(h for h in (16, 32, 64, 128) if cell.rec_gates * h * h <= MAX_R_ELEMS)
+        return (f"the persistent kernel keeps R on chip, which needs hidden_size <= {limit} for this cell "
+                f"(got {cell.hidden_size}); use backend='triton'")
+    return None
 
 
 register(Backend("triton", "Triton kernels generated from the declaration, per step (CUDA)", unsupported, run,
                  DTYPES, Capability()), auto_before={"cuda": "bptt"})
-
-from . import triton_persistent  # noqa: E402,F401  (registers backend="triton_persistent")
+register(Backend("triton_persistent", "generated Triton kernels, each time loop in one launch, R on chip (CUDA, "
+                 "small H)", unsupported_persistent, run_persistent, PERSISTENT_DTYPES, Capability()))

@@ -158,6 +158,16 @@ def vec(ptr, cols, k, H, CT: tl.constexpr):
 
 
 @triton.jit
+def mm(a, b, IEEE: tl.constexpr):
+    """``a @ b`` on the tensor cores, float32 accumulation; IEEE: full float32 precision (no TF32)."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
 def rowsum(x, m):
     return tl.sum(tl.where(m, x, 0.0), 1)
 '''
@@ -331,20 +341,109 @@ class _Gen:
                 + ["DXG"] + [f"DPAR_{n}" for n, _ in self.params] + ["DLNG", "DBHH", "B", "H"]
                 + [f"KB{k}" for k in S] + [f"KH{k}" for k in S])
 
-    def header(self, name: str) -> list[str]:
-        args = ", ".join(self.arg_names())
-        return ["@triton.jit",
-                f"def {name}({args}, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr, HAS_HMASK: tl.constexpr,",
-                "        HAS_DOUT: tl.constexpr, CT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):",
+    def persistent_arg_names(self) -> list[str]:
+        """The persistent kernels' arguments: whole (T, ...) buffers where the per-step kernels take one step."""
+        S, qs = range(self.S), [self.nodes[p].index for p in self.projs]
+        return (["XG_"] + [f"ST{k}_" for k in S] + [f"HG{q}_" for q in qs] + [f"PIN{q}_" for q in qs]
+                + [f"R{q}" for q in qs] + [f"BR{q}" for q in qs] + [f"PAR_{n}" for n, _ in self.params]
+                + ["LNG", "BHH", "HM"] + [f"KEEP{k}_" for k in S] + ["OM_", "Y_"] + [f"G{k}_" for k in S]
+                + ["DOUT_"] + [f"D{q}_" for q in qs] + [f"GA{i}" for i in self.sch.ga] + ["DXG_"]
+                + [f"DPAR_{n}" for n, _ in self.params] + ["DLNG", "DBHH", "T", "B", "H"]
+                + [f"KB{k}" for k in S] + [f"KH{k}" for k in S] + [f"KT{k}" for k in S])
+
+    def kernel(self, name: str, args: list[str], body: list[str], extra: str = "") -> str:
+        head = ["@triton.jit",
+                f"def {name}({', '.join(args)}, HAS_KEEP: tl.constexpr, HAS_OMASK: tl.constexpr,",
+                "        HAS_HMASK: tl.constexpr, HAS_DOUT: tl.constexpr, CT: tl.constexpr, BLOCK_B: tl.constexpr,",
+                f"        BLOCK_H: tl.constexpr{extra}):",
                 "    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)",
                 "    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)",
                 "    m = (rows < B)[:, None] & (cols < H)[None, :]"]
+        return "\n".join(head + ["    " + ln for ln in body]) + "\n"
+
+    # ---- persistent: the same bodies inside one loop over time, the projections by tl.dot --------------
+    def step_views(self, t: str) -> list[str]:
+        """Per-step pointers (the per-step kernels' arguments) into the whole buffers, at step ``t``."""
+        lines = [f"XG = XG_ + {t} * (B * {self.xw} * H)", "Y = Y_ + " + t + " * (B * H)", f"OM = OM_ + {t} * B",
+                 "DOUT = DOUT_ + " + t + " * (B * H)", f"DXG = DXG_ + {t} * (B * {self.xw} * H)"]
+        for k in range(self.S):
+            lines += [f"ST{k} = ST{k}_ + {t} * (B * H)", f"STN{k} = ST{k}_ + ({t} + 1) * (B * H)",
+                      f"KEEP{k} = KEEP{k}_ + {t} * KT{k}"]
+        for p in self.projs:
+            q, n_b = self.nodes[p].index, int(self.nodes[p].value)
+            lines += [f"HG{q} = HG{q}_ + {t} * (B * {n_b} * H)", f"PIN{q} = PIN{q}_ + {t} * (B * H)",
+                      f"PINN{q} = PIN{q}_ + ({t} + 1) * (B * H)", f"D{q} = D{q}_ + {t} * (B * {n_b} * H)"]
+        return lines
+
+    def weights(self, transposed: bool) -> list[str]:
+        """The recurrent weights, loaded once: per projection and block, an H x H tile (transposed: R^T)."""
+        lines = ["rk = tl.arange(0, BLOCK_H)", "rm = (rk < H)[:, None] & (cols < H)[None, :]"]
+        for p in self.projs:
+            q = self.nodes[p].index
+            for j in range(int(self.nodes[p].value)):
+                if transposed:  # RT[k, n] = R[j*H + n, k]
+                    lines.append(f"RT{q}_{j} = tl.load(R{q} + ({j} * H + cols[None, :]) * H + rk[:, None], mask=rm, "
+                                 "other=0.0)")
+                else:  # RN[n, k] = R[j*H + n, k]
+                    lines.append(f"RN{q}_{j} = tl.load(R{q} + ({j} * H + rk[:, None]) * H + cols[None, :], mask=rm, "
+                                 "other=0.0)")
+        return lines
+
+    def persistent_forward(self, bodies: dict[int, list[str]]) -> str:
+        nodes = self.nodes
+        loop = self.step_views("t")
+        for lv in range(self.pl.levels):
+            for p in self.projs:
+                if self.pl.level[p] != lv:
+                    continue
+                q, n_b = nodes[p].index, int(nodes[p].value)
+                loop += ["tl.debug_barrier()",
+                         f"pin = tl.load(PIN{q} + rows[:, None] * H + cols[None, :], mask=m, other=0.0)"]
+                for j in range(n_b):
+                    bias = "" if self.d.layer_norm else f" + vec(BR{q}, cols, {j}, H, CT)"
+                    loop.append(f"st(HG{q}, mm(pin, RT{q}_{j}, IEEE){bias}, rows, cols, {j}, {n_b}, H, m)")
+            loop += ["tl.debug_barrier()", *bodies.get(lv, [])]
+        body = self.weights(True) + ["for t in range(T):"] + ["    " + ln for ln in loop]
+        return self.kernel("persistent_fwd", self.persistent_arg_names(), body, ", IEEE: tl.constexpr")
+
+    def persistent_backward(self, bodies: dict[int, list[str]]) -> str:
+        nodes, d, sch = self.nodes, self.d, self.sch
+        loop = ["t = T - 1 - s", *self.step_views("t")]
+        for k in range(self.S):  # the running state gradients: two slots, swapped every step
+            loop += [f"GS{k} = G{k}_ + (s % 2) * (B * H)", f"GP{k} = G{k}_ + ((s + 1) % 2) * (B * H)"]
+        for lv in range(self.pl.levels - 1, -1, -1):
+            loop += ["tl.debug_barrier()", *bodies.get(lv, [])]
+            for p in reversed(self.projs):
+                if self.pl.level[p] != lv:
+                    continue
+                q, n_b = nodes[p].index, int(nodes[p].value)
+                terms = " + ".join(f"mm(tl.load(D{q} + rows[:, None] * ({n_b} * H) + {j} * H + cols[None, :], "
+                                   f"mask=m, other=0.0), RN{q}_{j}, IEEE)" for j in range(n_b))
+                loop += ["tl.debug_barrier()", f"gin = ({terms}).to(CT)", "if HAS_HMASK:",
+                         "    gin = gin * ld(HM, rows, cols, 0, 1, H, m, CT)"]
+                a = nodes[p].args[0]
+                src = nodes[a]
+                if src.op == "state":
+                    loop.append(f"add(GP{src.index}, gin, rows, cols, 0, 1, H, m)")
+                elif src.op == "input":
+                    k = d.input_gates if src.index < 0 else src.index
+                    loop.append(f"add(DXG, gin, rows, cols, {k}, {self.xw}, H, m)")
+                elif src.op == "param":
+                    loop.append(f"add(DPAR_{src.name}, gin, rows, cols, {src.index}, {len(dict(d.params)[src.name])}, "
+                                "H, m)")
+                else:
+                    fn = "st" if sch.ga_first[a] == ("g", p) else "add"
+                    loop.append(f"{fn}(GA{a}, gin, rows, cols, 0, 1, H, m)")
+        loop.append("tl.debug_barrier()")
+        body = self.weights(False) + ["for s in range(T):"] + ["    " + ln for ln in loop]
+        return self.kernel("persistent_bwd", self.persistent_arg_names(), body, ", IEEE: tl.constexpr")
 
     def hmasked(self, v: str) -> list[str]:
         return ["hm = ld(HM, rows, cols, 0, 1, H, m, CT)", "pv = " + v, "if HAS_HMASK:", "    pv = pv * hm"]
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, lv: int) -> str:
+    def forward(self, lv: int) -> list[str]:
+        """The body of level ``lv``'s forward: the projection inputs and new states computed there."""
         nodes, pl, d = self.nodes, self.pl, self.d
         k_ = _Kernel(self, lv)
         for p in self.projs:
@@ -374,10 +473,11 @@ class _Gen:
                     for line in self.hmasked(f"n{k}"):
                         k_.emit(line)
                     k_.emit(f"st(PINN{nodes[p].index}, pv, rows, cols, 0, 1, H, m)")
-        return "\n".join(self.header(f"fwd{lv}") + ["    " + ln for ln in k_.lines]) + "\n"
+        return k_.lines
 
     # ---- backward --------------------------------------------------------------------------------
-    def backward(self, lv: int) -> str | None:
+    def backward(self, lv: int) -> list[str]:
+        """The body of level ``lv``'s backward (empty if nothing of that level reaches a gradient)."""
         nodes, pl, d, sch = self.nodes, self.pl, self.d, self.sch
         top = pl.levels - 1
         k_ = _Kernel(self, lv)
@@ -454,9 +554,7 @@ class _Gen:
                     if nodes[a].op != "const":
                         contribute(a, _render(DERIVATIVES[nd.op][pos], env))
         self.flush(k_, lv, sinks)
-        if not k_.lines:
-            return None  # nothing of this level reaches a gradient
-        return "\n".join(self.header(f"bwd{lv}") + ["    " + ln for ln in k_.lines]) + "\n"
+        return k_.lines
 
     def proj_backward(self, k_: _Kernel, p: int, dblk: dict[int, list[str]], sinks: dict[str, list[str]]) -> None:
         """Store ``D{q}``, the gradient of projection ``p``'s raw output (through its layer norm, if any)."""
@@ -509,18 +607,21 @@ class _Gen:
 
 
 def source(d: Declaration) -> str:
-    """The Triton source of the per-level kernels ``fwd{L}`` and ``bwd{L}`` of declaration ``d``."""
+    """The Triton source of declaration ``d``: per level the per-step kernels ``fwd{L}`` / ``bwd{L}``, and the
+    persistent kernels ``persistent_fwd`` / ``persistent_bwd`` that run the same bodies in a loop over time."""
     from ..cells.base import LN_EPS
 
     g = _Gen(d)
+    fwd = {lv: g.forward(lv) for lv in g.sch.fwd_levels}
+    bwd = {lv: body for lv in range(g.pl.levels) if (body := g.backward(lv))}
     parts = [_PRELUDE.format(eps=LN_EPS)]
-    parts += [g.forward(lv) for lv in g.sch.fwd_levels]
-    bwd = [(lv, g.backward(lv)) for lv in range(g.pl.levels)]
-    bwd = [(lv, text) for lv, text in bwd if text is not None]
-    parts += [text for _, text in bwd]
+    parts += [g.kernel(f"fwd{lv}", g.arg_names(), body) for lv, body in fwd.items()]
+    parts += [g.kernel(f"bwd{lv}", g.arg_names(), body) for lv, body in bwd.items()]
+    parts += [g.persistent_forward(fwd), g.persistent_backward(bwd)]
     parts.append(f"ARGS = {g.arg_names()!r}\n"
-                 f"FORWARD = [{', '.join(f'({lv}, fwd{lv})' for lv in g.sch.fwd_levels)}]\n"
-                 f"BACKWARD = [{', '.join(f'({lv}, bwd{lv})' for lv, _ in reversed(bwd))}]\n")
+                 f"PERSISTENT_ARGS = {g.persistent_arg_names()!r}\n"
+                 f"FORWARD = [{', '.join(f'({lv}, fwd{lv})' for lv in fwd)}]\n"
+                 f"BACKWARD = [{', '.join(f'({lv}, bwd{lv})' for lv in sorted(bwd, reverse=True))}]\n")
     return "\n\n".join(parts)
 
 
