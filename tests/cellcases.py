@@ -5,16 +5,12 @@ from __future__ import annotations
 import torch
 
 from rnnkit.cells import REGISTRY, make_cell
-from rnnkit.kernels.capability import hand_written
 
 
 def _cell(name: str, H: int = 4):
     spec = REGISTRY[name]
     return make_cell(spec.family, H, **spec.cell_options)
 
-
-#: Registered cells that the hand-written ``triton`` kernels implement.
-HAND_WRITTEN = [n for n in REGISTRY if hand_written(_cell(n).declaration) is not None]
 
 #: Registered cells whose generated ``cpu`` loops the default suite compiles: every kind of level
 #: structure (one GEMM first; a projection of ``r * h`` or of ``tanh(h)``), layer norm of projections and
