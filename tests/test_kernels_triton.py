@@ -380,5 +380,6 @@ def test_any_declaration_runs_and_a_refusal_names_the_backends_that_can():
     assert kernels.working_backends(cell, LayerConfig(), cuda) == ["reference", "bptt", "triton", "triton_persistent"]
     big = rnnkit.Recurrent(USER, 65, 65).cell
     with pytest.raises(ValueError, match=r"backend='triton_persistent' cannot run .*'everything'.*hidden_size <= 64 "
-                                         r"for this cell \(got 65\).*Backends that can: \['reference', 'bptt', 'triton'\]"):
+                                         r"for this cell \(got 65\).*"
+                                         r"Backends that can: \['reference', 'bptt', 'triton'\]"):
         kernels.resolve("triton_persistent", big, LayerConfig(), cuda)

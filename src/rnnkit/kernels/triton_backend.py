@@ -200,21 +200,18 @@ class _Run:
         T, B, H, dt = self.T, self.B, self.H, self.dtype
         nodes = self.d.nodes
         step: dict[str, Sequence] = {}
-        self.S = []
         for k, s0 in enumerate(state0):
-            buf, views = self.buffers(T + 1, (B, H), self.acc, 2)
+            _, views = self.buffers(T + 1, (B, H), self.acc, 2)
             views[0].copy_(s0)
-            self.S.append(buf)
             step[f"ST{k}"], step[f"STN{k}"] = views, views[1:]
-        self.HG, self.PIN = [], []
+        self.PIN = []
         for p, (a, z) in zip(self.projs, self.pl.block_bounds):
             q = nodes[p].index
-            hg, hgs = self.buffers(T, (B, (z - a) * H), dt, 1)
+            _, hgs = self.buffers(T, (B, (z - a) * H), dt, 1)
             pin, pins = self.buffers(T + 1, (B, H), dt, 2)
             src = nodes[nodes[p].args[0]]
             if src.op == "state":
                 pins[0].copy_(self.masked(state0[src.index]))
-            self.HG.append(hg)
             self.PIN.append(pin)
             step.update({f"HG{q}": hgs, f"PIN{q}": pins, f"PINN{q}": pins[1:]})
         y = torch.empty(T, B, H, dtype=dt, device=self.device)
