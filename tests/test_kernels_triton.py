@@ -22,11 +22,11 @@ import sys
 
 import pytest
 import torch
-from cellcases import CPU_CASES, input_size
+from cellcases import CPU_CASES, USER, input_size
 
 import rnnkit
 from rnnkit import kernels
-from rnnkit.cells import REGISTRY, declare, make_cell
+from rnnkit.cells import REGISTRY, make_cell
 from rnnkit.cells.declare import Declaration
 from rnnkit.kernels import LayerConfig, source_cache, triton_backend, triton_generated
 
@@ -34,19 +34,6 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'rnnkit[triton]')")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-# A cell declared by a user: every operation of the language, two states, per-unit parameters, a layer
-# norm of a value, the raw input, and a recurrent projection of an expression of the state (three levels).
-USER = declare("everything", states="h m", params={"p": "pa pb", "g": "gn"}, init={"g": "ones"}, equations="""
-    xa, xb, xc = W(x)
-    ha, hb = R(h)
-    hc = R(a * h - m / 4)
-    a = sigmoid(xa + ha + pa * m)
-    b = hard_sigmoid(2 * (xb + hb))
-    s = softplus(xc) + exp(-abs(hc)) + log(1 + a)
-    m' = max(m * b, relu(s) - 1) + min(x, 0.5)
-    h' = tanh(layer_norm(s * pb, gn)) * (1 - b) + b * h - m' / (2 + a)
-""")
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
+from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD, derivative_env
 from ..cells.declare import Declaration
 from .source_cache import load_source
 
@@ -585,13 +585,7 @@ class _Backward(_Gen):
         nd = self.nodes[i]
         if nd.op == "layer_norm":
             return []
-        env = {"g": g}
-        reads = DERIVATIVE_READS.get(nd.op, ())
-        if "out" in reads:
-            env["y"] = self.saved_value(i)
-        for pos, key in ((0, "a"), (1, "b")):
-            if pos < len(nd.args) and pos in reads:
-                env[key] = self.saved_value(nd.args[pos])
+        env = derivative_env(i, nd, g, self.saved_value)
         loops: list[list[str]] = []
         for pos, a in enumerate(nd.args):
             if self.nodes[a].op == "const":

@@ -32,7 +32,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
+from ..cells.compile import DERIVATIVES, FORWARD, derivative_env
 from ..cells.declare import Declaration
 from .cpu_generated import Plan, plan
 from .source_cache import load_source
@@ -543,13 +543,7 @@ class _Gen:
                         "0.0)")
                 contribute(nd.args[0], f"du{i}")
             else:
-                env = {"g": gi}
-                reads = DERIVATIVE_READS.get(nd.op, ())
-                if "out" in reads:
-                    env["y"] = k_.val(i)
-                for pos, key in ((0, "a"), (1, "b")):
-                    if pos < len(nd.args) and pos in reads:
-                        env[key] = k_.val(nd.args[pos])
+                env = derivative_env(i, nd, gi, k_.val)
                 for pos, a in enumerate(nd.args):
                     if nodes[a].op != "const":
                         contribute(a, _render(DERIVATIVES[nd.op][pos], env))
