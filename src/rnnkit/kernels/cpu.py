@@ -598,6 +598,7 @@ class _GenRecurrence(torch.autograd.Function):
         ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
         for k in range(S):
             ST[k][0] = state0[k]
+        PRE = [np.empty((T, B, H), A.dummy1.dtype) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
         lay = cpu_generated.layout(d)
         SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
         PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else torch.empty(1, 1, 1, dtype=dt)
@@ -607,8 +608,8 @@ class _GenRecurrence(torch.autograd.Function):
         RSH = _empty(T, B, len(projs), dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
         LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
         LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
-        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), SAVE,
-                  *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
+        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), *PRE,
+                  SAVE, *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
         Rd = R.detach().contiguous()
         _launch(K.forward, A, Rd, cell, True, common)
         # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
@@ -659,10 +660,10 @@ class _GenRecurrence(torch.autograd.Function):
             DXG = (torch.zeros if plan.dxg_gaps else _empty)(T, B, xg_width, dtype=dt)
         DRAW, own = [], [not lay.dxg_in_save]
         for p, (lo, hi) in zip(projs, plan.block_bounds):
-            if p in plan.paired:
-                DRAW.append(DXG)
-            elif cell.layer_norm:
+            if cell.layer_norm:
                 DRAW.append(UH[:, :, lo * H:hi * H])
+            elif p in plan.paired:
+                DRAW.append(DXG)
             else:
                 DRAW.append((torch.zeros if plan.draw_gaps(p) else _empty)(T, B, (hi - lo) * H, dtype=dt))
             own.append(not cell.layer_norm and not (p in plan.paired and lay.dxg_in_save))

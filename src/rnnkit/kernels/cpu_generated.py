@@ -21,9 +21,12 @@ row of the part runs the level's passes in equation order:
   outputs, parameters and states are the sinks: ``d xg``, ``d(R h)`` (turned into dR by one matmul over
   all steps in :mod:`rnnkit.kernels.cpu`), per-part parameter accumulators, and the state gradients.
 
-What is saved and what is recomputed: exactly what the derivatives read (nothing is recomputed), the
-layer-norm statistics, and each projection's input when it is not a state (or recurrent dropout
-scales it). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+What is saved and what is recomputed: what the derivatives read, except a unary value of something the
+backward has anyway (a saved value, a state, a parameter, a layer norm's ``u_hat``, a new state), which
+each backward loop that reads it recomputes (the LSTM's ``tanh(c)``: one store and one saved slot less,
+a few multiplications more); the layer-norm statistics; and each projection's input when it is not a
+state (or recurrent dropout scales it). A new state read that way is kept per step only under zoneout
+(``PRE``; otherwise it is ``ST[t + 1]``). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
 ``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
 serves a second process without compiling again.
 """
@@ -138,6 +141,10 @@ class Plan:
     level: list[int] = field(default_factory=list)
     readers: list[list[tuple[str, int]]] = field(default_factory=list)  # ("node"|"proj"|"update", index)
     saved: set[int] = field(default_factory=set)
+    # unary values the backward recomputes from an argument it has anyway (a saved value, a state, a
+    # parameter, a layer norm's u_hat, a new state) instead of reading them from memory
+    recomputed: set[int] = field(default_factory=set)
+    pre: set[int] = field(default_factory=set)  # states whose new value is kept per step under zoneout
     array: set[int] = field(default_factory=set)  # forward: values with an array of their own
     root: set[int] = field(default_factory=set)  # backward: values whose gradient is an array
 
@@ -165,6 +172,16 @@ class Plan:
                 j = i if r == "out" else nd.args[r]
                 if nodes[j].op not in _LEAVES:
                     self.saved.add(j)
+        for i in sorted(self.saved):
+            a = nodes[i].args[0] if len(nodes[i].args) == 1 else None
+            if a is None or nodes[i].op not in FORWARD:
+                continue
+            new_state = [c for kind, c in self.readers[a] if kind == "update"]
+            if nodes[a].op in ("state", "param", "const", "layer_norm") or new_state or (
+                    a in self.saved and a not in self.recomputed):
+                self.recomputed.add(i)
+                self.pre.update(new_state)
+        self.saved -= self.recomputed
         for i, nd in enumerate(nodes):
             if nd.op in _LEAVES or nd.op in ("proj", "block"):
                 continue
@@ -180,10 +197,11 @@ class Plan:
     def _pairs(self) -> set[int]:
         """The projections whose gradient equals that of the input pre-activations, block for block: each
         of their blocks k is read only by one sum ``x_k + r_k`` that is the only reader of input block k
-        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself."""
+        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself (with
+        a layer-normed projection: the gradient of its normalised output)."""
         d, nodes = self.d, self.d.nodes
         projs = [i for i, nd in enumerate(nodes) if nd.op == "proj"]
-        if d.layer_norm or d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
+        if d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
             return set()
         p = projs[0]
         inputs = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "input"}
@@ -354,7 +372,7 @@ class _Gen:
         P, S = self.P, self.S
         return (["xg"] + [f"BH{p}" for p in range(P)] + [f"PAR_{n}" for n in self.params]
                 + ["lng", "hmask", "has_hmask"] + [f"K{k}" for k in range(S)] + ["has_keep"]
-                + [f"ST{k}" for k in range(S)] + ["SAVE"]
+                + [f"ST{k}" for k in range(S)] + [f"PRE{k}" for k in sorted(self.plan.pre)] + ["SAVE"]
                 + [f"PIN{q}" for q, p in enumerate(self.projs)] + ["UH", "RSH"]
                 + [f"LU{i}" for i in self.lns] + [f"LR{i}" for i in self.lns])
 
@@ -367,6 +385,12 @@ class _Gen:
         """The row view of saved value ``i`` (its slot of ``SAVE``)."""
         s = self.slots[i]
         return self.view(f"sv{i}", f"SAVE[t, b][{s} * H + j0:{s} * H + j1]")
+
+    def new_state(self, k: int, i: int) -> str:
+        """The row view of state ``k``'s new value (node ``i``) before zoneout mixes it: ``ST[t + 1]`` itself
+        without zoneout, else per step (``PRE``) when the backward reads it, or scratch."""
+        mixed = f"PRE{k}[t, b][j0:j1]" if k in self.plan.pre else f"M{i}[bl]"
+        return self.view(f"u{k}", f"{mixed} if has_keep else ST{k}[t + 1, b][j0:j1]")
 
     def value(self, i: int, inline) -> str:
         """Expression for node ``i`` at unit j (forward values; ``inline(i)`` gives computed nodes)."""
@@ -415,8 +439,7 @@ class _Forward(_Gen):
             return self.sv(i)
         upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
         if upd:  # a new state: straight into ST[t + 1] unless zoneout mixes it
-            k = upd[0]
-            return self.view(f"u{k}", f"M{i}[bl] if has_keep else ST{k}[t + 1, b][j0:j1]")
+            return self.new_state(upd[0], i)
         return self.view(f"m{i}", f"M{i}[bl]")
 
     def inline(self, i: int) -> str:
@@ -430,7 +453,8 @@ class _Forward(_Gen):
 
     def scratch(self) -> list[int]:
         """Computed nodes with an array that is not saved: per-part (rows, units) buffers."""
-        return [i for i in sorted(self.plan.array) if i not in self.plan.saved]
+        kept = {self.d.updates[k] for k in self.plan.pre}
+        return [i for i in sorted(self.plan.array) if i not in self.plan.saved and i not in kept]
 
     def text(self) -> str:
         plan, nodes, d = self.plan, self.nodes, self.d
@@ -542,7 +566,17 @@ class _Backward(_Gen):
         nd = self.nodes[i]
         if nd.op in _LEAVES:
             return self.value(i, None)
-        return self.sv(i) + "[j]"
+        if i in self.plan.recomputed:  # in each loop that reads it (cheaper than a pass into a scratch row)
+            return _render(FORWARD[nd.op], {"a": self.saved_value(nd.args[0])})
+        if i in self.plan.saved:
+            return self.sv(i) + "[j]"
+        upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
+        if upd:
+            return self.new_state(upd[0], i) + "[j]"
+        # a layer norm: u_hat * gain (+ bias)
+        gain = self.value(nd.args[1], None)
+        lu = self.view(f"lu{i}", f"LU{i}[t, b]")
+        return f"({lu}[j] * {gain}" + (f" + {self.value(nd.args[2], None)})" if len(nd.args) == 3 else ")")
 
     def sink(self, a: int, expr: str, out: list[str]) -> None:
         """Add ``expr`` to the gradient of node ``a`` (not fused)."""
@@ -680,7 +714,8 @@ class _Backward(_Gen):
         w(1, "tmp = np.empty((nb, nj), ST0.dtype)")
         if d.layer_norm:
             for p in self.projs:
-                w(1, f"DY{nodes[p].index} = np.zeros((nb, {int(nodes[p].value)} * H), ST0.dtype)")
+                if p not in plan.paired:
+                    w(1, f"DY{nodes[p].index} = np.zeros((nb, {int(nodes[p].value)} * H), ST0.dtype)")
         self.param_views(w, grads=True)
         w(1, "for t in range(T - 1, -1, -1):")
         # incoming: the output gradient, then zoneout's carry to the previous state
@@ -707,14 +742,15 @@ class _Backward(_Gen):
                 n_b = int(nodes[p].value)
                 if d.layer_norm:  # d(raw projection) written over its u_hat, which only this step reads
                     off = self.offset[p]
-                    w(2, f"_ln_rows_backward_db(DY{q}, {n_b} * H, lng, {off} * H, UH[t, b0:b1], RSH[t, b0:b1], {q}, "
+                    dy = f"{self.dxg}[t, b0:b1]" if p in plan.paired else f"DY{q}"
+                    w(2, f"_ln_rows_backward_db({dy}, {n_b} * H, lng, {off} * H, UH[t, b0:b1], RSH[t, b0:b1], {q}, "
                          f"UH[t, b0:b1, {off} * H:{off + n_b} * H], dlng, dbhh)")
                 w(2, "if sync:")
                 w(3, "_barrier()")
-                if self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
-                    w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
-                elif d.layer_norm:
+                if d.layer_norm:
                     w(2, f"_matmul_cols(UH[t, b0:b1], {self.offset[p]} * H, {n_b} * H, W{q}, tmp)")
+                elif self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
+                    w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
                 else:
                     w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
                 an = nodes[a]
