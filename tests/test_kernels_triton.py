@@ -370,3 +370,11 @@ def test_any_declaration_runs_and_a_refusal_names_the_backends_that_can():
                                          r"for this cell \(got 65\).*"
                                          r"Backends that can: \['reference', 'bptt', 'triton'\]"):
         kernels.resolve("triton_persistent", big, LayerConfig(), cuda)
+
+
+@needs_triton
+def test_persistent_refuses_float64_with_the_dtypes_it_runs(device):
+    layer = rnnkit.build("slstm", 3, 4, backend="triton_persistent").to(device, torch.float64)
+    with pytest.raises(TypeError, match=r"backend='triton_persistent' runs the dtypes \['torch.float32', "
+                                        r"'torch.bfloat16', 'torch.float16'\], got torch.float64"):
+        layer(torch.randn(2, 1, 3, dtype=torch.float64, device=device))
