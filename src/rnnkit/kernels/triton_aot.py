@@ -55,7 +55,8 @@ class _Recorder:
             setattr(ns, n, self.wrap(f"{label}.{n}", getattr(module, n)))
         for table in ("FORWARD", "BACKWARD"):
             if hasattr(module, table):
-                setattr(ns, table, [(lv, self.wrap(f"{label}.{fn.__name__}", fn)) for lv, fn in getattr(module, table)])
+                setattr(ns, table, [(lv, self.wrap(f"{label}.{fn.__name__}", fn), names)
+                                    for lv, fn, names in getattr(module, table)])
         return ns
 
     def _record(self, label: str, fn: Any, args: tuple, kw: dict) -> None:

@@ -150,6 +150,7 @@ class _Run:
             self.fixed[f"KEEP{k}"] = ks
         self.fixed["OM"] = self.steps(self.omask)
         self.fixed["XG"] = xg.unbind(0)
+        self.names = sorted({n for _, _, names in (*self.K.FORWARD, *self.K.BACKWARD) for n in names})
         CT = self.K.tl.float64 if self.acc == torch.float64 else self.K.tl.float32
         self.meta = {"HAS_KEEP": self.keep is not None, "HAS_OMASK": self.omask is not None,
                      "HAS_HMASK": self.hmask is not None, "CT": CT, **self.launch.meta}
@@ -182,12 +183,12 @@ class _Run:
         views = buf.unbind(0)
         return buf, (list(views) if slots == n else [views[t % slots] for t in range(n)])
 
-    def args(self, per_step: dict[str, Sequence], t: int) -> list:
-        """The kernels' positional arguments at step ``t`` (``per_step`` and fixed lists indexed by t)."""
-        out = []
-        for name in self.K.ARGS:
+    def values(self, per_step: dict[str, Sequence], t: int) -> dict:
+        """The per-step kernels' arguments at step ``t``, by name (``per_step`` and fixed lists indexed by t)."""
+        out = {}
+        for name in self.names:
             v = per_step.get(name, self.fixed.get(name, self.dummy))
-            out.append(v[t] if isinstance(v, (list, tuple)) else v)
+            out[name] = v[t] if isinstance(v, (list, tuple)) else v
         return out
 
     def errstate(self):
@@ -220,10 +221,10 @@ class _Run:
         grid, meta = self.grid, {**self.meta, "HAS_DOUT": False}
         by_level = [[(q, step[f"PIN{q}"], step[f"HG{q}"]) for q, p in enumerate(self.projs) if self.pl.level[p] == lv]
                     for lv in range(self.pl.levels)]
-        kernels = dict(self.K.FORWARD)
+        kernels = {lv: (fn, names) for lv, fn, names in self.K.FORWARD}
         with self.errstate():
             for t in range(T):
-                args = self.args(step, t)
+                vals = self.values(step, t)
                 for lv in range(self.pl.levels):
                     for q, pins, hgs in by_level[lv]:
                         b = self.b_parts[q]
@@ -232,7 +233,8 @@ class _Run:
                         else:
                             torch.addmm(b, pins[t], self.Rt_parts[q], out=hgs[t])
                     if lv in kernels:
-                        kernels[lv][grid](*args, **meta)
+                        fn, names = kernels[lv]
+                        fn[grid](*[vals[n] for n in names], **meta)
         return y, tuple(step[f"ST{k}"][T] for k in range(len(state0)))
 
     # ---- backward ----------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ class _Run:
         for q in range(len(self.projs)):
             step[f"D{q}"] = Ds[q]
         meta = {**self.meta, "HAS_DOUT": dout is not None}
-        kernels = dict(self.K.BACKWARD)
+        kernels = {lv: (fn, names) for lv, fn, names in self.K.BACKWARD}
         tmp = torch.empty(B, H, dtype=dt, device=dev)
         by_level = [[q for q, p in reversed(list(enumerate(self.projs))) if pl.level[p] == lv]
                     for lv in range(pl.levels)]
@@ -286,10 +288,11 @@ class _Run:
             for t in range(T - 1, -1, -1):
                 for k in range(len(GS)):
                     step[f"GS{k}"], step[f"GP{k}"] = GS[k], GP[k]
-                args = self.args(step, t)
+                vals = self.values(step, t)
                 for lv in range(pl.levels - 1, -1, -1):
                     if lv in kernels:
-                        kernels[lv][self.grid](*args, **meta)
+                        fn, names = kernels[lv]
+                        fn[self.grid](*[vals[n] for n in names], **meta)
                     for q in by_level[lv]:
                         torch.mm(Ds[q][t], self.R_parts[q], out=tmp)
                         self._send(self.projs[q], self.masked(tmp), GP, self.GA, self.dxg[t], self.dpar)

@@ -186,9 +186,14 @@ class Schedule:
     matmuls ``("g", p)`` of the projections of level L (last projection first). ``ga_first[i]`` is the
     first event that writes ``GA{i}`` (it assigns; later ones add); ``dx_first[k]`` the kernel level that
     assigns block k of ``d xg`` (absent: none, or ``dxg_zero``: every writer adds to a zeroed buffer).
+
+    A computed value is differentiated in the backward kernel of the lowest level that reads it (``blevel``),
+    which may be above the level where it can first be computed: the Cho GRU's update gate, computed
+    beside the reset gate but read only after the second projection, then needs no buffer of its own.
     """
 
     levels: int
+    blevel: tuple[int, ...]  # per node, the level whose backward kernel differentiates it
     fwd_levels: tuple[int, ...]  # levels whose forward kernel stores something
     ga: tuple[int, ...]  # nodes with a GA buffer
     ga_first: dict[int, tuple]
@@ -207,6 +212,11 @@ def schedule(d: Declaration) -> Schedule:
     pl = plan(d)
     nodes = d.nodes
     top = pl.levels - 1
+    blevel = list(pl.level)
+    for i in range(len(nodes) - 1, -1, -1):
+        if nodes[i].op not in (*_LEAVES, "proj", "block"):
+            blevel[i] = min(blevel[c] if kind == "node" else pl.level[c] - 1 if kind == "proj" else top
+                            for kind, c in pl.readers[i])
     contrib: dict[int, list[tuple]] = {}  # non-leaf node -> events that add to its GA buffer
     dx: dict[int, set[int]] = {}
     dxg_zero = pl.dxg_gaps
@@ -214,7 +224,7 @@ def schedule(d: Declaration) -> Schedule:
         evs: list[tuple] = []
         for kind, c in pl.readers[a]:
             if kind == "node":
-                evs.append(("k", pl.level[c]))
+                evs.append(("k", blevel[c]))
             elif kind == "proj":
                 evs.append(("g", c))
             else:
@@ -224,7 +234,7 @@ def schedule(d: Declaration) -> Schedule:
             dx.setdefault(k, set()).update(e[1] for e in evs if e[0] == "k")
             dxg_zero = dxg_zero or any(e[0] == "g" for e in evs)
         elif nd.op not in _LEAVES and nd.op != "proj":
-            later = [e for e in evs if e[0] == "g" or e[1] > pl.level[a]]
+            later = [e for e in evs if e[0] == "g" or e[1] > blevel[a]]
             if later:
                 contrib[a] = later
     ga = tuple(sorted(contrib))
@@ -237,7 +247,7 @@ def schedule(d: Declaration) -> Schedule:
                    for p in pl.projections())
         if ups or pins:
             fwd.append(lv)
-    return Schedule(pl.levels, tuple(fwd), ga, ga_first, dx_first, dxg_zero)
+    return Schedule(pl.levels, tuple(blevel), tuple(fwd), ga, ga_first, dx_first, dxg_zero)
 
 
 class _Kernel:
@@ -350,6 +360,11 @@ class _Gen:
                 + ["DOUT_"] + [f"D{q}_" for q in qs] + [f"GA{i}" for i in self.sch.ga] + ["DXG_"]
                 + [f"DPAR_{n}" for n, _ in self.params] + ["DLNG", "DBHH", "T", "B", "H"]
                 + [f"KB{k}" for k in S] + [f"KH{k}" for k in S] + [f"KT{k}" for k in S])
+
+    def used_args(self, body: list[str]) -> list[str]:
+        """The per-step arguments (:meth:`arg_names`, in that order) that ``body`` names, and B, H."""
+        text = "\n".join(body)
+        return [a for a in self.arg_names() if a in ("B", "H") or re.search(rf"\b{a}\b", text)]
 
     def kernel(self, name: str, args: list[str], body: list[str], extra: str = "") -> str:
         head = ["@triton.jit",
@@ -495,7 +510,7 @@ class _Gen:
                 sinks.setdefault(f"dx{d.input_gates if nd.index < 0 else nd.index}", []).append(expr)
             elif nd.op == "param":
                 sinks.setdefault(f"dp:{nd.name}:{nd.index}", []).append(expr)
-            elif pl.level[a] == lv:
+            elif sch.blevel[a] == lv:
                 grad.setdefault(a, []).append(expr)
             else:
                 sinks.setdefault(f"ga{a}", []).append(expr)
@@ -517,7 +532,7 @@ class _Gen:
                 contribute(u, f"gu{k}")
         for i in range(len(nodes) - 1, -1, -1):
             nd = nodes[i]
-            if pl.level[i] != lv or nd.op in _LEAVES:
+            if sch.blevel[i] != lv or nd.op in _LEAVES:
                 continue
             if nd.op == "proj":
                 self.proj_backward(k_, i, dblk.get(i, {}), sinks)
@@ -609,13 +624,18 @@ def source(d: Declaration) -> str:
     fwd = {lv: g.forward(lv) for lv in g.sch.fwd_levels}
     bwd = {lv: body for lv in range(g.pl.levels) if (body := g.backward(lv))}
     parts = [_PRELUDE.format(eps=LN_EPS)]
-    parts += [g.kernel(f"fwd{lv}", g.arg_names(), body) for lv, body in fwd.items()]
-    parts += [g.kernel(f"bwd{lv}", g.arg_names(), body) for lv, body in bwd.items()]
+    # each per-step kernel takes only the arguments its body uses (fewer to pass at every launch)
+    used = {name: g.used_args(body) for name, body in [*((f"fwd{lv}", b) for lv, b in fwd.items()),
+                                                        *((f"bwd{lv}", b) for lv, b in bwd.items())]}
+    parts += [g.kernel(f"fwd{lv}", used[f"fwd{lv}"], body) for lv, body in fwd.items()]
+    parts += [g.kernel(f"bwd{lv}", used[f"bwd{lv}"], body) for lv, body in bwd.items()]
     parts += [g.persistent_forward(fwd), g.persistent_backward(bwd)]
-    parts.append(f"ARGS = {g.arg_names()!r}\n"
-                 f"PERSISTENT_ARGS = {g.persistent_arg_names()!r}\n"
-                 f"FORWARD = [{', '.join(f'({lv}, fwd{lv})' for lv in fwd)}]\n"
-                 f"BACKWARD = [{', '.join(f'({lv}, bwd{lv})' for lv in sorted(bwd, reverse=True))}]\n")
+    def table(kind: str, levels) -> str:
+        return ", ".join(f"({lv}, {kind}{lv}, {used[kind + str(lv)]!r})" for lv in levels)
+
+    parts.append(f"PERSISTENT_ARGS = {g.persistent_arg_names()!r}\n"
+                 f"FORWARD = [{table('fwd', fwd)}]\n"
+                 f"BACKWARD = [{table('bwd', sorted(bwd, reverse=True))}]\n")
     return "\n\n".join(parts)
 
 
