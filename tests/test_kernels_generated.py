@@ -34,13 +34,13 @@ def test_plan_levels_and_what_is_kept():
     r * h), r * h kept as the second projection's input; units split only for single-GEMM cells without
     layer norm."""
     lstm = cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4).declaration)
-    assert lstm.levels == 2 and lstm.units_splittable() and lstm.paired
+    assert lstm.levels == 2 and lstm.units_splittable and lstm.paired
     names = {i: n for n, i in rnnkit.cells.make_cell("lstm", 4).declaration.symbols}
     assert {names[i] for i in lstm.saved if i in names} == {"i", "f", "g", "o"}
     cho = cpu_generated.plan(rnnkit.cells.make_cell("gru", 4, reset_after=False).declaration)
-    assert cho.levels == 3 and not cho.units_splittable() and not cho.paired
+    assert cho.levels == 3 and not cho.units_splittable and not cho.paired
     assert [cho.pin(p) for p in cho.projections()] == [False, True]
-    assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable()
+    assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable
 
 
 def _compare(name: str, backend_a: str, backend_b: str, *, layers: int = 2) -> None:

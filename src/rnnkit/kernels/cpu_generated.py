@@ -224,21 +224,25 @@ class Plan:
             return self.level[self.d.updates[c]]
         return self.level[c] if kind == "node" else self.level[c] - 1
 
-    @property
+    @functools.cached_property
     def reads_input(self) -> bool:
         """Whether the backward reads the input pre-activations (a derivative reads an input block)."""
         nodes = self.d.nodes
         return any(nodes[nd.args[r]].op == "input" for nd in nodes for r in DERIVATIVE_READS.get(nd.op, ())
                    if r != "out")
 
-    @property
+    @functools.cached_property
     def levels(self) -> int:
         return max(self.level) + 1
 
-    def projections(self) -> list[int]:
+    def projections(self) -> tuple[int, ...]:
         """The proj nodes, in projection order."""
+        return self._projections
+
+    @functools.cached_property
+    def _projections(self) -> tuple[int, ...]:
         ps = [i for i, nd in enumerate(self.d.nodes) if nd.op == "proj"]
-        return sorted(ps, key=lambda i: self.d.nodes[i].index)
+        return tuple(sorted(ps, key=lambda i: self.d.nodes[i].index))
 
     @functools.cached_property
     def ln_nodes(self) -> list[int]:
@@ -268,6 +272,7 @@ class Plan:
         state input needs a buffer only when recurrent dropout scales it, decided at run time)."""
         return self.d.nodes[self.d.nodes[p].args[0]].op != "state"
 
+    @functools.cached_property
     def units_splittable(self) -> bool:
         """Whether a call can split hidden units over threads: no layer norm (rows are reduced) and every
         projection multiplies a state (one GEMM per step, first)."""
@@ -293,7 +298,7 @@ def source(d: Declaration, dtype: str) -> str:
     head = f"# cpu_loops {_loops_digest()}\n" + _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
     lay = layout(d)
     return (head + "\n\n" + _Forward(pl, lay.slots).text() + "\n\n"
-            + _Backward(pl, lay.slots, lay.dxg_in_save).text())
+            + _Backward(pl, lay.slots, lay.dxg_in_save, lay.deferred, lay.zeroed, lay.last_written).text())
 
 
 @functools.cache
@@ -306,11 +311,16 @@ class Layout:
     """Where the forward keeps the saved values: ``slots[node]`` is its H-wide block of the (T, B, width*H)
     buffer ``SAVE``. With ``dxg_in_save``, the backward writes ``d xg`` over the first blocks (block k
     over the value in slot k, which no later pass of the same step reads), so the input gradient
-    takes no memory of its own."""
+    takes no memory of its own. A ``deferred`` block is computed into a scratch row first and copied
+    over its slot at the end of the row's passes: its pass runs while the slot's value is still read.
+    A block without a gradient (``_``) is zeroed there."""
 
     slots: dict[int, int]
     width: int
     dxg_in_save: bool
+    deferred: frozenset[int] = frozenset()
+    zeroed: frozenset[int] = frozenset()
+    last_written: int = -1  # the d xg block whose pass comes last (the zeroed blocks go in its row)
 
 
 @functools.cache
@@ -325,17 +335,30 @@ def layout(d: Declaration) -> Layout:
     # value and the first that writes each d xg block (a line reads before it writes)
     last_read: dict[int, int] = {}
     first_write: dict[int, int] = {}
-    for n, line in enumerate(_Backward(pl, plain).text().splitlines()):
+    lines = _Backward(pl, plain).text().splitlines()
+    for n, line in enumerate(lines):
         for m in re.finditer(r"\bsv(\d+)\[j\]", line):
             last_read[int(m.group(1))] = n
         for m in re.finditer(r"\bdx(\d+)\[j\] \+?= ", line):
             first_write.setdefault(int(m.group(1)), n)
-    if len(saved) < n_x or set(first_write) != set(range(n_x)):
+    if len(saved) < n_x or not first_write:
         return Layout(plain, len(saved), False)
+    last = max(first_write.values())
+    zeroed = set(range(n_x)) - set(first_write)
+
+    def row_end(n: int) -> int:  # the last line of the row loop that holds line n
+        return next((m for m in range(n + 1, len(lines)) if len(lines[m]) - len(lines[m].lstrip()) <= 8),
+                    len(lines)) - 1
+
     free = sorted(saved, key=lambda i: last_read.get(i, -1))
     match: dict[int, int] = {}
-    for k in sorted(first_write, key=first_write.get):  # greedy: thresholds in ascending order
-        fit = next((i for i in free if last_read.get(i, -1) <= first_write[k]), None)
+    deferred = set()
+    for k in sorted(first_write, key=first_write.get) + sorted(zeroed):  # greedy: ascending thresholds
+        fit = None if k in zeroed else next((i for i in free if last_read.get(i, -1) <= first_write[k]), None)
+        if fit is None:
+            fit = next((i for i in free if last_read.get(i, -1) <= row_end(first_write.get(k, last))), None)
+            if k not in zeroed:
+                deferred.add(k)
         if fit is None:
             return Layout(plain, len(saved), False)
         free.remove(fit)
@@ -344,7 +367,8 @@ def layout(d: Declaration) -> Layout:
     for i in saved:
         if i not in slots:
             slots[i] = n_x + len([j for j in slots if slots[j] >= n_x])
-    return Layout(slots, len(saved), True)
+    return Layout(slots, len(saved), True, frozenset(deferred), frozenset(zeroed),
+                  max(first_write, key=first_write.get))
 
 
 class _Gen:
@@ -555,9 +579,14 @@ class _Forward(_Gen):
 
 
 class _Backward(_Gen):
-    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False) -> None:
+    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False,
+                 deferred: frozenset[int] = frozenset(), zeroed: frozenset[int] = frozenset(),
+                 last_written: int = -1) -> None:
         super().__init__(plan, slots)
         self.dxg = "SAVE" if dxg_in_save else "DXG"  # the array d xg is written into
+        self.deferred = deferred  # d xg blocks written into a scratch row, copied at the row's end (Layout)
+        self.zeroed = zeroed  # d xg blocks without a gradient, zeroed in the row of the last one written
+        self.last_written = last_written
         self.written: set[str] = set()  # sinks written this step (the first write assigns)
         self.tmp = 0
 
@@ -589,7 +618,7 @@ class _Backward(_Gen):
             return
         if op == "input":
             k = self.d.input_gates if nd.index < 0 else nd.index
-            name = self.view(f"dx{k}", f"{self.dxg}[t, b][{k} * H + j0:{k} * H + j1]")
+            name = self.view(f"df{k}", f"DF{k}") if k in self.deferred else self.dx(k)
         elif op == "block":
             if nd.args[0] in self.plan.paired:
                 return  # d(R h) is d xg: the input block's write is this one
@@ -683,13 +712,22 @@ class _Backward(_Gen):
             lines += ["for j in range(nj):"] + ["    " + line for line in loop]
         return lines
 
+    def dx(self, k: int) -> str:
+        return self.view(f"dx{k}", f"{self.dxg}[t, b][{k} * H + j0:{k} * H + j1]")
+
     def level_body(self, lv: int) -> list[str]:
         body: list[str] = []
         for i in range(len(self.nodes) - 1, -1, -1):
             if self.plan.level[i] == lv and i in self.plan.root:
                 body += self.root_pass(i)
+        text = "\n".join(body)
+        for k in sorted(self.deferred):
+            if re.search(rf"\bdf{k}\b", text):
+                body += ["for j in range(nj):", f"    {self.dx(k)}[j] = df{k}[j]"]
+        if self.zeroed and re.search(rf"\bd[xf]{self.last_written}\[j\]", text):
+            for k in sorted(self.zeroed):
+                body += ["for j in range(nj):", f"    {self.dx(k)}[j] = F(0.0)"]
         return body
-
     def roots_with_array(self) -> list[int]:
         return sorted(i for i in self.plan.root if any(kind in ("node", "proj") for kind, _ in self.plan.readers[i])
                       or self.nodes[i].op == "layer_norm")
@@ -712,6 +750,8 @@ class _Backward(_Gen):
         for i in self.roots_with_array():
             w(1, f"GA{i} = np.empty((nb, {'H' if nodes[i].op == 'layer_norm' else 'nj'}), xg.dtype)")
         w(1, "tmp = np.empty((nb, nj), ST0.dtype)")
+        for k in sorted(self.deferred):
+            w(1, f"DF{k} = np.empty(nj, ST0.dtype)")
         if d.layer_norm:
             for p in self.projs:
                 if p not in plan.paired:
