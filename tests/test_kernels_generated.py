@@ -9,7 +9,7 @@ from cellcases import input_size, random_state
 
 import rnnkit
 from rnnkit.cells import declare
-from rnnkit.kernels import cpu_generated
+from rnnkit.kernels import cpu_generated, source_cache
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def test_source_is_written_once_per_declaration_and_dtype():
     assert "def forward(" in text and "def backward(" in text and "F = np.float32" in text
     assert cpu_generated.source(d, "float64") != text
     assert cpu_generated.module(d, "float32") is cpu_generated.module(d, "float32")
-    files = list(cpu_generated._cache_dir().glob("cell_*.py"))
+    files = list(source_cache.cache_dir().glob("cpu_*.py"))
     assert len(files) == 1 and files[0].read_text().endswith(text)
 
 
