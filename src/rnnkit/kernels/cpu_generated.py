@@ -23,11 +23,11 @@ row of the part runs the level's passes in equation order:
 
 What is saved and what is recomputed: what the derivatives read, except (1) a new state, which the
 backward reads from the states (kept per step before zoneout mixes it, ``PRE``, only under zoneout),
-and (2) a value computed by one operation from things the backward has anyway (saved values, states,
-parameters, constants, a layer norm's ``u_hat``), which each backward loop that reads it recomputes:
-the LSTM's ``tanh(c)``, the GRU's ``1 - z`` (one store and one saved slot less, a few operations
-more); then the layer-norm statistics and each projection's input when it is not a state (or
-recurrent dropout scales it). ``d xg`` is written over the saved values of its step (:class:`Layout`). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+and (2) a value made by one cheap operation (no exp, log or tanh) from things the backward has anyway
+(saved values, states, parameters, constants, a layer norm's ``u_hat``), which each backward loop that
+reads it recomputes (the GRU's ``1 - z``); then the layer-norm statistics and each projection's input
+when it is not a state (or recurrent dropout scales it). ``d xg`` is written over the saved values of
+its step (:class:`Layout`). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
 ``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
 serves a second process without compiling again.
 """
@@ -48,6 +48,9 @@ from ..cells.declare import Declaration
 from .source_cache import load_source
 
 _LEAVES = ("const", "state", "input", "param")
+# recomputed in the backward only if cheap: a tanh recomputed in two backward loops cost more than the saved
+# value's store and load (the LSTM's fwd+bwd measured ~10% slower)
+_TRANSCENDENTAL = frozenset({"sigmoid", "tanh", "exp", "log", "softplus"})
 STORES = 1  # arrays a backward loop stores to: LLVM vectorized none of the loops that stored to two or more
 
 _PRELUDE = '''import math
@@ -179,7 +182,7 @@ class Plan:
                 self.pre.add(new_state[i])
                 continue
             args = nodes[i].args
-            if nodes[i].op in FORWARD and all(
+            if nodes[i].op in FORWARD and nodes[i].op not in _TRANSCENDENTAL and all(
                     nodes[a].op in ("state", "param", "const", "layer_norm") or a in new_state
                     or (a in self.saved and a not in self.recomputed) for a in args):
                 self.recomputed.add(i)
