@@ -123,7 +123,7 @@ def run_grid(args: argparse.Namespace) -> tuple[list[dict], bool]:
                         probe = rnnkit.build(cell, H, H)
                         cfg = rnnkit.kernels.LayerConfig(**spec.layer_options)
                         refused = rnnkit.kernels.BACKENDS[args.ours].refuses(probe.cell, cfg, device)
-                        if refused is not None:  # e.g. the hand-written triton kernels and the sLSTM
+                        if refused is not None:  # e.g. triton_persistent above its size limit
                             kinds.remove("ours")
                             rec["ours_error"] = f"refused: {refused}"
                         for extra in args.also:

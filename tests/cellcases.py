@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rnnkit.cells import REGISTRY, make_cell
-from rnnkit.kernels.capability import hand_written
+from rnnkit.cells import REGISTRY, declare, make_cell
 
 
 def _cell(name: str, H: int = 4):
     spec = REGISTRY[name]
     return make_cell(spec.family, H, **spec.cell_options)
 
-
-#: Registered cells that the hand-written ``triton`` kernels implement.
-HAND_WRITTEN = [n for n in REGISTRY if hand_written(_cell(n).declaration) is not None]
 
 #: Registered cells whose generated ``cpu`` loops the default suite compiles: every kind of level
 #: structure (one GEMM first; a projection of ``r * h`` or of ``tanh(h)``), layer norm of projections and
@@ -35,3 +31,17 @@ def random_state(name: str, LD: int, B: int, H: int, dtype=torch.float64, genera
     parts = [(torch.rand(LD, B, H, dtype=dtype, generator=generator) + 0.5).requires_grad_(requires_grad)
              for _ in range(_cell(name).state_size)]
     return tuple(parts) if len(parts) > 1 else parts[0]
+
+
+#: A user cell that uses every operation of the language, two states, a parameter, a layer norm over a
+#: block, the raw input and a recurrent projection of an expression of the state.
+USER = declare("everything", states="h m", params={"p": "pa pb", "g": "gn"}, init={"g": "ones"}, equations="""
+    xa, xb, xc = W(x)
+    ha, hb = R(h)
+    hc = R(a * h - m / 4)
+    a = sigmoid(xa + ha + pa * m)
+    b = hard_sigmoid(2 * (xb + hb))
+    s = softplus(xc) + exp(-abs(hc)) + log(1 + a)
+    m' = max(m * b, relu(s) - 1) + min(x, 0.5)
+    h' = tanh(layer_norm(s * pb, gn)) * (1 - b) + b * h - m' / (2 + a)
+""")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from cellcases import USER
 
 import rnnkit
 from rnnkit.cells import DeclarationError, declare
@@ -43,20 +44,6 @@ def test_unused_parameter_block_and_bad_layer_norm_argument():
         declare("toy", states="h", equations="xa = W(x); ha = R(h); h' = tanh(xa + ha * p1)", params={"p": "p1 p2"})
     with pytest.raises(DeclarationError, match=r"layer_norm: 'xa' must be a per-unit parameter block"):
         declare("toy", states="h", equations="xa = W(x); ha = R(h); h' = layer_norm(ha, xa)")
-
-
-# A user cell that uses every operation of the language, two states, a parameter, a layer norm over a
-# block, the raw input and a recurrent projection of an expression of the state.
-USER = declare("everything", states="h m", params={"p": "pa pb", "g": "gn"}, init={"g": "ones"}, equations="""
-    xa, xb, xc = W(x)
-    ha, hb = R(h)
-    hc = R(a * h - m / 4)
-    a = sigmoid(xa + ha + pa * m)
-    b = hard_sigmoid(2 * (xb + hb))
-    s = softplus(xc) + exp(-abs(hc)) + log(1 + a)
-    m' = max(m * b, relu(s) - 1) + min(x, 0.5)
-    h' = tanh(layer_norm(s * pb, gn)) * (1 - b) + b * h - m' / (2 + a)
-""")
 
 
 def _user_layer(backend, **kw):

@@ -144,7 +144,7 @@ def test_matches_reference_split_over_threads(name, how, monkeypatch):
     _assert_same(_run(name, "reference", dtype, **kw), _run(name, "cpu", dtype, **kw), dtype)
     spec = REGISTRY[name]
     by_units = how == "units" and cpu_generated.plan(make_cell(spec.family, 5, **spec.cell_options).declaration
-                                                     ).units_splittable()
+                                                     ).units_splittable
     assert launched and all(got == (by_units, 3) for got in launched)
 
 
@@ -251,6 +251,34 @@ def test_step_matches_reference(name):
             ys.append(y)
         outs.append(torch.stack(ys))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lstm_zoneout", "mut1"])
+def test_inference_path_matches_reference(name):
+    """Without autograd the loop runs without the autograd Function and keeps its weight views between
+    one-step calls: masks (lengths, zoneout in eval mode) apply, every call returns tensors of its own, and
+    an in-place update of the weights is seen by the next step."""
+    dtype = torch.float64
+    layers = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(0)
+        layers[backend] = build(name, 6, 6, num_layers=2, backend=backend, dtype=dtype).eval()
+    x = torch.randn(5, 3, 6, dtype=dtype)
+    with torch.no_grad():
+        ref, cpu = (layers[b](x, lengths=[5, 2, 4]) for b in ("reference", "cpu"))
+        torch.testing.assert_close(cpu[0], ref[0], rtol=1e-9, atol=1e-10)
+        for a, b in zip(cpu[1], ref[1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        ys = {b: [] for b in layers}
+        for backend, layer in layers.items():
+            state = None
+            for t in range(5):
+                if t == 3:  # as an optimizer step would
+                    layer.weight_hh_l0.mul_(0.5)
+                y, state = layer.step(x[t], state)
+                ys[backend].append(y)
+        assert len({y.data_ptr() for y in ys["cpu"]}) == 5
+        torch.testing.assert_close(torch.stack(ys["cpu"]), torch.stack(ys["reference"]), rtol=1e-9, atol=1e-10)
 
 
 def test_auto_on_cpu():

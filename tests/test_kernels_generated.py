@@ -9,7 +9,7 @@ from cellcases import input_size, random_state
 
 import rnnkit
 from rnnkit.cells import declare
-from rnnkit.kernels import cpu_generated
+from rnnkit.kernels import cpu_generated, source_cache
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +25,7 @@ def test_source_is_written_once_per_declaration_and_dtype():
     assert "def forward(" in text and "def backward(" in text and "F = np.float32" in text
     assert cpu_generated.source(d, "float64") != text
     assert cpu_generated.module(d, "float32") is cpu_generated.module(d, "float32")
-    files = list(cpu_generated._cache_dir().glob("cell_*.py"))
+    files = list(source_cache.cache_dir().glob("cpu_*.py"))
     assert len(files) == 1 and files[0].read_text().endswith(text)
 
 
@@ -34,13 +34,13 @@ def test_plan_levels_and_what_is_kept():
     r * h), r * h kept as the second projection's input; units split only for single-GEMM cells without
     layer norm."""
     lstm = cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4).declaration)
-    assert lstm.levels == 2 and lstm.units_splittable() and lstm.paired
+    assert lstm.levels == 2 and lstm.units_splittable and lstm.paired
     names = {i: n for n, i in rnnkit.cells.make_cell("lstm", 4).declaration.symbols}
     assert {names[i] for i in lstm.saved if i in names} == {"i", "f", "g", "o"}
     cho = cpu_generated.plan(rnnkit.cells.make_cell("gru", 4, reset_after=False).declaration)
-    assert cho.levels == 3 and not cho.units_splittable() and not cho.paired
+    assert cho.levels == 3 and not cho.units_splittable and not cho.paired
     assert [cho.pin(p) for p in cho.projections()] == [False, True]
-    assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable()
+    assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable
 
 
 def _compare(name: str, backend_a: str, backend_b: str, *, layers: int = 2) -> None:

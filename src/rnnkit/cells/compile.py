@@ -63,6 +63,19 @@ def _reads(op: str) -> tuple[Any, ...]:
 DERIVATIVE_READS: dict[str, tuple[Any, ...]] = {op: _reads(op) for op in DERIVATIVES if _reads(op)}
 
 
+def derivative_env(i: int, nd: Node, g: str, value: Callable[[int], str]) -> dict[str, str]:
+    """The names of ``DERIVATIVES[nd.op]`` bound to expressions (for code generators): ``g`` the gradient,
+    ``y`` (node ``i``'s value) and ``a``/``b`` (its arguments' values, ``value(node)``) where read."""
+    env = {"g": g}
+    reads = DERIVATIVE_READS.get(nd.op, ())
+    if "out" in reads:
+        env["y"] = value(i)
+    for pos, key in ((0, "a"), (1, "b")):
+        if pos < len(nd.args) and pos in reads:
+            env[key] = value(nd.args[pos])
+    return env
+
+
 def _like(a: Any, b: Any) -> tuple[Tensor, Any]:
     return (a, b) if isinstance(a, Tensor) else (b, a)
 

@@ -5,10 +5,11 @@ Backends:
     bptt       explicit BPTT in torch ops with the backward derived from each cell's declaration; every cell.
     native     torch's fused kernels (oneDNN / cuDNN) via ``torch._VF``; plain LSTM, GRU, RNN only.
     cpu        fused numba loops generated from the cell's declaration (:mod:`.cpu`); every cell, on the CPU.
-    triton     hand-written fused Triton kernels (:mod:`.triton_backend`); the built-in variants, on CUDA.
+    triton     Triton kernels generated from the cell's declaration (:mod:`.triton_backend`); every cell, on CUDA.
+    triton_persistent  the same, each time loop in one launch with R on chip; small H, on CUDA.
 
 Each backend states what it can run as a :class:`~rnnkit.kernels.capability.Capability` read from the
-cell's declaration (operations, state count, layer norm; the hand-written ``triton`` kernels: exactly
+cell's declaration (operations, state count, layer norm; the hand-written ``cpu_hand`` loops: exactly
 the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
 fastest correct backend. An unsupported (configuration, backend) pair raises a ``ValueError`` that lists
 the backends that would work: there is no silent fallback.

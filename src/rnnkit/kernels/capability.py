@@ -80,7 +80,7 @@ def _table() -> dict[Declaration, tuple[str, dict[str, Any]]]:
 
 
 def hand_written(d: Declaration) -> tuple[str, dict[str, Any]] | None:
-    """The (kernel family, options) of the hand-written ``cpu``/``triton`` kernels that implement exactly
+    """The (kernel family, options) of the hand-written ``cpu_hand`` loops that implement exactly
     declaration ``d``, found by comparing declarations; None if no hand-written kernel does."""
     return _table().get(d)
 

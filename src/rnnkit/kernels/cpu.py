@@ -330,20 +330,24 @@ def _empty(*shape: int, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+@functools.cache
+def _constants(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, Tensor]:
+    """Placeholders for arrays a call does not use (never written), and a zero to broadcast."""
+    ndt = np.float32 if dtype == torch.float32 else np.float64
+    return np.zeros(1, ndt), np.zeros((1, 1), ndt), np.zeros((1, 1, 1), ndt), torch.zeros(1, 1, 1, dtype=dtype)
+
+
 class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
     def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype,
                  units_ok: bool | None = None) -> None:
-        ndt = np.float32 if dtype == torch.float32 else np.float64
         H, n_state = cell.hidden_size, cell.state_size
         self.T, self.B, self.H = T, B, H
         self.parts, self.units = split(T, B, H, GH, units_splittable(cell) if units_ok is None else units_ok)
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
-        self.dummy1 = np.zeros(1, ndt)
-        self.dummy2 = np.zeros((1, 1), ndt)
-        self.dummy3 = np.zeros((1, 1, 1), ndt)
+        self.dummy1, self.dummy2, self.dummy3, zero = _constants(dtype)
         self.has_hmask = masks.hmask is not None
         self.hmask = _np(masks.hmask) if self.has_hmask else self.dummy2
         self.has_keep = masks.keep is not None
@@ -351,8 +355,7 @@ class _Arrays:
             # (T or 1, B or 1, H or 1) -> (T, B, H) views with zero strides where broadcast
             self.keep = [k.detach().to(dtype).expand(T, B, H).numpy() for k in masks.keep]
         else:
-            z = torch.zeros(1, 1, 1, dtype=dtype).expand(T, B, H).numpy()
-            self.keep = [z] * n_state
+            self.keep = [zero.expand(T, B, H).numpy()] * n_state
 
     def whole(self) -> None:
         """One part for the whole call (when torch's team comes out smaller than the split)."""
@@ -365,16 +368,36 @@ def _weights(R: Tensor, cell: Cell, transpose: bool, A: _Arrays) -> list[tuple]:
     When the parts split units, each gets the rows of R for its units (gate-major: its i, then its f, ...),
     so its matmul yields only its own gate columns; otherwise all parts share one pair per projection.
     """
+    views = not A.mkl and not A.units and not (transpose and A.T > 1)  # no copy of R: the pairs can be kept
+    key = (R.data_ptr(), R.shape, R.dtype, cell.rec_parts, transpose, A.units, tuple(A.parts))
+    if views and key in _VIEWS:
+        return _VIEWS[key]
     projections = _rec_parts(R, cell)
     if not A.units:
-        return [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
+        out = [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
+        if views:
+            _keep_views(key, out)
+        return out
     H = cell.hidden_size
     out = []
     for _, _, j0, j1 in A.parts:
         mine = [p.view(-1, H, H)[:, j0:j1].reshape(-1, H) if transpose else p[:, j0:j1].contiguous()
                 for p in projections]
         out.append(tuple(_weight(m, transpose, A) for m in mine))
+    if views:
+        _keep_views(key, out)
     return out
+
+
+# The weight pairs of recent one-step calls (views of R, which they keep alive, so that an address is
+# never reused while its entry is here): a stream of step() calls finds its pairs ready.
+_VIEWS: dict[tuple, list[tuple]] = {}
+
+
+def _keep_views(key: tuple, pairs: list[tuple]) -> None:
+    if len(_VIEWS) >= 64:
+        del _VIEWS[next(iter(_VIEWS))]
+    _VIEWS[key] = pairs
 
 
 def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
@@ -572,48 +595,65 @@ class _CpuRecurrence(torch.autograd.Function):
         return (None, None, None, DG, dR, db_hh, *dstate, *extras)
 
 
+_ONES: dict[tuple, np.ndarray] = {}  # the all-ones recurrent-dropout mask of a shape (read only)
+
+
+def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
+                 b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor], _Arrays, tuple]:
+    """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
+    (each (T + 1, B, H)), the call's arrays and what its backward needs."""
+    _kernels()
+    d = cell.declaration
+    plan = cpu_generated.plan(d)
+    dt = xg.dtype
+    K = cpu_generated.module(d, _DTYPE_NAMES[dt])
+    S, H = cell.state_size, cell.hidden_size
+    T, B, _ = xg.shape
+    GH = cell.rec_gates * H
+    A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable)
+    state0 = rest[:S]
+    w = dict(zip(names, rest[S:]))
+    projs = plan.projections()
+    bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
+    BH = [bhh[a * H:z * H] for a, z in plan.block_bounds]
+    PAR = [_np(w[n]) for n, _ in d.params]
+    lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
+    hmask = A.hmask if A.has_hmask else _ONES.get((B, H, A.dummy1.dtype))
+    if hmask is None:
+        hmask = _ONES.setdefault((B, H, A.dummy1.dtype), np.ones((B, H), A.dummy1.dtype))
+    ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
+    for k in range(S):
+        ST[k][0] = state0[k]
+    PRE = [np.empty((T, B, H), A.dummy1.dtype) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
+    lay = cpu_generated.layout(d)
+    SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
+    none = torch.from_numpy(A.dummy3)
+    PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else none for p in projs]
+    ln = cell.layer_norm
+    UH = _empty(T, B, GH, dtype=dt) if ln else none
+    RSH = _empty(T, B, len(projs), dtype=dt) if ln else none
+    LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
+    LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
+    common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), *PRE,
+              SAVE, *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
+    Rd = R.detach().contiguous()
+    _launch(K.forward, A, Rd, cell, True, common)
+    # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
+    # place, which autograd's version counter then reports, as for any saved tensor)
+    out = torch.from_numpy(ST[0].numpy()[1:])
+    if not plan.reads_input:  # free xg now: the backward does not read it
+        common = (A.dummy3, *common[1:])
+    return out, ST, A, (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE, UH)
+
+
 class _GenRecurrence(torch.autograd.Function):
     """The recurrence of one layer/direction through the loops generated from the cell's declaration."""
 
     @staticmethod
     def forward(ctx, cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
                 b_hh: Tensor | None, *rest: Tensor):
-        _kernels()
-        d = cell.declaration
-        plan = cpu_generated.plan(d)
-        dt = xg.dtype
-        K = cpu_generated.module(d, _DTYPE_NAMES[dt])
-        S, H = cell.state_size, cell.hidden_size
-        T, B, _ = xg.shape
-        GH = cell.rec_gates * H
-        A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable())
-        state0 = rest[:S]
-        w = dict(zip(names, rest[S:]))
-        projs = plan.projections()
-        bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
-        BH = [bhh[a * H:z * H] for a, z in plan.block_bounds]
-        PAR = [_np(w[n]) for n, _ in d.params]
-        lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
-        hmask = A.hmask if A.has_hmask else np.ones((B, H), A.dummy1.dtype)
-        ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
-        for k in range(S):
-            ST[k][0] = state0[k]
-        lay = cpu_generated.layout(d)
-        SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
-        PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else torch.empty(1, 1, 1, dtype=dt)
-               for p in projs]
-        ln = cell.layer_norm
-        UH = _empty(T, B, GH, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-        RSH = _empty(T, B, len(projs), dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-        LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
-        LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
-        common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), SAVE,
-                  *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
-        Rd = R.detach().contiguous()
-        _launch(K.forward, A, Rd, cell, True, common)
-        # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
-        # place, which autograd's version counter then reports, as for any saved tensor)
-        out = torch.from_numpy(ST[0].numpy()[1:])
+        out, ST, A, ctx.buf = _gen_forward(cell, masks, names, xg, R, b_hh, rest)
+        T = xg.shape[0]
         if masks.out_mask is None:
             result = out
             ctx.save_for_backward(out)
@@ -621,9 +661,6 @@ class _GenRecurrence(torch.autograd.Function):
             result = out * masks.out_mask
             ctx.save_for_backward()
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
-        if not plan.reads_input:  # free xg now: the backward does not read it
-            common = (A.dummy3, *common[1:])
-        ctx.buf = (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE, UH)
         return (result, *(s[T].clone() for s in ST))
 
     @staticmethod
@@ -659,10 +696,10 @@ class _GenRecurrence(torch.autograd.Function):
             DXG = (torch.zeros if plan.dxg_gaps else _empty)(T, B, xg_width, dtype=dt)
         DRAW, own = [], [not lay.dxg_in_save]
         for p, (lo, hi) in zip(projs, plan.block_bounds):
-            if p in plan.paired:
-                DRAW.append(DXG)
-            elif cell.layer_norm:
+            if cell.layer_norm:
                 DRAW.append(UH[:, :, lo * H:hi * H])
+            elif p in plan.paired:
+                DRAW.append(DXG)
             else:
                 DRAW.append((torch.zeros if plan.draw_gaps(p) else _empty)(T, B, (hi - lo) * H, dtype=dt))
             own.append(not cell.layer_norm and not (p in plan.paired and lay.dxg_in_save))
@@ -699,9 +736,15 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
     check_numba_input("cpu", x)
     xg = cell.project_input(x, w)
     names = tuple(cell.extra_shapes())
-    out, *state = _GenRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
-                                       *(w[n] for n in names))
-    return out, tuple(state)
+    args = (xg, w["weight_hh"], w["bias_hh"], *state0, *(w[n] for n in names))
+    if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        out, *state = _GenRecurrence.apply(cell, masks, names, *args)
+        return out, tuple(state)
+    # inference (one step of a stream, most often): the loop without autograd's bookkeeping
+    out, ST, _, _ = _gen_forward(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], args[3:])
+    if masks.out_mask is not None:
+        out = out * masks.out_mask
+    return out, tuple(s[-1].clone() for s in ST)
 
 
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:

@@ -21,9 +21,13 @@ row of the part runs the level's passes in equation order:
   outputs, parameters and states are the sinks: ``d xg``, ``d(R h)`` (turned into dR by one matmul over
   all steps in :mod:`rnnkit.kernels.cpu`), per-part parameter accumulators, and the state gradients.
 
-What is saved and what is recomputed: exactly what the derivatives read (nothing is recomputed), the
-layer-norm statistics, and each projection's input when it is not a state (or recurrent dropout
-scales it). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+What is saved and what is recomputed: what the derivatives read, except (1) a new state, which the
+backward reads from the states (kept per step before zoneout mixes it, ``PRE``, only under zoneout),
+and (2) a value made by one cheap operation (no exp, log or tanh) from things the backward has anyway
+(saved values, states, parameters, constants, a layer norm's ``u_hat``), which each backward loop that
+reads it recomputes (the GRU's ``1 - z``); then the layer-norm statistics and each projection's input
+when it is not a state (or recurrent dropout scales it). ``d xg`` is written over the saved values of
+its step (:class:`Layout`). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
 ``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
 serves a second process without compiling again.
 """
@@ -32,20 +36,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
-from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD
+from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD, derivative_env
 from ..cells.declare import Declaration
+from .source_cache import load_source
 
 _LEAVES = ("const", "state", "input", "param")
+# recomputed in the backward only if cheap: a tanh recomputed in two backward loops cost more than the saved
+# value's store and load (the LSTM's fwd+bwd measured ~10% slower)
+_TRANSCENDENTAL = frozenset({"sigmoid", "tanh", "exp", "log", "softplus"})
 STORES = 1  # arrays a backward loop stores to: LLVM vectorized none of the loops that stored to two or more
 
 _PRELUDE = '''import math
@@ -140,6 +145,10 @@ class Plan:
     level: list[int] = field(default_factory=list)
     readers: list[list[tuple[str, int]]] = field(default_factory=list)  # ("node"|"proj"|"update", index)
     saved: set[int] = field(default_factory=set)
+    # unary values the backward recomputes from an argument it has anyway (a saved value, a state, a
+    # parameter, a layer norm's u_hat, a new state) instead of reading them from memory
+    recomputed: set[int] = field(default_factory=set)
+    pre: set[int] = field(default_factory=set)  # states whose new value is kept per step under zoneout
     array: set[int] = field(default_factory=set)  # forward: values with an array of their own
     root: set[int] = field(default_factory=set)  # backward: values whose gradient is an array
 
@@ -167,13 +176,26 @@ class Plan:
                 j = i if r == "out" else nd.args[r]
                 if nodes[j].op not in _LEAVES:
                     self.saved.add(j)
+        new_state = {u: k for k, u in enumerate(self.d.updates)}
+        for i in sorted(self.saved):
+            if i in new_state:  # read from the states (kept before zoneout under zoneout), not saved again
+                self.pre.add(new_state[i])
+                continue
+            args = nodes[i].args
+            if nodes[i].op in FORWARD and nodes[i].op not in _TRANSCENDENTAL and all(
+                    nodes[a].op in ("state", "param", "const", "layer_norm") or a in new_state
+                    or (a in self.saved and a not in self.recomputed) for a in args):
+                self.recomputed.add(i)
+                self.pre.update(new_state[a] for a in args if a in new_state)
+        self.saved -= self.recomputed | set(new_state)
         for i, nd in enumerate(nodes):
             if nd.op in _LEAVES or nd.op in ("proj", "block"):
                 continue
             rd = self.readers[i]
             cross = any(self._reader_level(r) != self.level[i] for r in rd)
             ln_read = any(kind == "node" and nodes[c].op == "layer_norm" for kind, c in rd)
-            if i in self.saved or nd.op == "layer_norm" or len(rd) != 1 or cross or ln_read:
+            kept = any(kind == "update" and c in self.pre for kind, c in rd)  # written to PRE under zoneout
+            if i in self.saved or nd.op == "layer_norm" or len(rd) != 1 or cross or ln_read or kept:
                 self.array.add(i)
             if nd.op == "layer_norm" or len(rd) != 1 or cross or rd[0][0] != "node" or ln_read:
                 self.root.add(i)
@@ -182,10 +204,11 @@ class Plan:
     def _pairs(self) -> set[int]:
         """The projections whose gradient equals that of the input pre-activations, block for block: each
         of their blocks k is read only by one sum ``x_k + r_k`` that is the only reader of input block k
-        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself."""
+        (or both are unused), and the input has no other blocks. Their ``d(R h)`` is ``d xg`` itself (with
+        a layer-normed projection: the gradient of its normalised output)."""
         d, nodes = self.d, self.d.nodes
         projs = [i for i, nd in enumerate(nodes) if nd.op == "proj"]
-        if d.layer_norm or d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
+        if d.raw_input or len(projs) != 1 or int(nodes[projs[0]].value) != d.input_gates:
             return set()
         p = projs[0]
         inputs = {nd.index: i for i, nd in enumerate(nodes) if nd.op == "input"}
@@ -208,21 +231,25 @@ class Plan:
             return self.level[self.d.updates[c]]
         return self.level[c] if kind == "node" else self.level[c] - 1
 
-    @property
+    @functools.cached_property
     def reads_input(self) -> bool:
         """Whether the backward reads the input pre-activations (a derivative reads an input block)."""
         nodes = self.d.nodes
         return any(nodes[nd.args[r]].op == "input" for nd in nodes for r in DERIVATIVE_READS.get(nd.op, ())
                    if r != "out")
 
-    @property
+    @functools.cached_property
     def levels(self) -> int:
         return max(self.level) + 1
 
-    def projections(self) -> list[int]:
+    def projections(self) -> tuple[int, ...]:
         """The proj nodes, in projection order."""
+        return self._projections
+
+    @functools.cached_property
+    def _projections(self) -> tuple[int, ...]:
         ps = [i for i, nd in enumerate(self.d.nodes) if nd.op == "proj"]
-        return sorted(ps, key=lambda i: self.d.nodes[i].index)
+        return tuple(sorted(ps, key=lambda i: self.d.nodes[i].index))
 
     @functools.cached_property
     def ln_nodes(self) -> list[int]:
@@ -252,6 +279,7 @@ class Plan:
         state input needs a buffer only when recurrent dropout scales it, decided at run time)."""
         return self.d.nodes[self.d.nodes[p].args[0]].op != "state"
 
+    @functools.cached_property
     def units_splittable(self) -> bool:
         """Whether a call can split hidden units over threads: no layer norm (rows are reduced) and every
         projection multiplies a state (one GEMM per step, first)."""
@@ -277,7 +305,7 @@ def source(d: Declaration, dtype: str) -> str:
     head = f"# cpu_loops {_loops_digest()}\n" + _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
     lay = layout(d)
     return (head + "\n\n" + _Forward(pl, lay.slots).text() + "\n\n"
-            + _Backward(pl, lay.slots, lay.dxg_in_save).text())
+            + _Backward(pl, lay.slots, lay.dxg_in_save, lay.deferred, lay.zeroed, lay.last_written).text())
 
 
 @functools.cache
@@ -290,17 +318,23 @@ class Layout:
     """Where the forward keeps the saved values: ``slots[node]`` is its H-wide block of the (T, B, width*H)
     buffer ``SAVE``. With ``dxg_in_save``, the backward writes ``d xg`` over the first blocks (block k
     over the value in slot k, which no later pass of the same step reads), so the input gradient
-    takes no memory of its own."""
+    takes no memory of its own. A ``deferred`` block is computed into a scratch row first and copied
+    over its slot at the end of the row's passes: its pass runs while the slot's value is still read.
+    A block without a gradient (``_``) is zeroed there."""
 
     slots: dict[int, int]
     width: int
     dxg_in_save: bool
+    deferred: frozenset[int] = frozenset()
+    zeroed: frozenset[int] = frozenset()
+    last_written: int = -1  # the d xg block whose pass comes last (the zeroed blocks go in its row)
 
 
 @functools.cache
 def layout(d: Declaration) -> Layout:
     """The :class:`Layout` of ``d``: the saved values in order, then, if the backward's passes allow it,
-    reordered so that ``d xg`` block k can overwrite slot k (read off the order of the passes)."""
+    reordered so that ``d xg`` block k can overwrite slot k (read off the order of the passes), with as
+    many slots as input blocks at least."""
     pl = plan(d)
     saved = sorted(pl.saved)
     plain = {i: k for k, i in enumerate(saved)}
@@ -309,26 +343,41 @@ def layout(d: Declaration) -> Layout:
     # value and the first that writes each d xg block (a line reads before it writes)
     last_read: dict[int, int] = {}
     first_write: dict[int, int] = {}
-    for n, line in enumerate(_Backward(pl, plain).text().splitlines()):
+    lines = _Backward(pl, plain).text().splitlines()
+    for n, line in enumerate(lines):
         for m in re.finditer(r"\bsv(\d+)\[j\]", line):
             last_read[int(m.group(1))] = n
         for m in re.finditer(r"\bdx(\d+)\[j\] \+?= ", line):
             first_write.setdefault(int(m.group(1)), n)
-    if len(saved) < n_x or set(first_write) != set(range(n_x)):
+    if not first_write:
         return Layout(plain, len(saved), False)
-    free = sorted(saved, key=lambda i: last_read.get(i, -1))
+    last = max(first_write.values())
+    zeroed = set(range(n_x)) - set(first_write)
+
+    def row_end(n: int) -> int:  # the last line of the row loop that holds line n
+        return next((m for m in range(n + 1, len(lines)) if len(lines[m]) - len(lines[m].lstrip()) <= 8),
+                    len(lines)) - 1
+
+    # fewer saved values than input blocks: free slots (negative ids) make up the difference
+    free = sorted(saved + [-1 - k for k in range(n_x - len(saved))], key=lambda i: last_read.get(i, -1))
     match: dict[int, int] = {}
-    for k in sorted(first_write, key=first_write.get):  # greedy: thresholds in ascending order
-        fit = next((i for i in free if last_read.get(i, -1) <= first_write[k]), None)
+    deferred = set()
+    for k in sorted(first_write, key=first_write.get) + sorted(zeroed):  # greedy: ascending thresholds
+        fit = None if k in zeroed else next((i for i in free if last_read.get(i, -1) <= first_write[k]), None)
+        if fit is None:
+            fit = next((i for i in free if last_read.get(i, -1) <= row_end(first_write.get(k, last))), None)
+            if k not in zeroed:
+                deferred.add(k)
         if fit is None:
             return Layout(plain, len(saved), False)
         free.remove(fit)
         match[fit] = k
-    slots = dict(match)
+    slots = {i: k for i, k in match.items() if i >= 0}
     for i in saved:
         if i not in slots:
             slots[i] = n_x + len([j for j in slots if slots[j] >= n_x])
-    return Layout(slots, len(saved), True)
+    return Layout(slots, max(len(saved), n_x), True, frozenset(deferred), frozenset(zeroed),
+                  max(first_write, key=first_write.get))
 
 
 class _Gen:
@@ -356,7 +405,7 @@ class _Gen:
         P, S = self.P, self.S
         return (["xg"] + [f"BH{p}" for p in range(P)] + [f"PAR_{n}" for n in self.params]
                 + ["lng", "hmask", "has_hmask"] + [f"K{k}" for k in range(S)] + ["has_keep"]
-                + [f"ST{k}" for k in range(S)] + ["SAVE"]
+                + [f"ST{k}" for k in range(S)] + [f"PRE{k}" for k in sorted(self.plan.pre)] + ["SAVE"]
                 + [f"PIN{q}" for q, p in enumerate(self.projs)] + ["UH", "RSH"]
                 + [f"LU{i}" for i in self.lns] + [f"LR{i}" for i in self.lns])
 
@@ -369,6 +418,12 @@ class _Gen:
         """The row view of saved value ``i`` (its slot of ``SAVE``)."""
         s = self.slots[i]
         return self.view(f"sv{i}", f"SAVE[t, b][{s} * H + j0:{s} * H + j1]")
+
+    def new_state(self, k: int, i: int) -> str:
+        """The row view of state ``k``'s new value (node ``i``) before zoneout mixes it: ``ST[t + 1]`` itself
+        without zoneout, else per step (``PRE``) when the backward reads it, or scratch."""
+        mixed = f"PRE{k}[t, b][j0:j1]" if k in self.plan.pre else f"M{i}[bl]"
+        return self.view(f"u{k}", f"{mixed} if has_keep else ST{k}[t + 1, b][j0:j1]")
 
     def value(self, i: int, inline) -> str:
         """Expression for node ``i`` at unit j (forward values; ``inline(i)`` gives computed nodes)."""
@@ -417,8 +472,7 @@ class _Forward(_Gen):
             return self.sv(i)
         upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
         if upd:  # a new state: straight into ST[t + 1] unless zoneout mixes it
-            k = upd[0]
-            return self.view(f"u{k}", f"M{i}[bl] if has_keep else ST{k}[t + 1, b][j0:j1]")
+            return self.new_state(upd[0], i)
         return self.view(f"m{i}", f"M{i}[bl]")
 
     def inline(self, i: int) -> str:
@@ -432,7 +486,8 @@ class _Forward(_Gen):
 
     def scratch(self) -> list[int]:
         """Computed nodes with an array that is not saved: per-part (rows, units) buffers."""
-        return [i for i in sorted(self.plan.array) if i not in self.plan.saved]
+        kept = {self.d.updates[k] for k in self.plan.pre}
+        return [i for i in sorted(self.plan.array) if i not in self.plan.saved and i not in kept]
 
     def text(self) -> str:
         plan, nodes, d = self.plan, self.nodes, self.d
@@ -533,9 +588,14 @@ class _Forward(_Gen):
 
 
 class _Backward(_Gen):
-    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False) -> None:
+    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False,
+                 deferred: frozenset[int] = frozenset(), zeroed: frozenset[int] = frozenset(),
+                 last_written: int = -1) -> None:
         super().__init__(plan, slots)
         self.dxg = "SAVE" if dxg_in_save else "DXG"  # the array d xg is written into
+        self.deferred = deferred  # d xg blocks written into a scratch row, copied at the row's end (Layout)
+        self.zeroed = zeroed  # d xg blocks without a gradient, zeroed in the row of the last one written
+        self.last_written = last_written
         self.written: set[str] = set()  # sinks written this step (the first write assigns)
         self.tmp = 0
 
@@ -544,7 +604,17 @@ class _Backward(_Gen):
         nd = self.nodes[i]
         if nd.op in _LEAVES:
             return self.value(i, None)
-        return self.sv(i) + "[j]"
+        if i in self.plan.recomputed:  # in each loop that reads it (cheaper than a pass into a scratch row)
+            return _render(FORWARD[nd.op], dict(zip("ab", map(self.saved_value, nd.args))))
+        if i in self.plan.saved:
+            return self.sv(i) + "[j]"
+        upd = [c for kind, c in self.plan.readers[i] if kind == "update"]
+        if upd:
+            return self.new_state(upd[0], i) + "[j]"
+        # a layer norm: u_hat * gain (+ bias)
+        gain = self.value(nd.args[1], None)
+        lu = self.view(f"lu{i}", f"LU{i}[t, b]")
+        return f"({lu}[j] * {gain}" + (f" + {self.value(nd.args[2], None)})" if len(nd.args) == 3 else ")")
 
     def sink(self, a: int, expr: str, out: list[str]) -> None:
         """Add ``expr`` to the gradient of node ``a`` (not fused)."""
@@ -557,7 +627,7 @@ class _Backward(_Gen):
             return
         if op == "input":
             k = self.d.input_gates if nd.index < 0 else nd.index
-            name = self.view(f"dx{k}", f"{self.dxg}[t, b][{k} * H + j0:{k} * H + j1]")
+            name = self.view(f"df{k}", f"DF{k}") if k in self.deferred else self.dx(k)
         elif op == "block":
             if nd.args[0] in self.plan.paired:
                 return  # d(R h) is d xg: the input block's write is this one
@@ -587,13 +657,7 @@ class _Backward(_Gen):
         nd = self.nodes[i]
         if nd.op == "layer_norm":
             return []
-        env = {"g": g}
-        reads = DERIVATIVE_READS.get(nd.op, ())
-        if "out" in reads:
-            env["y"] = self.saved_value(i)
-        for pos, key in ((0, "a"), (1, "b")):
-            if pos < len(nd.args) and pos in reads:
-                env[key] = self.saved_value(nd.args[pos])
+        env = derivative_env(i, nd, g, self.saved_value)
         loops: list[list[str]] = []
         for pos, a in enumerate(nd.args):
             if self.nodes[a].op == "const":
@@ -657,13 +721,22 @@ class _Backward(_Gen):
             lines += ["for j in range(nj):"] + ["    " + line for line in loop]
         return lines
 
+    def dx(self, k: int) -> str:
+        return self.view(f"dx{k}", f"{self.dxg}[t, b][{k} * H + j0:{k} * H + j1]")
+
     def level_body(self, lv: int) -> list[str]:
         body: list[str] = []
         for i in range(len(self.nodes) - 1, -1, -1):
             if self.plan.level[i] == lv and i in self.plan.root:
                 body += self.root_pass(i)
+        text = "\n".join(body)
+        for k in sorted(self.deferred):
+            if re.search(rf"\bdf{k}\b", text):
+                body += ["for j in range(nj):", f"    {self.dx(k)}[j] = df{k}[j]"]
+        if self.zeroed and re.search(rf"\bd[xf]{self.last_written}\[j\]", text):
+            for k in sorted(self.zeroed):
+                body += ["for j in range(nj):", f"    {self.dx(k)}[j] = F(0.0)"]
         return body
-
     def roots_with_array(self) -> list[int]:
         return sorted(i for i in self.plan.root if any(kind in ("node", "proj") for kind, _ in self.plan.readers[i])
                       or self.nodes[i].op == "layer_norm")
@@ -686,9 +759,12 @@ class _Backward(_Gen):
         for i in self.roots_with_array():
             w(1, f"GA{i} = np.empty((nb, {'H' if nodes[i].op == 'layer_norm' else 'nj'}), xg.dtype)")
         w(1, "tmp = np.empty((nb, nj), ST0.dtype)")
+        for k in sorted(self.deferred):
+            w(1, f"DF{k} = np.empty(nj, ST0.dtype)")
         if d.layer_norm:
             for p in self.projs:
-                w(1, f"DY{nodes[p].index} = np.zeros((nb, {int(nodes[p].value)} * H), ST0.dtype)")
+                if p not in plan.paired:
+                    w(1, f"DY{nodes[p].index} = np.zeros((nb, {int(nodes[p].value)} * H), ST0.dtype)")
         self.param_views(w, grads=True)
         w(1, "for t in range(T - 1, -1, -1):")
         # incoming: the output gradient, then zoneout's carry to the previous state
@@ -715,14 +791,15 @@ class _Backward(_Gen):
                 n_b = int(nodes[p].value)
                 if d.layer_norm:  # d(raw projection) written over its u_hat, which only this step reads
                     off = self.offset[p]
-                    w(2, f"_ln_rows_backward_db(DY{q}, {n_b} * H, lng, {off} * H, UH[t, b0:b1], RSH[t, b0:b1], {q}, "
+                    dy = f"{self.dxg}[t, b0:b1]" if p in plan.paired else f"DY{q}"
+                    w(2, f"_ln_rows_backward_db({dy}, {n_b} * H, lng, {off} * H, UH[t, b0:b1], RSH[t, b0:b1], {q}, "
                          f"UH[t, b0:b1, {off} * H:{off + n_b} * H], dlng, dbhh)")
                 w(2, "if sync:")
                 w(3, "_barrier()")
-                if self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
-                    w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
-                elif d.layer_norm:
+                if d.layer_norm:
                     w(2, f"_matmul_cols(UH[t, b0:b1], {self.offset[p]} * H, {n_b} * H, W{q}, tmp)")
+                elif self.dxg == "SAVE" and p in plan.paired:  # d(R h) = d xg, over the first blocks of SAVE
+                    w(2, f"_matmul_cols(SAVE[t, b0:b1], 0, {n_b} * H, W{q}, tmp)")
                 else:
                     w(2, f"_matmul(DRAW{q}[t, b0:b1], W{q}, tmp)")
                 an = nodes[a]
@@ -756,11 +833,6 @@ class _Backward(_Gen):
         return "\n".join(w.lines) + "\n"
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("RNNKIT_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "rnnkit") / "generated"
-
-
 @functools.cache
 def plan(d: Declaration) -> Plan:
     """The (cached) :class:`Plan` of ``d``."""
@@ -770,17 +842,4 @@ def plan(d: Declaration) -> Plan:
 @functools.cache
 def module(d: Declaration, dtype: str) -> ModuleType:
     """The generated module of ``d`` in ``dtype``: its source written once under a hash of it, then imported."""
-    text = source(d, dtype)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
-    path = _cache_dir() / f"cell_{digest}.py"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"# generated by rnnkit from the declaration {d.name!r} ({dtype})\n" + text, encoding="utf-8")
-        os.replace(tmp, path)
-    name = f"rnnkit_generated_{digest}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_source(source(d, dtype), "cpu", f"the declaration {d.name!r} ({dtype})")

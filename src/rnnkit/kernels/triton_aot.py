@@ -2,11 +2,12 @@
 
 The interpreter (``TRITON_INTERPRET=1``) checks the kernels' numbers on the CPU but is more
 permissive than the compiler; this module checks that the same kernels also compile to a cubin
-(Triton's bundled ``ptxas``) for a given architecture. It runs the backend's time loop on the CPU
-with a recorder in place of the kernels, collects each distinct (kernel, argument types,
+(Triton's bundled ``ptxas``) for a given architecture. It runs the backends' time loops on the CPU
+with recorders in place of the kernels generated from every registry cell's declaration (per level,
+and the persistent ones where the size allows), collects each distinct (kernel, argument types,
 constexprs, num_warps) launch, and compiles it.
 
-    python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32   # 168 kernels, minutes
+    python -m rnnkit.kernels.triton_aot --arch 90 --shapes 3x5 --dtypes float32
 
 Must run in a process where ``TRITON_INTERPRET`` is unset.
 """
@@ -20,34 +21,45 @@ import os
 import re
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from ..cells import REGISTRY, make_cell
-from .capability import hand_written
 from .common import LayerMasks
 
-_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
 class _Recorder:
-    """Stands in for the kernel module: ``K.name[grid](*args, **kw)`` records the launch."""
+    """Records launches ``fn[grid](*args, **kw)``: one entry per distinct specialization."""
 
-    def __init__(self, module: Any) -> None:
-        self.module = module
-        self.launches: dict[tuple, tuple[str, dict, dict, int]] = {}
+    def __init__(self) -> None:
+        self.launches: dict[tuple, tuple[str, Any, dict, dict, int]] = {}
 
-    def __getattr__(self, name: str):
-        fn = getattr(self.module, name)
+    def wrap(self, label: str, fn: Any) -> Any:
+        rec = self
 
         class _Grid:
-            def __getitem__(_, grid):
-                return lambda *args, **kw: self._record(name, fn, args, kw)
+            def __getitem__(self, grid):
+                return lambda *args, **kw: rec._record(label, fn, args, kw)
 
         return _Grid()
 
-    def _record(self, name: str, fn: Any, args: tuple, kw: dict) -> None:
+    def module(self, module: Any, label: str) -> Any:
+        """A stand-in for a kernel module: its kernels record, everything else is the module's."""
+        names = {n for n in dir(module) if hasattr(getattr(module, n), "arg_names")}
+        ns = SimpleNamespace(**{n: getattr(module, n) for n in dir(module) if not n.startswith("__")})
+        for n in names:
+            setattr(ns, n, self.wrap(f"{label}.{n}", getattr(module, n)))
+        for table in ("FORWARD", "BACKWARD"):
+            if hasattr(module, table):
+                setattr(ns, table, [(lv, self.wrap(f"{label}.{fn.__name__}", fn), names)
+                                    for lv, fn, names in getattr(module, table)])
+        return ns
+
+    def _record(self, label: str, fn: Any, args: tuple, kw: dict) -> None:
         kw = dict(kw)
         warps = kw.pop("num_warps", 4)
         kw.pop("enable_fp_fusion", None)
@@ -56,28 +68,32 @@ class _Recorder:
             sig[arg_name] = _TYPES[value.dtype] if isinstance(value, torch.Tensor) else "i32"
         for k in kw:
             sig[k] = "constexpr"
-        key = (name, tuple(sig.items()), tuple(sorted(kw.items())), warps)
-        self.launches.setdefault(key, (name, sig, kw, warps))
+        key = (label, id(fn), tuple(sig.items()), tuple(sorted((k, str(v)) for k, v in kw.items())), warps)
+        self.launches.setdefault(key, (label, fn, sig, kw, warps))
 
 
 def collect(shapes: tuple[tuple[int, int], ...] = ((3, 5), (8, 256), (2, 2048)),
             dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> _Recorder:
     """Record the launches of forward + backward for every registry cell, shape (B, H), dtype, masks."""
     from . import triton_backend as tb
-    from . import triton_kernels as K
+    from . import triton_generated
 
-    if K.INTERPRETED:
-        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
-    rec = _Recorder(K)
+    rec = _Recorder()
     original = tb._kernels
-    tb._kernels = lambda device: rec  # noqa: ARG005
+
+    def kernels(d, device):  # noqa: ARG001
+        K = triton_generated.module(d)
+        if K.INTERPRETED:
+            raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, there is nothing to compile")
+        return rec.module(K, d.name)
+
+    tb._kernels = kernels
     try:
-        T, I = 2, 3
+        T = 2
         for spec in REGISTRY.values():
-            if hand_written(make_cell(spec.family, 1, **spec.cell_options).declaration) is None:
-                continue  # the hand-written kernels run only the declarations they implement
             for B, H in shapes:
                 cell = make_cell(spec.family, H, **spec.cell_options)
+                I = 3 if cell.check_input_size(3) is None else H
                 for dt in dtypes:
                     for with_masks in (False, True):
                         _run_once(tb, cell, T, B, I, H, dt, with_masks)
@@ -87,10 +103,10 @@ def collect(shapes: tuple[tuple[int, int], ...] = ((3, 5), (8, 256), (2, 2048)),
 
 
 def _run_once(tb, cell, T: int, B: int, I: int, H: int, dt: torch.dtype, with_masks: bool) -> None:
-    G = cell.gates
+    G, GR = cell.gates, cell.rec_gates
     w: dict[str, torch.Tensor | None] = {
-        "weight_ih": torch.randn(G * H, I, dtype=dt), "weight_hh": torch.randn(G * H, H, dtype=dt),
-        "bias_ih": torch.randn(G * H, dtype=dt), "bias_hh": torch.randn(G * H, dtype=dt)}
+        "weight_ih": torch.randn(G * H, I, dtype=dt), "weight_hh": torch.randn(GR * H, H, dtype=dt),
+        "bias_ih": torch.randn(G * H, dtype=dt), "bias_hh": torch.randn(GR * H, dtype=dt)}
     for name, shape in cell.extra_shapes().items():
         w[name] = torch.randn(shape, dtype=dt)
     for v in w.values():
@@ -124,14 +140,12 @@ def compile_all(arch: int = 90, **collect_kw: Any) -> list[str]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import triton_kernels as K
-
     rec = collect(**collect_kw)
     target = GPUTarget("cuda", arch, 32)
     lines = []
-    for name, sig, constexprs, warps in rec.launches.values():
+    for name, fn, sig, constexprs, warps in rec.launches.values():
         t0 = time.perf_counter()
-        src = triton.compiler.ASTSource(fn=getattr(K, name), signature=sig, constexprs=constexprs)
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=target, options={"num_warps": warps, "enable_fp_fusion": True})

@@ -1,21 +1,20 @@
-"""``backend="triton"``: explicit BPTT with fused Triton kernels for the pointwise math of every cell.
+"""``backend="triton"``: explicit BPTT with Triton kernels generated from the cell's declaration.
 
 Same skeleton as :mod:`rnnkit.kernels.bptt`: the input projections of all steps come from one matmul
-(``cell.project_input``, under autograd). Per time step, forward: one cuBLAS matmul
-``hg = (h * hmask) R^T (+ b_hh)`` into a preallocated buffer, then ONE Triton kernel that does the
-cell's whole pointwise step (gates, layer norms, zoneout / length mixing, output mask, the next
-matmul's input). Backward: one kernel per step (the cell's hand-derived derivatives, recomputing the
-step's activations from ``xg``, ``hg`` and the saved state), then one matmul ``D_t R`` that the next
-kernel adds in; ``dR`` and ``db`` come from one matmul over all steps at the end. The Cho GRU
-(``reset_after=False``) needs the reset gate before its second matmul, so it runs two kernels and two
-matmuls per step in each direction.
+(``cell.project_input``, under autograd). Per time step and level of the declaration
+(:mod:`rnnkit.kernels.triton_generated`), forward: one cuBLAS matmul per recurrent projection of that
+level, ``HG = PIN R_p^T (+ b_p)`` into a preallocated buffer, then the level's generated kernel (the
+pointwise equations, layer norms, zoneout / length mixing, output mask, the next matmuls' inputs
+``PIN``). Backward, levels in reverse: the level's generated kernel, then per projection one matmul
+``D_p R_p`` into the gradient of its input; ``dR`` and ``db`` come from one matmul over all steps at
+the end. Any declaration runs: any number of states, parameters, projections of any expression.
 
-States are carried in float32 whatever the input dtype; ``bfloat16`` inputs keep bf16 storage for
-``xg``, the matmul operands and the outputs, with float32 math inside the kernels and float32
-accumulation in cuBLAS.
+States are carried in float32 (float64 for float64 inputs) whatever the input dtype; ``bfloat16``
+inputs keep bf16 storage for ``xg``, the matmul operands and the outputs, with float32 math inside
+the kernels and float32 accumulation in cuBLAS.
 
 ``backend="triton_persistent"`` (:class:`_PersistentRun`, small H only) runs the whole forward and the
-whole backward time loop each in one kernel launch, with R kept on chip; see ``docs/triton.md``.
+whole backward time loop each in one launch of the generated persistent kernels, R kept on chip.
 
 Devices: CUDA only. For tests and debugging the kernels also run on the CPU under Triton's
 interpreter: set ``TRITON_INTERPRET=1`` **and** ``RNNKIT_TRITON_CPU=1`` before the kernels are first
@@ -25,21 +24,27 @@ CPU tensor is refused with an error; triton is imported only when the backend fi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
-from . import Backend, LayerConfig, register
-from .capability import Capability, hand_written_cell
+from ..cells.declare import Declaration
+from . import Backend, LayerConfig, register, triton_generated
+from .capability import Capability
 from .common import LayerMasks
+from .cpu_generated import plan
 
 CPU_ENV = "RNNKIT_TRITON_CPU"
+#: The storage dtypes it runs (math in float32, float64 for float64).
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def triton_installed() -> bool:
@@ -66,15 +71,18 @@ def unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | Non
             f"{CPU_ENV}=1 before first use)")
 
 
-def _kernels(device: torch.device) -> ModuleType:
-    """Import the kernel module; check that its mode (compiled / interpreted) can serve ``device``."""
-    from . import triton_kernels as K
-
+def check_mode(K: ModuleType, device: torch.device) -> ModuleType:
+    """``K``, a kernel module, if its mode (compiled / interpreted) can serve ``device``."""
     if device.type == "cpu" and not K.INTERPRETED:
         raise RuntimeError("backend='triton' on the CPU needs Triton's interpreter, but the kernels were "
                            "already compiled for the GPU in this process: set TRITON_INTERPRET=1 before "
                            "the first use of the Triton backend")
     return K
+
+
+def _kernels(d: Declaration, device: torch.device) -> ModuleType:
+    """The generated kernel module of declaration ``d``, checked against ``device``."""
+    return check_mode(triton_generated.module(d), device)
 
 
 def _pow2(n: int) -> int:
@@ -104,42 +112,53 @@ class _Launch:
 
 
 class _Run:
-    """Everything one layer/direction needs across forward and backward (kept on ``ctx``)."""
+    """One layer/direction through the kernels generated from the cell's declaration (kept on ``ctx``)."""
 
     def __init__(self, cell: Cell, masks: LayerMasks, xg: Tensor, R: Tensor, b_hh: Tensor | None,
                  extras: dict[str, Tensor]) -> None:
-        self.cell, self.xg, self.R, self.b_hh, self.extras = cell, xg, R, b_hh, extras
+        d = cell.declaration
+        self.d, self.pl, self.sch = d, plan(d), triton_generated.schedule(d)
+        self.K = _kernels(d, xg.device)
+        self.xg, self.b_hh = xg, b_hh
         self.T, self.B = xg.shape[0], xg.shape[1]
         self.H = H = cell.hidden_size
         self.dtype, self.device = xg.dtype, xg.device
-        self.K = _kernels(xg.device)
+        self.acc = torch.float64 if xg.dtype == torch.float64 else torch.float32  # states, running gradients
         self.ln = cell.layer_norm
-        self.ln_bias = cell.layer_norm and b_hh is not None
-        self.launch = _Launch.make(self.B, H, whole_rows=cell.layer_norm)
+        whole_rows = d.layer_norm or "layer_norm" in d.operations()
+        self.launch = _Launch.make(self.B, H, whole_rows)
+        self.grid = self.launch.grid
         self.hmask = None if masks.hmask is None else masks.hmask.contiguous()
         self.keep = masks.keep
         self.omask = None if masks.out_mask is None else masks.out_mask.reshape(self.T, self.B).contiguous()
-        bounds = [0]
-        for g in cell.rec_parts:
-            bounds.append(bounds[-1] + g * H)
-        self.R_parts = [R[a:z] for a, z in zip(bounds, bounds[1:])]
+        self.projs = self.pl.projections()
+        self.R_parts = [R[a * H:z * H] for a, z in self.pl.block_bounds]
         self.Rt_parts = [r.t() for r in self.R_parts]
         rb = b_hh if cell.rec_bias else None
-        self.b_parts = [None if rb is None else rb[a:z] for a, z in zip(bounds, bounds[1:])]
+        self.b_parts = [None if rb is None else rb[a * H:z * H] for a, z in self.pl.block_bounds]
+        self.params = {n: extras[n] for n, _ in d.params}
         self.dummy = xg
+        GH = cell.rec_gates * H
+        self.fixed = {"B": self.B, "H": H, "HM": self.p(self.hmask),
+                      "LNG": extras["ln_weight_hh"] if self.ln else self.dummy,
+                      "BHH": (b_hh if b_hh is not None else torch.zeros(GH, dtype=xg.dtype, device=xg.device))
+                      if self.ln else self.dummy,
+                      **{f"PAR_{n}": v for n, v in self.params.items()}}
+        for k in range(len(d.states)):
+            ks, kb, kh = self.keep_steps(k)
+            self.fixed.update({f"KB{k}": kb, f"KH{k}": kh})
+            self.fixed[f"KEEP{k}"] = ks
+        self.fixed["OM"] = self.steps(self.omask)
+        self.fixed["XG"] = xg.unbind(0)
+        self.names = sorted({n for _, _, names in (*self.K.FORWARD, *self.K.BACKWARD) for n in names})
+        CT = self.K.tl.float64 if self.acc == torch.float64 else self.K.tl.float32
+        self.meta = {"HAS_KEEP": self.keep is not None, "HAS_OMASK": self.omask is not None,
+                     "HAS_HMASK": self.hmask is not None, "CT": CT, **self.launch.meta}
 
     # ---- small helpers -----------------------------------------------------------------------------
     def p(self, t: Tensor | None) -> Tensor:
         """A pointer argument; absent tensors are replaced by a dummy the kernel never reads."""
         return self.dummy if t is None else t
-
-    def mm_rec(self, inp: Tensor, part: int, out: Tensor) -> None:
-        """``out = inp R_part^T (+ b_part)``: the recurrent projection (cuBLAS on GPU)."""
-        b = self.b_parts[part]
-        if b is None:
-            torch.mm(inp, self.Rt_parts[part], out=out)
-        else:
-            torch.addmm(b, inp, self.Rt_parts[part], out=out)
 
     def steps(self, x: Tensor | None) -> Sequence[Tensor]:
         """Per-step views of a (T or T+1, ...) tensor made in one call; the dummy pointer for None."""
@@ -153,226 +172,158 @@ class _Run:
         ke = k.expand(k.shape[0], self.B, self.H)
         return (ke.unbind(0) if k.shape[0] > 1 else [ke[0]] * self.T), ke.stride(1), ke.stride(2)
 
-    def om_steps(self) -> Sequence[Tensor]:
-        return self.steps(self.omask)
-
-    def flags(self) -> dict:
-        return {"HAS_KEEP": self.keep is not None, "HAS_OMASK": self.omask is not None,
-                "HAS_HMASK": self.hmask is not None}
-
     def masked(self, h: Tensor) -> Tensor:
         return h if self.hmask is None else h * self.hmask
 
-    def cell_flags(self) -> dict:
-        c = self.cell
-        if c.family == "lstm":
-            return {"USE_I": c.use_i, "USE_F": c.use_f, "USE_O": c.use_o, "COUPLED": c.coupled,
-                    "PEEP": c.peephole, "ACT": c.output_activation, "LN": self.ln, "LN_BIAS": self.ln_bias}
-        if c.family == "rnn":
-            return {"RELU": c.nonlinearity == "relu", "LN": self.ln, "LN_BIAS": self.ln_bias}
-        return {"LN": self.ln, "LN_BIAS": self.ln_bias}
-
-    # ---- forward -----------------------------------------------------------------------------------
     def buffers(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, ring: int) -> tuple[Tensor, list[Tensor]]:
         """A (n, *shape) buffer and its n per-step views; without a backward to save for (inference), only
-        ``ring`` slots, reused in turn (2 for a state read at t and written at t + 1, 1 for scratch)."""
+        ``ring`` slots, reused in turn (2 for a value read at t and written at t + 1, 1 for scratch)."""
         slots = n if self.save else min(n, ring)
         buf = torch.empty(slots, *shape, dtype=dtype, device=self.device)
         views = buf.unbind(0)
         return buf, (list(views) if slots == n else [views[t % slots] for t in range(n)])
 
+    def values(self, per_step: dict[str, Sequence], t: int) -> dict:
+        """The per-step kernels' arguments at step ``t``, by name (``per_step`` and fixed lists indexed by t)."""
+        out = {}
+        for name in self.names:
+            v = per_step.get(name, self.fixed.get(name, self.dummy))
+            out[name] = v[t] if isinstance(v, (list, tuple)) else v
+        return out
+
+    def errstate(self):
+        """The interpreter computes in NumPy, which warns where the GPU silently gives inf/nan (lanes
+        outside the tile's mask read zeros): quiet, as on the GPU."""
+        return np.errstate(all="ignore") if self.K.INTERPRETED else contextlib.nullcontext()
+
+    # ---- forward -----------------------------------------------------------------------------------
     def forward(self, state0: State) -> tuple[Tensor, State]:
-        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
-        # S[k][t] is state component k before step t (float32); Hin[t] the matmul input of step t.
-        self.S, self.S_steps = [], []
-        for s0 in state0:
-            buf, views = self.buffers(T + 1, (B, H), torch.float32, 2)
+        T, B, H, dt = self.T, self.B, self.H, self.dtype
+        nodes = self.d.nodes
+        step: dict[str, Sequence] = {}
+        for k, s0 in enumerate(state0):
+            _, views = self.buffers(T + 1, (B, H), self.acc, 2)
             views[0].copy_(s0)
-            self.S.append(buf)
-            self.S_steps.append(views)
-        self.Hin, self.Hin_steps = self.buffers(T + 1, (B, H), dt, 2)
-        self.Hin_steps[0].copy_(self.masked(state0[0]))
-        y = torch.empty(T, B, H, dtype=dt, device=dev)
-        fam = self.cell.family
-        if fam == "gru" and not self.cell.reset_after:
-            self._forward_cho(y)
-        else:
-            self._forward_one(y, fam)
-        return y, tuple(v[T] for v in self.S_steps)
-
-    def _forward_one(self, y: Tensor, fam: str) -> None:
-        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
-        GH = self.cell.gates * H
-        e, p = self.extras, self.p
-        self.hg, hgs = self.buffers(T, (B, GH), self.dtype, 1)
-        hm = p(self.hmask)
-        flags = {**self.flags(), **self.cell_flags(), "WRITE_HIN": True, **L.meta}
-        # Per-step views made up front (one unbind each): indexing in the loop costs more than the launch.
-        xs, ys, hins, oms = self.xg.unbind(0), y.unbind(0), self.Hin_steps, self.om_steps()
-        hs, cs = self.S_steps[0], self.S_steps[-1]
-        khs, kh_b, kh_h = self.keep_steps(0)
-        if fam == "lstm":
-            kcs, kc_b, kc_h = self.keep_steps(1)
-            launch = K.lstm_fwd[L.grid]
-            w = (p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh), p(e.get("ln_weight_c")),
-                 p(e.get("ln_bias_c")))
+            step[f"ST{k}"], step[f"STN{k}"] = views, views[1:]
+        self.PIN = []
+        for p, (a, z) in zip(self.projs, self.pl.block_bounds):
+            q = nodes[p].index
+            _, hgs = self.buffers(T, (B, (z - a) * H), dt, 1)
+            pin, pins = self.buffers(T + 1, (B, H), dt, 2)
+            src = nodes[nodes[p].args[0]]
+            if src.op == "state":
+                pins[0].copy_(self.masked(state0[src.index]))
+            self.PIN.append(pin)
+            step.update({f"HG{q}": hgs, f"PIN{q}": pins, f"PINN{q}": pins[1:]})
+        y = torch.empty(T, B, H, dtype=dt, device=self.device)
+        step["Y"] = y.unbind(0)
+        self.step = step
+        grid, meta = self.grid, {**self.meta, "HAS_DOUT": False}
+        by_level = [[(q, step[f"PIN{q}"], step[f"HG{q}"]) for q, p in enumerate(self.projs) if self.pl.level[p] == lv]
+                    for lv in range(self.pl.levels)]
+        kernels = {lv: (fn, names) for lv, fn, names in self.K.FORWARD}
+        with self.errstate():
             for t in range(T):
-                self.mm_rec(hins[t], 0, hgs[t])
-                launch(xs[t], hgs[t], hs[t], cs[t], hs[t + 1], cs[t + 1], ys[t], hins[t + 1], hm, khs[t], kcs[t],
-                       oms[t], *w, B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags)
-        elif fam == "gru":
-            launch = K.gru_fwd[L.grid]
-            w = (p(e.get("ln_weight_hh")), p(self.b_hh))
-            for t in range(T):
-                self.mm_rec(hins[t], 0, hgs[t])
-                launch(xs[t], hgs[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], *w, B, H, GH, GH,
-                       kh_b, kh_h, **flags)
-        else:
-            launch = K.rnn_fwd[L.grid]
-            w = (p(e.get("ln_weight_hh")), p(self.b_hh))
-            for t in range(T):
-                self.mm_rec(hins[t], 0, hgs[t])
-                launch(xs[t], hgs[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], *w, B, H,
-                       kh_b, kh_h, **flags)
-
-    def _forward_cho(self, y: Tensor) -> None:
-        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
-        e, p = self.extras, self.p
-        dt = self.dtype
-        self.hg, hgs = self.buffers(T, (B, 2 * H), dt, 1)   # raw (r, z) projections
-        self.hn, hns = self.buffers(T, (B, H), dt, 1)       # raw n projections
-        self.Q, qs = self.buffers(T, (B, H), dt, 1)         # r * h * hmask, input of R_n
-        hm = p(self.hmask)
-        lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
-        cf = self.cell_flags()
-        flags_a = {"HAS_HMASK": self.hmask is not None, **cf, **L.meta}
-        flags_b = {"WRITE_HIN": True, **self.flags(), **cf, **L.meta}
-        xs, ys, hins, hs, oms = self.xg.unbind(0), y.unbind(0), self.Hin_steps, self.S_steps[0], self.om_steps()
-        khs, kh_b, kh_h = self.keep_steps(0)
-        launch_a, launch_b = K.cho_fwd_a[L.grid], K.cho_fwd_b[L.grid]
-        for t in range(T):
-            self.mm_rec(hins[t], 0, hgs[t])
-            launch_a(xs[t], hgs[t], hs[t], qs[t], hm, lnw, bhh, B, H, 3 * H, **flags_a)
-            self.mm_rec(qs[t], 1, hns[t])
-            launch_b(xs[t], hgs[t], hns[t], hs[t], hs[t + 1], ys[t], hins[t + 1], hm, khs[t], oms[t], lnw, bhh,
-                     B, H, 3 * H, kh_b, kh_h, **flags_b)
-
+                vals = self.values(step, t)
+                for lv in range(self.pl.levels):
+                    for q, pins, hgs in by_level[lv]:
+                        b = self.b_parts[q]
+                        if b is None:
+                            torch.mm(pins[t], self.Rt_parts[q], out=hgs[t])
+                        else:
+                            torch.addmm(b, pins[t], self.Rt_parts[q], out=hgs[t])
+                    if lv in kernels:
+                        fn, names = kernels[lv]
+                        fn[grid](*[vals[n] for n in names], **meta)
+        return y, tuple(step[f"ST{k}"][T] for k in range(len(state0)))
 
     # ---- backward ----------------------------------------------------------------------------------
+    def grad_buffers(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]) -> tuple[list[Tensor], dict]:
+        """Fresh copies of the final-state gradients (the kernels update them in place, and autograd may hand
+        one gradient tensor to several consumers), and the backward's buffers by kernel argument name."""
+        T, B, H, dt, dev, acc = self.T, self.B, self.H, self.dtype, self.device, self.acc
+        GS = [torch.zeros(B, H, dtype=acc, device=dev) if g is None
+              else g.to(dtype=acc, memory_format=torch.contiguous_format, copy=True) for g in dfinal]
+        GH = sum(z - a for a, z in self.pl.block_bounds) * H
+        self.D = [torch.empty(T, B, (z - a) * H, dtype=dt, device=dev) for a, z in self.pl.block_bounds]
+        self.dxg = (torch.zeros if self.sch.dxg_zero else torch.empty)(T, B, self.xg.shape[2], dtype=dt, device=dev)
+        self.dpar = {n: torch.zeros(B, v.numel(), dtype=acc, device=dev) for n, v in self.params.items()}
+        self.dlng = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
+        self.dbhh = torch.zeros(B, GH, dtype=acc, device=dev) if self.ln else self.dummy
+        self.GA = {i: torch.empty(B, H, dtype=acc, device=dev) for i in self.sch.ga}
+        bufs = {"DLNG": self.dlng, "DBHH": self.dbhh, **{f"GA{i}": g for i, g in self.GA.items()},
+                **{f"DPAR_{n}": g for n, g in self.dpar.items()}}
+        return GS, bufs
+
+    def finish(self, dstate0: list[Tensor]):
+        """The gradients autograd receives, from the backward's buffers: dR and db by one matmul / sum over all
+        steps, the per-row parameter accumulators summed over rows."""
+        T, B, H, dt = self.T, self.B, self.H, self.dtype
+        dR_parts = [Dq.reshape(T * B, -1).t() @ P[:T].reshape(T * B, H) for Dq, P in zip(self.D, self.PIN)]
+        dR = torch.cat(dR_parts, 0) if len(dR_parts) > 1 else dR_parts[0]
+        db = None
+        if self.b_hh is not None:
+            db = self.dbhh.sum(0).to(dt) if self.ln else torch.cat([Dq.sum((0, 1)) for Dq in self.D])
+        grads = {n: g.sum(0).to(dt) for n, g in self.dpar.items()}
+        if self.ln:
+            grads["ln_weight_hh"] = self.dlng.sum(0).to(dt)
+        return self.dxg, dR, db, [g.to(dt) for g in dstate0], grads
+
     def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
         T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
-        f32 = torch.float32
-        cell = self.cell
-        GH = cell.gates * H
-        acc_names = ["ln_weight_hh", "bias_hh", "weight_ch", "ln_weight_c", "ln_bias_c"]
-        sizes = {"ln_weight_hh": GH, "bias_hh": GH, "weight_ch": 3 * H, "ln_weight_c": H, "ln_bias_c": H}
-        wanted = {"ln_weight_hh": self.ln, "bias_hh": self.ln_bias, "weight_ch": "weight_ch" in self.extras,
-                  "ln_weight_c": self.ln and cell.family == "lstm", "ln_bias_c": self.ln and cell.family == "lstm"}
-        self.acc = {n: torch.zeros(B, sizes[n], dtype=f32, device=dev) for n in acc_names if wanted[n]}
-        # Fresh float32 copies: the kernels update these in place, and autograd may hand the same gradient
-        # tensor to several consumers.
-        d_acc = [torch.zeros(B, H, dtype=f32, device=dev) if d is None
-                 else d.to(dtype=f32, memory_format=torch.contiguous_format, copy=True) for d in dfinal]
-        dout = None if dout is None else dout.contiguous()
-        dxg = torch.empty(T, B, GH, dtype=dt, device=dev)
-        if cell.family == "gru" and not cell.reset_after:
-            dmm, dR, db = self._backward_cho(dout, d_acc, dxg)
+        pl = self.pl
+        GS, bufs = self.grad_buffers(dout, dfinal)
+        GP = [torch.empty_like(g) for g in GS]
+        step = {**self.step, **bufs, "DOUT": self.steps(None if dout is None else dout.contiguous()),
+                "DXG": self.dxg.unbind(0)}
+        Ds = [x.unbind(0) for x in self.D]
+        for q in range(len(self.projs)):
+            step[f"D{q}"] = Ds[q]
+        meta = {**self.meta, "HAS_DOUT": dout is not None}
+        kernels = {lv: (fn, names) for lv, fn, names in self.K.BACKWARD}
+        tmp = torch.empty(B, H, dtype=dt, device=dev)
+        by_level = [[q for q, p in reversed(list(enumerate(self.projs))) if pl.level[p] == lv]
+                    for lv in range(pl.levels)]
+        with self.errstate():
+            for t in range(T - 1, -1, -1):
+                for k in range(len(GS)):
+                    step[f"GS{k}"], step[f"GP{k}"] = GS[k], GP[k]
+                vals = self.values(step, t)
+                for lv in range(pl.levels - 1, -1, -1):
+                    if lv in kernels:
+                        fn, names = kernels[lv]
+                        fn[self.grid](*[vals[n] for n in names], **meta)
+                    for q in by_level[lv]:
+                        torch.mm(Ds[q][t], self.R_parts[q], out=tmp)
+                        self._send(self.projs[q], self.masked(tmp), GP, self.GA, self.dxg[t], self.dpar)
+                GS, GP = GP, GS
+        return self.finish(GS)
+
+    def _send(self, p: int, g: Tensor, GP: list[Tensor], GA: dict[int, Tensor], dxg_t: Tensor,
+              dpar: dict[str, Tensor]) -> None:
+        """Add ``g`` = d(projection input), from the matmul ``D_p R_p``, to the gradient of that input."""
+        H = self.H
+        a = self.d.nodes[p].args[0]
+        src = self.d.nodes[a]
+        if src.op == "state":
+            GP[src.index].add_(g)
+        elif src.op == "input":
+            k = self.d.input_gates if src.index < 0 else src.index
+            dxg_t[:, k * H:(k + 1) * H].add_(g)
+        elif src.op == "param":
+            dpar[src.name][:, src.index * H:(src.index + 1) * H].add_(g)
+        elif self.sch.ga_first[a] == ("g", p):
+            GA[a].copy_(g)
         else:
-            dmm, dR, db = self._backward_one(dout, d_acc, dxg)
-        # Gradient w.r.t. the initial state: the direct part plus the last matmul term (None: already added).
-        dh0 = d_acc[0] if dmm is None else d_acc[0] + self.masked(dmm.to(f32))
-        dstate0 = [dh0.to(dt)] + [d.to(dt) for d in d_acc[1:]]
-        if self.ln_bias:
-            db = self.acc["bias_hh"].sum(0).to(dt)
-        grads = {n: a.sum(0).to(dt) for n, a in self.acc.items() if n != "bias_hh"}
-        return dxg, dR, db, dstate0, grads
-
-    def _backward_one(self, dout, d_acc, dxg):
-        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
-        cell, e, p = self.cell, self.extras, self.p
-        fam = cell.family
-        GH = cell.gates * H
-        # D[t]: gradient w.r.t. the raw recurrent projection; dxg itself unless LN or the GRU's r * hn.
-        D = dxg if (not self.ln and fam != "gru") else torch.empty_like(dxg)
-        dmm = torch.empty(B, H, dtype=self.dtype, device=self.device)
-        hm, a = p(self.hmask), self.acc
-        base = {**self.flags(), **self.cell_flags(), "HAS_DY": dout is not None, **L.meta}
-        flags = {False: {**base, "HAS_DMM": False}, True: {**base, "HAS_DMM": True}}
-        xs, hgs, dxs, Ds, oms = self.xg.unbind(0), self.hg.unbind(0), dxg.unbind(0), D.unbind(0), self.om_steps()
-        dys = self.steps(dout)
-        hs, cs = self.S[0].unbind(0), self.S[-1].unbind(0)
-        khs, kh_b, kh_h = self.keep_steps(0)
-        R0 = self.R_parts[0]
-        if fam == "lstm":
-            kcs, kc_b, kc_h = self.keep_steps(1)
-            launch = K.lstm_bwd[L.grid]
-            w = (p(a.get("weight_ch")), p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(a.get("ln_weight_c")),
-                 p(a.get("ln_bias_c")), p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
-                 p(e.get("ln_weight_c")), p(e.get("ln_bias_c")))
-            for t in range(T - 1, -1, -1):
-                launch(xs[t], hgs[t], cs[t], d_acc[0], d_acc[1], dmm, dys[t], oms[t], hm, khs[t], kcs[t], dxs[t],
-                       Ds[t], *w, B, H, GH, GH, kh_b, kh_h, kc_b, kc_h, **flags[t < T - 1])
-                torch.mm(Ds[t], R0, out=dmm)
-        elif fam == "gru":
-            launch = K.gru_bwd[L.grid]
-            w = (p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")), p(self.b_hh))
-            for t in range(T - 1, -1, -1):
-                launch(xs[t], hgs[t], hs[t], d_acc[0], dmm, dys[t], oms[t], hm, khs[t], dxs[t], Ds[t], *w,
-                       B, H, GH, GH, kh_b, kh_h, **flags[t < T - 1])
-                torch.mm(Ds[t], R0, out=dmm)
-        else:
-            launch = K.rnn_bwd[L.grid]
-            w = (p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(e.get("ln_weight_hh")), p(self.b_hh))
-            for t in range(T - 1, -1, -1):
-                launch(xs[t], hgs[t], d_acc[0], dmm, dys[t], oms[t], hm, khs[t], dxs[t], Ds[t], *w,
-                       B, H, kh_b, kh_h, **flags[t < T - 1])
-                torch.mm(Ds[t], R0, out=dmm)
-        Df = D.reshape(T * B, GH)
-        dR = Df.t() @ self.Hin[:T].reshape(T * B, H)
-        db = Df.sum(0) if self.b_parts[0] is not None else None
-        return dmm, dR, db
-
-    def _backward_cho(self, dout, d_acc, dxg):
-        T, B, H, K, L = self.T, self.B, self.H, self.K, self.launch
-        e, p = self.extras, self.p
-        dt, dev = self.dtype, self.device
-        D0 = torch.empty(T, B, 2 * H, dtype=dt, device=dev)
-        D1 = torch.empty(T, B, H, dtype=dt, device=dev)
-        dmm = torch.empty(B, H, dtype=dt, device=dev)
-        dq = torch.empty(B, H, dtype=dt, device=dev)
-        dz = torch.empty(B, H, dtype=torch.float32, device=dev)
-        hm, a = p(self.hmask), self.acc
-        lnw, bhh = p(e.get("ln_weight_hh")), p(self.b_hh)
-        acc_ln, acc_b = p(a.get("ln_weight_hh")), p(a.get("bias_hh"))
-        cf = self.cell_flags()
-        base_b = {"HAS_DY": dout is not None, **self.flags(), **cf, **L.meta}
-        flags_b = {False: {**base_b, "HAS_DMM": False}, True: {**base_b, "HAS_DMM": True}}
-        flags_a = {"HAS_HMASK": self.hmask is not None, **cf, **L.meta}
-        xs, hgs, hns, hs = self.xg.unbind(0), self.hg.unbind(0), self.hn.unbind(0), self.S[0].unbind(0)
-        dxs, D0s, D1s, dys, oms = dxg.unbind(0), D0.unbind(0), D1.unbind(0), self.steps(dout), self.om_steps()
-        khs, kh_b, kh_h = self.keep_steps(0)
-        launch_a, launch_b = K.cho_bwd_a[L.grid], K.cho_bwd_b[L.grid]
-        R_rz, R_n = self.R_parts
-        for t in range(T - 1, -1, -1):
-            launch_b(xs[t], hgs[t], hns[t], hs[t], d_acc[0], dz, dmm, dys[t], oms[t], hm, khs[t], dxs[t], D1s[t],
-                     acc_ln, acc_b, lnw, bhh, B, H, 3 * H, kh_b, kh_h, **flags_b[t < T - 1])
-            torch.mm(D1s[t], R_n, out=dq)
-            launch_a(xs[t], hgs[t], hs[t], dq, d_acc[0], dz, hm, dxs[t], D0s[t], acc_ln, acc_b, lnw, bhh,
-                     B, H, 3 * H, **flags_a)
-            torch.mm(D0s[t], R_rz, out=dmm)
-        dR = torch.cat([D0.reshape(T * B, 2 * H).t() @ self.Hin[:T].reshape(T * B, H),
-                        D1.reshape(T * B, H).t() @ self.Q.reshape(T * B, H)], 0)
-        db = None
-        if self.b_parts[0] is not None:
-            db = torch.cat([D0.sum((0, 1)), D1.sum((0, 1))])
-        return dmm, dR, db
+            GA[a].add_(g)
 
 
-# Persistent variant: the G recurrent weight tiles of one program must fit on chip (registers / shared
-# memory): G * BLOCK_H^2 <= MAX_R_ELEMS with BLOCK_H = next power of two >= H (and >= 16, tl.dot's minimum),
-# i.e. H <= 64 for LSTM and GRU, H <= 128 for the Elman RNN.
+# The persistent kernels keep every recurrent weight block on chip (registers / shared memory): blocks *
+# BLOCK_H^2 <= MAX_R_ELEMS with BLOCK_H = max(16, next power of two >= H) (tl.dot's minimum is 16), i.e.
+# H <= 64 for four blocks (LSTM, sLSTM), H <= 128 for one (Elman RNN).
 MAX_R_ELEMS = 16384
 PERSISTENT_BLOCK_B = 16
+PERSISTENT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _persistent_block_h(H: int) -> int:
@@ -380,109 +331,74 @@ def _persistent_block_h(H: int) -> int:
 
 
 class _PersistentRun(_Run):
-    """Forward and backward each in ONE launch: the time loops run inside the kernels, R stays on chip."""
+    """Forward and backward each in ONE launch of the generated persistent kernels: the same per-level bodies
+    inside a loop over time, the recurrent matmuls by ``tl.dot`` with R loaded once; a program owns
+    PERSISTENT_BLOCK_B sequences and whole rows."""
 
-    def forward(self, state0: State) -> tuple[Tensor, State]:
-        T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
-        cell, e, p = self.cell, self.extras, self.p
-        f32 = torch.float32
-        cho = cell.family == "gru" and not cell.reset_after
-        G = cell.gates
-        self.S = [torch.empty(T + 1, B, H, dtype=f32, device=dev) for _ in state0]
-        for s, s0 in zip(self.S, state0):
-            s[0].copy_(s0)
-        y = torch.empty(T, B, H, dtype=dt, device=dev)
-        save = self.save
-        self.Hin = torch.empty(T + 1 if save else 1, B, H, dtype=dt, device=dev)
-        self.Hin[0].copy_(self.masked(state0[0]))
-        s_hg = (2 if cho else G) * H
-        self.hg = torch.empty(T if save else 1, B, s_hg, dtype=dt, device=dev)
-        if cho:
-            self.Q = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
-            self.hn = torch.empty(T if save else 1, B, H, dtype=dt, device=dev)
-        kargs = self._keep_seq_args()
-        flags = {**self._persistent_flags(), "REC_BIAS": cell.rec_bias}
-        bh = _persistent_block_h(H)
-        rb = self.b_hh if cell.rec_bias else None
-        self._launch_persistent(self.K.persistent_fwd,
-            self.xg, self.R.contiguous(), p(rb), self.S[0], self.S[-1], y, self.Hin, self.hg,
-            p(getattr(self, "Q", None)), p(getattr(self, "hn", None)), p(self.hmask), kargs[0], kargs[4],
-            p(None if self.omask is None else self.omask), p(e.get("weight_ch")), p(e.get("ln_weight_hh")),
-            p(self.b_hh), p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), T, B, H, s_hg, *kargs[1:4], *kargs[5:8],
-            G=G, **flags, **self.flags(), SAVE=save, BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh,
-            num_warps=4 if G * bh * bh <= 4096 else 8, enable_fp_fusion=True)
-        return y, tuple(s[T] for s in self.S)
+    def _keep_args(self) -> dict:
+        out = {}
+        for k in range(len(self.d.states)):
+            if self.keep is None:
+                out.update({f"KEEP{k}_": self.dummy, f"KT{k}": 0})
+            else:
+                kp = self.keep[k]
+                ke = kp.expand(kp.shape[0], self.B, self.H)
+                out.update({f"KEEP{k}_": ke, f"KT{k}": ke.stride(0) if kp.shape[0] > 1 else 0})
+        return out
 
-    def _launch_persistent(self, kernel, *args, **kw) -> None:
-        """Launch on one program per 16 sequences; a GPU without the shared memory it needs is an error."""
+    def _launch(self, kernel, args: dict, has_dout: bool) -> None:
         from triton.runtime.errors import OutOfResources
 
+        bh = _persistent_block_h(self.H)
+        blocks = sum(z - a for a, z in self.pl.block_bounds)
+        meta = {**self.meta, "HAS_DOUT": has_dout, "BLOCK_B": PERSISTENT_BLOCK_B, "BLOCK_H": bh,
+                "IEEE": self.dtype == torch.float32, "num_warps": 4 if blocks * bh * bh <= 4096 else 8}
+        base = {"XG_": self.xg, "OM_": self.p(self.omask), "T": self.T, **self._keep_args(),
+                **{f"R{q}": r.contiguous() for q, r in enumerate(self.R_parts)},
+                **{f"BR{q}": self.p(b) for q, b in enumerate(self.b_parts)}}
+        values = [args.get(n, base.get(n, self.fixed.get(n, self.dummy))) for n in self.K.PERSISTENT_ARGS]
         try:
-            kernel[(_cdiv(self.B, PERSISTENT_BLOCK_B),)](*args, **kw)
+            with self.errstate():
+                kernel[(_cdiv(self.B, PERSISTENT_BLOCK_B),)](*values, **meta)
         except OutOfResources as e:
             raise RuntimeError(
                 f"backend='triton_persistent': this GPU cannot hold the recurrent weights on chip for "
                 f"hidden_size={self.H}, dtype={self.dtype} ({e}); use bfloat16, a smaller hidden size or "
                 f"backend='triton'") from e
 
-    def _keep_seq_args(self) -> list:
-        """(keep, t stride, b stride, h stride) for h and c; stride 0 where the mask broadcasts."""
-        keep = [None, None] if self.keep is None else list(self.keep) + [None]
-        kargs = []
-        for k in keep[:2]:
-            if k is None:
-                kargs += [self.dummy, 0, 0, 0]
-            else:
-                ke = k.expand(k.shape[0], self.B, self.H)
-                kargs += [ke, ke.stride(0) if k.shape[0] > 1 else 0, ke.stride(1), ke.stride(2)]
-        return kargs
-
-    def _persistent_flags(self) -> dict:
-        cell = self.cell
-        lstm = cell.family == "lstm"
-        cho = cell.family == "gru" and not cell.reset_after
-        return {"FAMILY": {"rnn": 0, "lstm": 1, "gru": 3 if cho else 2}[cell.family],
-                "USE_I": lstm and cell.use_i, "USE_F": lstm and cell.use_f, "USE_O": lstm and cell.use_o,
-                "COUPLED": lstm and cell.coupled, "PEEP": lstm and cell.peephole,
-                "ACT": lstm and cell.output_activation, "RELU": cell.family == "rnn" and cell.nonlinearity == "relu",
-                "LN": self.ln, "LN_BIAS": self.ln_bias}
-
-    def _backward_one(self, dout, d_acc, dxg):
-        return self._backward_persistent(dout, d_acc, dxg)
-
-    def _backward_cho(self, dout, d_acc, dxg):
-        return self._backward_persistent(dout, d_acc, dxg)
-
-    def _backward_persistent(self, dout, d_acc, dxg):
-        """The whole reverse time loop in one launch; updates ``d_acc`` to the initial-state gradients."""
+    def forward(self, state0: State) -> tuple[Tensor, State]:
         T, B, H, dt, dev = self.T, self.B, self.H, self.dtype, self.device
-        cell, e, p, a = self.cell, self.extras, self.p, self.acc
-        cho = cell.family == "gru" and not cell.reset_after
-        G = cell.gates
-        s_hg = (2 if cho else G) * H
-        store_d = self.ln or cell.family == "gru"  # else D (d of the raw projection) is d xg itself
-        D = torch.empty(T, B, s_hg, dtype=dt, device=dev) if store_d else dxg
-        D1 = torch.empty(T, B, H, dtype=dt, device=dev) if cho else None
-        kargs = self._keep_seq_args()
-        bh = _persistent_block_h(H)
-        self._launch_persistent(self.K.persistent_bwd,
-            self.xg, self.hg, p(getattr(self, "hn", None)), self.S[0], self.S[-1], p(dout), p(self.omask),
-            p(self.hmask), kargs[0], kargs[4], self.R.contiguous(), dxg, D, p(D1), d_acc[0], d_acc[-1],
-            p(a.get("weight_ch")), p(a.get("ln_weight_hh")), p(a.get("bias_hh")), p(a.get("ln_weight_c")),
-            p(a.get("ln_bias_c")), p(e.get("weight_ch")), p(e.get("ln_weight_hh")), p(self.b_hh),
-            p(e.get("ln_weight_c")), p(e.get("ln_bias_c")), T, B, H, s_hg, *kargs[1:4], *kargs[5:8],
-            G=G, **self._persistent_flags(), **self.flags(), STORE_D=store_d, HAS_DY=dout is not None,
-            BLOCK_B=PERSISTENT_BLOCK_B, BLOCK_H=bh, num_warps=4 if G * bh * bh <= 4096 else 8,
-            enable_fp_fusion=True)
-        Hin = self.Hin[:T].reshape(T * B, H)
-        if cho:
-            dR = torch.cat([D.reshape(T * B, 2 * H).t() @ Hin, D1.reshape(T * B, H).t() @ self.Q.reshape(T * B, H)])
-            db = torch.cat([D.sum((0, 1)), D1.sum((0, 1))]) if self.b_parts[0] is not None else None
-        else:
-            Df = D.reshape(T * B, G * H)
-            dR = Df.t() @ Hin
-            db = Df.sum(0) if self.b_parts[0] is not None else None
-        return None, dR, db
+        nodes = self.d.nodes
+        args: dict = {}
+        self.S = []
+        for k, s0 in enumerate(state0):
+            st = torch.empty(T + 1, B, H, dtype=self.acc, device=dev)
+            st[0].copy_(s0)
+            self.S.append(st)
+            args[f"ST{k}_"] = st
+        self.PIN = []
+        for q, (p, (a, z)) in enumerate(zip(self.projs, self.pl.block_bounds)):
+            pin = torch.empty(T + 1, B, H, dtype=dt, device=dev)
+            src = nodes[nodes[p].args[0]]
+            if src.op == "state":
+                pin[0].copy_(self.masked(state0[src.index]))
+            self.PIN.append(pin)
+            args[f"PIN{q}_"] = pin
+            args[f"HG{q}_"] = torch.empty(T, B, (z - a) * H, dtype=dt, device=dev)
+        y = torch.empty(T, B, H, dtype=dt, device=dev)
+        args["Y_"] = y
+        self.args_fwd = args
+        self._launch(self.K.persistent_fwd, args, False)
+        return y, tuple(s[T] for s in self.S)
+
+    def backward(self, dout: Tensor | None, dfinal: tuple[Tensor | None, ...]):
+        GS, bufs = self.grad_buffers(dout, dfinal)
+        G = [torch.stack([g, torch.empty_like(g)]) for g in GS]  # two slots, swapped every step
+        args = {**self.args_fwd, **bufs, "DOUT_": self.p(None if dout is None else dout.contiguous()),
+                "DXG_": self.dxg, **{f"G{k}_": g for k, g in enumerate(G)},
+                **{f"D{q}_": d for q, d in enumerate(self.D)}}
+        self._launch(self.K.persistent_bwd, args, dout is not None)
+        return self.finish([g[self.T % 2] for g in G])
 
 
 class _TritonRecurrence(torch.autograd.Function):
@@ -508,8 +424,8 @@ class _TritonRecurrence(torch.autograd.Function):
         return (None, None, None, None, dxg, dR, db, *dstate0, *(grads.get(n) for n in ctx.names))
 
 
-def _apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks):
-    cell = hand_written_cell(cell)
+def apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks):
+    """Run ``cell`` over ``x`` with the runner class ``run_cls`` (its forward and backward)."""
     xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
     names = tuple(cell.extra_shapes())
     out, *state = _TritonRecurrence.apply(run_cls, cell, names, masks, xg, w["weight_hh"], w["bias_hh"], *state0,
@@ -517,14 +433,22 @@ def _apply(run_cls: type, cell: Cell, x: Tensor, state0: State, w: Weights, mask
     return out, tuple(state)
 
 
+def _check_dtype(backend: str, x: Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
+    if x.dtype not in dtypes:
+        raise TypeError(f"backend={backend!r} runs the dtypes {[str(t) for t in dtypes]}, got {x.dtype}; use "
+                        f"another dtype or another backend")
+
+
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
     """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
-    return _apply(_Run, cell, x, state0, w, masks)
+    _check_dtype("triton", x, DTYPES)
+    return apply(_Run, cell, x, state0, w, masks)
 
 
 def run_persistent(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
-    """As :func:`run`, with the forward time loop in one persistent kernel (small H only)."""
-    return _apply(_PersistentRun, cell, x, state0, w, masks)
+    """As :func:`run`, with each time loop (forward, backward) in one persistent kernel (small H)."""
+    _check_dtype("triton_persistent", x, PERSISTENT_DTYPES)
+    return apply(_PersistentRun, cell, x, state0, w, masks)
 
 
 def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
@@ -532,14 +456,14 @@ def unsupported_persistent(cell: Cell, cfg: LayerConfig, device: torch.device) -
     if reason is not None:
         return reason
     bh = _persistent_block_h(cell.hidden_size)
-    if cell.gates * bh * bh > MAX_R_ELEMS:
-        limit = max(h for h in (16, 32, 64, 128, 256) if cell.gates * h * h <= MAX_R_ELEMS)
+    if cell.rec_gates * bh * bh > MAX_R_ELEMS:
+        limit = max(h for h in (16, 32, 64, 128) if cell.rec_gates * h * h <= MAX_R_ELEMS)
         return (f"the persistent kernel keeps R on chip, which needs hidden_size <= {limit} for this cell "
                 f"(got {cell.hidden_size}); use backend='triton'")
     return None
 
 
-register(Backend("triton", "fused Triton kernels per step (CUDA)", unsupported, run,
-                 capability=Capability(hand_written=True)), auto_before={"cuda": "bptt"})
-register(Backend("triton_persistent", "Triton, forward in one persistent kernel, R on chip (CUDA, small H)",
-                 unsupported_persistent, run_persistent, capability=Capability(hand_written=True)))
+register(Backend("triton", "Triton kernels generated from the declaration, per step (CUDA)", unsupported, run,
+                 DTYPES, Capability()), auto_before={"cuda": "bptt"})
+register(Backend("triton_persistent", "generated Triton kernels, each time loop in one launch, R on chip (CUDA, "
+                 "small H)", unsupported_persistent, run_persistent, PERSISTENT_DTYPES, Capability()))
