@@ -13,9 +13,9 @@ NUMBA_DTYPES = (torch.float32, torch.float64)
 
 def check_numba_input(backend: str, x: Tensor) -> None:
     """A numba backend runs float32/float64 tensors on the CPU; anything else is a clear error."""
-    from . import BACKENDS
-
     if x.dtype not in NUMBA_DTYPES:
+        from . import BACKENDS
+
         others = [n for n in BACKENDS if n != backend]
         raise TypeError(f"backend={backend!r} runs float32 and float64 only, got dtype {x.dtype}; "
                         f"use another dtype or one of the backends {others}")

@@ -97,6 +97,8 @@ def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[i
     (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster on one thread.
     """
     whole = [(0, B, 0, H)]
+    if T * B * H * GH < min(MIN_TEAM_MACS, MIN_SPLIT_MACS):  # decided before asking for threads (a step)
+        return whole, False
     n = threads()
     team = _team() is not None
     if n == 1 or T * B * H * GH < (MIN_TEAM_MACS if team else MIN_SPLIT_MACS):
@@ -337,6 +339,12 @@ def _constants(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return np.zeros(1, ndt), np.zeros((1, 1), ndt), np.zeros((1, 1, 1), ndt), torch.zeros(1, 1, 1, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros(zero: Tensor, T: int, B: int, H: int) -> np.ndarray:
+    """A (T, B, H) view of zeros (no memory of its own): the ``keep`` of a call without zoneout or lengths."""
+    return zero.expand(T, B, H).numpy()
+
+
 class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
@@ -355,7 +363,7 @@ class _Arrays:
             # (T or 1, B or 1, H or 1) -> (T, B, H) views with zero strides where broadcast
             self.keep = [k.detach().to(dtype).expand(T, B, H).numpy() for k in masks.keep]
         else:
-            self.keep = [zero.expand(T, B, H).numpy()] * n_state
+            self.keep = [_zeros(zero, T, B, H)] * n_state
 
     def whole(self) -> None:
         """One part for the whole call (when torch's team comes out smaller than the split)."""
@@ -621,26 +629,26 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     hmask = A.hmask if A.has_hmask else _ONES.get((B, H, A.dummy1.dtype))
     if hmask is None:
         hmask = _ONES.setdefault((B, H, A.dummy1.dtype), np.ones((B, H), A.dummy1.dtype))
-    ST = [_empty(T + 1, B, H, dtype=dt) for _ in range(S)]
+    ndt = A.dummy1.dtype  # numpy arrays throughout: a torch op per buffer costs more than a step's loop
+    ST = [np.empty((T + 1, B, H), ndt) for _ in range(S)]
     for k in range(S):
-        ST[k][0] = state0[k]
+        ST[k][0] = state0[k].detach().numpy()
     PRE = [np.empty((T, B, H), A.dummy1.dtype) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
     lay = cpu_generated.layout(d)
     SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
-    none = torch.from_numpy(A.dummy3)
-    PIN = [_empty(T, B, H, dtype=dt) if plan.pin(p) or A.has_hmask else none for p in projs]
+    PIN = [np.empty((T, B, H), ndt) if plan.pin(p) or A.has_hmask else A.dummy3 for p in projs]
     ln = cell.layer_norm
-    UH = _empty(T, B, GH, dtype=dt) if ln else none
-    RSH = _empty(T, B, len(projs), dtype=dt) if ln else none
+    UH = np.empty((T, B, GH), ndt) if ln else A.dummy3
+    RSH = np.empty((T, B, len(projs)), ndt) if ln else A.dummy3
     LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
     LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
-    common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *(s.numpy() for s in ST), *PRE,
-              SAVE, *(p.numpy() for p in PIN), UH.numpy(), RSH.numpy(), *LU, *LR)
+    common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *ST, *PRE,
+              SAVE, *PIN, UH, RSH, *LU, *LR)
     Rd = R.detach().contiguous()
     _launch(K.forward, A, Rd, cell, True, common)
     # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
     # place, which autograd's version counter then reports, as for any saved tensor)
-    out = torch.from_numpy(ST[0].numpy()[1:])
+    out = torch.from_numpy(ST[0][1:])
     if not plan.reads_input:  # free xg now: the backward does not read it
         common = (A.dummy3, *common[1:])
     return out, ST, A, (common, ST, PIN, Rd, b_hh is not None, xg.shape[2], SAVE, UH)
@@ -661,7 +669,7 @@ class _GenRecurrence(torch.autograd.Function):
             result = out * masks.out_mask
             ctx.save_for_backward()
         ctx.cell, ctx.masks, ctx.names, ctx.arrays = cell, masks, names, A
-        return (result, *(s[T].clone() for s in ST))
+        return (result, *(torch.from_numpy(s[T].copy()) for s in ST))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -675,7 +683,7 @@ class _GenRecurrence(torch.autograd.Function):
         d = cell.declaration
         plan = cpu_generated.plan(d)
         projs = plan.projections()
-        dt = ST[0].dtype
+        dt = _TORCH_DTYPES[ST[0].dtype.type]
         K = cpu_generated.module(d, _DTYPE_NAMES[dt])
         T, B, H = A.T, A.B, A.H
         S = cell.state_size
@@ -697,7 +705,7 @@ class _GenRecurrence(torch.autograd.Function):
         DRAW, own = [], [not lay.dxg_in_save]
         for p, (lo, hi) in zip(projs, plan.block_bounds):
             if cell.layer_norm:
-                DRAW.append(UH[:, :, lo * H:hi * H])
+                DRAW.append(torch.from_numpy(UH[:, :, lo * H:hi * H]))
             elif p in plan.paired:
                 DRAW.append(DXG)
             else:
@@ -714,7 +722,7 @@ class _GenRecurrence(torch.autograd.Function):
         dR_parts = []
         for p, D, P in zip(projs, DRAW, PIN):
             a = d.nodes[d.nodes[p].args[0]]
-            inp = P if (plan.pin(p) or A.has_hmask) else ST[a.index][:-1]
+            inp = torch.from_numpy(P if (plan.pin(p) or A.has_hmask) else ST[a.index][:-1])
             dR_parts.append(D.reshape(T * B, -1).t() @ inp.reshape(T * B, H))
         dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)
         db = None
@@ -729,6 +737,7 @@ class _GenRecurrence(torch.autograd.Function):
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
@@ -744,7 +753,7 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
     out, ST, _, _ = _gen_forward(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], args[3:])
     if masks.out_mask is not None:
         out = out * masks.out_mask
-    return out, tuple(s[-1].clone() for s in ST)
+    return out, tuple(torch.from_numpy(s[-1].copy()) for s in ST)
 
 
 def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
