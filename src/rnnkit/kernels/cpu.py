@@ -603,13 +603,17 @@ class _CpuRecurrence(torch.autograd.Function):
         return (None, None, None, DG, dR, db_hh, *dstate, *extras)
 
 
-_ONES: dict[tuple, np.ndarray] = {}  # the all-ones recurrent-dropout mask of a shape (read only)
+@functools.lru_cache(maxsize=64)
+def _ones(B: int, H: int, ndt: type) -> np.ndarray:
+    """The all-ones recurrent-dropout mask of a call without recurrent dropout (never written)."""
+    return np.ones((B, H), ndt)
 
 
 def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
-                 b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor], _Arrays, tuple]:
+                 b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[np.ndarray], _Arrays, tuple]:
     """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
-    (each (T + 1, B, H)), the call's arrays and what its backward needs."""
+    (numpy, each (T + 1, B, H)), the call's arrays and what its backward needs. Its buffers are numpy
+    arrays: a torch op per buffer costs more than the loop of one step."""
     _kernels()
     d = cell.declaration
     plan = cpu_generated.plan(d)
@@ -622,26 +626,24 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     state0 = rest[:S]
     w = dict(zip(names, rest[S:]))
     projs = plan.projections()
-    bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
+    ndt = A.dummy1.dtype.type
+    bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, ndt)
     BH = [bhh[a * H:z * H] for a, z in plan.block_bounds]
     PAR = [_np(w[n]) for n, _ in d.params]
     lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
-    hmask = A.hmask if A.has_hmask else _ONES.get((B, H, A.dummy1.dtype))
-    if hmask is None:
-        hmask = _ONES.setdefault((B, H, A.dummy1.dtype), np.ones((B, H), A.dummy1.dtype))
-    ndt = A.dummy1.dtype  # numpy arrays throughout: a torch op per buffer costs more than a step's loop
+    hmask = A.hmask if A.has_hmask else _ones(B, H, ndt)
     ST = [np.empty((T + 1, B, H), ndt) for _ in range(S)]
     for k in range(S):
         ST[k][0] = state0[k].detach().numpy()
-    PRE = [np.empty((T, B, H), A.dummy1.dtype) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
+    PRE = [np.empty((T, B, H), ndt) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
     lay = cpu_generated.layout(d)
-    SAVE = np.empty((T, B, lay.width * H), A.dummy1.dtype)
+    SAVE = np.empty((T, B, lay.width * H), ndt)
     PIN = [np.empty((T, B, H), ndt) if plan.pin(p) or A.has_hmask else A.dummy3 for p in projs]
     ln = cell.layer_norm
     UH = np.empty((T, B, GH), ndt) if ln else A.dummy3
     RSH = np.empty((T, B, len(projs)), ndt) if ln else A.dummy3
-    LU = [np.empty((T, B, H), A.dummy1.dtype) for _ in plan.ln_nodes]
-    LR = [np.empty((T, B, 1), A.dummy1.dtype) for _ in plan.ln_nodes]
+    LU = [np.empty((T, B, H), ndt) for _ in plan.ln_nodes]
+    LR = [np.empty((T, B, 1), ndt) for _ in plan.ln_nodes]
     common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *ST, *PRE,
               SAVE, *PIN, UH, RSH, *LU, *LR)
     Rd = R.detach().contiguous()
