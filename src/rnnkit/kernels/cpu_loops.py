@@ -126,22 +126,27 @@ def _ln_rows(v, n, gain, goff, uh, rs, k):
     """In place on rows of ``v`` (B, n): v <- gain * u_hat; saves u_hat and 1/std.
 
     ``gain`` and ``uh`` columns are offset by ``goff`` (a part of a longer projection); ``rs[:, k]``.
+    Rows are sliced first: indexing ``uh[b, goff + j]`` with a run-time offset kept LLVM from vectorizing
+    (the layer-norm LSTM's forward was 15% slower).
     """
+    g = gain[goff:goff + n]
     for b in range(v.shape[0]):
+        x = v[b, :n]
         mu = 0.0
         for j in range(n):
-            mu += v[b, j]
+            mu += x[j]
         mu /= n
         var = 0.0
         for j in range(n):
-            d = v[b, j] - mu
+            d = x[j] - mu
             var += d * d
         r = 1.0 / math.sqrt(var / n + LN_EPS)
         rs[b, k] = r
+        u_hat = uh[b, goff:goff + n]
         for j in range(n):
-            u = (v[b, j] - mu) * r
-            uh[b, goff + j] = u
-            v[b, j] = u * gain[goff + j]
+            u = (x[j] - mu) * r
+            u_hat[j] = u
+            x[j] = u * g[j]
 
 
 @njit(**_JIT)
@@ -155,23 +160,29 @@ def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias, has_bia
     """:func:`_ln_rows_backward`, also summing ``dy`` into ``dbias[goff:]`` (the bias added after the norm);
     ``dx`` may be ``uh``'s own columns (each element is read before it is written). Every loop stores to
     one array (so that LLVM vectorizes it)."""
+    gn = gain[goff:goff + n]
+    dg = dgain[goff:goff + n]
+    db = dbias[goff:goff + n]
     for b in range(dy.shape[0]):
+        y = dy[b, :n]
+        u_hat = uh[b, goff:goff + n]
+        out = dx[b, :n]
         if has_bias:
             for j in range(n):
-                dbias[goff + j] += dy[b, j]
+                db[j] += y[j]
         mg = 0.0
         mgu = 0.0
         for j in range(n):
-            g = dy[b, j] * gain[goff + j]
-            u = uh[b, goff + j]
+            g = y[j] * gn[j]
+            u = u_hat[j]
             mg += g
             mgu += g * u
-            dgain[goff + j] += dy[b, j] * u
+            dg[j] += y[j] * u
         mg /= n
         mgu /= n
         r = rs[b, k]
         for j in range(n):
-            dx[b, j] = r * (dy[b, j] * gain[goff + j] - mg - uh[b, goff + j] * mgu)
+            out[j] = r * (y[j] * gn[j] - mg - u_hat[j] * mgu)
 
 
 @njit(**_JIT)
