@@ -21,12 +21,13 @@ row of the part runs the level's passes in equation order:
   outputs, parameters and states are the sinks: ``d xg``, ``d(R h)`` (turned into dR by one matmul over
   all steps in :mod:`rnnkit.kernels.cpu`), per-part parameter accumulators, and the state gradients.
 
-What is saved and what is recomputed: what the derivatives read, except a unary value of something the
-backward has anyway (a saved value, a state, a parameter, a layer norm's ``u_hat``, a new state), which
-each backward loop that reads it recomputes (the LSTM's ``tanh(c)``: one store and one saved slot less,
-a few multiplications more); the layer-norm statistics; and each projection's input when it is not a
-state (or recurrent dropout scales it). A new state read that way is kept per step only under zoneout
-(``PRE``; otherwise it is ``ST[t + 1]``). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+What is saved and what is recomputed: what the derivatives read, except (1) a new state, which the
+backward reads from the states (kept per step before zoneout mixes it, ``PRE``, only under zoneout),
+and (2) a value computed by one operation from things the backward has anyway (saved values, states,
+parameters, constants, a layer norm's ``u_hat``), which each backward loop that reads it recomputes:
+the LSTM's ``tanh(c)``, the GRU's ``1 - z`` (one store and one saved slot less, a few operations
+more); then the layer-norm statistics and each projection's input when it is not a state (or
+recurrent dropout scales it). ``d xg`` is written over the saved values of its step (:class:`Layout`). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
 ``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
 serves a second process without compiling again.
 """
