@@ -27,7 +27,8 @@ and (2) a value computed by one operation from things the backward has anyway (s
 parameters, constants, a layer norm's ``u_hat``), which each backward loop that reads it recomputes:
 the LSTM's ``tanh(c)``, the GRU's ``1 - z`` (one store and one saved slot less, a few operations
 more); then the layer-norm statistics and each projection's input when it is not a state (or
-recurrent dropout scales it). ``d xg`` is written over the saved values of its step (:class:`Layout`). The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
+recurrent dropout scales it). ``d xg`` is written over the saved values of its step (:class:`Layout`).
+The source is written once to ``$RNNKIT_CACHE_DIR/generated`` (default
 ``~/.cache/rnnkit/generated``) under a hash of itself, so numba's on-disk cache (``cache=True``)
 serves a second process without compiling again.
 """
