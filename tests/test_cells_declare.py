@@ -97,24 +97,23 @@ def test_user_cell_step_state_and_parameters():
 
 
 # ---- dispatch by capability ----------------------------------------------------------------------
-def test_hand_written_backends_refuse_a_new_cell_and_auto_picks_the_generated_one():
+def test_hand_written_backend_refuses_a_new_cell_and_auto_picks_the_generated_one():
     from rnnkit import kernels
 
     m = _user_layer("auto")
     assert m.backend_for(torch.device("cpu")) == "cpu"
-    with pytest.raises(ValueError, match=r"backend='cpu_hand' cannot run .*written by hand.*'everything'.*"
+    with pytest.raises(ValueError, match=r"backend='native' cannot run .*written by hand.*'everything'.*"
                                          r"Backends that can: \['reference', 'bptt', 'cpu'\]"):
-        _user_layer("cpu_hand")
+        _user_layer("native")
     cell = m.cell
     cfg = kernels.LayerConfig()
     assert kernels.working_backends(cell, cfg, torch.device("cpu")) == ["reference", "bptt", "cpu"]
-    # a user cell with exactly the LSTM's declaration runs on the hand-written kernels and on torch's
+    # a user cell with exactly the LSTM's declaration runs on torch's kernels, written by hand for the LSTM
     same = declare("my_lstm", states="h c", equations=rnnkit.cells.lstm.lstm_declaration().equations)
-    assert {"native", "cpu", "cpu_hand"} <= set(kernels.working_backends(rnnkit.cells.make_cell(same, 4), cfg,
-                                                                         torch.device("cpu")))
+    assert {"native", "cpu"} <= set(kernels.working_backends(rnnkit.cells.make_cell(same, 4), cfg,
+                                                             torch.device("cpu")))
     x = torch.randn(3, 2, 4, dtype=torch.float64)
-    outs = [rnnkit.Recurrent(same, 4, 5, backend=b, dtype=torch.float64)
-            for b in ("reference", "cpu", "cpu_hand", "native")]
+    outs = [rnnkit.Recurrent(same, 4, 5, backend=b, dtype=torch.float64) for b in ("reference", "cpu", "native")]
     for m in outs[1:]:
         m.load_state_dict(outs[0].state_dict())
     ref, *others = [m(x)[0] for m in outs]

@@ -139,7 +139,7 @@ def test_lstm_with_chosen_activations_by_hand(backend):
         rnnkit.LSTM(2, 3, gate_activation="softmax")
 
 
-def test_new_cells_are_listed_and_refused_by_the_hand_written_backends():
+def test_new_cells_are_listed_and_refused_by_the_hand_written_backend():
     from rnnkit.kernels import LayerConfig, working_backends
 
     for name in ("slstm", "mut1", "mut2", "mut3", "lstm_hsig_relu"):

@@ -24,7 +24,7 @@ from torch import Tensor
 State = tuple[Tensor, ...]
 Weights = dict[str, Tensor | None]
 
-# Layer-norm epsilon shared by the derived step and backward and the hand-written kernels.
+# Layer-norm epsilon shared by the derived step and backward and the generated kernels.
 LN_EPS = 1e-5
 
 

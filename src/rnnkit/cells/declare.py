@@ -92,7 +92,7 @@ class Declaration:
     """A compiled cell declaration: the equations as a graph, in evaluation order.
 
     Equal declarations (``==``) have the same equations, blocks, parameters and options, whatever their
-    names: this is how the hand-written kernels recognise the cells they implement.
+    names: this is how hand-written kernels (torch's, behind ``native``) recognise the cells they implement.
 
     Attributes:
         name: the cell's name (for messages and reprs).

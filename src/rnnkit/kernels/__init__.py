@@ -9,8 +9,8 @@ Backends:
     triton_persistent  the same, each time loop in one launch with R on chip; small H, on CUDA.
 
 Each backend states what it can run as a :class:`~rnnkit.kernels.capability.Capability` read from the
-cell's declaration (operations, state count, layer norm; the hand-written ``cpu_hand`` loops: exactly
-the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
+cell's declaration (operations, state count, layer norm; ``native``, whose kernels are written by hand:
+exactly the declarations they implement), plus device, dtype and regulariser checks. ``auto`` picks the
 fastest correct backend. An unsupported (configuration, backend) pair raises a ``ValueError`` that lists
 the backends that would work: there is no silent fallback.
 """

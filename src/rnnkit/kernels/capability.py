@@ -1,8 +1,9 @@
 """What a backend can run, read from a cell's declaration (never from a family name).
 
 A backend states its :class:`Capability`: the pointwise operations it can compile, how many states it
-carries, whether it has layer norm, or, for the hand-written kernels, exactly which declarations it
-implements (:func:`hand_written`). :meth:`Capability.refuses` gives the reason a cell is out of reach.
+carries, whether it has layer norm, or, for kernels written by hand (torch's fused ones, ``native``), that
+it implements only the declarations of rnnkit's built-in RNN, LSTM and GRU variants (:func:`hand_written`).
+:meth:`Capability.refuses` gives the reason a cell is out of reach.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ class Capability:
         operations: the pointwise operations it compiles (None: every one of the language).
         max_states: the most state tensors it carries (None: any number).
         layer_norm: whether it runs layer-normalised projections and ``layer_norm(...)``.
-        hand_written: it runs only the declarations of :func:`hand_written` (kernels written by hand
-            for rnnkit's built-in RNN, LSTM and GRU variants).
+        hand_written: it runs only the declarations of :func:`hand_written` (kernels written by hand,
+            such as torch's fused ones, for rnnkit's built-in RNN, LSTM and GRU variants).
     """
 
     operations: frozenset[str] | None = None
@@ -80,20 +81,6 @@ def _table() -> dict[Declaration, tuple[str, dict[str, Any]]]:
 
 
 def hand_written(d: Declaration) -> tuple[str, dict[str, Any]] | None:
-    """The (kernel family, options) of the hand-written ``cpu_hand`` loops that implement exactly
-    declaration ``d``, found by comparing declarations; None if no hand-written kernel does."""
+    """The (family, options) of the built-in RNN, LSTM or GRU variant whose declaration is exactly ``d``,
+    found by comparing declarations; None if ``d`` is none of them (no hand-written kernel implements it)."""
     return _table().get(d)
-
-
-def hand_written_cell(cell: Cell) -> Cell:
-    """The built-in cell class instance with the same declaration as ``cell`` (the hand-written kernels read
-    its variant flags); raises ValueError if there is none."""
-    from ..cells import make_cell
-
-    found = hand_written(cell.declaration)
-    if found is None:
-        raise ValueError(f"no hand-written kernel implements the declaration of {cell!r}")
-    family, opts = found
-    if type(cell).family == family:
-        return cell
-    return make_cell(family, cell.hidden_size, bias=cell.bias, **opts)

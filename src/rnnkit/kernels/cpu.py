@@ -1,17 +1,17 @@
 """The fused CPU backend (``backend="cpu"``): the explicit-BPTT skeleton with the time loop compiled.
 
 Same algorithm as :mod:`rnnkit.kernels.bptt` (input projection for all steps in one autograd matmul,
-hand-derived backward, dR with one matmul over all steps), but each direction of the recurrence is
-ONE call into numba (:mod:`rnnkit.kernels.cpu_cells`) that runs every step: a BLAS matmul into a
-preallocated buffer plus the cell's pointwise math fused into one pass, with no Python or torch op
-per step. What it keeps for the backward pass: the gates after activation, the c states (LSTM), the
-layer-norm statistics, and the recurrent input only when recurrent dropout makes it differ from the
-output (otherwise ``h0`` and the output itself are used).
+reverse mode over the cell's equations, dR with one matmul over all steps), but each direction of the
+recurrence is ONE call into numba loops generated from the cell's declaration
+(:mod:`rnnkit.kernels.cpu_generated`) that run every step: per step a BLAS matmul per recurrent
+projection into a preallocated buffer plus the equations fused into a few passes per row, with no
+Python or torch op per step. What it keeps for the backward pass: the values the derivatives read,
+the states, the layer-norm statistics, and a projection's input when it is not a state.
 
-Supports every cell and variant of :mod:`rnnkit.cells` (incl. recurrent dropout, zoneout and
-variable lengths through :class:`~rnnkit.kernels.common.LayerMasks`) in float32 and float64 on
-the CPU. Compiled code is cached on disk by numba (``cache=True``): the first call in a fresh
-environment compiles (see :func:`compile_seconds`), later processes load the cache.
+Runs every declaration (incl. recurrent dropout, zoneout and variable lengths through
+:class:`~rnnkit.kernels.common.LayerMasks`) in float32 and float64 on the CPU. Compiled code is
+cached on disk by numba (``cache=True``): the first call of a cell in a fresh environment compiles
+(see :func:`compile_seconds`), later processes load the cache.
 
 Threads (:func:`split`): a call with enough work is split into parts, one per thread, run at once in
 torch's own OpenMP team (:class:`_Team`, the threads torch's ops use, still hot after them): batch rows
@@ -41,11 +41,10 @@ from torch import Tensor
 
 from ..cells.base import Cell, State, Weights
 from . import ATEN_ON_CPU, Backend, LayerConfig, cpu_generated, register
-from .capability import Capability, hand_written_cell
+from .capability import Capability
 from .common import NUMBA_DTYPES, LayerMasks, check_numba_input
 
 DTYPES = NUMBA_DTYPES
-_EXTRAS = ("weight_ch", "ln_weight_hh", "ln_weight_c", "ln_bias_c")
 
 
 MIN_ROWS = 4  # fewest batch rows worth a thread of their own
@@ -80,21 +79,16 @@ def _edges(n: int, size: int, align: int = 1) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def units_splittable(cell: Cell) -> bool:
-    """Whether the loops of ``cell`` can split hidden units over threads: not with layer norm (its
-    statistics span all units) nor for the reset-before GRU (its n-gate matmul needs ``r * h`` of all)."""
-    return not cell.layer_norm and (cell.family != "gru" or cell.reset_after)
-
-
 def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[int, int, int, int]], bool]:
     """How one call of a loop is spread over threads: the parts ``(b0, b1, j0, j1)`` (batch rows and hidden
     units), one per thread, and whether they split units (then the threads meet at a barrier every step).
 
     One part if there is one thread or too little work. Units, in ranges of at least ``MIN_UNITS`` on
     64-byte lines, when the batch has 2 rows or more but fewer than ``UNITS_BELOW_ROWS`` per thread and
-    ``units_ok`` (:func:`units_splittable`) and torch's OpenMP team is there; otherwise
-    rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the 2-core machine
-    (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster on one thread.
+    ``units_ok`` (:attr:`rnnkit.kernels.cpu_generated.Plan.units_splittable`) and torch's OpenMP team is
+    there; otherwise rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the
+    2-core machine (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster
+    on one thread.
     """
     whole = [(0, B, 0, H)]
     if T * B * H * GH < min(MIN_TEAM_MACS, MIN_SPLIT_MACS):  # decided before asking for threads (a step)
@@ -249,7 +243,8 @@ def _torch_mkl() -> ctypes.CDLL | None:
 
 @functools.cache
 def _kernels():
-    """The numba loops, imported on first use (keeps ``import rnnkit`` light).
+    """The building blocks of the generated loops (:mod:`rnnkit.kernels.cpu_loops`), imported on first use
+    (keeps ``import rnnkit`` light); called before any generated loop compiles or loads.
 
     Before they compile or load: the BLAS numba calls is made single-threaded (also if scipy was
     imported earlier with a larger OpenBLAS pool), and the MKL symbols the loops reference are
@@ -272,9 +267,9 @@ def _kernels():
                 _STUBS.append(ctype(lambda *args: 0))
                 addr = ctypes.cast(_STUBS[-1], ctypes.c_void_p).value
             llvm.add_symbol(sym, addr)
-    from . import cpu_cells
+    from . import cpu_loops
 
-    return cpu_cells
+    return cpu_loops
 
 
 def blas(dtype: torch.dtype) -> str:
@@ -349,10 +344,10 @@ class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
     def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype,
-                 units_ok: bool | None = None) -> None:
+                 units_ok: bool) -> None:
         H, n_state = cell.hidden_size, cell.state_size
         self.T, self.B, self.H = T, B, H
-        self.parts, self.units = split(T, B, H, GH, units_splittable(cell) if units_ok is None else units_ok)
+        self.parts, self.units = split(T, B, H, GH, units_ok)
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1, self.dummy2, self.dummy3, zero = _constants(dtype)
@@ -428,179 +423,6 @@ def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
     elif not team.run(calls, A.units):
         A.whole()
         _launch(fn, A, R, cell, transpose, args, accs)
-
-
-class _CpuRecurrence(torch.autograd.Function):
-    """The recurrence of one layer/direction given input pre-activations ``xg`` (T, B, G*H)."""
-
-    @staticmethod
-    def forward(ctx, cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
-                b_hh: Tensor | None, *rest: Tensor):
-        K = _kernels()
-        n_state = cell.state_size
-        state0 = rest[:n_state]
-        ex = {n: _np(t) for n, t in zip(names, rest[n_state:])}
-        T, B, GH = xg.shape
-        H, dt = cell.hidden_size, xg.dtype
-        A = _Arrays(cell, masks, T, B, GH, dt)
-        ln = cell.layer_norm
-        xg_n = _np(xg)
-        Rd = R.detach().contiguous()
-        bhh = _np(b_hh) if b_hh is not None else np.zeros(GH, A.dummy1.dtype)
-        ln_g = ex.get("ln_weight_hh", A.dummy1)
-        h0 = _np(state0[0])
-        out = _empty(T, B, H, dtype=dt)
-        HIN = _empty(T, B, H, dtype=dt) if A.has_hmask else torch.empty(1, 1, 1, dtype=dt)
-        parts = len(cell.rec_parts)
-        UH = _empty(T, B, GH, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-        RSH = _empty(T, B, parts, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-        buf: dict[str, Tensor] = {"HIN": HIN, "UH": UH, "RSH": RSH}
-        family = cell.family
-        if family == "rnn":
-            HC = _empty(T, B, H, dtype=dt) if A.has_keep else out
-            _launch(K.rnn_forward, A, Rd, cell, True, (
-                xg_n, bhh, cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
-                h0, out.numpy(), HC.numpy(), HIN.numpy(), UH.numpy(), RSH.numpy()))
-            buf["HC"] = HC
-        elif family == "lstm":
-            CS = _empty(T + 1, B, H, dtype=dt)
-            CS[0] = state0[1]
-            CN = _empty(T, B, H, dtype=dt) if A.has_keep else CS[1:]
-            GATES = _empty(T, B, GH, dtype=dt)
-            UC = _empty(T, B, H, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-            RSC = _empty(T, B, 1, dtype=dt) if ln else torch.empty(1, 1, 1, dtype=dt)
-            _launch(K.lstm_forward, A, Rd, cell, True, (
-                xg_n, bhh, cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
-                ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
-                ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], h0,
-                out.numpy(), CS.numpy(), CN.numpy(), HIN.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy(),
-                UC.numpy(), RSC.numpy()))
-            buf.update(CS=CS, CN=CN, GATES=GATES, UC=UC, RSC=RSC)
-        elif cell.reset_after:
-            GATES = _empty(T, B, GH, dtype=dt)
-            HN = _empty(T, B, H, dtype=dt)
-            _launch(K.gru_forward, A, Rd, cell, True, (
-                xg_n, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(), HIN.numpy(),
-                GATES.numpy(), HN.numpy(), UH.numpy(), RSH.numpy()))
-            buf.update(GATES=GATES, HN=HN)
-        else:
-            GATES = _empty(T, B, GH, dtype=dt)
-            Q = _empty(T, B, H, dtype=dt)
-            _launch(K.gru_cho_forward, A, Rd, cell, True, (
-                xg_n, bhh, ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], h0, out.numpy(),
-                HIN.numpy(), Q.numpy(), GATES.numpy(), UH.numpy(), RSH.numpy()))
-            buf.update(GATES=GATES, Q=Q)
-        final = [out[T - 1].clone()]
-        if family == "lstm":
-            final.append(buf["CS"][T].clone())
-        if masks.out_mask is not None:
-            result = out * masks.out_mask
-            buf["out"] = out  # private: the unmasked h states
-            ctx.save_for_backward()
-        else:
-            result = out
-            ctx.save_for_backward(out)  # returned to the caller: autograd checks it is not modified
-        ctx.cell, ctx.masks, ctx.names, ctx.arrays, ctx.buf = cell, masks, names, A, buf
-        ctx.inputs = (Rd, b_hh is not None, bhh, ex, state0[0].detach())
-        return (result, *final)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor | None, *dfinal: Tensor | None):
-        if ctx.buf is None:
-            raise RuntimeError("backend='cpu' frees (and overwrites) its saved activations in the first backward "
-                               "pass through them; run the forward again instead of retain_graph=True")
-        K = _kernels()
-        cell, masks, A, buf = ctx.cell, ctx.masks, ctx.arrays, ctx.buf
-        Rd, has_bias, bhh, ex, h0t = ctx.inputs
-        out = buf["out"] if "out" in buf else ctx.saved_tensors[0]
-        T, B, H = out.shape
-        dt = out.dtype
-        GH = cell.gates * H
-        ln = cell.layer_norm
-        has_dout = dout is not None
-        if has_dout and masks.out_mask is not None:
-            dout = dout * masks.out_mask
-        dout_n = _np(dout) if has_dout else A.dummy3
-        dT = [_np(d) if d is not None else np.zeros((B, H), A.dummy1.dtype) for d in dfinal]
-        h0 = h0t.numpy()
-        ln_g = ex.get("ln_weight_hh", A.dummy1)
-        n = len(A.parts)
-        dln_g = np.zeros((n, GH if ln else 1))  # small parameter gradients: one accumulator per part
-        dbhh = np.zeros((n, GH))  # d b_hh (the sum of DG, or of DPOST for the GRU)
-        family = cell.family
-        # d xg: written over the saved gates by the LSTM and reset-after GRU loops (step by step, each unit's
-        # gates read first), a buffer of its own otherwise
-        over_gates = family == "lstm" or (family == "gru" and cell.reset_after)
-        DG = buf["GATES"] if over_gates else _empty(T, B, GH, dtype=dt)
-        dh0 = _empty(B, H, dtype=dt)
-        grads: dict[str, np.ndarray] = {}
-        db_hh = None
-        if family == "rnn":
-            DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
-            _launch(K.rnn_backward, A, Rd, cell, False, (
-                cell.nonlinearity == "relu", ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
-                has_dout, dout_n, dT[0], buf["HC"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(), DG.numpy(),
-                DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
-            dstate = [dh0]
-            draws = [DRAW]
-        elif family == "lstm":
-            DRAW = buf["UH"] if ln else DG  # d(R h) overwrites u_hat step by step (no longer needed)
-            dc0 = _empty(B, H, dtype=dt)
-            dpeep = np.zeros((n, 3 * H if cell.peephole else 1))
-            dln_cg = np.zeros((n, H if ln else 1))
-            dln_cb = np.zeros((n, H if ln else 1))
-            _launch(K.lstm_backward, A, Rd, cell, False, (
-                cell.use_i, cell.use_f, cell.use_o, cell.coupled, cell.peephole,
-                ex.get("weight_ch", A.dummy1), cell.output_activation, ln, ln_g, ex.get("ln_weight_c", A.dummy1),
-                ex.get("ln_bias_c", A.dummy1), A.has_hmask, A.hmask, A.has_keep, A.keep[0], A.keep[1], has_dout,
-                dout_n, dT[0], dT[1], buf["CS"].numpy(), buf["CN"].numpy(), DG.numpy(),
-                buf["UH"].numpy(), buf["RSH"].numpy(), buf["UC"].numpy(), buf["RSC"].numpy(),
-                DRAW.numpy(), dh0.numpy(), dc0.numpy()), (dbhh, dpeep, dln_g, dln_cg, dln_cb))
-            dstate = [dh0, dc0]
-            draws = [DRAW]
-            grads.update(weight_ch=dpeep, ln_weight_c=dln_cg, ln_bias_c=dln_cb)
-        elif cell.reset_after:
-            DPOST = _empty(T, B, GH, dtype=dt)
-            DRAW = buf["UH"] if ln else DPOST  # overwrites u_hat step by step
-            _launch(K.gru_backward, A, Rd, cell, False, (
-                ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0], has_dout, dout_n, dT[0], h0,
-                out.numpy(), DG.numpy(), buf["HN"].numpy(), buf["UH"].numpy(), buf["RSH"].numpy(),
-                DPOST.numpy(), DRAW.numpy(), dh0.numpy()), (dbhh, dln_g))
-            del DPOST
-            dstate = [dh0]
-            draws = [DRAW]
-        else:
-            DRAW0 = _empty(T, B, 2 * H, dtype=dt)
-            DRAW1 = _empty(T, B, H, dtype=dt)
-            _launch(K.gru_cho_backward, A, Rd, cell, False, (
-                ln, ln_g, A.has_hmask, A.hmask, A.has_keep, A.keep[0],
-                has_dout, dout_n, dT[0], h0, out.numpy(), buf["GATES"].numpy(), buf["UH"].numpy(),
-                buf["RSH"].numpy(), DG.numpy(), DRAW0.numpy(), DRAW1.numpy(), dh0.numpy()), (dln_g,))
-            dstate = [dh0]
-            draws = [DRAW0, DRAW1]
-            if has_bias:
-                db_hh = DG.sum((0, 1))
-        if has_bias and db_hh is None:
-            db_hh = torch.from_numpy(dbhh.sum(0)).to(dt)
-        grads["ln_weight_hh"] = dln_g
-        # dR: one matmul over all steps per recurrent part, against that part's recurrent input
-        dR_parts = []
-        for part, D in enumerate(draws):
-            D2 = D.reshape(T * B, D.shape[-1]).t()
-            if part == 1:  # Cho GRU: the n part's input is q = r * h * hmask
-                dR_parts.append(D2 @ buf["Q"].reshape(T * B, H))
-            elif A.has_hmask:
-                dR_parts.append(D2 @ buf["HIN"].reshape(T * B, H))
-            else:  # input is h0, then the outputs: no copy of them was kept
-                dR = D[0].t() @ h0t
-                if T > 1:
-                    dR.addmm_(D2[:, B:], out[:-1].reshape((T - 1) * B, H))
-                dR_parts.append(dR)
-        dR = dR_parts[0] if len(dR_parts) == 1 else torch.cat(dR_parts, 0)
-        ctx.buf = ctx.arrays = ctx.inputs = None  # free the activations now
-        extras = [torch.from_numpy(grads[name].sum(0)).to(dt) for name in ctx.names]
-        return (None, None, None, DG, dR, db_hh, *dstate, *extras)
 
 
 @functools.lru_cache(maxsize=64)
@@ -758,18 +580,6 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
     return out, tuple(torch.from_numpy(s[-1].copy()) for s in ST)
 
 
-def run(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:
-    """Run one layer in one direction over ``x`` (T, B, I); returns outputs (T, B, H) and final state."""
-    check_numba_input("cpu", x)
-    _kernels()
-    cell = hand_written_cell(cell)
-    xg = cell.project_input(x, w)  # (T, B, G*H): one matmul for all steps, autograd handles dW
-    names = tuple(n for n in _EXTRAS if w.get(n) is not None)
-    out, *state = _CpuRecurrence.apply(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], *state0,
-                                       *(w[n] for n in names))
-    return out, tuple(state)
-
-
 def _unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the fused CPU backend runs on the CPU only, not on {device}"
@@ -805,5 +615,3 @@ def _preferred_step(cell: Cell, device: torch.device) -> bool:
 
 register(Backend("cpu", "fused CPU loops generated from the declaration (numba + BLAS)", _unsupported,
                  run_generated, DTYPES, Capability(), _preferred, _preferred_step), auto_before={"cpu": "bptt"})
-register(Backend("cpu_hand", "the hand-written fused CPU loops (built-in RNN, LSTM and GRU variants)", _unsupported,
-                 run, DTYPES, Capability(hand_written=True), experimental=True))

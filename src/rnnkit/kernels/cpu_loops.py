@@ -12,7 +12,6 @@ import math
 import numpy as np
 from numba import njit, types
 from numba.core.types import ExternalFunction
-from numba.extending import overload
 
 from ..cells.base import LN_EPS
 
@@ -27,7 +26,6 @@ _T_CLAMP, _A13, _A11, _A9, _A7, _A5, _A3, _A1, _B6, _B4, _B2, _B0 = (np.float32(
     7.90531110763549805, -2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
     5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03,
     1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03))
-_HALF = np.float32(0.5)
 
 
 @njit(fastmath=True, cache=True, inline="always", error_model="numpy")
@@ -45,30 +43,6 @@ def _tanh_f32(x):
     q = x2 * q + _B2
     q = x2 * q + _B0
     return x * p / q
-
-
-def _tanh(x, like):
-    """tanh(x) at the precision of ``like``'s dtype (compiled per dtype, see the overload)."""
-    return math.tanh(x)
-
-
-def _sigmoid(x, like):
-    """1 / (1 + exp(-x)) at the precision of ``like``'s dtype."""
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-@overload(_tanh, inline="always")
-def _tanh_impl(x, like):
-    if like.dtype == types.float32:
-        return lambda x, like: _tanh_f32(x)
-    return lambda x, like: math.tanh(x)
-
-
-@overload(_sigmoid, inline="always")
-def _sigmoid_impl(x, like):
-    if like.dtype == types.float32:
-        return lambda x, like: _HALF + _HALF * _tanh_f32(_HALF * x)
-    return lambda x, like: 1.0 / (1.0 + math.exp(-x))
 
 
 # MKL's packed single-precision GEMM, from the MKL that torch's own library carries (the wrapper
@@ -150,14 +124,9 @@ def _ln_rows(v, n, gain, goff, uh, rs, k):
 
 
 @njit(**_JIT)
-def _ln_rows_backward(dy, n, gain, goff, uh, rs, k, dx, dgain):
-    """Backward of :func:`_ln_rows`: dx (B, n) <- d(input); dgain[goff:] += sum_b dy * u_hat."""
-    _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dgain, False)
-
-
-@njit(**_JIT)
 def _ln_rows_backward_db(dy, n, gain, goff, uh, rs, k, dx, dgain, dbias, has_bias=True):
-    """:func:`_ln_rows_backward`, also summing ``dy`` into ``dbias[goff:]`` (the bias added after the norm);
+    """Backward of :func:`_ln_rows`: dx (B, n) <- d(input); dgain[goff:] += sum_b dy * u_hat, and with
+    ``has_bias`` ``dbias[goff:]`` += sum_b dy (the bias added after the norm);
     ``dx`` may be ``uh``'s own columns (each element is read before it is written). Every loop stores to
     one array (so that LLVM vectorizes it)."""
     gn = gain[goff:goff + n]
