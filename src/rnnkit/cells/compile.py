@@ -63,6 +63,12 @@ def _reads(op: str) -> tuple[Any, ...]:
 DERIVATIVE_READS: dict[str, tuple[Any, ...]] = {op: _reads(op) for op in DERIVATIVES if _reads(op)}
 
 
+def render(template: str, env: dict[str, str]) -> str:
+    """A ``FORWARD``/``DERIVATIVES`` template with its names a, b, y, g replaced by (parenthesised)
+    expressions (for code generators)."""
+    return re.sub(r"\b([abyg])\b", lambda m: f"({env[m.group(1)]})", template)
+
+
 def derivative_env(i: int, nd: Node, g: str, value: Callable[[int], str]) -> dict[str, str]:
     """The names of ``DERIVATIVES[nd.op]`` bound to expressions (for code generators): ``g`` the gradient,
     ``y`` (node ``i``'s value) and ``a``/``b`` (its arguments' values, ``value(node)``) where read."""

@@ -335,6 +335,12 @@ def _constants(dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 @functools.lru_cache(maxsize=64)
+def _ones(B: int, H: int, ndt: type) -> np.ndarray:
+    """The all-ones recurrent-dropout mask of a call without recurrent dropout (never written)."""
+    return np.ones((B, H), ndt)
+
+
+@functools.lru_cache(maxsize=64)
 def _zeros(zero: Tensor, T: int, B: int, H: int) -> np.ndarray:
     """A (T, B, H) view of zeros (no memory of its own): the ``keep`` of a call without zoneout or lengths."""
     return zero.expand(T, B, H).numpy()
@@ -352,7 +358,8 @@ class _Arrays:
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1, self.dummy2, self.dummy3, zero = _constants(dtype)
         self.has_hmask = masks.hmask is not None
-        self.hmask = _np(masks.hmask) if self.has_hmask else self.dummy2
+        # all ones without recurrent dropout: the loops multiply by it unconditionally in the backward
+        self.hmask = _np(masks.hmask) if self.has_hmask else _ones(B, H, self.dummy1.dtype.type)
         self.has_keep = masks.keep is not None
         if self.has_keep:
             # (T or 1, B or 1, H or 1) -> (T, B, H) views with zero strides where broadcast
@@ -425,12 +432,6 @@ def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
         _launch(fn, A, R, cell, transpose, args, accs)
 
 
-@functools.lru_cache(maxsize=64)
-def _ones(B: int, H: int, ndt: type) -> np.ndarray:
-    """The all-ones recurrent-dropout mask of a call without recurrent dropout (never written)."""
-    return np.ones((B, H), ndt)
-
-
 def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
                  b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[np.ndarray], _Arrays, tuple]:
     """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
@@ -453,7 +454,6 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     BH = [bhh[a * H:z * H] for a, z in plan.block_bounds]
     PAR = [_np(w[n]) for n, _ in d.params]
     lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
-    hmask = A.hmask if A.has_hmask else _ones(B, H, ndt)
     ST = [np.empty((T + 1, B, H), ndt) for _ in range(S)]
     for k in range(S):
         ST[k][0] = state0[k].detach().numpy()
@@ -466,7 +466,7 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     RSH = np.empty((T, B, len(projs)), ndt) if ln else A.dummy3
     LU = [np.empty((T, B, H), ndt) for _ in plan.ln_nodes]
     LR = [np.empty((T, B, 1), ndt) for _ in plan.ln_nodes]
-    common = (_np(xg), *BH, *PAR, lng, hmask, A.has_hmask, *A.keep, A.has_keep, *ST, *PRE,
+    common = (_np(xg), *BH, *PAR, lng, A.hmask, A.has_hmask, *A.keep, A.has_keep, *ST, *PRE,
               SAVE, *PIN, UH, RSH, *LU, *LR)
     Rd = R.detach().contiguous()
     _launch(K.forward, A, Rd, cell, True, common)
@@ -507,7 +507,7 @@ class _GenRecurrence(torch.autograd.Function):
         d = cell.declaration
         plan = cpu_generated.plan(d)
         projs = plan.projections()
-        dt = _TORCH_DTYPES[ST[0].dtype.type]
+        dt = Rd.dtype
         K = cpu_generated.module(d, _DTYPE_NAMES[dt])
         T, B, H = A.T, A.B, A.H
         S = cell.state_size
@@ -561,7 +561,6 @@ class _GenRecurrence(torch.autograd.Function):
 
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
-_TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: LayerMasks) -> tuple[Tensor, State]:

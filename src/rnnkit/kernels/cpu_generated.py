@@ -43,7 +43,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD, derivative_env
+from ..cells.compile import DERIVATIVE_READS, DERIVATIVES, FORWARD, derivative_env, render
 from ..cells.declare import Declaration
 from .source_cache import load_source
 
@@ -132,9 +132,8 @@ _NUMBER = re.compile(r"(?<![\w.])(\d+\.\d*)")
 
 
 def _render(template: str, env: dict[str, str]) -> str:
-    """``template`` with its names a, b, y, g replaced by expressions and its numbers typed as F(...)."""
-    out = _NUMBER.sub(r"F(\1)", template)
-    return re.sub(r"\b([abyg])\b", lambda m: f"({env[m.group(1)]})", out)
+    """:func:`~rnnkit.cells.compile.render`, with the template's numbers typed as F(...)."""
+    return render(_NUMBER.sub(r"F(\1)", template), env)
 
 
 @dataclass
@@ -145,8 +144,7 @@ class Plan:
     level: list[int] = field(default_factory=list)
     readers: list[list[tuple[str, int]]] = field(default_factory=list)  # ("node"|"proj"|"update", index)
     saved: set[int] = field(default_factory=set)
-    # unary values the backward recomputes from an argument it has anyway (a saved value, a state, a
-    # parameter, a layer norm's u_hat, a new state) instead of reading them from memory
+    # values one cheap operation makes from what the backward has anyway: recomputed there, not saved
     recomputed: set[int] = field(default_factory=set)
     pre: set[int] = field(default_factory=set)  # states whose new value is kept per step under zoneout
     array: set[int] = field(default_factory=set)  # forward: values with an array of their own
@@ -304,8 +302,7 @@ def source(d: Declaration, dtype: str) -> str:
     # the source (and so its cache file) new whenever they change
     head = f"# cpu_loops {_loops_digest()}\n" + _PRELUDE.format(dtype=dtype, tanh=tanh, sigmoid=sigm)
     lay = layout(d)
-    return (head + "\n\n" + _Forward(pl, lay.slots).text() + "\n\n"
-            + _Backward(pl, lay.slots, lay.dxg_in_save, lay.deferred, lay.zeroed, lay.last_written).text())
+    return head + "\n\n" + _Forward(pl, lay).text() + "\n\n" + _Backward(pl, lay).text()
 
 
 @functools.cache
@@ -343,7 +340,7 @@ def layout(d: Declaration) -> Layout:
     # value and the first that writes each d xg block (a line reads before it writes)
     last_read: dict[int, int] = {}
     first_write: dict[int, int] = {}
-    lines = _Backward(pl, plain).text().splitlines()
+    lines = _Backward(pl, Layout(plain, len(saved), False)).text().splitlines()
     for n, line in enumerate(lines):
         for m in re.finditer(r"\bsv(\d+)\[j\]", line):
             last_read[int(m.group(1))] = n
@@ -383,9 +380,10 @@ def layout(d: Declaration) -> Layout:
 class _Gen:
     """What both loops share: argument names, row views, value expressions."""
 
-    def __init__(self, plan: Plan, slots: dict[int, int]) -> None:
+    def __init__(self, plan: Plan, lay: Layout) -> None:
         self.plan = plan
-        self.slots = slots
+        self.lay = lay
+        self.slots = lay.slots
         self.d = plan.d
         self.nodes = plan.d.nodes
         self.S = len(plan.d.states)
@@ -588,14 +586,9 @@ class _Forward(_Gen):
 
 
 class _Backward(_Gen):
-    def __init__(self, plan: Plan, slots: dict[int, int], dxg_in_save: bool = False,
-                 deferred: frozenset[int] = frozenset(), zeroed: frozenset[int] = frozenset(),
-                 last_written: int = -1) -> None:
-        super().__init__(plan, slots)
-        self.dxg = "SAVE" if dxg_in_save else "DXG"  # the array d xg is written into
-        self.deferred = deferred  # d xg blocks written into a scratch row, copied at the row's end (Layout)
-        self.zeroed = zeroed  # d xg blocks without a gradient, zeroed in the row of the last one written
-        self.last_written = last_written
+    def __init__(self, plan: Plan, lay: Layout) -> None:
+        super().__init__(plan, lay)
+        self.dxg = "SAVE" if lay.dxg_in_save else "DXG"  # the array d xg is written into
         self.written: set[str] = set()  # sinks written this step (the first write assigns)
         self.tmp = 0
 
@@ -627,7 +620,7 @@ class _Backward(_Gen):
             return
         if op == "input":
             k = self.d.input_gates if nd.index < 0 else nd.index
-            name = self.view(f"df{k}", f"DF{k}") if k in self.deferred else self.dx(k)
+            name = self.view(f"df{k}", f"DF{k}") if k in self.lay.deferred else self.dx(k)
         elif op == "block":
             if nd.args[0] in self.plan.paired:
                 return  # d(R h) is d xg: the input block's write is this one
@@ -730,13 +723,14 @@ class _Backward(_Gen):
             if self.plan.level[i] == lv and i in self.plan.root:
                 body += self.root_pass(i)
         text = "\n".join(body)
-        for k in sorted(self.deferred):
+        for k in sorted(self.lay.deferred):
             if re.search(rf"\bdf{k}\b", text):
                 body += ["for j in range(nj):", f"    {self.dx(k)}[j] = df{k}[j]"]
-        if self.zeroed and re.search(rf"\bd[xf]{self.last_written}\[j\]", text):
-            for k in sorted(self.zeroed):
+        if self.lay.zeroed and re.search(rf"\bd[xf]{self.lay.last_written}\[j\]", text):
+            for k in sorted(self.lay.zeroed):
                 body += ["for j in range(nj):", f"    {self.dx(k)}[j] = F(0.0)"]
         return body
+
     def roots_with_array(self) -> list[int]:
         return sorted(i for i in self.plan.root if any(kind in ("node", "proj") for kind, _ in self.plan.readers[i])
                       or self.nodes[i].op == "layer_norm")
@@ -759,7 +753,7 @@ class _Backward(_Gen):
         for i in self.roots_with_array():
             w(1, f"GA{i} = np.empty((nb, {'H' if nodes[i].op == 'layer_norm' else 'nj'}), xg.dtype)")
         w(1, "tmp = np.empty((nb, nj), ST0.dtype)")
-        for k in sorted(self.deferred):
+        for k in sorted(self.lay.deferred):
             w(1, f"DF{k} = np.empty(nj, ST0.dtype)")
         if d.layer_norm:
             for p in self.projs:

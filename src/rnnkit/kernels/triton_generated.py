@@ -32,7 +32,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from ..cells.compile import DERIVATIVES, FORWARD, derivative_env
+from ..cells.compile import DERIVATIVES, FORWARD, derivative_env, render
 from ..cells.declare import Declaration
 from .cpu_generated import Plan, plan
 from .source_cache import load_source
@@ -173,11 +173,6 @@ def rowsum(x, m):
 '''
 
 
-def _render(template: str, env: dict[str, str]) -> str:
-    """``template`` with its names a, b, y, g replaced by (parenthesised) expressions."""
-    return re.sub(r"\b([abyg])\b", lambda mt: f"({env[mt.group(1)]})", template)
-
-
 @dataclass(frozen=True)
 class Schedule:
     """The order of one step's work and who writes each cross-kernel buffer first.
@@ -302,7 +297,7 @@ class _Kernel:
             env = {"a": self.val(nd.args[0])}
             if len(nd.args) > 1:
                 env["b"] = self.val(nd.args[1])
-            self.emit(f"{v} = {_render(FORWARD[op], env)}")
+            self.emit(f"{v} = {render(FORWARD[op], env)}")
         self.memo[i] = v
         return v
 
@@ -561,7 +556,7 @@ class _Gen:
                 env = derivative_env(i, nd, gi, k_.val)
                 for pos, a in enumerate(nd.args):
                     if nodes[a].op != "const":
-                        contribute(a, _render(DERIVATIVES[nd.op][pos], env))
+                        contribute(a, render(DERIVATIVES[nd.op][pos], env))
         self.flush(k_, lv, sinks)
         return k_.lines
 
