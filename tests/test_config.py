@@ -95,6 +95,24 @@ def test_save_and_reload_roundtrip(tmp_path):
     assert replace_config(cfg, **{"trainer.optim.lr": 0.1}).trainer.optim.lr == 0.1
 
 
+def test_a_none_that_is_not_the_default_survives_saving(tmp_path):
+    """TOML has no null: a None where the owner's default is a value is written "none" and read back as None
+    (a task's trainer of 100 epochs, set to train by steps alone, must resume the same way)."""
+
+    @dataclass(frozen=True)
+    class Task:
+        trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(epochs=100, clip_norm=1.0))
+
+    cfg = replace_config(Task(), **{"trainer.epochs": None, "trainer.steps": 50})
+    assert (cfg.trainer.epochs, cfg.trainer.steps, cfg.trainer.clip_norm) == (None, 50, 1.0)
+    text = save_config(cfg, tmp_path).read_text()
+    assert 'epochs = "none"' in text and "clip_value" not in text  # a None equal to its default is left out
+    assert load_config(Task, tmp_path / "config.toml") == cfg
+    assert load_config(Task, None, ["trainer.clip_norm=none"]).trainer.clip_norm is None
+    with pytest.raises(UserError, match="trainer.steps: expected an integer, got 'abc'"):
+        load_config(Task, None, ["trainer.steps=abc"])
+
+
 # ------------------------------------------------------------------------------------------------ CLI common
 
 app = typer.Typer()

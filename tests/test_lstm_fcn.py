@@ -157,7 +157,7 @@ def test_auto_classifier_default_budget_trains_winner_longer_with_cosine(tmp_pat
     assert model.meta["choice"]["final"]["steps"] == 100  # 100 default epochs of one batch beat 7 steps
     assert model.meta["train"]["step"] == 100
     saved = C.Classifier.load(tmp_path / "run").cfg.trainer
-    assert (saved.steps, saved.epochs, saved.schedule.name) == (100, 100, "cosine")
+    assert (saved.steps, saved.epochs, saved.schedule.name) == (100, None, "cosine")
     cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 4, "auto.steps": 4, "auto.folds": 2,
                                                "trainer.steps": 5, "trainer.epochs": None})
     model = C.train(data, cfg, None)  # a budget given by the user is kept

@@ -299,8 +299,7 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             pace = choice["candidates"][choice["chosen"]]["seconds_per_step"]
             steps, why = final_steps(cfg.auto, (t.epochs or 0) * per_epoch, pace)
             choice["final"] = {"steps": steps, "schedule": "cosine", "why": why}
-            # epochs that never stop it first (TOML has no null: the saved config must train the same way)
-            over = {"steps": steps, "epochs": -(-steps // per_epoch), "schedule.name": "cosine"}
+            over = {"steps": steps, "epochs": None, "schedule.name": "cosine"}
             cfg = replace_config(cfg, **{f"trainer.{k}": v for k, v in over.items()})
             tcfg = replace_config(tcfg, **over)
     torch.manual_seed(cfg.trainer.seed)

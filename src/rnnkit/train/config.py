@@ -210,9 +210,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
         real = [a for a in args if a is not type(None)]
+        if type(None) in args and (value is None or (value == NONE and str not in real)):
+            return None
         if len(real) == 1:  # Optional[X]: X's own message
             return _coerce(key, value, real[0])
         errors = []
@@ -325,15 +325,23 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return _from_mapping(cls, data)
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config dataclass; ``None`` values are left out (TOML has no null)."""
+#: how a setting is written as None where its default is not (TOML has no null); ``--set key=none`` too
+NONE = "none"
+
+
+def config_to_dict(cfg: Any, defaults: Any = None) -> dict[str, Any]:
+    """Nested plain dict of a config dataclass. TOML has no null: a ``None`` equal to its default is left
+    out, any other is written as ``"none"`` (a section's defaults are its owner's: ``defaults``)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        d = _field_default(f) if defaults is None else getattr(defaults, f.name, None)
         if v is None:
+            if d is not None:
+                out[f.name] = NONE
             continue
         if dataclasses.is_dataclass(v):
-            v = config_to_dict(v)
+            v = config_to_dict(v, d if dataclasses.is_dataclass(d) else None)
         elif isinstance(v, tuple):
             v = list(v)
         elif isinstance(v, Path):
