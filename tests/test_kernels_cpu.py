@@ -253,11 +253,12 @@ def test_step_matches_reference(name):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["lstm_zoneout", "mut1"])
+@pytest.mark.parametrize("name", ["lstm_zoneout", "mut1", "lstm_peephole", "lstm_ln"])
 def test_inference_path_matches_reference(name):
-    """Without autograd the loop runs without the autograd Function and keeps its weight views between
-    one-step calls: masks (lengths, zoneout in eval mode) apply, every call returns tensors of its own, and
-    an in-place update of the weights is seen by the next step."""
+    """Without autograd the loop runs without the autograd Function, and one-step calls reuse their
+    arguments and buffers: masks (lengths, zoneout in eval mode) apply, every call returns tensors of its
+    own (a state kept from one step is not changed by the next), and an in-place update or a replacement
+    of the weights is seen by the next step."""
     dtype = torch.float64
     layers = {}
     for backend in ("reference", "cpu"):
@@ -270,13 +271,21 @@ def test_inference_path_matches_reference(name):
         for a, b in zip(cpu[1], ref[1]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
         ys = {b: [] for b in layers}
+        kept = {}
         for backend, layer in layers.items():
             state = None
             for t in range(5):
                 if t == 3:  # as an optimizer step would
                     layer.weight_hh_l0.mul_(0.5)
+                if t == 4:  # a new tensor (as load_state_dict(assign=True) or a user would)
+                    layer.weight_hh_l1 = torch.nn.Parameter(layer.weight_hh_l1 * 1.5)
                 y, state = layer.step(x[t], state)
                 ys[backend].append(y)
+                if t == 1:
+                    kept[backend] = [s.clone() for s in state] if isinstance(state, tuple) else [state.clone()]
+                    held = state if isinstance(state, tuple) else (state,)
+            for a, b in zip(held, kept[backend]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert len({y.data_ptr() for y in ys["cpu"]}) == 5
         torch.testing.assert_close(torch.stack(ys["cpu"]), torch.stack(ys["reference"]), rtol=1e-9, atol=1e-10)
 

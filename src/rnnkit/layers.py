@@ -140,7 +140,8 @@ class Recurrent(nn.Module):
         """The weights of one layer/direction by base name (``weight_ih``, ``bias_hh``, extras)."""
         names = self._param_names[layer * self.num_directions + direction]
         w: dict[str, Tensor | None] = {"bias_ih": None, "bias_hh": None}
-        w.update({base: getattr(self, full) for base, full in names.items()})
+        params = self._parameters  # getattr's fallback for a weight reparametrized (e.g. weight norm)
+        w.update({base: params[full] if full in params else getattr(self, full) for base, full in names.items()})
         return w
 
     def backend_for(self, device: torch.device, variable_lengths: bool = False,
@@ -234,9 +235,6 @@ class Recurrent(nn.Module):
         return out.squeeze(time_dim), state
 
     # ---- validation --------------------------------------------------------------------------
-    def _param_dtype(self) -> torch.dtype:
-        return self.layer_weights(0)["weight_ih"].dtype
-
     def _check_input(self, input: Any) -> tuple[Tensor, bool]:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(input).__name__}")
@@ -247,10 +245,10 @@ class Recurrent(nn.Module):
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected feature size input_size={self.input_size}, "
                              f"got {input.shape[-1]} (shape {tuple(input.shape)})")
-        if input.dtype != self._param_dtype():
-            raise TypeError(f"input: dtype {input.dtype} does not match the parameters' {self._param_dtype()}"
-                            f" (convert one of them, e.g. layer.to({input.dtype}))")
         w = self.layer_weights(0)["weight_ih"]
+        if input.dtype != w.dtype:
+            raise TypeError(f"input: dtype {input.dtype} does not match the parameters' {w.dtype}"
+                            f" (convert one of them, e.g. layer.to({input.dtype}))")
         if input.device != w.device:
             raise ValueError(f"input: on {input.device} but the parameters are on {w.device}")
         if input.shape[-2 if input.dim() == 3 and not self.batch_first else 0] == 0 and input.dim() == 3:

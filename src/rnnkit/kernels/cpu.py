@@ -32,6 +32,7 @@ import functools
 import itertools
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -432,11 +433,12 @@ def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
         _launch(fn, A, R, cell, transpose, args, accs)
 
 
-def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
-                 b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[np.ndarray], _Arrays, tuple]:
-    """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
-    (numpy, each (T + 1, B, H)), the call's arrays and what its backward needs. Its buffers are numpy
-    arrays: a torch op per buffer costs more than the loop of one step."""
+def _forward_args(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, b_hh: Tensor | None,
+                  rest: tuple[Tensor, ...]) -> tuple:
+    """The generated module and the arguments of its forward loop over ``xg`` (first the input's array),
+    with fresh buffers: the call's arrays ``A``, ``common``, the states ``ST`` (each (T + 1, B, H), the
+    first step not written), the projections' inputs ``PIN``, the saved values and the layer-norm inputs.
+    The buffers are numpy arrays: a torch op per buffer costs more than the loop of one step."""
     _kernels()
     d = cell.declaration
     plan = cpu_generated.plan(d)
@@ -455,8 +457,6 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     PAR = [_np(w[n]) for n, _ in d.params]
     lng = _np(w["ln_weight_hh"]) if cell.layer_norm else A.dummy1
     ST = [np.empty((T + 1, B, H), ndt) for _ in range(S)]
-    for k in range(S):
-        ST[k][0] = state0[k].detach().numpy()
     PRE = [np.empty((T, B, H), ndt) if A.has_keep else A.dummy3 for _ in sorted(plan.pre)]
     lay = cpu_generated.layout(d)
     SAVE = np.empty((T, B, lay.width * H), ndt)
@@ -468,8 +468,19 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     LR = [np.empty((T, B, 1), ndt) for _ in plan.ln_nodes]
     common = (_np(xg), *BH, *PAR, lng, A.hmask, A.has_hmask, *A.keep, A.has_keep, *ST, *PRE,
               SAVE, *PIN, UH, RSH, *LU, *LR)
+    return K, A, common, ST, PIN, SAVE, UH
+
+
+def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tensor, R: Tensor,
+                 b_hh: Tensor | None, rest: tuple[Tensor, ...]) -> tuple[Tensor, list[np.ndarray], _Arrays, tuple]:
+    """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
+    (numpy, each (T + 1, B, H)), the call's arrays and what its backward needs."""
+    K, A, common, ST, PIN, SAVE, UH = _forward_args(cell, masks, names, xg, b_hh, rest)
+    for s, s0 in zip(ST, rest):
+        s[0] = s0.detach().numpy()
     Rd = R.detach().contiguous()
     _launch(K.forward, A, Rd, cell, True, common)
+    plan = cpu_generated.plan(cell.declaration)
     # the outputs as a tensor of their own over ST0[1:] (not a torch view: the caller may modify it in
     # place, which autograd's version counter then reports, as for any saved tensor)
     out = torch.from_numpy(ST[0][1:])
@@ -572,11 +583,45 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
         out, *state = _GenRecurrence.apply(cell, masks, names, *args)
         return out, tuple(state)
-    # inference (one step of a stream, most often): the loop without autograd's bookkeeping
+    # inference: the loop without autograd's bookkeeping; one step of a stream reuses its call's arguments
+    if (x.shape[0] == 1 and masks.hmask is None and masks.keep is None
+            and x.shape[1] * cell.rec_gates * cell.hidden_size ** 2 < MIN_TEAM_MACS):
+        return _one_step(cell, names, xg, args[1:])
     out, ST, _, _ = _gen_forward(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], args[3:])
     if masks.out_mask is not None:
         out = out * masks.out_mask
     return out, tuple(torch.from_numpy(s[-1].copy()) for s in ST)
+
+
+# One-step inference calls by (cell, dtype, batch, thread, weights): the generated forward's arguments with
+# their buffers, reused by the next step of the stream. The entries keep the weights alive (an address is
+# never reused while its entry is here) and read them through views, so in-place updates are seen.
+_STEPS: dict[tuple, tuple] = {}
+
+
+def _one_step(cell: Cell, names: tuple[str, ...], xg: Tensor, tensors: tuple) -> tuple[Tensor, State]:
+    """One step (``xg`` (1, B, ...)) of the generated forward without threads: ``tensors`` are R, b_hh, the
+    states and the per-unit parameters; returns the output (1, B, H) and the new states."""
+    R, b_hh, S = tensors[0], tensors[1], cell.state_size
+    weights = (R, b_hh, *tensors[2 + S:])
+    key = (cell.declaration, xg.dtype, xg.shape[1], threading.get_ident(),
+           *(None if t is None else t.data_ptr() for t in weights))
+    entry = _STEPS.get(key)
+    if entry is None:
+        if not all(t is None or t.is_contiguous() for t in weights):  # a copy would not follow updates
+            out, ST, _, _ = _gen_forward(cell, LayerMasks(), names, xg, R, b_hh, tensors[2:])
+            return out, tuple(torch.from_numpy(s[-1].copy()) for s in ST)
+        K, A, common, ST, *_ = _forward_args(cell, LayerMasks(), names, xg, b_hh, tensors[2:])
+        W = _weights(R.detach(), cell, True, A)[0]
+        entry = (K.forward, (*common[1:], *W, *A.parts[0], A.units), ST, weights)
+        if len(_STEPS) >= 64:
+            del _STEPS[next(iter(_STEPS))]
+        _STEPS[key] = entry
+    forward, rest, ST, _ = entry
+    for s, s0 in zip(ST, tensors[2:2 + S]):
+        s[0] = s0.detach().numpy()
+    forward(_np(xg), *rest)
+    return torch.from_numpy(ST[0][1:].copy()), tuple(torch.from_numpy(s[1].copy()) for s in ST)
 
 
 def _unsupported(cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
