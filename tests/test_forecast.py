@@ -1,6 +1,7 @@
 """Forecasting: metrics, baselines, model paths (direct / recursive through step()), heads, CLI."""
 
 import json
+import tomllib
 
 import numpy as np
 import pytest
@@ -243,8 +244,9 @@ def test_cli_automatic_mode_records_its_choices_and_predicts(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["mode"] == "auto" and out["choices"]["season"]["value"] == 6
-    assert out["choices"]["chosen"]["transform"] == "d1" and len(out["choices"]["candidates"]) == 1
-    assert 'transform = "d1"' in (run / "config.toml").read_text()
+    (member,) = out["choices"]["chosen"]["members"]
+    assert member.startswith("d1:4:") and len(out["choices"]["candidates"]) == 1
+    assert tomllib.loads((run / "config.toml").read_text())["pipelines"] == [member]
     lines = (run / "forecast.csv").read_text().splitlines()
     assert lines[0] == "id,step,time,forecast" and lines[1].startswith("y,1,2004-01,") and len(lines) == 5
     r = runner.invoke(app, ["forecast", "predict", str(run), "--csv", str(p), "--out", str(tmp_path / "f.csv")])

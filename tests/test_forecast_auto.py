@@ -3,8 +3,11 @@ the validation record and the run directory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks.forecast_auto import (
@@ -17,11 +20,14 @@ from rnnkit.tasks.forecast_auto import (
     detect_season,
     fit_global,
     lookback_candidates,
+    member_name,
+    parse_member,
     parse_transform,
     train_auto,
     transform_candidates,
     transform_name,
 )
+from rnnkit.train import load_config
 
 TINY = AutoSettings(hidden=8, steps=30, eval_every=10, patience=2, ensemble=1, batch_size=16)
 
@@ -76,9 +82,31 @@ def test_auto_fit_records_every_candidate_and_picks_the_best():
     model, rec = auto_fit([_seasonal()], 6, TINY, lookback=6)
     assert rec["season"]["value"] == 6 and rec["season"]["source"] == "detected"
     scores = [c["mase"] for c in rec["candidates"]]
-    assert len(scores) == 8 and rec["chosen"]["val_mase"] == min(scores)
-    assert rec["chosen"]["steps"] % TINY.eval_every == 0
+    assert len(scores) == 8 and rec["chosen"]["val_mase"] == [min(scores)]
+    (member,) = rec["chosen"]["members"]
+    assert int(member.split(":")[2]) % TINY.eval_every == 0
     assert model.predict(_seasonal()).shape == (6,)
+
+
+def test_the_final_model_averages_the_best_candidates():
+    s = replace(TINY, ensemble=3)
+    model, rec = auto_fit([_seasonal()], 6, s, lookback=6)
+    ranked = sorted(rec["candidates"], key=lambda c: (c["mase"], c["smape"]))[:3]
+    assert rec["chosen"]["members"] == [member_name(parse_transform_candidate(c), c["best_step"]) for c in ranked]
+    assert [cfg.data.lookback for cfg, _ in model.members] == [6, 6, 6]
+    assert len({(cfg.data.log, cfg.data.difference) for cfg, _ in model.members}) == 3
+    # one candidate (the user's transform and window): its seeds
+    model, rec = auto_fit([_seasonal()], 6, s, transform="d1", lookback=6)
+    assert len(set(rec["chosen"]["members"])) == 1 and len(model.members) == 3
+    assert not torch.equal(*(next(net.parameters()) for _, net in model.members[:2]))
+    _, rec = auto_fit([_seasonal()], 6, replace(s, combine="seeds"), lookback=6)
+    assert len(set(rec["chosen"]["members"])) == 1
+    with pytest.raises(SeriesError, match="auto.combine: expected 'top' or 'seeds', got 'best'"):
+        replace(s, combine="best")
+
+
+def parse_transform_candidate(row):
+    return Candidate(*parse_transform(row["transform"]), row["lookback"])
 
 
 def test_user_choices_replace_the_automatic_ones():
@@ -98,9 +126,18 @@ def test_run_directory_round_trip(tmp_path):
     cfg = AutoForecastConfig(horizon=4, transform="d1", lookback=6, auto=TINY)
     y = _seasonal()
     model = train_auto([y], cfg, tmp_path)
-    assert model.cfg.season == 6 and model.cfg.transform == "d1" and model.cfg.auto.steps == model.record[
-        "chosen"]["steps"]
+    assert model.cfg.season == 6 and model.cfg.pipelines == tuple(model.record["chosen"]["members"])
     assert "season = 6" in (tmp_path / "config.toml").read_text()
     again = AutoForecastModel.load(tmp_path)
     np.testing.assert_allclose(again.predict(y), model.predict(y))
-    assert again.record["chosen"]["transform"] == "d1"
+    assert again.record["chosen"]["members"][0].startswith("d1:6:")
+    # the saved config trains the same members again, without the search
+    cfg2 = load_config(AutoForecastConfig, tmp_path / "config.toml")
+    assert cfg2 == model.cfg
+    redo = train_auto([y], cfg2)
+    assert "candidates" not in redo.record and redo.record["chosen"]["members"] == list(cfg2.pipelines)
+    np.testing.assert_allclose(redo.predict(y), model.predict(y), rtol=1e-6)
+    assert parse_member("log+d12:12:200") == (Candidate(True, (12,), 12), 200)
+    for bad in ("d1:6", "d1:0:10", "d7x:6:10"):
+        with pytest.raises(SeriesError, match="pipelines: expected entries TRANSFORM:LOOKBACK:STEPS|--transform"):
+            parse_member(bad)

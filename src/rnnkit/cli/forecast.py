@@ -170,8 +170,8 @@ def _train_auto(csv_path, target, time_col, id_col, horizon, lookback, season, t
     model.save(run_dir, {"input": {"target": target, "time": time_col, "id_column": id_col, "fill": fill}})
     header, rows = _auto_rows(panel, [model.predict(y) for y in panel.values])
     ch = model.record["chosen"]
-    opts.info(f"chose season {ch['season']}, transform {ch['transform']}, lookback {ch['lookback']}, "
-              f"{ch['steps']} steps: {ch['why']}")
+    opts.info(f"season {ch['season']}; the forecast averages {', '.join(ch['members'])} (transform:lookback:steps): "
+              f"{ch['why']}")
     opts.emit({"run_dir": str(run_dir), "mode": "auto", "series": len(panel), "choices": model.record,
                "forecast_csv": str(write_csv(run_dir / "forecast.csv", header, rows))})
 

@@ -12,8 +12,10 @@ Given one or many series and a horizon H, :func:`auto_fit`:
 3. fits each candidate on every series minus its last V = H rows and scores the forecast of those rows
    (mean MASE over series, lag m, ties broken by sMAPE), every 50 training steps, keeping the best score
    and its step count (early stopping);
-4. refits the best candidate on the whole series, for its best step count, and returns it with the table
-   of candidates and their validation scores; the final forecast averages three networks (seeds).
+4. refits the three best candidates on the whole series, each for its best step count, and returns them
+   with the table of candidates and their validation scores: the forecast is the mean of the three
+   (a combination of the best pipelines is a safer bet than the single best, whose lead on one short
+   validation tail is often noise; ``combine = "seeds"`` trains the best one three times instead).
 
 The model is one network for all series (a global model, DeepAR-style without the likelihood): a
 one-step recursive LSTM trained with teacher forcing on windows of every series, each series in its
@@ -147,7 +149,9 @@ class AutoSettings:
         eval_every, patience: a selection fit scores its validation forecast every ``eval_every`` steps and
             stops after ``patience`` scores without improvement; the final fit of a candidate trains for
             the number of steps of its best score.
-        ensemble: networks (seeds) averaged in the final model; the selection fits use one each.
+        ensemble: networks averaged in the final model; the selection fits use one each.
+        combine: what those networks are: "top", the ``ensemble`` best candidates (repeated with new seeds
+            when there are fewer); "seeds", the best candidate with ``ensemble`` seeds.
         val_horizon: rows held out for the selection (None = the horizon).
         device: where the networks train ("cpu": networks this small run fastest there).
     """
@@ -160,8 +164,15 @@ class AutoSettings:
     batch_size: int = 32
     lr: float = 5e-3
     ensemble: int = 3
+    combine: str = "top"
     val_horizon: int | None = None
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("top", "seeds"):
+            raise SeriesError(f"auto.combine: expected 'top' or 'seeds', got {self.combine!r}")
+        if self.ensemble < 1:
+            raise SeriesError(f"auto.ensemble: expected an int >= 1, got {self.ensemble}")
 
 
 def _configs(c: Candidate, horizon: int, s: AutoSettings, seed: int) -> F.ForecastConfig:
@@ -346,22 +357,40 @@ def auto_fit(ys: Sequence[np.ndarray], horizon: int, settings: AutoSettings | No
         table.append(row)
         if log_fn is not None:
             log_fn(f"candidate {c.transform:<14} L={c.lookback:<3} val MASE {row['mase']:.4f} sMAPE {row['smape']:.4f}")
-    best = min(range(len(cands)), key=lambda i: (np.nan_to_num(table[i]["mase"], nan=np.inf), table[i]["smape"]))
-    chosen = cands[best]
+    order = sorted(range(len(cands)), key=lambda i: (np.nan_to_num(table[i]["mase"], nan=np.inf), table[i]["smape"]))
+    picks = [order[k % len(order)] if s.combine == "top" else order[0] for k in range(s.ensemble)]
     record["candidates"] = table
-    record["chosen"] = {"season": season, "transform": chosen.transform, "lookback": chosen.lookback,
-                        "steps": table[best]["best_step"], "val_mase": table[best]["mase"],
-                        "why": f"lowest validation MASE of {len(cands)} candidates on the last {V} rows"}
-    model, _ = fit_global(ys, [chosen] * s.ensemble, horizon, s, seed, steps=[table[best]["best_step"]] * s.ensemble)
+    record["chosen"] = {"season": season, "members": [member_name(cands[i], table[i]["best_step"]) for i in picks],
+                        "val_mase": [table[i]["mase"] for i in picks],
+                        "why": (f"the {len(set(picks))} lowest validation MASE of {len(cands)} candidates on the "
+                                f"last {V} rows" if s.combine == "top" else
+                                f"the lowest validation MASE of {len(cands)} candidates on the last {V} rows, "
+                                f"{s.ensemble} seeds")}
+    model, _ = fit_global(ys, [cands[i] for i in picks], horizon, s, seed, steps=[table[i]["best_step"] for i in picks])
     record["seconds"] = round(time.time() - t0, 1)
     return model, record
+
+
+def member_name(c: Candidate, steps: int) -> str:
+    """A member of the final model as written in ``pipelines``: ``TRANSFORM:LOOKBACK:STEPS``."""
+    return f"{c.transform}:{c.lookback}:{steps}"
+
+
+def parse_member(text: str) -> tuple[Candidate, int]:
+    """``"log+d12:12:200"`` -> (Candidate(True, (12,), 12), 200); the inverse of :func:`member_name`."""
+    parts = str(text).split(":")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts[1:]):
+        raise SeriesError(f"pipelines: expected entries TRANSFORM:LOOKBACK:STEPS (e.g. 'log+d12:12:200'), got "
+                          f"{text!r}")
+    log, diffs = parse_transform(parts[0])
+    return Candidate(log, diffs, int(parts[1])), int(parts[2])
 
 
 # ---- runs: config, save / load -----------------------------------------------------------------
 @dataclass(frozen=True)
 class AutoForecastConfig:
     """``rnnkit forecast train`` in its automatic mode; saved resolved (the choices filled in) as
-    ``config.toml``, so training again from that file repeats the chosen pipeline without the search.
+    ``config.toml``, so training again from that file repeats the chosen pipelines without the search.
 
     Args:
         horizon: steps to forecast.
@@ -369,6 +398,8 @@ class AutoForecastConfig:
         transform: "auto" (choose on the validation tail) or a pipeline such as ``log+d12``.
         lookback: input window L (None = choose).
         seed: first seed of the networks.
+        pipelines: the members of the final model, ``TRANSFORM:LOOKBACK:STEPS`` each (e.g.
+            ``log+d12:12:200``); given, they are trained without a search (() = search).
         auto: what the automatic mode does not choose (:class:`AutoSettings`).
     """
 
@@ -377,6 +408,7 @@ class AutoForecastConfig:
     transform: str = "auto"
     lookback: int | None = None
     seed: int = 0
+    pipelines: tuple[str, ...] = ()
     auto: AutoSettings = field(default_factory=AutoSettings)
 
 
@@ -417,14 +449,25 @@ class AutoForecastModel:
 
 def train_auto(ys: Sequence[np.ndarray], cfg: AutoForecastConfig, run_dir: str | Path | None = None,
                log_fn: Any = None) -> AutoForecastModel:
-    """:func:`auto_fit` with the choices of ``cfg``; returns the model with ``cfg`` resolved (season,
-    transform, lookback and training steps filled in) and saves it in ``run_dir`` when given."""
-    model, record = auto_fit(ys, cfg.horizon, cfg.auto, season=cfg.season, transform=cfg.transform,
-                             lookback=cfg.lookback, seed=cfg.seed, log_fn=log_fn)
-    ch = record["chosen"]
-    resolved = replace(cfg, season=ch["season"], transform=ch["transform"], lookback=ch["lookback"],
-                       auto=replace(cfg.auto, steps=int(ch["steps"])))
-    out = AutoForecastModel(resolved, model, record)
+    """:func:`auto_fit` with the choices of ``cfg`` (or, when ``cfg.pipelines`` names them, those members
+    trained without a search); returns the model with ``cfg`` resolved (season and pipelines filled in)
+    and saves it in ``run_dir`` when given."""
+    if cfg.pipelines:
+        members = [parse_member(p) for p in cfg.pipelines]
+        ys = [np.asarray(y, dtype=np.float64).ravel() for y in ys]
+        check_horizon([max(len(y) for y in ys)], cfg.horizon, MIN_HISTORY)
+        t0 = time.time()
+        model, _ = fit_global(ys, [c for c, _ in members], cfg.horizon, cfg.auto, cfg.seed,
+                              steps=[n for _, n in members])
+        record = {"horizon": cfg.horizon, "series": len(ys), "season": {"value": cfg.season, "source": "config"},
+                  "chosen": {"season": cfg.season, "members": list(cfg.pipelines), "why": "given (pipelines)"},
+                  "seconds": round(time.time() - t0, 1)}
+        out = AutoForecastModel(cfg, model, record)
+    else:
+        model, record = auto_fit(ys, cfg.horizon, cfg.auto, season=cfg.season, transform=cfg.transform,
+                                 lookback=cfg.lookback, seed=cfg.seed, log_fn=log_fn)
+        ch = record["chosen"]
+        out = AutoForecastModel(replace(cfg, season=ch["season"], pipelines=tuple(ch["members"])), model, record)
     if run_dir is not None:
         out.save(run_dir)
     return out
