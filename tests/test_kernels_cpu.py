@@ -362,6 +362,22 @@ def test_bench_command_writes_json_markdown_and_plot(tmp_path):
     assert all(r["peak_mib"] is None for r in result["rows"] if r["mode"] == "fwd")
 
 
+def test_bench_step_latency_compares_each_cell_with_its_family():
+    from rnnkit.cli.bench import run_step_latency, targets
+
+    rows = run_step_latency(["mut1", "lstm_peephole"], (8,), torch.device("cpu"), backends=["cpu", "native"],
+                            calls=2, log=lambda _: None)
+    us = {r["label"]: r for r in rows}
+    assert {"torch.nn.LSTM", "torch.nn.GRU", "torch.nn.RNN", "mut1/cpu", "lstm_peephole/cpu"} <= set(us)
+    assert all(r["layers"] == 2 and r["us"] > 0 for r in rows)
+    assert us["mut1/cpu"]["x_torch_family"] == pytest.approx(us["mut1/cpu"]["us"] / us["torch.nn.GRU"]["us"])
+    assert us["lstm_peephole/cpu"]["x_torch_family"] == pytest.approx(us["lstm_peephole/cpu"]["x_lstm"])
+    (t,) = [t for t in targets([], rows, torch.device("cpu")) if t["target"].startswith("step()")]
+    assert t["n"] == 2  # auto's backend for a step of each cell
+    worst = max((us["mut1/cpu"], us["lstm_peephole/cpu"]), key=lambda r: r["x_torch_family"])
+    assert t["worst"] == worst["x_torch_family"] and t["where"] == f"{worst['label']} H=8"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--cells", "nope"], "--cells: unknown cell"),
     (["--B", "0"], "--B: expected comma-separated positive integers"),

@@ -10,7 +10,8 @@ drifts of a shared machine hit all runners alike. Runners:
 * ``loop:<family>``: the plain PyTorch Python loop a user would write for that family (peephole LSTM,
   GRU, tanh RNN; see :func:`loop_lstm`), the baseline of the "x loop" speed-ups.
 
-Also ``step()`` latency at B = 1 (and one ``torch.nn.LSTM`` call on a length-1 sequence), peak memory
+Also ``step()`` latency of 2-layer stacks at B = 1 (against one call of the torch.nn module of the cell's
+family on a length-1 sequence), peak memory
 of a forward + backward (CPU: peak RSS growth with large allocations forced to ``mmap`` so freed
 memory leaves the process; CUDA: ``torch.cuda.max_memory_allocated``), and optionally the first-call
 compile time of the ``cpu`` backend in a fresh numba cache. Writes JSON, a Markdown report and a PNG.
@@ -59,6 +60,7 @@ def _torch_baseline(family: str) -> str:
 VARIANTS = ("lstm_peephole", "lstm_cifg", "lstm_nfg", "lstm_nig", "lstm_nog", "lstm_noact", "lstm_ln",
             "lstm_peephole_ln", "lstm_rdrop", "lstm_zoneout")
 PLAIN = {"lstm": "torch.nn.LSTM", "gru": "torch.nn.GRU", "rnn": "torch.nn.RNN"}
+STEP_LAYERS = 2  # the stacks the step() latencies time (a generator's or an online scorer's)
 
 
 class BenchError(ValueError):
@@ -244,7 +246,7 @@ def _runners(cells: list[str], backends: list[str] | None, H: int, device: torch
         cell = make_cell(spec.family, H, **spec.cell_options)
         cfg = kernels.LayerConfig(**spec.layer_options)
         for b in kernels.working_backends(cell, cfg, device):
-            if (b not in backends) if backends is not None else kernels.BACKENDS[b].experimental:
+            if backends is not None and b not in backends:
                 continue
             if b == "reference" and not with_reference:
                 continue
@@ -255,15 +257,16 @@ def _runners(cells: list[str], backends: list[str] | None, H: int, device: torch
     return out
 
 
-def auto_choice(cell_name: str, device: torch.device) -> str:
-    """The backend ``auto`` picks for a registry cell on ``device``."""
+def auto_choice(cell_name: str, device: torch.device, streaming: bool = False) -> str:
+    """The backend ``auto`` picks for a registry cell on ``device`` (for whole sequences, or ``streaming``:
+    one step at a time)."""
     from .. import kernels
     from ..cells import make_cell
     from ..cells import resolve as resolve_cell
 
     spec = resolve_cell(cell_name)
     cell = make_cell(spec.family, 8, **spec.cell_options)
-    return kernels.resolve("auto", cell, kernels.LayerConfig(**spec.layer_options), device)
+    return kernels.resolve("auto", cell, kernels.LayerConfig(**spec.layer_options), device, streaming=streaming)
 
 
 def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tuple[str, ...],
@@ -322,8 +325,11 @@ def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tup
 
 
 def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device, *,
-                     backends: list[str] | None, calls: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Median latency of one ``step()`` at B = 1 (eval, no_grad), and of torch.nn.LSTM on a length-1 sequence."""
+                     backends: list[str] | None, calls: int, log: Callable[[str], None],
+                     layers: int = STEP_LAYERS) -> list[dict[str, Any]]:
+    """Median latency of one ``step()`` at B = 1 (eval, no_grad) of a ``layers``-layer stack, against one call
+    of torch.nn.LSTM / GRU / RNN of the same shape on a length-1 sequence (``x_lstm``; ``x_torch_family``:
+    against the torch.nn module of the cell's family). Every runner is timed in turn, call by call."""
     from .. import kernels
     from ..cells import make_cell
     from ..cells import resolve as resolve_cell
@@ -332,19 +338,18 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
     rows = []
     for H in Hs:
         fns: list[tuple[str, str, str, Callable[[], Any]]] = []
-        lstm = nn.LSTM(H, H).to(device).eval()
         x1 = torch.randn(1, 1, H, device=device)
-        st = (torch.zeros(1, 1, H, device=device), torch.zeros(1, 1, H, device=device))
-        fns.append(("torch.nn.LSTM", "torch.nn.LSTM", "torch", lambda m=lstm, x1=x1, st=st: m(x1, st)))
+        for label in PLAIN.values():
+            m = getattr(nn, label.rsplit(".", 1)[1])(H, H, layers).to(device).eval()
+            fns.append((label, label, "torch", lambda m=m, x1=x1: m(x1)))
         for name in cells:
             spec = resolve_cell(name)
             cell = make_cell(spec.family, H, **spec.cell_options)
             cfg = kernels.LayerConfig(**spec.layer_options)
             for b in kernels.working_backends(cell, cfg, device):
-                if b == "reference" or ((b not in backends) if backends is not None
-                                        else kernels.BACKENDS[b].experimental):
+                if b == "reference" or (backends is not None and b not in backends):
                     continue
-                layer = build(name, H, H, backend=b).to(device).eval()
+                layer = build(name, H, H, num_layers=layers, backend=b).to(device).eval()
                 xt = torch.randn(1, H, device=device)
                 _, s0 = layer.step(xt)
                 fns.append((f"{name}/{b}", name, b, lambda m=layer, s=s0, xt=xt: m.step(xt, s)))
@@ -360,11 +365,14 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
                     fn()
                     _sync(device)
                     samples[k].append(time.perf_counter() - t0)
-        us = [statistics.median(s) * 1e6 for s in samples]
-        for (label, cell_name, b, _), u in zip(fns, us):
+        us = {label: statistics.median(s) * 1e6 for (label, *_), s in zip(fns, samples)}
+        for label, cell_name, b, _ in fns:
+            family = resolve_cell(cell_name).family_name if b != "torch" else cell_name
             rows.append({"kind": "step", "label": label, "cell": cell_name, "backend": b, "B": 1, "H": H,
-                         "us": u, "x_lstm": u / us[0]})
-        log(f"step() latency H={H}: {len(fns)} runners (torch.nn.LSTM {us[0]:.1f} us)")
+                         "layers": layers, "us": us[label], "x_lstm": us[label] / us["torch.nn.LSTM"],
+                         "x_torch_family": us[label] / us[_torch_baseline(family) if b != "torch" else label]})
+        log(f"step() latency H={H}: {len(fns)} runners (torch.nn.LSTM {us['torch.nn.LSTM']:.1f} us, "
+            f"torch.nn.GRU {us['torch.nn.GRU']:.1f} us)")
     return rows
 
 
@@ -432,9 +440,9 @@ def targets(rows: list[dict[str, Any]], steps: list[dict[str, Any]], device: tor
     plain = [r for r in auto_rows if r["cell"] in ("lstm", "gru", "rnn")]
     add("plain lstm/gru/rnn via auto <= 1.0x torch.nn (fwd and fwd+bwd)",
         [(where.format(**r) + f" {r['mode']}", r["x_torch_family"]) for r in plain], 1.0, "lower")
-    st = [r for r in steps if r["cell"] in chosen and r["backend"] == chosen[r["cell"]]]
-    add("step() at B=1 <= 1 call of torch.nn.LSTM (length 1)",
-        [(f"{r['cell']}/{r['backend']} H={r['H']}", r["x_lstm"]) for r in st], 1.0, "lower")
+    st = [r for r in steps if r["backend"] != "torch" and r["backend"] == auto_choice(r["cell"], device, True)]
+    add("step() at B=1 <= 1 call of torch.nn of its family (length 1)",
+        [(f"{r['cell']}/{r['backend']} H={r['H']}", r["x_torch_family"]) for r in st], 1.0, "lower")
     mem = [r for r in auto_rows if r["mode"] == "fwdbwd" and r["mem_x_lstm"] is not None]
     add("peak memory fwd+bwd <= 1.2x torch.nn.LSTM", [(where.format(**r), r["mem_x_lstm"]) for r in mem], 1.2, "lower")
     return out
@@ -496,15 +504,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if steps:
         Hs = sorted({r["H"] for r in steps})
-        lines += ["**step() at B=1**: latency / one torch.nn.LSTM call on a length-1 sequence", "",
+        lines += [f"**step() at B=1**, {steps[0]['layers']} layers: latency, and / one call of the torch.nn "
+                  "module of the cell's family on a length-1 sequence", "",
                   "| runner | " + " | ".join(f"H={H}" for H in Hs) + " |", "|---|" + "---|" * len(Hs)]
         idx = {(r["label"], r["H"]): r for r in steps}
         for label in dict.fromkeys(r["label"] for r in steps):
             cells = []
             for H in Hs:
                 r = idx.get((label, H))
-                cells.append("" if r is None else (f"{r['us']:.0f} us" if label == "torch.nn.LSTM"
-                                                    else f"{r['x_lstm']:.2f}x"))
+                cells.append("" if r is None else f"{r['us']:.0f} us" + (
+                    "" if r["backend"] == "torch" else f" ({r['x_torch_family']:.2f}x)"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

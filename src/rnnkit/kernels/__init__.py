@@ -54,8 +54,6 @@ class Backend:
     preferred: Callable[[Cell, torch.device], bool] | None = None
     # The same for one time step at a time (``step()``, streaming): per-call costs decide there.
     preferred_step: Callable[[Cell, torch.device], bool] | None = None
-    # Not yet tuned: ``auto`` never picks it and ``rnnkit bench`` times it only when named in --backends.
-    experimental: bool = False
 
     def refuses(self, cell: Cell, cfg: LayerConfig, device: torch.device) -> str | None:
         """None if this backend can run ``cell`` with ``cfg`` on ``device``, else the reason."""
