@@ -107,6 +107,7 @@ def _force_split(monkeypatch, threads: int, units: bool, team: bool) -> list[tup
     monkeypatch.setattr(cpu, "MIN_SPLIT_MACS", 0)
     monkeypatch.setattr(cpu, "MIN_TEAM_MACS", 0)
     monkeypatch.setattr(cpu, "UNITS_BELOW_ROWS", 10**6 if units else 0)
+    monkeypatch.setattr(cpu, "UNITS_MACS_PER_LEVEL", 0)
     if not team:
         monkeypatch.setattr(cpu, "_team", lambda: None)
     launched = []

@@ -59,6 +59,11 @@ MIN_SPLIT_MACS = 2**29
 # Rows per thread below which the hidden units are split instead (one barrier per step, each thread
 # reading only its share of R per step); from here on rows split as well or better, with no barrier.
 UNITS_BELOW_ROWS = 2 * MIN_ROWS
+# A cell whose step has more than one GEMM level (a projection of a value computed in the step, as the Cho
+# GRU's R (r * h)) meets once per level when it splits units: it does so only with this many recurrent
+# multiply-adds per step (B * H * G*H) per extra level (fwd+bwd at T = 100 on the 2-core machine: MUT1 B = 4, H = 512 0.70x the
+# unsplit time, B = 8, H = 256 1.32x; the Cho GRU B = 8: H = 512 0.80x, H = 256 1.19x).
+UNITS_MACS_PER_LEVEL = 2**21
 
 
 def threads() -> int:
@@ -86,7 +91,8 @@ def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[i
 
     One part if there is one thread or too little work. Units, in ranges of at least ``MIN_UNITS`` on
     64-byte lines, when the batch has 2 rows or more but fewer than ``UNITS_BELOW_ROWS`` per thread and
-    ``units_ok`` (:attr:`rnnkit.kernels.cpu_generated.Plan.units_splittable`) and torch's OpenMP team is
+    ``units_ok`` (:attr:`rnnkit.kernels.cpu_generated.Plan.units_splittable`, and ``UNITS_MACS_PER_LEVEL``
+    for a cell of several levels) and torch's OpenMP team is
     there; otherwise rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the
     2-core machine (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster
     on one thread.
@@ -447,7 +453,8 @@ def _forward_args(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Ten
     S, H = cell.state_size, cell.hidden_size
     T, B, _ = xg.shape
     GH = cell.rec_gates * H
-    A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable)
+    units_ok = plan.units_splittable and B * H * GH >= UNITS_MACS_PER_LEVEL * max(0, plan.levels - 2)
+    A = _Arrays(cell, masks, T, B, GH, dt, units_ok)
     state0 = rest[:S]
     w = dict(zip(names, rest[S:]))
     projs = plan.projections()

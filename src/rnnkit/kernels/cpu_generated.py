@@ -279,11 +279,10 @@ class Plan:
 
     @functools.cached_property
     def units_splittable(self) -> bool:
-        """Whether a call can split hidden units over threads: no layer norm (rows are reduced) and every
-        projection multiplies a state (one GEMM per step, first)."""
+        """Whether a call can split hidden units over threads: no layer norm (rows are reduced). The threads
+        meet before each GEMM of a level above the first (its input has every unit) and at each step's end."""
         d = self.d
-        return not d.layer_norm and "layer_norm" not in d.operations() and not any(
-            self.pin(p) for p in self.projections())
+        return not d.layer_norm and "layer_norm" not in d.operations()
 
 
 class _Writer:
@@ -506,7 +505,11 @@ class _Forward(_Gen):
         self.param_views(w)
         w(1, "for t in range(T):")
         for lv in range(plan.levels):
-            # the GEMMs of this level's projections
+            # the GEMMs of this level's projections; a projection of a value computed this step reads every
+            # unit of it: threads that split units meet first
+            if any(plan.level[p] == lv and plan.pin(p) for p in self.projs):
+                w(2, "if sync:")
+                w(3, "_barrier()")
             for p in self.projs:
                 if plan.level[p] != lv:
                     continue
@@ -565,8 +568,8 @@ class _Forward(_Gen):
             a = nodes[p].args[0]
             if plan.pin(p) and plan.level[a] == lv:
                 q = nodes[p].index
-                pin = self.view(f"pin{q}", f"PIN{q}[t, b]")
-                hm = self.view("hm", "hmask[b]")
+                pin = self.view(f"pin{q}", f"PIN{q}[t, b][j0:j1]")
+                hm = self.view("hm", "hmask[b][j0:j1]")
                 body += ["if has_hmask:", "    for j in range(nj):",
                          f"        {pin}[j] = {self.value(a, self.inline)} * {hm}[j]",
                          "else:", "    for j in range(nj):", f"        {pin}[j] = {self.value(a, self.inline)}"]
@@ -804,7 +807,9 @@ class _Backward(_Gen):
                 first = key not in self.written
                 self.written.add(key)
                 w(2, "for bl in range(nb):")
-                w(3, f"tg = {tgt}[bl][j0:j1]")
+                # GA rows hold the part's own units from 0 (a layer norm's, and GP's, every unit)
+                own = an.op != "state" and an.op != "layer_norm"
+                w(3, f"tg = {tgt}[bl]" if own else f"tg = {tgt}[bl][j0:j1]")
                 w(3, "tm = tmp[bl]")
                 w(3, "hm = hmask[b0 + bl][j0:j1]")
                 w(3, "for j in range(nj):")
