@@ -36,6 +36,6 @@ def test_plan_levels_and_what_is_kept():
     names = {i: n for n, i in rnnkit.cells.make_cell("lstm", 4).declaration.symbols}
     assert {names[i] for i in lstm.saved if i in names} == {"i", "f", "g", "o"}
     cho = cpu_generated.plan(rnnkit.cells.make_cell("gru", 4, reset_after=False).declaration)
-    assert cho.levels == 3 and not cho.units_splittable and not cho.paired
+    assert cho.levels == 3 and cho.units_splittable and not cho.paired
     assert [cho.pin(p) for p in cho.projections()] == [False, True]
     assert not cpu_generated.plan(rnnkit.cells.make_cell("lstm", 4, layer_norm=True).declaration).units_splittable
