@@ -140,9 +140,14 @@ class Recurrent(nn.Module):
         """The weights of one layer/direction by base name (``weight_ih``, ``bias_hh``, extras)."""
         names = self._param_names[layer * self.num_directions + direction]
         w: dict[str, Tensor | None] = {"bias_ih": None, "bias_hh": None}
-        params = self._parameters  # getattr's fallback for a weight reparametrized (e.g. weight norm)
-        w.update({base: params[full] if full in params else getattr(self, full) for base, full in names.items()})
+        w.update({base: self._weight(full) for base, full in names.items()})
         return w
+
+    def _weight(self, full: str) -> Tensor:
+        """Parameter ``full`` (``weight_hh_l0``...): from ``_parameters`` (a step's per-call cost), else by
+        getattr (a weight reparametrized, e.g. by weight norm)."""
+        p = self._parameters.get(full)
+        return p if p is not None else getattr(self, full)
 
     def backend_for(self, device: torch.device, variable_lengths: bool = False,
                     dtype: torch.dtype | None = None, streaming: bool = False) -> str:
@@ -317,8 +322,7 @@ class Recurrent(nn.Module):
     def _run_native(self, x: Tensor, state0: tuple[Tensor, ...], lens: Tensor | None):
         flat = []
         for names in self._param_names:
-            flat += [getattr(self, names[b]) for b in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                     if b in names]
+            flat += [self._weight(names[b]) for b in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if b in names]
         hx = state0 if len(state0) > 1 else state0[0]
         out, final = native.run_stack(self.cell.native, x, hx, flat, bias=self.bias, num_layers=self.num_layers,
                                       dropout=self.dropout, training=self.training,
