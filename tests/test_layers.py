@@ -356,3 +356,17 @@ def test_auto_avoids_native_for_varying_lengths_on_cpu():
     x = torch.randn(5, 2, 3)
     # full lengths are the same as no lengths (and take the fused native path)
     torch.testing.assert_close(m(x, lengths=[5, 5])[0], m(x)[0])
+
+
+def test_zoneout_and_recurrent_dropout_masks_have_their_rates():
+    torch.manual_seed(0)
+    layer = rnnkit.LSTM(4, 64, zoneout=0.3, recurrent_dropout=0.25).train()
+    masks = layer._masks(200, 16, None, torch.empty(1, dtype=torch.float64))
+    for keep in masks.keep:  # 1 = keep the previous state, with probability zoneout
+        assert keep.dtype == torch.float64 and set(keep.unique().tolist()) == {0.0, 1.0}
+        assert abs(keep.mean().item() - 0.3) < 0.01
+    assert not torch.equal(*masks.keep)
+    assert set(masks.hmask.unique().tolist()) == {0.0, 1 / 0.75}
+    assert abs((masks.hmask > 0).double().mean().item() - 0.75) < 0.05
+    eval_masks = layer.eval()._masks(5, 2, None, torch.empty(1))
+    assert eval_masks.hmask is None and all(float(k.unique()) == pytest.approx(0.3) for k in eval_masks.keep)
