@@ -260,3 +260,15 @@ def test_cli_automatic_mode_records_its_choices_and_predicts(tmp_path):
     r = runner.invoke(app, ["forecast", "train", "--csv", str(p), "--horizon", "4", "--epochs", "3",
                             "--out", str(tmp_path / "r3")])
     assert r.exit_code == 2 and "--epochs: the automatic mode budgets optimizer steps" in r.stderr
+
+
+def test_cli_automatic_mode_keeps_integer_times_and_a_constant_series(tmp_path):
+    p = tmp_path / "c.csv"
+    p.write_text("t,y\n" + "".join(f"{i},5\n" for i in range(30)))
+    tiny = ["--steps", "20", "--set", "auto.hidden=4", "--set", "auto.eval_every=10", "--quiet"]
+    r = CliRunner().invoke(app, ["forecast", "train", "--csv", str(p), "--time", "t", "--horizon", "3", *tiny,
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "run" / "forecast.csv").read_text().splitlines()
+    assert [ln.rsplit(",", 1)[0] for ln in lines[1:]] == ["y,1,30", "y,2,31", "y,3,32"]
+    np.testing.assert_allclose([float(ln.rsplit(",", 1)[1]) for ln in lines[1:]], 5.0, atol=1e-6)

@@ -78,6 +78,10 @@ def test_long_format_gap_is_an_error_or_filled(tmp_path):
     np.testing.assert_allclose(panel.values[0], [1, 2, 3, 4, 5])
     np.testing.assert_allclose(panel.times[0], [1, 2, 3, 4, 5])
     np.testing.assert_allclose(read_long(p, fill="ffill").values[0], [1, 2, 2, 4, 5])
+    empty = _csv(tmp_path, "id,time,value\na,1,1\na,2,\na,3,3\nb,1,0\nb,2,1\n")
+    with pytest.raises(SeriesError, match=r"^--csv id 'a': 1 missing value\(s\) \(empty, NaN or ±inf; first at row 1: "
+                                          r"nan\); choose a policy with --fill"):
+        read_long(empty)
 
 
 def test_long_format_duplicate_and_single_point_name_the_row(tmp_path):

@@ -124,12 +124,16 @@ def _panel(csv_path: Path, target: str | None, time_col: str | None, id_col: str
 
 def _auto_rows(panel, preds) -> tuple[list[str], list[list[Any]]]:
     """forecast.csv of the automatic mode: id, step, time (when the input has a time index), forecast."""
+    import numpy as np
+
     with_time = panel.times[0] is not None and panel.times[0].dtype.kind in "Mf"
     rows = []
     for key, t, p in zip(panel.ids, panel.times, preds):
         step = (t[-1] - t[-2]) if with_time else None
+        whole = with_time and t.dtype.kind == "f" and bool(np.all(t == np.round(t)))  # integer times stay integers
         for h, v in enumerate(p, start=1):
-            rows.append([key, h] + ([str(t[-1] + h * step) if t.dtype.kind == "M" else float(t[-1] + h * step)]
+            nxt = t[-1] + h * step if with_time else None
+            rows.append([key, h] + ([str(nxt) if t.dtype.kind == "M" else int(nxt) if whole else float(nxt)]
                                     if with_time else []) + [float(v)])
     return ["id", "step"] + (["time"] if with_time else []) + ["forecast"], rows
 

@@ -81,7 +81,7 @@ def regularize(t: np.ndarray, y: np.ndarray, rows: np.ndarray, step: float, fill
     pos = np.concatenate([[0], np.cumsum(k)])
     full = np.full(int(pos[-1]) + 1, np.nan)
     full[pos] = y
-    return t[0] + step * np.arange(len(full)), fill_missing(full, fill, f"{arg} {label}".strip())
+    return t[0] + step * np.arange(len(full)), fill_missing(full, fill, f"{arg} {label}".strip().rstrip(":"))
 
 
 def read_long(source: Any, id_col: str = "id", time_col: str = "time", value_col: str = "value",

@@ -186,11 +186,12 @@ def fill_missing(x: np.ndarray, policy: str | None, name: str = "series",
         return x
     if policy is None:
         row, *col = np.argwhere(mask)[0].tolist()
-        j = col[0] if col else 0
-        column = repr(columns[j]) if columns is not None and j < len(columns) else str(j)
-        raise SeriesError(f"{name}: {int(mask.sum())} missing value(s) (empty, NaN or ±inf; first at row {row}, "
-                          f"column {column}: {float(x[(row, *col)])!r}); choose a policy with "
-                          f"--fill {{{'|'.join(FILL_POLICIES)}}}")
+        where = f"row {row}"
+        if col and (x.shape[1] > 1 or columns is not None):
+            j = col[0]
+            where += f", column {repr(columns[j]) if columns is not None and j < len(columns) else j}"
+        raise SeriesError(f"{name}: {int(mask.sum())} missing value(s) (empty, NaN or ±inf; first at {where}: "
+                          f"{float(x[(row, *col)])!r}); choose a policy with --fill {{{'|'.join(FILL_POLICIES)}}}")
     x[mask] = np.nan
     if policy not in FILL_POLICIES:
         raise SeriesError(f"fill: expected one of {FILL_POLICIES}, got {policy!r}")
