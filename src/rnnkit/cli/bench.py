@@ -326,10 +326,12 @@ def run_sequences(cells: list[str], grid: dict[str, tuple[int, ...]], modes: tup
 
 def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device, *,
                      backends: list[str] | None, calls: int, log: Callable[[str], None],
-                     layers: int = STEP_LAYERS) -> list[dict[str, Any]]:
+                     layers: int = STEP_LAYERS, block: int = 1) -> list[dict[str, Any]]:
     """Median latency of one ``step()`` at B = 1 (eval, no_grad) of a ``layers``-layer stack, against one call
     of torch.nn.LSTM / GRU / RNN of the same shape on a length-1 sequence (``x_lstm``; ``x_torch_family``:
-    against the torch.nn module of the cell's family). Every runner is timed in turn, call by call."""
+    against the torch.nn module of the cell's family). The runners take turns, ``block`` timed calls each
+    (1: call by call, each call finding the others' weights in the caches; more: a stream, its weights hot),
+    until each has made ``calls``."""
     from .. import kernels
     from ..cells import make_cell
     from ..cells import resolve as resolve_cell
@@ -358,13 +360,14 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
                 for _ in range(10):
                     fn()
             samples: list[list[float]] = [[] for _ in fns]
-            for _ in range(calls):
+            for _ in range(max(1, calls // block)):
                 for k, (_, _, _, fn) in enumerate(fns):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    fn()
-                    _sync(device)
-                    samples[k].append(time.perf_counter() - t0)
+                    for _ in range(block):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        fn()
+                        _sync(device)
+                        samples[k].append(time.perf_counter() - t0)
         us = {label: statistics.median(s) * 1e6 for (label, *_), s in zip(fns, samples)}
         for label, cell_name, b, _ in fns:
             family = resolve_cell(cell_name).family_name if b != "torch" else cell_name
