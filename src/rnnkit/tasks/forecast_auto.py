@@ -260,7 +260,9 @@ def fit_global(ys: Sequence[np.ndarray], cands: Sequence[Candidate], horizon: in
                          last=tcfg.steps):
                 calls[0] += 1
                 one = GlobalForecaster([(cfg, model)])
-                v = _score(tails, [one.predict(y) for y in ys], ys, season)["mase"]
+                sc = _score(tails, [one.predict(y) for y in ys], ys, season)
+                # MASE is undefined where the in-sample naive forecast is exact (a constant series): sMAPE then
+                v = sc["mase"] if np.isfinite(sc["mase"]) else sc["smape"]
                 if np.isfinite(v) and v < best["mase"]:
                     best.update(mase=v, step=min(calls[0] * s.eval_every, last),
                                 state={n: t.detach().clone() for n, t in model.state_dict().items()})
