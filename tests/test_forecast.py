@@ -1,10 +1,10 @@
 """Forecasting: metrics, baselines, model paths (direct / recursive through step()), heads, CLI."""
 
 import json
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from typer.testing import CliRunner
 

@@ -119,7 +119,7 @@ class Cell(abc.ABC):
         if not self.layer_norm:
             return F.linear(h, R, b)
         gain = w["ln_weight_hh"][start:stop]
-        return add_bias(F.layer_norm(F.linear(h, R), (stop - start,), gain, None, LN_EPS), b)
+        return F.layer_norm(F.linear(h, R), (stop - start,), gain, b, LN_EPS)
 
     def rec_norm(self, hg: Tensor, w: Weights, part: int) -> tuple[Tensor, tuple]:
         """Layer-norm (if enabled) a raw recurrent projection inside the pointwise forward."""

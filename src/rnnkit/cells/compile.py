@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LN_EPS, Cell, State, Weights, add_bias, ln_backward, ln_forward
+from .base import LN_EPS, Cell, State, Weights, ln_backward, ln_forward
 from .declare import Declaration, Node
 
 # Each operation once, as expression templates over its arguments ``a``, ``b``, its value ``y`` and the
@@ -212,8 +212,7 @@ class DeclaredCell(Cell):
         """
         if self.layer_norm:
             GH = self.gates * self.hidden_size
-            xg = F.layer_norm(F.linear(x, w["weight_ih"]), (GH,), w["ln_weight_ih"], None, LN_EPS)
-            xg = add_bias(xg, w["bias_ih"])
+            xg = F.layer_norm(F.linear(x, w["weight_ih"]), (GH,), w["ln_weight_ih"], w["bias_ih"], LN_EPS)
         else:
             xg = F.linear(x, w["weight_ih"], w["bias_ih"])
         return torch.cat([xg, x], -1) if self.declaration.raw_input else xg

@@ -61,8 +61,9 @@ MIN_SPLIT_MACS = 2**29
 UNITS_BELOW_ROWS = 2 * MIN_ROWS
 # A cell whose step has more than one GEMM level (a projection of a value computed in the step, as the Cho
 # GRU's R (r * h)) meets once per level when it splits units: it does so only with this many recurrent
-# multiply-adds per step (B * H * G*H) per extra level (fwd+bwd at T = 100 on the 2-core machine: MUT1 B = 4, H = 512 0.70x the
-# unsplit time, B = 8, H = 256 1.32x; the Cho GRU B = 8: H = 512 0.80x, H = 256 1.19x).
+# multiply-adds per step (B * H * G*H) per extra level (fwd+bwd at T = 100 on the 2-core machine: MUT1
+# B = 4, H = 512 0.70x the unsplit time, B = 8, H = 256 1.32x; the Cho GRU B = 8: H = 512 0.80x, H = 256
+# 1.19x).
 UNITS_MACS_PER_LEVEL = 2**21
 
 
@@ -455,7 +456,6 @@ def _forward_args(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Ten
     GH = cell.rec_gates * H
     units_ok = plan.units_splittable and B * H * GH >= UNITS_MACS_PER_LEVEL * max(0, plan.levels - 2)
     A = _Arrays(cell, masks, T, B, GH, dt, units_ok)
-    state0 = rest[:S]
     w = dict(zip(names, rest[S:]))
     projs = plan.projections()
     ndt = A.dummy1.dtype.type
