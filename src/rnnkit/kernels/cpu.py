@@ -483,7 +483,7 @@ def _gen_forward(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Tens
     """The generated forward loop over ``xg``: the outputs (T, B, H) over ``ST[0][1:]``, the states ``ST``
     (numpy, each (T + 1, B, H)), the call's arrays and what its backward needs."""
     K, A, common, ST, PIN, SAVE, UH = _forward_args(cell, masks, names, xg, b_hh, rest)
-    for s, s0 in zip(ST, rest):
+    for s, s0 in zip(ST, rest[:len(ST)]):
         s[0] = s0.detach().numpy()
     Rd = R.detach().contiguous()
     _launch(K.forward, A, Rd, cell, True, common)
@@ -592,7 +592,8 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
         return out, tuple(state)
     # inference: the loop without autograd's bookkeeping; one step of a stream reuses its call's arguments
     if (x.shape[0] == 1 and masks.hmask is None and masks.keep is None
-            and x.shape[1] * cell.rec_gates * cell.hidden_size ** 2 < MIN_TEAM_MACS):
+            and x.shape[1] * cell.rec_gates * cell.hidden_size ** 2 < MIN_TEAM_MACS
+            and all(a is None or a.is_contiguous() for a in args[1:])):  # a copy would not follow updates
         return _one_step(cell, names, xg, args[1:])
     out, ST, _, _ = _gen_forward(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], args[3:])
     if masks.out_mask is not None:
@@ -608,16 +609,13 @@ _STEPS: dict[tuple, tuple] = {}
 
 def _one_step(cell: Cell, names: tuple[str, ...], xg: Tensor, tensors: tuple) -> tuple[Tensor, State]:
     """One step (``xg`` (1, B, ...)) of the generated forward without threads: ``tensors`` are R, b_hh, the
-    states and the per-unit parameters; returns the output (1, B, H) and the new states."""
+    states and the per-unit parameters (contiguous); returns the output (1, B, H) and the new states."""
     R, b_hh, S = tensors[0], tensors[1], cell.state_size
     weights = (R, b_hh, *tensors[2 + S:])
     key = (cell.declaration, xg.dtype, xg.shape[1], threading.get_ident(),
            *(None if t is None else t.data_ptr() for t in weights))
     entry = _STEPS.get(key)
     if entry is None:
-        if not all(t is None or t.is_contiguous() for t in weights):  # a copy would not follow updates
-            out, ST, _, _ = _gen_forward(cell, LayerMasks(), names, xg, R, b_hh, tensors[2:])
-            return out, tuple(torch.from_numpy(s[-1].copy()) for s in ST)
         K, A, common, ST, *_ = _forward_args(cell, LayerMasks(), names, xg, b_hh, tensors[2:])
         W = _weights(R.detach(), cell, True, A)[0]
         entry = (K.forward, (*common[1:], *W, *A.parts[0], A.units), ST, weights)
