@@ -142,6 +142,23 @@ def test_wide_csv_unequal_lengths(tmp_path):
     np.testing.assert_array_equal(s.sequences[1][:, 0], [5, 6])
 
 
+def test_csv_without_a_header_keeps_its_first_row(tmp_path):
+    """A first row of data (the UCR archive's CSV: label, then values) is kept, the columns named c0, c1, ...;
+    a header of step numbers (label,0,1,2 or 0,1,2) and ordinary names stay a header."""
+    s = read_sequences(_write(tmp_path / "ucr.csv", "a,1,2,3\nb,4,5,6\na,7,8,9\n"))
+    assert s.labels.tolist() == ["a", "b", "a"] and s.lengths.tolist() == [3, 3, 3]
+    np.testing.assert_array_equal(s.sequences[0][:, 0], [1, 2, 3])
+    s = read_sequences(_write(tmp_path / "ucr_num.csv", "1,0.5,0.25\n2,0.75,0.5\n"), label="c0")
+    assert s.labels.tolist() == ['1', '2'] and s.lengths.tolist() == [2, 2]
+    assert list(read_table(_write(tmp_path / "y.csv", "5\n6\n7\n"))) == ["c0"]
+    steps = read_table(_write(tmp_path / "steps.csv", "label,0,1,2\na,1,2,3\n"))
+    assert list(steps) == ["label", "0", "1", "2"]
+    assert list(read_table(_write(tmp_path / "steps2.csv", "0,1,2\n5,6,7\n"))) == ["0", "1", "2"]
+    assert len(read_table(_write(tmp_path / "data.csv", "5,1,2\n5,6,7\n"))["c0"]) == 2
+    assert list(read_table(_write(tmp_path / "named.csv", "t,y\n1,5\n"))) == ["t", "y"]
+    assert list(read_table(_write(tmp_path / "years.csv", "id,2019,2021\na,1,2\n"))) == ["id", "2019", "2021"]
+
+
 def test_long_csv_multivariate(tmp_path):
     p = _write(tmp_path / "l.csv", "id,t,a,b,cls\ns1,1,1,10,x\ns1,0,0,9,x\ns2,0,5,5,y\n")
     s = read_sequences(p, id_col="id", time_col="t", label="cls")

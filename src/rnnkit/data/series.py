@@ -76,6 +76,29 @@ def load_numpy(path: Path, name: str) -> Any:
                           f"{str(e)[:120]})") from None
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_data(rows: list[list[str]]) -> bool:
+    """Whether the first row is data, not a header. A row that starts with a name is data when that name is
+    also a value of the first column below (a class, as in the UCR archive's CSV: label, then values) and
+    the rest are numbers; a row of numbers is data unless it reads 0, 1, 2, ... or 1, 2, 3, ... (three or
+    more step numbers: the header pandas writes for a table of time steps)."""
+    first = [f.strip() for f in rows[0]]
+    if not first or not all(_is_number(v) for v in first[1:]):
+        return False
+    if not _is_number(first[0]):
+        return first[0] in {r[0].strip() for r in rows[1:] if r}
+    nums = [float(v) for v in first]
+    return not (len(nums) >= 3 and nums[0] in (0.0, 1.0)
+                and all(b - a == 1 for a, b in zip(nums, nums[1:])))
+
+
 def _read_csv(path: Path) -> Table:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     text = read_text_file(path)
@@ -85,6 +108,8 @@ def _read_csv(path: Path) -> Table:
         raise SeriesError(f"{path}: not a valid CSV file ({e})") from None
     if not rows:
         raise SeriesError(f"{path}: the file is empty; expected a header row and at least one data row")
+    if _is_data(rows):  # no header (e.g. the UCR archive's CSV: a label, then the values)
+        rows = [[f"c{j}" for j in range(len(rows[0]))]] + rows
     header = [h.strip() for h in rows[0]]
     if len(set(header)) != len(header):
         raise SeriesError(f"{path}: duplicate column names in the header {header}")
