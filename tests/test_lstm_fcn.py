@@ -15,7 +15,7 @@ from rnnkit.tasks import classify as C
 from rnnkit.tasks.classify_auto import AutoClassifySettings, choose_model, final_steps, folds_of
 from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
-from rnnkit.train.config import load_config
+from rnnkit.train.config import load_config, replace_config
 
 
 def _final(enc, x):
@@ -171,3 +171,38 @@ def test_plain_classifier_reads_long_series_folded():
     assert net.encoder.input_size == 8 and net(torch.randn(2, 17, 2), torch.tensor([17, 9])).shape == (2, 3)
     with pytest.raises(SeriesError, match="needs model.pool 'last'"):
         C.SequenceClassifier(2, 3, C.ClassifyModelConfig(reader="dilate", stride=2, pool="mean"))
+
+
+def test_auto_classifier_averages_an_ensemble_of_the_winner(tmp_path):
+    """auto.ensemble networks of the chosen kind, seeds trainer.seed + k, the later ones trained in
+    run_dir/member<k>: the model's probabilities are their mean, the saved config says model.ensemble, and
+    the run loads, embeds (members side by side) and exports as one model."""
+    rng = np.random.default_rng(1)
+    seqs = [rng.normal(size=(8, 1)) + k for k in (0, 3) for _ in range(6)]
+    data = SequenceSet(seqs, np.array(["a"] * 6 + ["b"] * 6))
+    cfg = load_config(C.ClassifyConfig, None, {"model.hidden": 4, "auto.steps": 4, "auto.folds": 2,
+                                               "auto.ensemble": 2, "trainer.steps": 6, "trainer.epochs": None})
+    model = C.train(data, cfg, tmp_path / "run")
+    net = model.net
+    assert isinstance(net, C.Ensemble) and len(net.members) == 2 and model.cfg.model.ensemble == 2
+    assert model.cfg.model.kind == model.meta["choice"]["chosen"]
+    a, b = (next(m.parameters()) for m in net.members)
+    assert not torch.equal(a, b)  # different seeds
+    assert (tmp_path / "run" / "member1" / "config.toml").is_file()
+    t = C.tensors(data, model.scaler, None)
+    mean = torch.stack([torch.softmax(m(t["x"], t["lengths"]), -1) for m in net.members]).mean(0)
+    np.testing.assert_allclose(model.predict_proba(data), mean.detach().numpy(), rtol=1e-5, atol=1e-7)
+    again = C.Classifier.load(tmp_path / "run")
+    assert again.cfg.model.ensemble == 2
+    np.testing.assert_allclose(again.predict_proba(data), model.predict_proba(data), rtol=1e-6)
+    assert again.embed(data).shape[1] == 2 * net.members[0].embed(t["x"], t["lengths"]).shape[1]
+    pytest.importorskip("onnxruntime")
+    from rnnkit.export.models import export_run
+    from rnnkit.export.runner import OnnxRunner
+
+    (exported,) = export_run(tmp_path / "run")
+    logits = OnnxRunner(exported.path).run({"x": t["x"].numpy(), "lengths": t["lengths"].numpy()})["logits"]
+    np.testing.assert_allclose(torch.softmax(torch.as_tensor(logits), -1).numpy(), mean.detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(SeriesError, match="model.ensemble: expected an int >= 1, got 0"):
+        C.train(data, replace_config(model.cfg, **{"model.ensemble": 0}), None)

@@ -8,7 +8,7 @@ steps, so padding never changes a prediction. Class weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,11 +45,14 @@ class ClassifyModelConfig(LSTMFCNConfig):
             plain classifier then pools the final state).
         bidirectional: read each sequence both ways (recurrent, full reading).
         pool: "last" (final state at the last valid step), "mean" or "attention".
+        ensemble: networks trained (seeds ``trainer.seed``, +1, ...) whose class probabilities are averaged
+            (:class:`Ensemble`); ``kind = "auto"`` sets it from ``auto.ensemble``.
     """
 
     kind: Literal["auto", "recurrent", "lstm_fcn"] = "auto"
     bidirectional: bool = False
     pool: Literal["last", "mean", "attention"] = "last"
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -203,10 +206,30 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 
 # ---- the trained model -------------------------------------------------------------------------
 def build_net(cfg: ClassifyModelConfig, channels: int, n_classes: int, max_len: int) -> nn.Module:
-    """The network of ``cfg.kind`` (a saved "auto", from runs that predate the choice, is the recurrent one)."""
+    """The network of ``cfg.kind`` (a saved "auto", from runs that predate the choice, is the recurrent one),
+    ``cfg.ensemble`` of them in an :class:`Ensemble` when more than one."""
+    if cfg.ensemble > 1:
+        one = replace(cfg, ensemble=1)
+        return Ensemble([build_net(one, channels, n_classes, max_len) for _ in range(cfg.ensemble)])
     if cfg.kind == "lstm_fcn":
         return LSTMFCN(channels, n_classes, cfg, max_len)
     return SequenceClassifier(channels, n_classes, cfg)
+
+
+class Ensemble(nn.Module):
+    """Classifiers trained apart, used together: the log of their mean class probabilities (a softmax of it
+    gives that mean), and their embeddings side by side."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        p = torch.stack([torch.softmax(m(x, lengths), -1) for m in self.members]).mean(0)
+        return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+    def embed(self, x: Tensor, lengths: Tensor) -> Tensor:
+        return torch.cat([m.embed(x, lengths) for m in self.members], -1)
 
 
 class Classifier:
@@ -291,21 +314,32 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             return build_net(replace_config(cfg.model, kind=kind), train_set.n_channels, len(classes), T)
 
         choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
-        cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
+        cfg = replace_config(cfg, **{"model.kind": choice["chosen"], "model.ensemble": cfg.auto.ensemble})
         t, default = cfg.trainer, ClassifyConfig().trainer
         if (t.steps, t.epochs, t.minutes) == (default.steps, default.epochs, default.minutes):
-            # the default budget: auto.final_steps with a cosine decay (fewer if they exceed auto.final_minutes)
+            # the default budget: auto.final_steps with a cosine decay (fewer if the ensemble's networks
+            # together would exceed auto.final_minutes)
             per_epoch = -(-len(data["y"]) // t.batch_size)
-            pace = choice["candidates"][choice["chosen"]]["seconds_per_step"]
+            pace = choice["candidates"][choice["chosen"]]["seconds_per_step"] * cfg.model.ensemble
             steps, why = final_steps(cfg.auto, (t.epochs or 0) * per_epoch, pace)
             choice["final"] = {"steps": steps, "schedule": "cosine", "why": why}
             over = {"steps": steps, "epochs": None, "schedule.name": "cosine"}
             cfg = replace_config(cfg, **{f"trainer.{k}": v for k, v in over.items()})
             tcfg = replace_config(tcfg, **over)
-    torch.manual_seed(cfg.trainer.seed)
-    net = build_net(cfg.model, train_set.n_channels, len(classes), T)
-    result = fit(net, task, data, tcfg, run_dir, evaluate=evaluate, full_config=cfg,
-                 resume=resume, quiet=quiet)
+    K = cfg.model.ensemble
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise SeriesError(f"model.ensemble: expected an int >= 1, got {K!r}")
+    nets = []
+    for k in range(K):  # network k trains with seed + k, in run_dir (k = 0) or run_dir/member<k>
+        seed = cfg.trainer.seed + k
+        torch.manual_seed(seed)
+        net = build_net(replace_config(cfg.model, ensemble=1), train_set.n_channels, len(classes), T)
+        where = run_dir if (k == 0 or run_dir is None) else Path(run_dir) / f"member{k}"
+        res = fit(net, task, data, replace_config(tcfg, seed=seed), where, evaluate=evaluate, full_config=cfg,
+                  resume=resume, quiet=quiet)
+        result = res if k == 0 else result
+        nets.append(net)
+    net = nets[0] if K == 1 else Ensemble(nets)
     meta = {"task": TASK, "channels": train_set.n_channels, "n_train": len(train_set),
             "max_train_len": int(train_set.lengths.max()), "input_len": T, "choice": choice,
             "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}

@@ -44,6 +44,9 @@ class AutoClassifySettings:
             when ``[trainer]`` keeps its default budget (:func:`final_steps`).
         final_minutes: time cap of that training: fewer steps when the winner's cross-validation pace says
             ``final_steps`` would take longer (the resolved count is saved in the run's config).
+        ensemble: networks of the winner trained on the whole set (seeds ``trainer.seed``, +1, ...), their
+            class probabilities averaged (``model.ensemble`` in the saved config); ``final_minutes`` caps
+            them together.
     """
 
     candidates: tuple[str, ...] = CANDIDATES
@@ -52,6 +55,7 @@ class AutoClassifySettings:
     minutes: float = 5.0
     final_steps: int = 1500
     final_minutes: float = 10.0
+    ensemble: int = 3
 
 
 def folds_of(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
