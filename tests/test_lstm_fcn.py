@@ -12,7 +12,7 @@ from rnnkit.cells import REGISTRY
 from rnnkit.data.sequences import SequenceSet
 from rnnkit.data.series import SeriesError
 from rnnkit.tasks import classify as C
-from rnnkit.tasks.classify_auto import AutoClassifySettings, choose_model, final_steps, folds_of
+from rnnkit.tasks.classify_auto import AutoClassifySettings, choose_model, ensemble_size, final_steps, folds_of
 from rnnkit.tasks.encoders import final_hidden
 from rnnkit.tasks.lstm_fcn import FCN, LSTMFCN, LSTMFCNConfig, Reader
 from rnnkit.train.config import load_config, replace_config
@@ -145,6 +145,10 @@ def test_final_steps_rule():
     assert final_steps(s, 200, 10.0)[0] == 300  # never below one cross-validation fit
     with pytest.raises(SeriesError, match="auto.final_minutes: expected a number > 0, got 0"):
         final_steps(AutoClassifySettings(final_minutes=0), 1, 0.1)
+    # as many networks as fit in the cap, each with its full steps; at least one
+    assert [ensemble_size(s, 1500, pace) for pace in (0.1, 0.2, 0.3, 1.0)] == [3, 2, 1, 1]
+    with pytest.raises(SeriesError, match="auto.ensemble: expected an int >= 1, got 0"):
+        ensemble_size(AutoClassifySettings(ensemble=0), 1, 0.1)
 
 
 def test_auto_classifier_default_budget_trains_winner_longer_with_cosine(tmp_path):

@@ -23,7 +23,7 @@ from ..data.series import Scaler, SeriesError
 from ..metrics.classification import classification_metrics
 from ..train import TrainerConfig
 from .base import fit, load_trained, load_weights, pyplot, sample_trainer, save_figure, save_trained
-from .classify_auto import AutoClassifySettings, choose_model, final_steps
+from .classify_auto import AutoClassifySettings, choose_model, ensemble_size, final_steps
 from .encoders import Pool
 from .lstm_fcn import LSTMFCN, LSTMFCNConfig, Reader
 
@@ -314,18 +314,21 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             return build_net(replace_config(cfg.model, kind=kind), train_set.n_channels, len(classes), T)
 
         choice = choose_model(build, task, data, cfg.trainer, cfg.auto)
-        cfg = replace_config(cfg, **{"model.kind": choice["chosen"], "model.ensemble": cfg.auto.ensemble})
+        cfg = replace_config(cfg, **{"model.kind": choice["chosen"]})
         t, default = cfg.trainer, ClassifyConfig().trainer
+        networks = cfg.auto.ensemble if t.minutes is None else 1  # a time budget is the whole run's
         if (t.steps, t.epochs, t.minutes) == (default.steps, default.epochs, default.minutes):
-            # the default budget: auto.final_steps with a cosine decay (fewer if the ensemble's networks
-            # together would exceed auto.final_minutes)
+            # the default budget: auto.final_steps with a cosine decay for each network, as many networks
+            # (up to auto.ensemble) as fit in auto.final_minutes, fewer steps if not even one does
             per_epoch = -(-len(data["y"]) // t.batch_size)
-            pace = choice["candidates"][choice["chosen"]]["seconds_per_step"] * cfg.model.ensemble
+            pace = choice["candidates"][choice["chosen"]]["seconds_per_step"]
             steps, why = final_steps(cfg.auto, (t.epochs or 0) * per_epoch, pace)
-            choice["final"] = {"steps": steps, "schedule": "cosine", "why": why}
+            networks = ensemble_size(cfg.auto, steps, pace)
+            choice["final"] = {"steps": steps, "schedule": "cosine", "networks": networks, "why": why}
             over = {"steps": steps, "epochs": None, "schedule.name": "cosine"}
             cfg = replace_config(cfg, **{f"trainer.{k}": v for k, v in over.items()})
             tcfg = replace_config(tcfg, **over)
+        cfg = replace_config(cfg, **{"model.ensemble": networks})
     K = cfg.model.ensemble
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise SeriesError(f"model.ensemble: expected an int >= 1, got {K!r}")

@@ -45,8 +45,8 @@ class AutoClassifySettings:
         final_minutes: time cap of that training: fewer steps when the winner's cross-validation pace says
             ``final_steps`` would take longer (the resolved count is saved in the run's config).
         ensemble: networks of the winner trained on the whole set (seeds ``trainer.seed``, +1, ...), their
-            class probabilities averaged (``model.ensemble`` in the saved config); ``final_minutes`` caps
-            them together.
+            class probabilities averaged (``model.ensemble`` in the saved config); with the default budget,
+            only as many as fit in ``final_minutes`` (:func:`ensemble_size`).
     """
 
     candidates: tuple[str, ...] = CANDIDATES
@@ -121,6 +121,15 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
     record["why"] = (f"highest mean {len(folds)}-fold cross-validated accuracy on the training set (ties: lowest "
                      "mean validation cross-entropy)")
     return record
+
+
+def ensemble_size(s: AutoClassifySettings, steps: int, seconds_per_step: float) -> int:
+    """Networks of ``steps`` each that fit in ``auto.final_minutes`` at ``seconds_per_step``: up to
+    ``auto.ensemble``, at least one (a network is never trained shorter to make room for another)."""
+    if isinstance(s.ensemble, bool) or not isinstance(s.ensemble, int) or s.ensemble < 1:
+        raise SeriesError(f"auto.ensemble: expected an int >= 1, got {s.ensemble!r}")
+    fit = int(60 * s.final_minutes // max(steps * seconds_per_step, 1e-9))
+    return max(1, min(s.ensemble, fit))
 
 
 def final_steps(s: AutoClassifySettings, epoch_steps: int, seconds_per_step: float) -> tuple[int, str]:
