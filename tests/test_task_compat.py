@@ -24,10 +24,10 @@ CONFIGS = {"charlm": charlm.CharLMConfig, "wordlm": wordlm.WordLMConfig, "experi
            "anomaly": anomaly.AnomalyConfig, "embed": embed.EmbedConfig}
 # keys the shared model options added to sections that did not have them, with their defaults
 ADDED = {"backend": "auto", "dropout": 0.0}
-# added later to the classifier: the model choice (old run directories load as "recurrent") and LSTM-FCN's
-# options in [model], the choice's settings in [auto]
+# added later to the classifier: the model choice (old run directories load as "recurrent"), LSTM-FCN's
+# options and the ensemble size in [model], the choice's settings in [auto]
 ADDED_CLASSIFY = {"kind": "auto", "shuffle": True, "squeeze_excite": False, "branch_dropout": 0.8, "reader": "full",
-                  "stride": 1}
+                  "stride": 1, "ensemble": 1}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
