@@ -332,20 +332,19 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
     K = cfg.model.ensemble
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise SeriesError(f"model.ensemble: expected an int >= 1, got {K!r}")
-    nets = []
+    nets, results = [], []
     for k in range(K):  # network k trains with seed + k, in run_dir (k = 0) or run_dir/member<k>
         seed = cfg.trainer.seed + k
         torch.manual_seed(seed)
-        net = build_net(replace_config(cfg.model, ensemble=1), train_set.n_channels, len(classes), T)
+        nets.append(build_net(replace_config(cfg.model, ensemble=1), train_set.n_channels, len(classes), T))
         where = run_dir if (k == 0 or run_dir is None) else Path(run_dir) / f"member{k}"
-        res = fit(net, task, data, replace_config(tcfg, seed=seed), where, evaluate=evaluate, full_config=cfg,
-                  resume=resume, quiet=quiet)
-        result = res if k == 0 else result
-        nets.append(net)
+        results.append(fit(nets[k], task, data, replace_config(tcfg, seed=seed), where, evaluate=evaluate,
+                           full_config=cfg, resume=resume, quiet=quiet))
     net = nets[0] if K == 1 else Ensemble(nets)
     meta = {"task": TASK, "channels": train_set.n_channels, "n_train": len(train_set),
             "max_train_len": int(train_set.lengths.max()), "input_len": T, "choice": choice,
-            "train": {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and k != "stop_reason"}}
+            "train": {k: v for k, v in results[0].items() if isinstance(v, (int, float, str))
+                      and k != "stop_reason"}}
     model = Classifier(cfg, net, scaler, classes, meta)
     if run_dir is not None:
         model.save(Path(run_dir))
