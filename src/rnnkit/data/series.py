@@ -76,14 +76,6 @@ def load_numpy(path: Path, name: str) -> Any:
                           f"{str(e)[:120]})") from None
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_data(rows: list[list[str]]) -> bool:
     """Whether the first row is data, not a header. A row that starts with a name is data when that name is
     also a value of the first column below (a class, as in the UCR archive's CSV: label, then values) and
