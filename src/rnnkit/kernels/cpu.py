@@ -86,26 +86,34 @@ def _edges(n: int, size: int, align: int = 1) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def split(T: int, B: int, H: int, GH: int, units_ok: bool) -> tuple[list[tuple[int, int, int, int]], bool]:
+def one_part(T: int, B: int, H: int, GH: int) -> bool:
+    """Whether a call is too small for a second thread whatever the thread count (decided before asking
+    for threads: a step of a stream)."""
+    return T * B * H * GH < min(MIN_TEAM_MACS, MIN_SPLIT_MACS)
+
+
+def split(T: int, B: int, H: int, GH: int, units_ok: bool,
+          extra_levels: int = 0) -> tuple[list[tuple[int, int, int, int]], bool]:
     """How one call of a loop is spread over threads: the parts ``(b0, b1, j0, j1)`` (batch rows and hidden
     units), one per thread, and whether they split units (then the threads meet at a barrier every step).
 
     One part if there is one thread or too little work. Units, in ranges of at least ``MIN_UNITS`` on
     64-byte lines, when the batch has 2 rows or more but fewer than ``UNITS_BELOW_ROWS`` per thread and
-    ``units_ok`` (:attr:`rnnkit.kernels.cpu_generated.Plan.units_splittable`, and ``UNITS_MACS_PER_LEVEL``
-    for a cell of several levels) and torch's OpenMP team is
-    there; otherwise rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the
+    ``units_ok`` (:attr:`rnnkit.kernels.cpu_generated.Plan.units_splittable`; a cell with ``extra_levels``
+    GEMM levels after the first needs ``UNITS_MACS_PER_LEVEL`` per step for each) and torch's OpenMP team
+    is there; otherwise rows, at least ``MIN_ROWS`` per part. The thresholds come from fwd+bwd timings on the
     2-core machine (docs/kernels.md, "Threads"); a single row is a matrix-vector product per step, faster
     on one thread.
     """
     whole = [(0, B, 0, H)]
-    if T * B * H * GH < min(MIN_TEAM_MACS, MIN_SPLIT_MACS):  # decided before asking for threads (a step)
+    if one_part(T, B, H, GH):
         return whole, False
     n = threads()
     team = _team() is not None
     if n == 1 or T * B * H * GH < (MIN_TEAM_MACS if team else MIN_SPLIT_MACS):
         return whole, False
     nu = min(n, H // MIN_UNITS)
+    units_ok = units_ok and B * H * GH >= UNITS_MACS_PER_LEVEL * extra_levels
     if team and units_ok and nu > 1 and 2 <= B < UNITS_BELOW_ROWS * n:
         return [(0, B, j0, j1) for j0, j1 in _edges(nu, H, min(16, MIN_UNITS))], True
     nr = min(n, B // MIN_ROWS)
@@ -358,10 +366,10 @@ class _Arrays:
     """Mask and dummy arrays in the layout the compiled loops expect (one type signature each)."""
 
     def __init__(self, cell: Cell, masks: LayerMasks, T: int, B: int, GH: int, dtype: torch.dtype,
-                 units_ok: bool) -> None:
+                 units_ok: bool, extra_levels: int) -> None:
         H, n_state = cell.hidden_size, cell.state_size
         self.T, self.B, self.H = T, B, H
-        self.parts, self.units = split(T, B, H, GH, units_ok)
+        self.parts, self.units = split(T, B, H, GH, units_ok, extra_levels)
         self.rows = max(b1 - b0 for b0, b1, _, _ in self.parts)
         self.mkl = T > 1 and blas(dtype) == "mkl"  # packing once pays off over several steps
         self.dummy1, self.dummy2, self.dummy3, zero = _constants(dtype)
@@ -386,36 +394,16 @@ def _weights(R: Tensor, cell: Cell, transpose: bool, A: _Arrays) -> list[tuple]:
     When the parts split units, each gets the rows of R for its units (gate-major: its i, then its f, ...),
     so its matmul yields only its own gate columns; otherwise all parts share one pair per projection.
     """
-    views = not A.mkl and not A.units and not (transpose and A.T > 1)  # no copy of R: the pairs can be kept
-    key = (R.data_ptr(), R.shape, R.dtype, cell.rec_parts, transpose, A.units, tuple(A.parts))
-    if views and key in _VIEWS:
-        return _VIEWS[key]
     projections = _rec_parts(R, cell)
     if not A.units:
-        out = [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
-        if views:
-            _keep_views(key, out)
-        return out
+        return [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
     H = cell.hidden_size
     out = []
     for _, _, j0, j1 in A.parts:
         mine = [p.view(-1, H, H)[:, j0:j1].reshape(-1, H) if transpose else p[:, j0:j1].contiguous()
                 for p in projections]
         out.append(tuple(_weight(m, transpose, A) for m in mine))
-    if views:
-        _keep_views(key, out)
     return out
-
-
-# The weight pairs of recent one-step calls (views of R, which they keep alive, so that an address is
-# never reused while its entry is here): a stream of step() calls finds its pairs ready.
-_VIEWS: dict[tuple, list[tuple]] = {}
-
-
-def _keep_views(key: tuple, pairs: list[tuple]) -> None:
-    if len(_VIEWS) >= 64:
-        del _VIEWS[next(iter(_VIEWS))]
-    _VIEWS[key] = pairs
 
 
 def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
@@ -454,8 +442,7 @@ def _forward_args(cell: Cell, masks: LayerMasks, names: tuple[str, ...], xg: Ten
     S, H = cell.state_size, cell.hidden_size
     T, B, _ = xg.shape
     GH = cell.rec_gates * H
-    units_ok = plan.units_splittable and B * H * GH >= UNITS_MACS_PER_LEVEL * max(0, plan.levels - 2)
-    A = _Arrays(cell, masks, T, B, GH, dt, units_ok)
+    A = _Arrays(cell, masks, T, B, GH, dt, plan.units_splittable, max(0, plan.gemm_levels - 1))
     w = dict(zip(names, rest[S:]))
     projs = plan.projections()
     ndt = A.dummy1.dtype.type
@@ -592,7 +579,7 @@ def run_generated(cell: Cell, x: Tensor, state0: State, w: Weights, masks: Layer
         return out, tuple(state)
     # inference: the loop without autograd's bookkeeping; one step of a stream reuses its call's arguments
     if (x.shape[0] == 1 and masks.hmask is None and masks.keep is None
-            and x.shape[1] * cell.rec_gates * cell.hidden_size ** 2 < MIN_TEAM_MACS
+            and one_part(1, x.shape[1], cell.hidden_size, cell.rec_gates * cell.hidden_size)
             and all(a is None or a.is_contiguous() for a in args[1:])):  # a copy would not follow updates
         return _one_step(cell, names, xg, args[1:])
     out, ST, _, _ = _gen_forward(cell, masks, names, xg, w["weight_hh"], w["bias_hh"], args[3:])

@@ -240,6 +240,11 @@ class Plan:
     def levels(self) -> int:
         return max(self.level) + 1
 
+    @property
+    def gemm_levels(self) -> int:
+        """GEMM levels of a step (the LSTM 1; the Cho GRU and MUT cells, which project ``r * h``, 2)."""
+        return self.levels - 1
+
     def projections(self) -> tuple[int, ...]:
         """The proj nodes, in projection order."""
         return self._projections
