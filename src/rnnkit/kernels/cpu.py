@@ -394,16 +394,37 @@ def _weights(R: Tensor, cell: Cell, transpose: bool, A: _Arrays) -> list[tuple]:
     When the parts split units, each gets the rows of R for its units (gate-major: its i, then its f, ...),
     so its matmul yields only its own gate columns; otherwise all parts share one pair per projection.
     """
+    views = not A.mkl and not A.units and not (transpose and A.T > 1)  # no copy of R: the pairs can be kept
+    key = (R.data_ptr(), R.shape, R.dtype, cell.rec_parts, transpose, A.units, tuple(A.parts))
+    if views and key in _VIEWS:
+        return _VIEWS[key]
     projections = _rec_parts(R, cell)
     if not A.units:
-        return [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
+        out = [tuple(_weight(p, transpose, A) for p in projections)] * len(A.parts)
+        if views:
+            _keep_views(key, out)
+        return out
     H = cell.hidden_size
     out = []
     for _, _, j0, j1 in A.parts:
         mine = [p.view(-1, H, H)[:, j0:j1].reshape(-1, H) if transpose else p[:, j0:j1].contiguous()
                 for p in projections]
         out.append(tuple(_weight(m, transpose, A) for m in mine))
+    if views:
+        _keep_views(key, out)
     return out
+
+
+# The weight pairs of recent calls that use R in place (views of R, which they keep alive, so that an
+# address is never reused while its entry is here): a stream of one-step calls with masks (zoneout in
+# eval mode), which the argument cache of :func:`_one_step` does not take, finds its pairs ready.
+_VIEWS: dict[tuple, list[tuple]] = {}
+
+
+def _keep_views(key: tuple, pairs: list[tuple]) -> None:
+    if len(_VIEWS) >= 64:
+        del _VIEWS[next(iter(_VIEWS))]
+    _VIEWS[key] = pairs
 
 
 def _launch(fn, A: _Arrays, R: Tensor, cell: Cell, transpose: bool, args: tuple,
