@@ -54,6 +54,10 @@ class ClassifyModelConfig(LSTMFCNConfig):
     pool: Literal["last", "mean", "attention"] = "last"
     ensemble: int = 1
 
+    def __post_init__(self) -> None:
+        if self.ensemble < 1:
+            raise SeriesError(f"model.ensemble: expected an int >= 1, got {self.ensemble!r}")
+
 
 @dataclass(frozen=True)
 class ClassifyDataConfig:
@@ -330,8 +334,6 @@ def train(train_set: SequenceSet, cfg: ClassifyConfig, run_dir: str | Path | Non
             tcfg = replace_config(tcfg, **over)
         cfg = replace_config(cfg, **{"model.ensemble": networks})
     K = cfg.model.ensemble
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise SeriesError(f"model.ensemble: expected an int >= 1, got {K!r}")
     nets, results = [], []
     for k in range(K):  # network k trains with seed + k, in run_dir (k = 0) or run_dir/member<k>
         seed = cfg.trainer.seed + k

@@ -57,6 +57,10 @@ class AutoClassifySettings:
     final_minutes: float = 10.0
     ensemble: int = 3
 
+    def __post_init__(self) -> None:
+        if self.ensemble < 1:
+            raise SeriesError(f"auto.ensemble: expected an int >= 1, got {self.ensemble!r}")
+
 
 def folds_of(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """Stratified fold indices: each class's members dealt round-robin over k folds in a random order."""
@@ -126,8 +130,6 @@ def choose_model(build: Callable[[str], nn.Module], task: Any, data: dict[str, T
 def ensemble_size(s: AutoClassifySettings, steps: int, seconds_per_step: float) -> int:
     """Networks of ``steps`` each that fit in ``auto.final_minutes`` at ``seconds_per_step``: up to
     ``auto.ensemble``, at least one (a network is never trained shorter to make room for another)."""
-    if isinstance(s.ensemble, bool) or not isinstance(s.ensemble, int) or s.ensemble < 1:
-        raise SeriesError(f"auto.ensemble: expected an int >= 1, got {s.ensemble!r}")
     fit = int(60 * s.final_minutes // max(steps * seconds_per_step, 1e-9))
     return max(1, min(s.ensemble, fit))
 
