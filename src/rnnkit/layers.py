@@ -250,7 +250,7 @@ class Recurrent(nn.Module):
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input: expected feature size input_size={self.input_size}, "
                              f"got {input.shape[-1]} (shape {tuple(input.shape)})")
-        w = self.layer_weights(0)["weight_ih"]
+        w = self._weight(self._param_names[0]["weight_ih"])
         if input.dtype != w.dtype:
             raise TypeError(f"input: dtype {input.dtype} does not match the parameters' {w.dtype}"
                             f" (convert one of them, e.g. layer.to({input.dtype}))")

@@ -370,10 +370,10 @@ def run_step_latency(cells: list[str], Hs: tuple[int, ...], device: torch.device
                         samples[k].append(time.perf_counter() - t0)
         us = {label: statistics.median(s) * 1e6 for (label, *_), s in zip(fns, samples)}
         for label, cell_name, b, _ in fns:
-            family = resolve_cell(cell_name).family_name if b != "torch" else cell_name
+            base = label if b == "torch" else _torch_baseline(resolve_cell(cell_name).family_name)
             rows.append({"kind": "step", "label": label, "cell": cell_name, "backend": b, "B": 1, "H": H,
                          "layers": layers, "us": us[label], "x_lstm": us[label] / us["torch.nn.LSTM"],
-                         "x_torch_family": us[label] / us[_torch_baseline(family) if b != "torch" else label]})
+                         "x_torch_family": us[label] / us[base]})
         log(f"step() latency H={H}: {len(fns)} runners (torch.nn.LSTM {us['torch.nn.LSTM']:.1f} us, "
             f"torch.nn.GRU {us['torch.nn.GRU']:.1f} us)")
     return rows

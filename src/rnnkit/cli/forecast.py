@@ -129,12 +129,11 @@ def _auto_rows(panel, preds) -> tuple[list[str], list[list[Any]]]:
     with_time = panel.times[0] is not None and panel.times[0].dtype.kind in "Mf"
     rows = []
     for key, t, p in zip(panel.ids, panel.times, preds):
-        step = (t[-1] - t[-2]) if with_time else None
-        whole = with_time and t.dtype.kind == "f" and bool(np.all(t == np.round(t)))  # integer times stay integers
-        for h, v in enumerate(p, start=1):
-            nxt = t[-1] + h * step if with_time else None
-            rows.append([key, h] + ([str(nxt) if t.dtype.kind == "M" else int(nxt) if whole else float(nxt)]
-                                    if with_time else []) + [float(v)])
+        if with_time:  # the grid continued: dates as text, whole numbers as integers
+            nxt = t[-1] + (t[-1] - t[-2]) * np.arange(1, len(p) + 1)
+            times = [str(v) for v in nxt] if t.dtype.kind == "M" else (
+                [int(v) for v in nxt] if np.all(t == np.round(t)) else [float(v) for v in nxt])
+        rows += [[key, h] + ([times[h - 1]] if with_time else []) + [float(v)] for h, v in enumerate(p, start=1)]
     return ["id", "step"] + (["time"] if with_time else []) + ["forecast"], rows
 
 
