@@ -287,6 +287,16 @@ def _score(actual: Sequence[np.ndarray], pred: Sequence[np.ndarray], insample: S
             "smape": float(np.mean([smape(a, p) for a, p in zip(actual, pred)]))}
 
 
+def _checked(ys: Sequence[np.ndarray], horizon: int) -> list[np.ndarray]:
+    """The series as float64 vectors: finite, and one of them long enough for ``horizon``."""
+    ys = [np.asarray(y, dtype=np.float64).ravel() for y in ys]
+    for i, y in enumerate(ys):
+        if not np.isfinite(y).all():
+            raise SeriesError(f"series {i}: has missing or infinite values; fill them first (--fill)")
+    check_horizon([max(len(y) for y in ys)], horizon, MIN_HISTORY)
+    return ys
+
+
 def auto_fit(ys: Sequence[np.ndarray], horizon: int, settings: AutoSettings | None = None, *,
              season: int | None = None, transform: str | None = None, lookback: int | None = None,
              seed: int = 0, log_fn: Any = None) -> tuple[GlobalForecaster, dict[str, Any]]:
@@ -304,12 +314,8 @@ def auto_fit(ys: Sequence[np.ndarray], horizon: int, settings: AutoSettings | No
         sMAPE, the chosen one, the validation length and the time spent).
     """
     s = settings or AutoSettings()
-    ys = [np.asarray(y, dtype=np.float64).ravel() for y in ys]
-    for i, y in enumerate(ys):
-        if not np.isfinite(y).all():
-            raise SeriesError(f"series {i}: has missing or infinite values; fill them first (--fill)")
+    ys = _checked(ys, horizon)
     V = s.val_horizon or horizon
-    check_horizon([max(len(y) for y in ys)], horizon, MIN_HISTORY)
     t0 = time.time()
     record: dict[str, Any] = {"horizon": horizon, "val_horizon": V, "series": len(ys)}
     if season is None:  # a panel shares one frequency: the most common detection among its series wins
@@ -456,8 +462,7 @@ def train_auto(ys: Sequence[np.ndarray], cfg: AutoForecastConfig, run_dir: str |
     and saves it in ``run_dir`` when given."""
     if cfg.pipelines:
         members = [parse_member(p) for p in cfg.pipelines]
-        ys = [np.asarray(y, dtype=np.float64).ravel() for y in ys]
-        check_horizon([max(len(y) for y in ys)], cfg.horizon, MIN_HISTORY)
+        ys = _checked(ys, cfg.horizon)
         t0 = time.time()
         model, _ = fit_global(ys, [c for c, _ in members], cfg.horizon, cfg.auto, cfg.seed,
                               steps=[n for _, n in members])
